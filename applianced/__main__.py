@@ -1,0 +1,5 @@
+"""Entry point for ``python -m applianced``: runs the daemon."""
+
+from applianced.daemon import main
+
+raise SystemExit(main())

@@ -1,0 +1,308 @@
+"""Commands of ``appliancectl``: argument parsing, calls over D-Bus, tables and JSON."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from dbus_fast import DBusError, Variant
+
+from applianced import __version__
+from applianced.cli.client import Client
+from applianced.cli.messages import UsageError, describe
+from applianced.constants import (
+    ACL_INTERFACE,
+    DISK_INTERFACE,
+    ISCSI_DEFAULT_PORT,
+    LUN_INTERFACE,
+    MANAGER_INTERFACE,
+    PORTAL_INTERFACE,
+    ROOT_PATH,
+    TARGET_INTERFACE,
+)
+from applianced.errors import InvalidArgument
+from applianced.units import format_size, parse_size
+
+EXIT_NOT_FOUND = 3
+EXIT_INVALID = 5
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="appliancectl", description="Control applianced over D-Bus.")
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    parser.add_argument("--version", action="version", version=f"appliancectl {__version__}")
+    groups = parser.add_subparsers(dest="group", required=True, metavar="COMMAND")
+
+    groups.add_parser("status", help="show the node and what it serves")
+
+    disk = groups.add_parser("disk", help="virtual disks").add_subparsers(dest="action", required=True)
+    disk.add_parser("list", help="list disks")
+    create = disk.add_parser("create", help="create a sparse file-backed disk")
+    create.add_argument("name")
+    create.add_argument("size", help="size with a unit, e.g. 10G, 512MiB, 1TB")
+    create.add_argument("--path", default="", help="backing file (default: in the state directory)")
+    create.add_argument("--description", default="")
+    delete = disk.add_parser("delete", help="delete a disk (the backing file is kept)")
+    delete.add_argument("name")
+    delete.add_argument("--remove-file", action="store_true", help="also delete the backing file")
+
+    target = groups.add_parser("target", help="iSCSI targets").add_subparsers(dest="action", required=True)
+    target.add_parser("list", help="list targets")
+    create = target.add_parser("create", help="create a target")
+    create.add_argument("name")
+    create.add_argument("--iqn", default="", help="IQN (default: generated from the name)")
+    create.add_argument("--description", default="")
+    delete = target.add_parser("delete", help="delete a target")
+    delete.add_argument("name")
+    delete.add_argument("--force", action="store_true", help="even if initiators are logged in")
+    show = target.add_parser("sessions", help="list the sessions of a target")
+    show.add_argument("name")
+
+    portal = groups.add_parser("portal", help="network portals").add_subparsers(dest="action", required=True)
+    portal.add_parser("list", help="list portals")
+    create = portal.add_parser("create", help="listen on an address (every target)")
+    create.add_argument("address")
+    create.add_argument("--port", type=int, default=ISCSI_DEFAULT_PORT)
+    delete = portal.add_parser("delete", help="stop listening on an address")
+    delete.add_argument("address")
+    delete.add_argument("--port", type=int, default=ISCSI_DEFAULT_PORT)
+
+    lun = groups.add_parser("lun", help="LUN mappings").add_subparsers(dest="action", required=True)
+    listing = lun.add_parser("list", help="list LUNs")
+    listing.add_argument("target", nargs="?")
+    add = lun.add_parser("add", help="export a disk as a LUN of a target")
+    add.add_argument("target")
+    add.add_argument("disk")
+    add.add_argument("--lun", type=int, help="LUN number (default: lowest free)")
+    remove = lun.add_parser("remove", help="remove a LUN from a target")
+    remove.add_argument("target")
+    remove.add_argument("lun", type=int)
+    remove.add_argument("--force", action="store_true", help="even if initiators are logged in")
+
+    acl = groups.add_parser("acl", help="initiators allowed on a target").add_subparsers(dest="action", required=True)
+    listing = acl.add_parser("list", help="list ACLs")
+    listing.add_argument("target", nargs="?")
+    add = acl.add_parser("add", help="allow an initiator IQN")
+    add.add_argument("target")
+    add.add_argument("initiator")
+    remove = acl.add_parser("remove", help="remove an initiator from a target")
+    remove.add_argument("target")
+    remove.add_argument("initiator")
+    remove.add_argument("--force", action="store_true", help="even if it is logged in")
+    return parser
+
+
+class Commands:
+    """One method per command; each returns rows (list of dicts) to print, or None."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self._objects: dict[str, dict[str, dict[str, Any]]] | None = None
+
+    async def objects(self) -> dict[str, dict[str, dict[str, Any]]]:
+        if self._objects is None:
+            self._objects = await self.client.objects()
+        return self._objects
+
+    async def of(self, interface: str) -> list[tuple[str, dict[str, Any]]]:
+        return sorted(
+            ((path, ifaces[interface]) for path, ifaces in (await self.objects()).items() if interface in ifaces),
+            key=lambda item: item[0],
+        )
+
+    async def find(self, interface: str, kind: str, **match: Any) -> str:
+        for path, props in await self.of(interface):
+            if all(props.get(key) == value for key, value in match.items()):
+                return path
+        what = " ".join(str(v) for v in match.values())
+        raise UsageError(f"not found: {kind} {what!r} does not exist", EXIT_NOT_FOUND)
+
+    async def name_of(self, path: str, interface: str, prop: str = "Name") -> str:
+        return (await self.objects()).get(path, {}).get(interface, {}).get(prop, path)
+
+    # -- status ------------------------------------------------------------------------
+
+    async def status(self, args: argparse.Namespace) -> list[dict[str, Any]]:
+        manager = await self.client.properties(ROOT_PATH, MANAGER_INTERFACE)
+        return [
+            {
+                "version": manager["Version"],
+                "node_id": manager["NodeId"],
+                "disks": len(await self.of(DISK_INTERFACE)),
+                "targets": len(await self.of(TARGET_INTERFACE)),
+                "portals": len(await self.of(PORTAL_INTERFACE)),
+            }
+        ]
+
+    # -- disks -------------------------------------------------------------------------
+
+    async def disk_list(self, args: argparse.Namespace) -> list[dict[str, Any]]:
+        return [
+            {
+                "name": p["Name"],
+                "size": p["Size"],
+                "path": p["Path"],
+                "serial": p["Serial"],
+                "description": p["Description"],
+            }
+            for _, p in await self.of(DISK_INTERFACE)
+        ]
+
+    async def disk_create(self, args: argparse.Namespace) -> None:
+        try:
+            size = parse_size(args.size)
+        except InvalidArgument as exc:
+            raise UsageError(f"invalid argument: {exc}", EXIT_INVALID) from None
+        options = {"path": Variant("s", args.path), "description": Variant("s", args.description)}
+        await self.client.call(ROOT_PATH, MANAGER_INTERFACE, "CreateDisk", "sta{sv}", [args.name, size, options])
+
+    async def disk_delete(self, args: argparse.Namespace) -> None:
+        path = await self.find(DISK_INTERFACE, "disk", Name=args.name)
+        await self.client.call(
+            path, DISK_INTERFACE, "Delete", "a{sv}", [{"remove_file": Variant("b", args.remove_file)}]
+        )
+
+    # -- targets -----------------------------------------------------------------------
+
+    async def target_list(self, args: argparse.Namespace) -> list[dict[str, Any]]:
+        luns = await self.of(LUN_INTERFACE)
+        acls = await self.of(ACL_INTERFACE)
+        return [
+            {
+                "name": p["Name"],
+                "iqn": p["Iqn"],
+                "enabled": p["Enabled"],
+                "luns": sum(1 for _, lun in luns if lun["Target"] == path),
+                "acls": sum(1 for _, acl in acls if acl["Target"] == path),
+                "description": p["Description"],
+            }
+            for path, p in await self.of(TARGET_INTERFACE)
+        ]
+
+    async def target_create(self, args: argparse.Namespace) -> None:
+        options = {"iqn": Variant("s", args.iqn), "description": Variant("s", args.description)}
+        await self.client.call(ROOT_PATH, MANAGER_INTERFACE, "CreateTarget", "sa{sv}", [args.name, options])
+
+    async def target_delete(self, args: argparse.Namespace) -> None:
+        path = await self.find(TARGET_INTERFACE, "target", Name=args.name)
+        await self.client.call(path, TARGET_INTERFACE, "Delete", "a{sv}", [{"force": Variant("b", args.force)}])
+
+    async def target_sessions(self, args: argparse.Namespace) -> list[dict[str, Any]]:
+        path = await self.find(TARGET_INTERFACE, "target", Name=args.name)
+        sessions = (await self.client.properties(path, TARGET_INTERFACE))["Sessions"]
+        return [
+            {"initiator": s["Initiator"], "state": s["State"], "addresses": ",".join(s["Addresses"])} for s in sessions
+        ]
+
+    # -- portals -----------------------------------------------------------------------
+
+    async def portal_list(self, args: argparse.Namespace) -> list[dict[str, Any]]:
+        return [{"address": p["Address"], "port": p["Port"]} for _, p in await self.of(PORTAL_INTERFACE)]
+
+    async def portal_create(self, args: argparse.Namespace) -> None:
+        if not 0 < args.port < 65536:
+            raise UsageError(f"invalid argument: port {args.port} is out of range 1-65535", EXIT_INVALID)
+        await self.client.call(ROOT_PATH, MANAGER_INTERFACE, "CreatePortal", "sqa{sv}", [args.address, args.port, {}])
+
+    async def portal_delete(self, args: argparse.Namespace) -> None:
+        address = args.address.strip("[]")
+        path = await self.find(PORTAL_INTERFACE, "portal", Address=address, Port=args.port)
+        await self.client.call(path, PORTAL_INTERFACE, "Delete", "a{sv}", [{}])
+
+    # -- LUNs --------------------------------------------------------------------------
+
+    async def lun_list(self, args: argparse.Namespace) -> list[dict[str, Any]]:
+        only = await self.find(TARGET_INTERFACE, "target", Name=args.target) if args.target else None
+        return [
+            {
+                "target": await self.name_of(p["Target"], TARGET_INTERFACE),
+                "lun": p["Number"],
+                "disk": await self.name_of(p["Disk"], DISK_INTERFACE),
+            }
+            for _, p in await self.of(LUN_INTERFACE)
+            if only in (None, p["Target"])
+        ]
+
+    async def lun_add(self, args: argparse.Namespace) -> None:
+        target = await self.find(TARGET_INTERFACE, "target", Name=args.target)
+        disk = await self.find(DISK_INTERFACE, "disk", Name=args.disk)
+        options = {} if args.lun is None else {"lun": Variant("u", args.lun)}
+        if args.lun is not None and args.lun < 0:
+            raise UsageError(f"invalid argument: LUN {args.lun} is negative", EXIT_INVALID)
+        await self.client.call(target, TARGET_INTERFACE, "AddLun", "oa{sv}", [disk, options])
+
+    async def lun_remove(self, args: argparse.Namespace) -> None:
+        target = await self.find(TARGET_INTERFACE, "target", Name=args.target)
+        path = await self.find(LUN_INTERFACE, "LUN", Target=target, Number=args.lun)
+        await self.client.call(path, LUN_INTERFACE, "Delete", "a{sv}", [{"force": Variant("b", args.force)}])
+
+    # -- ACLs --------------------------------------------------------------------------
+
+    async def acl_list(self, args: argparse.Namespace) -> list[dict[str, Any]]:
+        only = await self.find(TARGET_INTERFACE, "target", Name=args.target) if args.target else None
+        return [
+            {"target": await self.name_of(p["Target"], TARGET_INTERFACE), "initiator": p["Initiator"]}
+            for _, p in await self.of(ACL_INTERFACE)
+            if only in (None, p["Target"])
+        ]
+
+    async def acl_add(self, args: argparse.Namespace) -> None:
+        target = await self.find(TARGET_INTERFACE, "target", Name=args.target)
+        await self.client.call(target, TARGET_INTERFACE, "AddAcl", "sa{sv}", [args.initiator, {}])
+
+    async def acl_remove(self, args: argparse.Namespace) -> None:
+        target = await self.find(TARGET_INTERFACE, "target", Name=args.target)
+        path = await self.find(ACL_INTERFACE, "ACL", Target=target, Initiator=args.initiator.strip().lower())
+        await self.client.call(path, ACL_INTERFACE, "Delete", "a{sv}", [{"force": Variant("b", args.force)}])
+
+
+def render_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Columns aligned on the widest cell, headers in upper case, sizes for people."""
+    if not rows:
+        return "(none)"
+    cells = [[_cell(key, value) for key, value in row.items()] for row in rows]
+    headers = [key.upper() for key in rows[0]]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+    return "\n".join(lines)
+
+
+def _cell(key: str, value: Any) -> str:
+    if key == "size" and isinstance(value, int):
+        return format_size(value)
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
+async def run(args: argparse.Namespace) -> list[dict[str, Any]] | None:
+    client = await Client.connect()
+    try:
+        handler = getattr(Commands(client), f"{args.group}_{args.action}" if hasattr(args, "action") else args.group)
+        return await handler(args)
+    finally:
+        client.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        rows = asyncio.run(run(args))
+    except DBusError as error:
+        message, code = describe(error)
+        print(f"appliancectl: {message}", file=sys.stderr)
+        return code
+    except UsageError as error:
+        print(f"appliancectl: {error}", file=sys.stderr)
+        return error.exit_code
+    except (FileNotFoundError, ConnectionRefusedError):
+        print("appliancectl: cannot reach the system D-Bus; is dbus running?", file=sys.stderr)
+        return 12
+    if rows is not None:
+        print(json.dumps(rows, indent=2) if args.json else render_table(rows))
+    return 0

@@ -1,0 +1,94 @@
+"""The ``applianced`` daemon: asyncio main loop, D-Bus name, signals, systemd protocols.
+
+Start-up order matters: the kernel is reconciled and every object exported before the bus
+name is taken and READY=1 is sent, so that a client never sees a half-built tree.
+SIGTERM stops the daemon without touching LIO: initiators stay logged in while it is down.
+SIGHUP re-reads the state file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+from dbus_fast import BusType, RequestNameReply
+from dbus_fast.aio import MessageBus
+
+from applianced import __version__, network, systemd
+from applianced.bus.objects import ObjectTree
+from applianced.constants import BUS_NAME, DEFAULT_STATE_DIR, STATE_FILE_NAME
+from applianced.engine import Appliance, Kernel
+from applianced.errors import ApplianceError
+from applianced.kernel.lio import LioKernel
+from applianced.state import StateStore
+
+log = logging.getLogger("applianced")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="applianced", description="iSCSI SAN appliance daemon")
+    parser.add_argument("--state-dir", type=Path, default=Path(DEFAULT_STATE_DIR), help="where the state file lives")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--version", action="version", version=f"applianced {__version__}")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None, kernel_factory: Callable[[], Kernel] = LioKernel) -> int:
+    args = parse_args(argv)
+    systemd.setup_logging("applianced", getattr(logging, args.log_level))
+    engine = Appliance(kernel_factory(), StateStore(args.state_dir, STATE_FILE_NAME), network.local_addresses)
+    try:
+        asyncio.run(serve(engine))
+    except ApplianceError as exc:
+        log.error("applianced cannot start: %s", exc)
+        return 1
+    return 0
+
+
+async def serve(engine: Appliance) -> None:
+    bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
+    try:
+        ObjectTree(bus, engine)
+        changes = await engine.start()
+        log.info("kernel reconciled at start-up with %d change(s)", changes)
+        reply = await bus.request_name(BUS_NAME)
+        if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
+            raise RuntimeError(f"{BUS_NAME} is owned by another process; is applianced running already?")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(_reload(engine)))
+        watchdog = asyncio.ensure_future(_watchdog())
+        systemd.notify(f"READY=1\nSTATUS=serving {len(engine.config.targets)} target(s)")
+        log.info("applianced %s ready on %s", __version__, BUS_NAME)
+        await stop.wait()
+        systemd.notify("STOPPING=1")
+        watchdog.cancel()
+        log.info("stopping; LIO configuration and sessions are left as they are")
+    finally:
+        bus.disconnect()
+
+
+async def _reload(engine: Appliance) -> None:
+    systemd.notify("RELOADING=1")
+    try:
+        changes = await engine.reload()
+        log.info("state file reloaded with %d kernel change(s)", changes)
+    except ApplianceError as exc:
+        log.error("reload failed, running configuration kept: %s", exc)
+    finally:
+        systemd.notify("READY=1")
+
+
+async def _watchdog() -> None:
+    interval = systemd.watchdog_interval()
+    if interval is None:
+        return
+    while True:
+        systemd.notify("WATCHDOG=1")
+        await asyncio.sleep(interval)

@@ -1,0 +1,389 @@
+"""The appliance engine: validates requests, changes the kernel and the state file together.
+
+Every change follows one path (``_commit``): build the new ``Config`` from the current one,
+plan the LIO changes between the two renderings, apply them, then write the state file. If
+the kernel refuses an action or the file cannot be written, the kernel is reconciled back to
+the previous configuration, so a failed operation leaves neither half-changed. Operations
+are serialised by one lock; blocking kernel and file work runs in a worker thread so that
+the event loop (D-Bus, watchdog) stays responsive.
+
+This module knows nothing about D-Bus: the bus layer calls it and listens for changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import ipaddress
+import logging
+import os
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Protocol
+
+from applianced import names
+from applianced.constants import DISKS_DIR_NAME
+from applianced.errors import AlreadyExists, Busy, InvalidArgument, KernelError, NotFound, StateError
+from applianced.kernel.model import KernelConfig, Session, render
+from applianced.kernel.plan import Action, plan
+from applianced.state import Acl, Config, Disk, Lun, Portal, StateStore, Target
+from applianced.units import SECTOR_SIZE, format_size
+
+log = logging.getLogger(__name__)
+
+MIN_DISK_SIZE = 1024 * 1024
+MAX_DISK_SIZE = 2**63 - SECTOR_SIZE
+MAX_LUN = 255
+MAX_DESCRIPTION = 256
+
+
+class Kernel(Protocol):
+    """What the engine needs from the kernel; ``LioKernel`` is the real one."""
+
+    def open(self) -> None: ...
+
+    def observe(self, storage_objects: Iterable[str], targets: Iterable[str]) -> KernelConfig: ...
+
+    def apply(self, actions: Sequence[Action]) -> None: ...
+
+    def sessions(self) -> list[Session]: ...
+
+
+def audit(operation: str, obj: str, outcome: str, message: str, level: int = logging.INFO) -> None:
+    """Log one operation with the structured fields that the journal indexes."""
+    log.log(level, message, extra={"OPERATION": operation, "OBJECT": obj, "OUTCOME": outcome})
+
+
+class Appliance:
+    """The node's configuration, kept in the kernel and in the state file."""
+
+    def __init__(
+        self,
+        kernel: Kernel,
+        store: StateStore,
+        local_addresses: Callable[[], set[str]],
+    ) -> None:
+        self.kernel = kernel
+        self.store = store
+        self.local_addresses = local_addresses
+        self.config = Config.new()
+        self._lock = asyncio.Lock()
+        self._listeners: list[Callable[[Config], None]] = []
+
+    @property
+    def disks_dir(self) -> Path:
+        return self.store.directory / DISKS_DIR_NAME
+
+    def add_listener(self, listener: Callable[[Config], None]) -> None:
+        """Call ``listener`` with the new configuration after every change."""
+        self._listeners.append(listener)
+
+    # -- start-up and reload ---------------------------------------------------------------
+
+    async def start(self) -> int:
+        """Load the state file and bring the kernel in line with it; return the change count."""
+        async with self._lock:
+            stored = await asyncio.to_thread(self.store.load)
+            await asyncio.to_thread(self.kernel.open)
+            if stored is None:
+                stored = self.config
+                await asyncio.to_thread(self.store.save, stored)
+            count = await asyncio.to_thread(self._reconcile, stored, self.config)
+            self._set_config(stored)
+            return count
+
+    async def reload(self) -> int:
+        """Re-read the state file (SIGHUP) and reconcile; a bad file changes nothing."""
+        async with self._lock:
+            stored = await asyncio.to_thread(self.store.load)
+            if stored is None:
+                raise StateError(f"{self.store.path} is missing; keeping the running configuration")
+            count = await asyncio.to_thread(self._reconcile, stored, self.config)
+            self._set_config(stored)
+            return count
+
+    def _reconcile(self, desired: Config, previous: Config) -> int:
+        """Make the kernel match ``desired``, also removing what only ``previous`` had."""
+        observed = self._observe(desired, previous)
+        actions = plan(observed, render(desired))
+        self.kernel.apply(actions)
+        audit("reconcile", "node", "ok", f"reconciled the kernel with {len(actions)} change(s)")
+        return len(actions)
+
+    def _observe(self, *configs: Config) -> KernelConfig:
+        disks = {name for config in configs for name in config.disks}
+        iqns = {target.iqn for config in configs for target in config.targets.values()}
+        return self.kernel.observe(sorted(disks), sorted(iqns))
+
+    def _set_config(self, config: Config) -> None:
+        self.config = config
+        for listener in self._listeners:
+            listener(config)
+
+    # -- the one path every change takes ---------------------------------------------------
+
+    def _transition(self, new: Config) -> None:
+        old = self.config
+        try:
+            self.kernel.apply(plan(render(old), render(new)))
+            self.store.save(new)
+        except (KernelError, StateError):
+            self._roll_back(old, new)
+            raise
+
+    def _roll_back(self, old: Config, new: Config) -> None:
+        try:
+            observed = self._observe(old, new)
+            self.kernel.apply(plan(observed, render(old)))
+        except KernelError:
+            # Nothing more can be done safely here; the next start reconciles again.
+            log.critical("could not restore the previous kernel configuration", exc_info=True)
+
+    async def _commit(self, operation: str, obj: str, new: Config) -> None:
+        try:
+            await asyncio.to_thread(self._transition, new)
+        except (KernelError, StateError) as exc:
+            audit(operation, obj, "failed", f"{operation} {obj} failed: {exc}", logging.ERROR)
+            raise
+        self._set_config(new)
+        audit(operation, obj, "ok", f"{operation} {obj}")
+
+    # -- disks -----------------------------------------------------------------------------
+
+    async def create_disk(self, name: str, size: int, path: str = "", description: str = "") -> Disk:
+        async with self._lock:
+            names.validate_object_name("disk", name)
+            if name in self.config.disks:
+                raise AlreadyExists(f"disk {name!r} exists already")
+            _check_size(size)
+            file_path = self._disk_path(name, path)
+            disk = Disk(
+                name=name,
+                path=str(file_path),
+                size=size,
+                serial=str(uuid.uuid4()),
+                description=_check_description(description),
+            )
+            await asyncio.to_thread(_create_sparse_file, file_path, size)
+            try:
+                await self._commit("create-disk", name, self.config.with_disk(disk))
+            except BaseException:
+                file_path.unlink(missing_ok=True)
+                raise
+            return disk
+
+    def _disk_path(self, name: str, path: str) -> Path:
+        if not path:
+            self.disks_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            file_path = self.disks_dir / f"{name}.img"
+        else:
+            file_path = Path(path)
+            if not file_path.is_absolute() or os.path.normpath(path) != path:
+                raise InvalidArgument(f"path {path!r} must be absolute and normalised")
+            # LIO's control string is comma-separated, and configfs values are one line.
+            if any(ch in path for ch in ",\n\t") or not path.isprintable():
+                raise InvalidArgument(f"path {path!r} contains a comma or a control character")
+            if not file_path.parent.is_dir():
+                raise InvalidArgument(f"directory {str(file_path.parent)!r} does not exist")
+        if any(disk.path == str(file_path) for disk in self.config.disks.values()):
+            raise AlreadyExists(f"{file_path} is already the backing file of another disk")
+        if file_path.exists():
+            raise AlreadyExists(f"{file_path} exists already; applianced does not overwrite files")
+        return file_path
+
+    async def delete_disk(self, name: str, remove_file: bool = False) -> None:
+        async with self._lock:
+            disk = self._disk(name)
+            users = [t.name for t in self.config.targets.values() if any(lun.disk == name for lun in t.luns)]
+            if users:
+                raise Busy(f"disk {name!r} is exported by target(s) {', '.join(sorted(users))}; remove the LUN first")
+            await self._commit("delete-disk", name, self.config.without_disk(name))
+            if remove_file:
+                await asyncio.to_thread(Path(disk.path).unlink, missing_ok=True)
+                audit("delete-disk", name, "ok", f"removed backing file {disk.path}")
+
+    def _disk(self, name: str) -> Disk:
+        try:
+            return self.config.disks[name]
+        except KeyError:
+            raise NotFound(f"disk {name!r} does not exist") from None
+
+    # -- targets ---------------------------------------------------------------------------
+
+    async def create_target(self, name: str, iqn: str = "", description: str = "") -> Target:
+        async with self._lock:
+            names.validate_object_name("target", name)
+            if name in self.config.targets:
+                raise AlreadyExists(f"target {name!r} exists already")
+            if iqn:
+                iqn = names.normalize_iscsi_name(iqn, "target IQN")
+            else:
+                iqn = names.generate_target_iqn(self.config.iqn_prefix, name)
+            holder = next((t.name for t in self.config.targets.values() if t.iqn == iqn), None)
+            if holder is not None:
+                raise AlreadyExists(f"IQN {iqn} is already used by target {holder!r}")
+            target = Target(name=name, iqn=iqn, description=_check_description(description))
+            await self._commit("create-target", name, self.config.with_target(target))
+            return target
+
+    async def delete_target(self, name: str, force: bool = False) -> None:
+        async with self._lock:
+            target = self._target(name)
+            if not force:
+                await self._refuse_if_sessions(target, "deleting it")
+            await self._commit("delete-target", name, self.config.without_target(name))
+
+    def _target(self, name: str) -> Target:
+        try:
+            return self.config.targets[name]
+        except KeyError:
+            raise NotFound(f"target {name!r} does not exist") from None
+
+    async def sessions(self) -> list[Session]:
+        return await asyncio.to_thread(self.kernel.sessions)
+
+    async def _refuse_if_sessions(self, target: Target, change: str, initiator: str | None = None) -> None:
+        sessions = [s for s in await self.sessions() if s.target_iqn == target.iqn and initiator in (None, s.initiator)]
+        if sessions:
+            who = ", ".join(sorted({s.initiator for s in sessions}))
+            raise Busy(
+                f"target {target.name!r} has logged-in session(s) from {who}; {change} would disrupt them (use force)"
+            )
+
+    # -- LUNs ------------------------------------------------------------------------------
+
+    async def add_lun(self, target_name: str, disk_name: str, number: int | None = None) -> Lun:
+        async with self._lock:
+            target = self._target(target_name)
+            self._disk(disk_name)
+            exporters = [t.name for t in self.config.targets.values() if any(lun.disk == disk_name for lun in t.luns)]
+            if exporters:
+                raise Busy(f"disk {disk_name!r} is already exported by target {exporters[0]!r}")
+            used = {lun.number for lun in target.luns}
+            if number is None:
+                number = next((n for n in range(MAX_LUN + 1) if n not in used), None)
+                if number is None:
+                    raise Busy(f"target {target_name!r} has no free LUN number")
+            elif not 0 <= number <= MAX_LUN:
+                raise InvalidArgument(f"LUN {number} is out of range 0-{MAX_LUN}")
+            elif number in used:
+                raise AlreadyExists(f"target {target_name!r} has a LUN {number} already")
+            lun = Lun(number=number, disk=disk_name)
+            luns = tuple(sorted((*target.luns, lun), key=lambda item: item.number))
+            new = self.config.with_target(dataclasses.replace(target, luns=luns))
+            await self._commit("add-lun", f"{target_name}/lun{number}", new)
+            return lun
+
+    async def remove_lun(self, target_name: str, number: int, force: bool = False) -> None:
+        async with self._lock:
+            target = self._target(target_name)
+            if target.lun(number) is None:
+                raise NotFound(f"target {target_name!r} has no LUN {number}")
+            if not force:
+                await self._refuse_if_sessions(target, f"removing LUN {number}")
+            luns = tuple(lun for lun in target.luns if lun.number != number)
+            new = self.config.with_target(dataclasses.replace(target, luns=luns))
+            await self._commit("remove-lun", f"{target_name}/lun{number}", new)
+
+    # -- ACLs ------------------------------------------------------------------------------
+
+    async def add_acl(self, target_name: str, initiator: str) -> Acl:
+        async with self._lock:
+            target = self._target(target_name)
+            initiator = names.normalize_iscsi_name(initiator, "initiator name")
+            if target.acl(initiator) is not None:
+                raise AlreadyExists(f"initiator {initiator} is already allowed on target {target_name!r}")
+            acl = Acl(initiator=initiator)
+            new = self.config.with_target(dataclasses.replace(target, acls=(*target.acls, acl)))
+            await self._commit("add-acl", f"{target_name}/{initiator}", new)
+            return acl
+
+    async def remove_acl(self, target_name: str, initiator: str, force: bool = False) -> None:
+        async with self._lock:
+            target = self._target(target_name)
+            initiator = names.normalize_iscsi_name(initiator, "initiator name")
+            if target.acl(initiator) is None:
+                raise NotFound(f"initiator {initiator} is not allowed on target {target_name!r}")
+            if not force:
+                await self._refuse_if_sessions(target, f"removing the ACL of {initiator}", initiator)
+            acls = tuple(acl for acl in target.acls if acl.initiator != initiator)
+            new = self.config.with_target(dataclasses.replace(target, acls=acls))
+            await self._commit("remove-acl", f"{target_name}/{initiator}", new)
+
+    # -- portals ---------------------------------------------------------------------------
+
+    async def create_portal(self, address: str, port: int) -> Portal:
+        async with self._lock:
+            portal = Portal(address=_canonical_address(address), port=_check_port(port))
+            if self.config.portal(portal.key) is not None:
+                raise AlreadyExists(f"portal {portal.key} exists already")
+            self._check_portal_address(portal)
+            new = dataclasses.replace(self.config, portals=(*self.config.portals, portal))
+            await self._commit("create-portal", portal.key, new)
+            return portal
+
+    def _check_portal_address(self, portal: Portal) -> None:
+        version = ipaddress.ip_address(portal.address).version
+        for other in self.config.portals:
+            same_family = ipaddress.ip_address(other.address).version == version
+            either_wildcard = (
+                ipaddress.ip_address(other.address).is_unspecified
+                or ipaddress.ip_address(portal.address).is_unspecified
+            )
+            # Linux will not bind a listening socket beside a wildcard one on the same port.
+            if same_family and either_wildcard and other.port == portal.port:
+                raise InvalidArgument(f"portal {portal.key} overlaps portal {other.key} on the same port")
+        if not ipaddress.ip_address(portal.address).is_unspecified and portal.address not in self.local_addresses():
+            raise InvalidArgument(f"address {portal.address} is not configured on any interface of this node")
+
+    async def delete_portal(self, key: str) -> None:
+        async with self._lock:
+            if self.config.portal(key) is None:
+                raise NotFound(f"portal {key} does not exist")
+            new = dataclasses.replace(self.config, portals=tuple(p for p in self.config.portals if p.key != key))
+            await self._commit("delete-portal", key, new)
+
+
+def _check_size(size: int) -> None:
+    if not MIN_DISK_SIZE <= size <= MAX_DISK_SIZE:
+        raise InvalidArgument(f"size {size} is out of range: at least {format_size(MIN_DISK_SIZE)}")
+    if size % SECTOR_SIZE:
+        raise InvalidArgument(f"size {size} is not a multiple of {SECTOR_SIZE} bytes")
+
+
+def _check_description(description: str) -> str:
+    if len(description) > MAX_DESCRIPTION or not description.isprintable():
+        raise InvalidArgument(f"description must be at most {MAX_DESCRIPTION} printable characters")
+    return description
+
+
+def _canonical_address(address: str) -> str:
+    try:
+        return str(ipaddress.ip_address(address.strip("[]")))
+    except ValueError:
+        raise InvalidArgument(f"{address!r} is not an IPv4 or IPv6 address") from None
+
+
+def _check_port(port: int) -> int:
+    if not 1 <= port <= 65535:
+        raise InvalidArgument(f"port {port} is out of range 1-65535")
+    return port
+
+
+def _create_sparse_file(path: Path, size: int) -> None:
+    # O_EXCL: never take over a file that appeared since validation.
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise AlreadyExists(f"{path} exists already; applianced does not overwrite files") from None
+    except OSError as exc:
+        raise InvalidArgument(f"cannot create {path}: {exc.strerror}") from exc
+    try:
+        os.ftruncate(fd, size)
+        os.fsync(fd)
+    except OSError as exc:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        raise InvalidArgument(f"cannot size {path} to {size} bytes: {exc.strerror}") from exc
+    os.close(fd)

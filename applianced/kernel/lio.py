@@ -1,0 +1,244 @@
+"""The rtslib-fb backend: the only module that touches LIO.
+
+It reads the part of LIO that applianced manages into a ``KernelConfig``, carries out plan
+actions one by one (each idempotent, so a plan interrupted by a crash can simply be run
+again), and lists sessions. rtslib's constructors have side effects (module loading,
+configfs mounts), so they are kept behind this one adapter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import os
+import subprocess
+from collections.abc import Iterable, Sequence
+from functools import singledispatchmethod
+from pathlib import Path
+
+import rtslib_fb
+from rtslib_fb.utils import RTSLibError, RTSLibNotInCFSError, modprobe
+
+from applianced.errors import KernelError
+from applianced.kernel import plan
+from applianced.kernel.model import (
+    TPG_ATTRIBUTES,
+    KernelConfig,
+    KernelTarget,
+    MappedLun,
+    NodeAcl,
+    Session,
+    StorageObject,
+)
+
+log = logging.getLogger(__name__)
+
+CONFIGFS = Path("/sys/kernel/config")
+TPG_TAG = 1
+# Modules loaded up front: configfs is not always auto-mounted, and the fileio backend is
+# not requested by the kernel when its HBA directory is made.
+MODULES = ("configfs", "target_core_mod", "target_core_file", "iscsi_target_mod")
+
+
+class LioKernel:
+    """LIO through rtslib-fb. ``open()`` must succeed before anything else is called."""
+
+    def __init__(self) -> None:
+        self._root: rtslib_fb.RTSRoot | None = None
+        self._iscsi: rtslib_fb.FabricModule | None = None
+
+    def open(self) -> None:
+        try:
+            for module in MODULES:
+                modprobe(module)
+            if not os.path.ismount(CONFIGFS):
+                subprocess.run(["mount", "-t", "configfs", "configfs", str(CONFIGFS)], check=True, capture_output=True)
+            # rtslib refuses to start without its database directory.
+            Path("/etc/target").mkdir(mode=0o700, exist_ok=True)
+            self._root = rtslib_fb.RTSRoot()
+            self._iscsi = rtslib_fb.FabricModule("iscsi")
+        except (RTSLibError, OSError, subprocess.CalledProcessError) as exc:
+            raise KernelError(f"LIO is not available on this node: {exc}") from exc
+
+    @property
+    def fabric(self) -> rtslib_fb.FabricModule:
+        assert self._iscsi is not None, "LioKernel.open() was not called"
+        return self._iscsi
+
+    # -- reading -------------------------------------------------------------------------
+
+    def observe(self, storage_objects: Iterable[str], targets: Iterable[str]) -> KernelConfig:
+        """Read the named backstores and targets; the ones missing from LIO are left out."""
+        try:
+            objects = {so.name: so for so in (self._find_storage_object(n) for n in storage_objects) if so}
+            found = {t.iqn: t for t in (self._read_target(iqn) for iqn in targets) if t}
+        except RTSLibError as exc:
+            raise KernelError(f"cannot read the LIO configuration: {exc}") from exc
+        return KernelConfig(storage_objects=objects, targets=found)
+
+    def _find_storage_object(self, name: str) -> StorageObject | None:
+        try:
+            so = rtslib_fb.FileIOStorageObject(name)
+        except RTSLibNotInCFSError:
+            return None
+        return StorageObject(name=so.name, path=so.udev_path, size=so.size, serial=so.wwn)
+
+    def _read_target(self, iqn: str) -> KernelTarget | None:
+        tpg = self._find_tpg(iqn)
+        if tpg is None:
+            return None
+        acls = {}
+        for acl in tpg.node_acls:
+            mapped = frozenset(MappedLun(m.mapped_lun, m.tpg_lun.lun, bool(m.write_protect)) for m in acl.mapped_luns)
+            acls[acl.node_wwn] = NodeAcl(acl.node_wwn, mapped)
+        return KernelTarget(
+            iqn=iqn,
+            enabled=bool(tpg.enable),
+            attributes={name: tpg.get_attribute(name) for name in TPG_ATTRIBUTES},
+            portals=frozenset((_unbracket(np.ip_address), int(np.port)) for np in tpg.network_portals),
+            luns={lun.lun: lun.storage_object.name for lun in tpg.luns},
+            acls=acls,
+        )
+
+    def _find_tpg(self, iqn: str) -> rtslib_fb.TPG | None:
+        try:
+            target = rtslib_fb.Target(self.fabric, iqn, mode="lookup")
+            return rtslib_fb.TPG(target, TPG_TAG, mode="lookup")
+        except RTSLibNotInCFSError:
+            return None
+
+    def _tpg(self, iqn: str) -> rtslib_fb.TPG:
+        tpg = self._find_tpg(iqn)
+        if tpg is None:
+            raise RTSLibError(f"target {iqn} does not exist")
+        return tpg
+
+    def sessions(self) -> list[Session]:
+        """Every iSCSI session on the node, read from the ACLs' session info."""
+        found = []
+        for target in self.fabric.targets:
+            for tpg in target.tpgs:
+                for acl in tpg.node_acls:
+                    info = acl.session
+                    if info:
+                        addresses = tuple(c.get("address", "") for c in info.get("connections", []))
+                        found.append(Session(target.wwn, acl.node_wwn, info.get("state", ""), addresses))
+        return found
+
+    # -- changing ------------------------------------------------------------------------
+
+    def apply(self, actions: Sequence[plan.Action]) -> None:
+        for action in actions:
+            try:
+                self._apply(action)
+            except (RTSLibError, OSError) as exc:
+                raise KernelError(f"LIO refused {_describe(action)}: {exc}") from exc
+            log.debug("applied %s", _describe(action))
+
+    @singledispatchmethod
+    def _apply(self, action: plan.Action) -> None:
+        raise TypeError(f"no handler for {action!r}")
+
+    @_apply.register
+    def _(self, action: plan.CreateStorageObject) -> None:
+        want = action.storage_object
+        have = self._find_storage_object(want.name)
+        if have == want:
+            return
+        if have is not None:
+            raise RTSLibError(f"backstore {want.name} exists with other settings")
+        rtslib_fb.FileIOStorageObject(want.name, dev=want.path, size=want.size, wwn=want.serial, write_back=False)
+
+    @_apply.register
+    def _(self, action: plan.DeleteStorageObject) -> None:
+        with contextlib.suppress(RTSLibNotInCFSError):
+            rtslib_fb.FileIOStorageObject(action.name).delete()
+
+    @_apply.register
+    def _(self, action: plan.CreateTarget) -> None:
+        target = rtslib_fb.Target(self.fabric, action.iqn, mode="any")
+        rtslib_fb.TPG(target, TPG_TAG, mode="any")
+
+    @_apply.register
+    def _(self, action: plan.DeleteTarget) -> None:
+        with contextlib.suppress(RTSLibNotInCFSError):
+            rtslib_fb.Target(self.fabric, action.iqn, mode="lookup").delete()
+
+    @_apply.register
+    def _(self, action: plan.SetTpgAttributes) -> None:
+        tpg = self._tpg(action.iqn)
+        for name, value in action.attributes:
+            tpg.set_attribute(name, value)
+
+    @_apply.register
+    def _(self, action: plan.SetTpgEnabled) -> None:
+        self._tpg(action.iqn).enable = action.enabled
+
+    @_apply.register
+    def _(self, action: plan.AddPortal) -> None:
+        rtslib_fb.NetworkPortal(self._tpg(action.iqn), _bracket(action.address), action.port, mode="any")
+
+    @_apply.register
+    def _(self, action: plan.RemovePortal) -> None:
+        with contextlib.suppress(RTSLibNotInCFSError):
+            rtslib_fb.NetworkPortal(
+                self._tpg(action.iqn), _bracket(action.address), action.port, mode="lookup"
+            ).delete()
+
+    @_apply.register
+    def _(self, action: plan.AddLun) -> None:
+        tpg = self._tpg(action.iqn)
+        existing = next((lun for lun in tpg.luns if lun.lun == action.lun), None)
+        if existing is not None:
+            if existing.storage_object.name == action.storage_object:
+                return
+            raise RTSLibError(f"LUN {action.lun} exists with backstore {existing.storage_object.name}")
+        so = rtslib_fb.FileIOStorageObject(action.storage_object)
+        rtslib_fb.LUN(tpg, lun=action.lun, storage_object=so)
+
+    @_apply.register
+    def _(self, action: plan.RemoveLun) -> None:
+        with contextlib.suppress(RTSLibNotInCFSError):
+            rtslib_fb.LUN(self._tpg(action.iqn), lun=action.lun).delete()
+
+    @_apply.register
+    def _(self, action: plan.AddAcl) -> None:
+        rtslib_fb.NodeACL(self._tpg(action.iqn), action.initiator, mode="any")
+
+    @_apply.register
+    def _(self, action: plan.RemoveAcl) -> None:
+        with contextlib.suppress(RTSLibNotInCFSError):
+            rtslib_fb.NodeACL(self._tpg(action.iqn), action.initiator, mode="lookup").delete()
+
+    @_apply.register
+    def _(self, action: plan.MapLun) -> None:
+        acl = rtslib_fb.NodeACL(self._tpg(action.iqn), action.initiator, mode="lookup")
+        want = action.mapped_lun
+        for existing in acl.mapped_luns:
+            if existing.mapped_lun == want.mapped_lun:
+                if existing.tpg_lun.lun == want.tpg_lun and bool(existing.write_protect) == want.write_protect:
+                    return
+                raise RTSLibError(f"mapped LUN {want.mapped_lun} exists with other settings")
+        rtslib_fb.MappedLUN(acl, want.mapped_lun, want.tpg_lun, want.write_protect)
+
+    @_apply.register
+    def _(self, action: plan.UnmapLun) -> None:
+        try:
+            acl = rtslib_fb.NodeACL(self._tpg(action.iqn), action.initiator, mode="lookup")
+            rtslib_fb.MappedLUN(acl, action.mapped_lun).delete()
+        except RTSLibNotInCFSError:
+            pass
+
+
+def _bracket(address: str) -> str:
+    # rtslib wants IPv6 portal addresses in brackets, as configfs names them.
+    return f"[{address}]" if ipaddress.ip_address(address).version == 6 else address
+
+
+def _unbracket(address: str) -> str:
+    return address[1:-1] if address.startswith("[") else address
+
+
+def _describe(action: plan.Action) -> str:
+    return f"{type(action).__name__}({', '.join(f'{k}={v}' for k, v in vars(action).items())})"

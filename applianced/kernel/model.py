@@ -1,0 +1,102 @@
+"""What LIO should hold, as plain values, and how a node's desired ``Config`` renders to it.
+
+Reconciliation compares two ``KernelConfig`` values (what the kernel has, what it should
+have), so the model holds exactly the settings that applianced owns and nothing it does not
+manage (counters, sessions, attributes left at the kernel's default).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from applianced.state import Config
+
+# TPG attributes applianced pins on every target. ``authentication`` must be explicit
+# (logins fail otherwise); generate_node_acls=0 makes the ACL list the only way in, and
+# demo_mode_write_protect=1 keeps a stray demo-mode login read-only.
+TPG_ATTRIBUTES: Mapping[str, str] = {
+    "authentication": "0",
+    "generate_node_acls": "0",
+    "demo_mode_write_protect": "1",
+    "cache_dynamic_acls": "0",
+}
+
+
+@dataclass(frozen=True)
+class StorageObject:
+    """A fileio backstore."""
+
+    name: str
+    path: str
+    size: int
+    serial: str
+
+
+@dataclass(frozen=True)
+class MappedLun:
+    """A LUN as one initiator sees it."""
+
+    mapped_lun: int
+    tpg_lun: int
+    write_protect: bool = False
+
+
+@dataclass(frozen=True)
+class NodeAcl:
+    """An initiator allowed into a TPG, with the LUNs it sees."""
+
+    initiator: str
+    mapped_luns: frozenset[MappedLun] = frozenset()
+
+
+@dataclass(frozen=True)
+class KernelTarget:
+    """An iSCSI target with its single TPG (tag 1)."""
+
+    iqn: str
+    enabled: bool
+    attributes: Mapping[str, str] = field(default_factory=dict)
+    portals: frozenset[tuple[str, int]] = frozenset()
+    luns: Mapping[int, str] = field(default_factory=dict)
+    acls: Mapping[str, NodeAcl] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """The part of LIO's configuration that applianced manages."""
+
+    storage_objects: Mapping[str, StorageObject] = field(default_factory=dict)
+    targets: Mapping[str, KernelTarget] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Session:
+    """One initiator logged in to a target (read from LIO, never configured)."""
+
+    target_iqn: str
+    initiator: str
+    state: str
+    addresses: tuple[str, ...]
+
+
+def render(config: Config) -> KernelConfig:
+    """Return the LIO configuration that realises ``config``."""
+    storage_objects = {
+        disk.name: StorageObject(name=disk.name, path=disk.path, size=disk.size, serial=disk.serial)
+        for disk in config.disks.values()
+    }
+    portals = frozenset((portal.address, portal.port) for portal in config.portals)
+    targets = {}
+    for target in config.targets.values():
+        # Every allowed initiator sees every LUN of the target under the same number.
+        mapped = frozenset(MappedLun(lun.number, lun.number) for lun in target.luns)
+        targets[target.iqn] = KernelTarget(
+            iqn=target.iqn,
+            enabled=target.enabled,
+            attributes=dict(TPG_ATTRIBUTES),
+            portals=portals,
+            luns={lun.number: lun.disk for lun in target.luns},
+            acls={acl.initiator: NodeAcl(acl.initiator, mapped) for acl in target.acls},
+        )
+    return KernelConfig(storage_objects=storage_objects, targets=targets)

@@ -1,0 +1,200 @@
+"""The ordered list of LIO changes that turns one ``KernelConfig`` into another.
+
+Removals run first and top-down (portals, mappings, ACLs, LUNs, targets, backstores), then
+additions bottom-up, and a new target is enabled last so that no initiator ever sees it
+half built. Every action is idempotent in the backend, so a plan can be replayed after a
+crash. An empty plan means the kernel already matches: a daemon restart then touches nothing
+and logged-in sessions never notice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from applianced.kernel.model import KernelConfig, KernelTarget, MappedLun, StorageObject
+
+
+@dataclass(frozen=True)
+class CreateStorageObject:
+    storage_object: StorageObject
+
+
+@dataclass(frozen=True)
+class DeleteStorageObject:
+    name: str
+
+
+@dataclass(frozen=True)
+class CreateTarget:
+    """Create the target and its TPG 1, disabled."""
+
+    iqn: str
+
+
+@dataclass(frozen=True)
+class DeleteTarget:
+    """Delete the target with everything below it."""
+
+    iqn: str
+
+
+@dataclass(frozen=True)
+class SetTpgAttributes:
+    iqn: str
+    attributes: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class SetTpgEnabled:
+    iqn: str
+    enabled: bool
+
+
+@dataclass(frozen=True)
+class AddPortal:
+    iqn: str
+    address: str
+    port: int
+
+
+@dataclass(frozen=True)
+class RemovePortal:
+    iqn: str
+    address: str
+    port: int
+
+
+@dataclass(frozen=True)
+class AddLun:
+    iqn: str
+    lun: int
+    storage_object: str
+
+
+@dataclass(frozen=True)
+class RemoveLun:
+    iqn: str
+    lun: int
+
+
+@dataclass(frozen=True)
+class AddAcl:
+    iqn: str
+    initiator: str
+
+
+@dataclass(frozen=True)
+class RemoveAcl:
+    iqn: str
+    initiator: str
+
+
+@dataclass(frozen=True)
+class MapLun:
+    iqn: str
+    initiator: str
+    mapped_lun: MappedLun
+
+
+@dataclass(frozen=True)
+class UnmapLun:
+    iqn: str
+    initiator: str
+    mapped_lun: int
+
+
+Action = (
+    CreateStorageObject
+    | DeleteStorageObject
+    | CreateTarget
+    | DeleteTarget
+    | SetTpgAttributes
+    | SetTpgEnabled
+    | AddPortal
+    | RemovePortal
+    | AddLun
+    | RemoveLun
+    | AddAcl
+    | RemoveAcl
+    | MapLun
+    | UnmapLun
+)
+
+
+def plan(current: KernelConfig, desired: KernelConfig) -> list[Action]:
+    """Return the actions that make ``current`` equal to ``desired``."""
+    replaced_objects = {
+        name
+        for name, obj in current.storage_objects.items()
+        if name in desired.storage_objects and desired.storage_objects[name] != obj
+    }
+    removals: list[Action] = []
+    additions: list[Action] = []
+    for iqn, have in current.targets.items():
+        want = desired.targets.get(iqn)
+        if want is None:
+            removals.append(DeleteTarget(iqn))
+        else:
+            _plan_target_changes(have, want, replaced_objects, removals, additions)
+    for name in current.storage_objects:
+        if name not in desired.storage_objects or name in replaced_objects:
+            removals.append(DeleteStorageObject(name))
+    backstores: list[Action] = [
+        CreateStorageObject(obj)
+        for name, obj in desired.storage_objects.items()
+        if name not in current.storage_objects or name in replaced_objects
+    ]
+    for iqn, want in desired.targets.items():
+        if iqn not in current.targets:
+            additions.append(CreateTarget(iqn))
+            _plan_target_changes(KernelTarget(iqn=iqn, enabled=False), want, set(), removals, additions)
+    return removals + backstores + additions
+
+
+def _plan_target_changes(
+    have: KernelTarget,
+    want: KernelTarget,
+    replaced_objects: set[str],
+    removals: list[Action],
+    additions: list[Action],
+) -> None:
+    iqn = have.iqn
+    if have.enabled and not want.enabled:
+        removals.append(SetTpgEnabled(iqn, False))
+    removals.extend(RemovePortal(iqn, *portal) for portal in sorted(have.portals - want.portals))
+
+    # A LUN whose backstore is replaced must be removed and added again, and so must every
+    # mapping that points at it.
+    stale_luns = {lun for lun, name in have.luns.items() if want.luns.get(lun) != name or name in replaced_objects}
+    for initiator, acl in have.acls.items():
+        wanted_acl = want.acls.get(initiator)
+        if wanted_acl is None:
+            removals.append(RemoveAcl(iqn, initiator))
+            continue
+        for mapped in sorted(acl.mapped_luns, key=_mapped_order):
+            if mapped not in wanted_acl.mapped_luns or mapped.tpg_lun in stale_luns:
+                removals.append(UnmapLun(iqn, initiator, mapped.mapped_lun))
+    removals.extend(RemoveLun(iqn, lun) for lun in sorted(stale_luns))
+
+    if dict(have.attributes) != dict(want.attributes):
+        additions.append(SetTpgAttributes(iqn, tuple(sorted(want.attributes.items()))))
+    additions.extend(
+        AddLun(iqn, lun, name) for lun, name in sorted(want.luns.items()) if lun not in have.luns or lun in stale_luns
+    )
+    for initiator, wanted_acl in want.acls.items():
+        acl = have.acls.get(initiator)
+        if acl is None:
+            additions.append(AddAcl(iqn, initiator))
+            kept: frozenset[MappedLun] = frozenset()
+        else:
+            kept = frozenset(m for m in acl.mapped_luns if m.tpg_lun not in stale_luns)
+        additions.extend(
+            MapLun(iqn, initiator, mapped) for mapped in sorted(wanted_acl.mapped_luns - kept, key=_mapped_order)
+        )
+    additions.extend(AddPortal(iqn, *portal) for portal in sorted(want.portals - have.portals))
+    if want.enabled and not have.enabled:
+        additions.append(SetTpgEnabled(iqn, True))
+
+
+def _mapped_order(mapped: MappedLun) -> int:
+    return mapped.mapped_lun

@@ -1,0 +1,200 @@
+"""The desired configuration of a node and the file that keeps it.
+
+The configuration is an immutable value: every change builds a new ``Config`` and the engine
+swaps it in only after the kernel accepted it. The state file is versioned JSON written
+atomically (temporary file, fsync, rename, fsync of the directory) with mode 0600, because
+later versions keep CHAP secrets and heartbeat keys in it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import json
+import os
+import tempfile
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from applianced.constants import DEFAULT_IQN_PREFIX
+from applianced.errors import StateError
+
+STATE_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Disk:
+    """A file-backed virtual disk. ``serial`` is the T10 unit serial, fixed at creation."""
+
+    name: str
+    path: str
+    size: int
+    serial: str
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Lun:
+    """Disk ``disk`` exported as LUN ``number`` of a target."""
+
+    number: int
+    disk: str
+
+
+@dataclass(frozen=True)
+class Acl:
+    """An initiator allowed to log in to a target."""
+
+    initiator: str
+
+
+@dataclass(frozen=True)
+class Target:
+    """An iSCSI target with its LUNs and allowed initiators."""
+
+    name: str
+    iqn: str
+    description: str = ""
+    enabled: bool = True
+    luns: tuple[Lun, ...] = ()
+    acls: tuple[Acl, ...] = ()
+
+    def lun(self, number: int) -> Lun | None:
+        return next((lun for lun in self.luns if lun.number == number), None)
+
+    def acl(self, initiator: str) -> Acl | None:
+        return next((acl for acl in self.acls if acl.initiator == initiator), None)
+
+
+@dataclass(frozen=True)
+class Portal:
+    """An address and TCP port on which every target of the node listens."""
+
+    address: str
+    port: int
+
+    @property
+    def key(self) -> str:
+        return portal_key(self.address, self.port)
+
+
+def portal_key(address: str, port: int) -> str:
+    """The name of a portal as people write it: ``10.0.0.1:3260`` or ``[fd00::1]:3260``."""
+    if ipaddress.ip_address(address).version == 6:
+        return f"[{address}]:{port}"
+    return f"{address}:{port}"
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything this node should have configured in its kernel."""
+
+    node_id: str
+    iqn_prefix: str = DEFAULT_IQN_PREFIX
+    disks: Mapping[str, Disk] = field(default_factory=dict)
+    targets: Mapping[str, Target] = field(default_factory=dict)
+    portals: tuple[Portal, ...] = ()
+
+    @classmethod
+    def new(cls) -> Config:
+        return cls(node_id=str(uuid.uuid4()))
+
+    def with_disk(self, disk: Disk) -> Config:
+        return dataclasses.replace(self, disks={**self.disks, disk.name: disk})
+
+    def without_disk(self, name: str) -> Config:
+        return dataclasses.replace(self, disks={k: v for k, v in self.disks.items() if k != name})
+
+    def with_target(self, target: Target) -> Config:
+        return dataclasses.replace(self, targets={**self.targets, target.name: target})
+
+    def without_target(self, name: str) -> Config:
+        return dataclasses.replace(self, targets={k: v for k, v in self.targets.items() if k != name})
+
+    def portal(self, key: str) -> Portal | None:
+        return next((portal for portal in self.portals if portal.key == key), None)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": STATE_FORMAT_VERSION,
+            "node": {"id": self.node_id},
+            "settings": {"iqn_prefix": self.iqn_prefix},
+            "disks": [dataclasses.asdict(disk) for disk in self.disks.values()],
+            "targets": [dataclasses.asdict(target) for target in self.targets.values()],
+            "portals": [dataclasses.asdict(portal) for portal in self.portals],
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Config:
+        version = data.get("version")
+        if version != STATE_FORMAT_VERSION:
+            raise StateError(f"state format version {version!r} is not supported (expected {STATE_FORMAT_VERSION})")
+        try:
+            disks = [Disk(**item) for item in data.get("disks", [])]
+            targets = [
+                Target(
+                    **{
+                        **item,
+                        "luns": tuple(Lun(**lun) for lun in item.get("luns", [])),
+                        "acls": tuple(Acl(**acl) for acl in item.get("acls", [])),
+                    }
+                )
+                for item in data.get("targets", [])
+            ]
+            return cls(
+                node_id=data["node"]["id"],
+                iqn_prefix=data.get("settings", {}).get("iqn_prefix", DEFAULT_IQN_PREFIX),
+                disks={disk.name: disk for disk in disks},
+                targets={target.name: target for target in targets},
+                portals=tuple(Portal(**item) for item in data.get("portals", [])),
+            )
+        except (KeyError, TypeError) as exc:
+            raise StateError(f"state file is malformed: {exc}") from exc
+
+
+class StateStore:
+    """Reads and atomically replaces the state file."""
+
+    def __init__(self, directory: Path, file_name: str) -> None:
+        self.directory = directory
+        self.path = directory / file_name
+
+    def load(self) -> Config | None:
+        """Return the stored configuration, or None when the node was never configured."""
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StateError(f"cannot read {self.path}: {exc.strerror}") from exc
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise StateError(f"{self.path} is not valid JSON: {exc}") from exc
+        return Config.from_json(data)
+
+    def save(self, config: Config) -> None:
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        payload = json.dumps(config.to_json(), indent=2, sort_keys=True).encode() + b"\n"
+        try:
+            # mkstemp creates the file 0600 from the start, so no secret is ever readable.
+            fd, tmp_name = tempfile.mkstemp(dir=self.directory, prefix=".state-", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "wb") as tmp:
+                    tmp.write(payload)
+                    tmp.flush()
+                    os.fsync(tmp.fileno())
+                os.rename(tmp_name, self.path)
+            except BaseException:
+                Path(tmp_name).unlink(missing_ok=True)
+                raise
+            dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            raise StateError(f"cannot write {self.path}: {exc.strerror}") from exc

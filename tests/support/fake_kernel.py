@@ -1,0 +1,184 @@
+"""An in-memory stand-in for LIO, for unit tests and the D-Bus tier on the host.
+
+It gives each plan action the meaning LIO gives it, refuses what LIO refuses (a LUN on a
+missing backstore, a mapping to a missing LUN), and can be told to fail on one kind of
+action to exercise roll-back. With a file it outlives the daemon process, as the kernel
+does, and logs every action so that tests can count what a restart changed. It proves
+logic only; what LIO really does is proven in the VM tier.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from applianced.errors import KernelError
+from applianced.kernel import plan
+from applianced.kernel.model import KernelConfig, KernelTarget, MappedLun, NodeAcl, Session, StorageObject
+
+# Set in the daemon's environment to make the fake refuse one action type (e.g. "AddAcl").
+FAIL_ENV = "APPLIANCED_FAKE_KERNEL_FAIL"
+
+
+class FakeKernel:
+    def __init__(self, path: Path | None = None, fail_on: str | None = None) -> None:
+        self.path = path
+        self.fail_on = fail_on
+        self.storage_objects: dict[str, StorageObject] = {}
+        self.targets: dict[str, KernelTarget] = {}
+        self.session_list: list[Session] = []
+        self.applied: list[plan.Action] = []
+        self.opened = False
+
+    def open(self) -> None:
+        self.opened = True
+        if self.path and self.path.exists():
+            self._load()
+
+    # -- Kernel protocol --------------------------------------------------------------
+
+    def observe(self, storage_objects: Iterable[str], targets: Iterable[str]) -> KernelConfig:
+        return KernelConfig(
+            storage_objects={n: self.storage_objects[n] for n in storage_objects if n in self.storage_objects},
+            targets={iqn: self.targets[iqn] for iqn in targets if iqn in self.targets},
+        )
+
+    def snapshot(self) -> KernelConfig:
+        return KernelConfig(dict(self.storage_objects), dict(self.targets))
+
+    def sessions(self) -> list[Session]:
+        return list(self.session_list)
+
+    def apply(self, actions: Sequence[plan.Action]) -> None:
+        try:
+            for action in actions:
+                if type(action).__name__ == self.fail_on:
+                    raise KernelError(f"injected failure on {type(action).__name__}")
+                self._apply(action)
+                self.applied.append(action)
+        finally:
+            self._save()
+
+    def _apply(self, action: plan.Action) -> None:
+        match action:
+            case plan.CreateStorageObject(storage_object=so):
+                if self.storage_objects.get(so.name, so) != so:
+                    raise KernelError(f"backstore {so.name} exists with other settings")
+                self.storage_objects[so.name] = so
+            case plan.DeleteStorageObject(name=name):
+                if any(name in t.luns.values() for t in self.targets.values()):
+                    raise KernelError(f"backstore {name} is in use by a LUN")
+                self.storage_objects.pop(name, None)
+            case plan.CreateTarget(iqn=iqn):
+                self.targets.setdefault(iqn, KernelTarget(iqn=iqn, enabled=False))
+            case plan.DeleteTarget(iqn=iqn):
+                self.targets.pop(iqn, None)
+            case plan.SetTpgAttributes(iqn=iqn, attributes=attributes):
+                self._update(iqn, attributes={**self._target(iqn).attributes, **dict(attributes)})
+            case plan.SetTpgEnabled(iqn=iqn, enabled=enabled):
+                self._update(iqn, enabled=enabled)
+            case plan.AddPortal(iqn=iqn, address=address, port=port):
+                self._update(iqn, portals=self._target(iqn).portals | {(address, port)})
+            case plan.RemovePortal(iqn=iqn, address=address, port=port):
+                self._update(iqn, portals=self._target(iqn).portals - {(address, port)})
+            case plan.AddLun(iqn=iqn, lun=lun, storage_object=name):
+                if name not in self.storage_objects:
+                    raise KernelError(f"backstore {name} does not exist")
+                luns = self._target(iqn).luns
+                if luns.get(lun, name) != name:
+                    raise KernelError(f"LUN {lun} exists with another backstore")
+                self._update(iqn, luns={**luns, lun: name})
+            case plan.RemoveLun(iqn=iqn, lun=lun):
+                target = self._target(iqn)
+                acls = {
+                    i: NodeAcl(i, frozenset(m for m in a.mapped_luns if m.tpg_lun != lun))
+                    for i, a in target.acls.items()
+                }
+                self._update(iqn, luns={k: v for k, v in target.luns.items() if k != lun}, acls=acls)
+            case plan.AddAcl(iqn=iqn, initiator=initiator):
+                acls = self._target(iqn).acls
+                self._update(iqn, acls={initiator: NodeAcl(initiator), **acls})
+            case plan.RemoveAcl(iqn=iqn, initiator=initiator):
+                self._update(iqn, acls={k: v for k, v in self._target(iqn).acls.items() if k != initiator})
+            case plan.MapLun(iqn=iqn, initiator=initiator, mapped_lun=mapped):
+                target = self._target(iqn)
+                if mapped.tpg_lun not in target.luns or initiator not in target.acls:
+                    raise KernelError("mapping to a missing LUN or ACL")
+                acl = target.acls[initiator]
+                if any(m.mapped_lun == mapped.mapped_lun and m != mapped for m in acl.mapped_luns):
+                    raise KernelError(f"mapped LUN {mapped.mapped_lun} exists with other settings")
+                new_acl = NodeAcl(initiator, acl.mapped_luns | {mapped})
+                self._update(iqn, acls={**target.acls, initiator: new_acl})
+            case plan.UnmapLun(iqn=iqn, initiator=initiator, mapped_lun=number):
+                target = self._target(iqn)
+                acl = target.acls.get(initiator)
+                if acl is not None:
+                    kept = NodeAcl(initiator, frozenset(m for m in acl.mapped_luns if m.mapped_lun != number))
+                    self._update(iqn, acls={**target.acls, initiator: kept})
+            case _:
+                raise TypeError(f"unknown action {action!r}")
+
+    def _target(self, iqn: str) -> KernelTarget:
+        try:
+            return self.targets[iqn]
+        except KeyError:
+            raise KernelError(f"target {iqn} does not exist") from None
+
+    def _update(self, iqn: str, **changes: Any) -> None:
+        self.targets[iqn] = dataclasses.replace(self._target(iqn), **changes)
+
+    # -- persistence across daemon processes ------------------------------------------
+
+    def wipe(self) -> None:
+        """Forget everything, as a reboot does to LIO."""
+        self.storage_objects.clear()
+        self.targets.clear()
+        self._save()
+
+    def _save(self) -> None:
+        if not self.path:
+            return
+        data = {
+            "storage_objects": [dataclasses.asdict(so) for so in self.storage_objects.values()],
+            "targets": [_target_to_json(t) for t in self.targets.values()],
+            "sessions": [dataclasses.asdict(s) for s in self.session_list],
+        }
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, self.path)
+        with self.path.with_suffix(".log").open("a") as log:
+            for action in self.applied:
+                log.write(type(action).__name__ + "\n")
+        self.applied.clear()
+
+    def _load(self) -> None:
+        data = json.loads(self.path.read_text())
+        self.storage_objects = {so["name"]: StorageObject(**so) for so in data["storage_objects"]}
+        self.targets = {t["iqn"]: _target_from_json(t) for t in data["targets"]}
+        self.session_list = [Session(**{**s, "addresses": tuple(s["addresses"])}) for s in data.get("sessions", [])]
+
+
+def _target_to_json(target: KernelTarget) -> dict[str, Any]:
+    return {
+        "iqn": target.iqn,
+        "enabled": target.enabled,
+        "attributes": dict(target.attributes),
+        "portals": sorted(target.portals),
+        "luns": {str(k): v for k, v in target.luns.items()},
+        "acls": {i: [dataclasses.asdict(m) for m in a.mapped_luns] for i, a in target.acls.items()},
+    }
+
+
+def _target_from_json(data: dict[str, Any]) -> KernelTarget:
+    return KernelTarget(
+        iqn=data["iqn"],
+        enabled=data["enabled"],
+        attributes=data["attributes"],
+        portals=frozenset((a, p) for a, p in data["portals"]),
+        luns={int(k): v for k, v in data["luns"].items()},
+        acls={i: NodeAcl(i, frozenset(MappedLun(**m) for m in ms)) for i, ms in data["acls"].items()},
+    )

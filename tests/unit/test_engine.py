@@ -1,0 +1,225 @@
+"""The engine with the in-memory kernel: operations, refusals, roll-back, restart."""
+
+import asyncio
+import stat
+
+import pytest
+
+from applianced.engine import Appliance
+from applianced.errors import AlreadyExists, Busy, InvalidArgument, KernelError, NotFound, StateError
+from applianced.kernel.model import Session
+from applianced.state import StateStore
+from tests.support.fake_kernel import FakeKernel
+
+INITIATOR = "iqn.1994-05.com.redhat:client1"
+LOCAL = {"127.0.0.1", "10.1.0.5", "fd00::5"}
+
+
+def make_engine(tmp_path, kernel=None):
+    return Appliance(kernel or FakeKernel(), StateStore(tmp_path / "state", "state.json"), lambda: LOCAL)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def started(engine):
+    await engine.start()
+    return engine
+
+
+async def populate(engine):
+    await engine.create_disk("d1", 64 << 20)
+    await engine.create_target("t1")
+    await engine.add_lun("t1", "d1")
+    await engine.add_acl("t1", INITIATOR)
+    await engine.create_portal("10.1.0.5", 3260)
+
+
+def test_full_slice_reaches_kernel_and_state(tmp_path):
+    async def scenario():
+        engine = await started(make_engine(tmp_path))
+        await populate(engine)
+        return engine
+
+    engine = run(scenario())
+    kernel = engine.kernel.snapshot()
+    iqn = "iqn.2003-01.org.linux-iscsi.applianced:t1"
+    target = kernel.targets[iqn]
+    assert target.enabled
+    assert target.luns == {0: "d1"}
+    assert set(target.acls) == {INITIATOR}
+    assert target.portals == {("10.1.0.5", 3260)}
+    assert kernel.storage_objects["d1"].size == 64 << 20
+    disk_file = tmp_path / "state" / "disks" / "d1.img"
+    assert disk_file.stat().st_size == 64 << 20
+    assert disk_file.stat().st_blocks == 0, "the backing file must be sparse"
+    assert stat.S_IMODE(disk_file.stat().st_mode) == 0o600
+    assert engine.store.load() == engine.config
+
+
+def test_restart_over_intact_kernel_changes_nothing_and_reboot_restores(tmp_path):
+    kernel = FakeKernel()
+
+    async def scenario():
+        await populate(await started(make_engine(tmp_path, kernel)))
+        before = kernel.snapshot()
+        assert await make_engine(tmp_path, kernel).start() == 0
+        kernel.wipe()
+        assert await make_engine(tmp_path, kernel).start() > 0
+        assert kernel.snapshot() == before
+
+    run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("call", "error"),
+    [
+        (lambda e: e.create_disk("bad name", 1 << 20), InvalidArgument),
+        (lambda e: e.create_disk("d2", 1000), InvalidArgument),
+        (lambda e: e.create_disk("d2", (1 << 20) + 1), InvalidArgument),
+        (lambda e: e.create_disk("d2", 1 << 20, "relative/path.img"), InvalidArgument),
+        (lambda e: e.create_disk("d2", 1 << 20, "/nonexistent-dir/x.img"), InvalidArgument),
+        (lambda e: e.create_disk("d2", 1 << 20, "/tmp/a,b.img"), InvalidArgument),
+        (lambda e: e.create_disk("d1", 1 << 20), AlreadyExists),
+        (lambda e: e.create_target("t1"), AlreadyExists),
+        (lambda e: e.create_target("t2", iqn="iqn.2003-01.org.linux-iscsi.applianced:t1"), AlreadyExists),
+        (lambda e: e.create_target("t2", iqn="iqn.bogus"), InvalidArgument),
+        (lambda e: e.create_target("t2", description="x" * 300), InvalidArgument),
+        (lambda e: e.add_lun("t1", "nope"), NotFound),
+        (lambda e: e.add_lun("nope", "d1"), NotFound),
+        (lambda e: e.add_lun("t1", "d1"), Busy),
+        (lambda e: e.add_acl("t1", INITIATOR.upper()), AlreadyExists),
+        (lambda e: e.add_acl("t1", "not-an-iqn"), InvalidArgument),
+        (lambda e: e.remove_lun("t1", 7), NotFound),
+        (lambda e: e.remove_acl("t1", "iqn.1994-05.com.redhat:other"), NotFound),
+        (lambda e: e.create_portal("10.1.0.5", 3260), AlreadyExists),
+        (lambda e: e.create_portal("192.0.2.77", 3260), InvalidArgument),
+        (lambda e: e.create_portal("0.0.0.0", 3260), InvalidArgument),
+        (lambda e: e.create_portal("10.1.0.5", 0), InvalidArgument),
+        (lambda e: e.create_portal("not-an-ip", 3260), InvalidArgument),
+        (lambda e: e.delete_portal("10.9.9.9:3260"), NotFound),
+        (lambda e: e.delete_disk("d1"), Busy),
+        (lambda e: e.delete_disk("nope"), NotFound),
+        (lambda e: e.delete_target("nope"), NotFound),
+    ],
+)
+def test_bad_input_gets_a_named_error_and_changes_nothing(tmp_path, call, error):
+    async def scenario():
+        engine = await started(make_engine(tmp_path))
+        await populate(engine)
+        config, kernel, files = engine.config, engine.kernel.snapshot(), sorted(tmp_path.rglob("*"))
+        state_bytes = engine.store.path.read_bytes()
+        with pytest.raises(error):
+            await call(engine)
+        assert engine.config == config
+        assert engine.kernel.snapshot() == kernel
+        assert engine.store.path.read_bytes() == state_bytes
+        assert sorted(tmp_path.rglob("*")) == files
+
+    run(scenario())
+
+
+def test_kernel_failure_rolls_back_kernel_state_and_file(tmp_path):
+    kernel = FakeKernel()
+
+    async def scenario():
+        engine = await started(make_engine(tmp_path, kernel))
+        await engine.create_disk("d1", 1 << 20)
+        before = kernel.snapshot()
+        kernel.fail_on = "SetTpgEnabled"
+        with pytest.raises(KernelError):
+            await engine.create_target("t1")
+        assert kernel.snapshot() == before
+        assert "t1" not in engine.store.load().targets
+        kernel.fail_on = "CreateStorageObject"
+        with pytest.raises(KernelError):
+            await engine.create_disk("d2", 1 << 20)
+        assert not (tmp_path / "state" / "disks" / "d2.img").exists()
+        assert kernel.snapshot() == before
+
+    run(scenario())
+
+
+def test_state_write_failure_rolls_back_the_kernel(tmp_path, monkeypatch):
+    async def scenario():
+        engine = await started(make_engine(tmp_path))
+        before = engine.kernel.snapshot()
+
+        def refuse(config):
+            raise StateError("disk full")
+
+        monkeypatch.setattr(engine.store, "save", refuse)
+        with pytest.raises(StateError):
+            await engine.create_target("t1")
+        assert engine.kernel.snapshot() == before
+        assert "t1" not in engine.config.targets
+
+    run(scenario())
+
+
+def test_changes_that_disrupt_sessions_need_force(tmp_path):
+    kernel = FakeKernel()
+
+    async def scenario():
+        engine = await started(make_engine(tmp_path, kernel))
+        await populate(engine)
+        iqn = engine.config.targets["t1"].iqn
+        kernel.session_list = [Session(iqn, INITIATOR, "LOGGED_IN", ("10.1.0.9:40000",))]
+        for call in (
+            engine.delete_target("t1"),
+            engine.remove_lun("t1", 0),
+            engine.remove_acl("t1", INITIATOR),
+        ):
+            with pytest.raises(Busy, match=INITIATOR):
+                await call
+        await engine.remove_lun("t1", 0, force=True)
+        await engine.delete_target("t1", force=True)
+        assert iqn not in kernel.snapshot().targets
+
+    run(scenario())
+
+
+def test_lun_numbers_default_to_lowest_free(tmp_path):
+    async def scenario():
+        engine = await started(make_engine(tmp_path))
+        await engine.create_target("t1")
+        for name in ("a", "b", "c", "d"):
+            await engine.create_disk(name, 1 << 20)
+        assert (await engine.add_lun("t1", "a", 1)).number == 1
+        assert (await engine.add_lun("t1", "b")).number == 0
+        assert (await engine.add_lun("t1", "c")).number == 2
+        with pytest.raises(InvalidArgument):
+            await engine.add_lun("t1", "d", 256)
+
+    run(scenario())
+
+
+def test_delete_disk_keeps_file_unless_asked(tmp_path):
+    async def scenario():
+        engine = await started(make_engine(tmp_path))
+        kept = await engine.create_disk("kept", 1 << 20)
+        gone = await engine.create_disk("gone", 1 << 20)
+        await engine.delete_disk("kept")
+        await engine.delete_disk("gone", remove_file=True)
+        return kept, gone
+
+    kept, gone = run(scenario())
+    assert (tmp_path / "state" / "disks" / "kept.img").exists()
+    assert not (tmp_path / "state" / "disks" / "gone.img").exists()
+    assert kept.serial != gone.serial
+
+
+def test_reload_applies_an_edited_state_file(tmp_path):
+    async def scenario():
+        engine = await started(make_engine(tmp_path))
+        await populate(engine)
+        other = make_engine(tmp_path / "other")
+        await other.start()
+        # The file of an empty node replaces ours: reload must remove what it no longer lists.
+        engine.store.save(other.config)
+        assert await engine.reload() > 0
+        assert engine.kernel.snapshot().targets == {}
+        assert engine.config.targets == {}
+
+    run(scenario())

@@ -1,0 +1,74 @@
+"""Planning LIO changes: correctness against the fake kernel's semantics, and ordering."""
+
+import random
+
+from applianced.kernel import plan as p
+from applianced.kernel.model import KernelConfig, render
+from applianced.state import Acl, Config, Disk, Lun, Portal, Target
+from tests.support.fake_kernel import FakeKernel
+
+
+def random_config(rng: random.Random) -> Config:
+    config = Config(node_id="n")
+    disks = [f"d{i}" for i in range(rng.randint(0, 5))]
+    for name in disks:
+        size = rng.choice([1, 2]) << 20
+        config = config.with_disk(Disk(name, f"/srv/{name}.img", size, f"serial-{name}-{size}"))
+    for t in range(rng.randint(0, 4)):
+        luns = tuple(Lun(n, d) for n, d in enumerate(rng.sample(disks, rng.randint(0, len(disks)))))
+        acls = tuple(Acl(f"iqn.1994-05.com.example:c{i}") for i in rng.sample(range(4), rng.randint(0, 3)))
+        config = config.with_target(
+            Target(f"t{t}", f"iqn.2003-01.org.example:t{t}", enabled=rng.random() < 0.8, luns=luns, acls=acls)
+        )
+    portals = rng.sample([Portal("10.0.0.1", 3260), Portal("fd00::1", 3260), Portal("10.0.0.1", 3261)], rng.randint(0, 3))
+    return Config(config.node_id, config.iqn_prefix, config.disks, config.targets, tuple(portals))
+
+
+def kernel_holding(config: KernelConfig) -> FakeKernel:
+    kernel = FakeKernel()
+    kernel.storage_objects = dict(config.storage_objects)
+    kernel.targets = dict(config.targets)
+    return kernel
+
+
+def test_plan_turns_any_configuration_into_any_other():
+    rng = random.Random(20261121)
+    for _ in range(400):
+        before, after = render(random_config(rng)), render(random_config(rng))
+        kernel = kernel_holding(before)
+        kernel.apply(p.plan(before, after))
+        assert kernel.snapshot() == after
+        assert p.plan(kernel.snapshot(), after) == []
+
+
+def test_identical_configurations_need_no_change():
+    config = render(random_config(random.Random(7)))
+    assert p.plan(config, config) == []
+
+
+def test_new_target_is_enabled_last_and_backstores_come_first():
+    config = Config(node_id="n").with_disk(Disk("d", "/srv/d.img", 1 << 20, "s"))
+    config = config.with_target(Target("t", "iqn.2003-01.org.example:t", luns=(Lun(0, "d"),), acls=(Acl("iqn.1994-05.com.example:c"),)))
+    actions = p.plan(KernelConfig(), render(config))
+    assert isinstance(actions[0], p.CreateStorageObject)
+    assert actions[-1] == p.SetTpgEnabled("iqn.2003-01.org.example:t", True)
+    kinds = [type(a).__name__ for a in actions]
+    assert kinds.index("AddLun") < kinds.index("MapLun")
+    assert kinds.index("AddAcl") < kinds.index("MapLun")
+
+
+def test_replacing_a_backstore_remaps_its_luns():
+    disk = Disk("d", "/srv/d.img", 1 << 20, "s")
+    config = Config(node_id="n").with_disk(disk)
+    config = config.with_target(Target("t", "iqn.2003-01.org.example:t", luns=(Lun(0, "d"),), acls=(Acl("iqn.1994-05.com.example:c"),)))
+    grown = config.with_disk(Disk("d", "/srv/d.img", 2 << 20, "s"))
+    actions = p.plan(render(config), render(grown))
+    kinds = [type(a).__name__ for a in actions]
+    assert kinds == ["UnmapLun", "RemoveLun", "DeleteStorageObject", "CreateStorageObject", "AddLun", "MapLun"]
+
+
+def test_unrelated_changes_do_not_touch_other_targets():
+    base = Config(node_id="n").with_target(Target("a", "iqn.2003-01.org.example:a"))
+    changed = base.with_target(Target("b", "iqn.2003-01.org.example:b"))
+    actions = p.plan(render(base), render(changed))
+    assert all(getattr(a, "iqn", None) == "iqn.2003-01.org.example:b" for a in actions)
