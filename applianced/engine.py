@@ -318,12 +318,13 @@ class Appliance:
             portal = Portal(address=_canonical_address(address), port=_check_port(port))
             if self.config.portal(portal.key) is not None:
                 raise AlreadyExists(f"portal {portal.key} exists already")
-            self._check_portal_address(portal)
+            # pyroute2's synchronous socket runs an event loop of its own: keep it off ours.
+            self._check_portal_address(portal, await asyncio.to_thread(self.local_addresses))
             new = dataclasses.replace(self.config, portals=(*self.config.portals, portal))
             await self._commit("create-portal", portal.key, new)
             return portal
 
-    def _check_portal_address(self, portal: Portal) -> None:
+    def _check_portal_address(self, portal: Portal, local_addresses: set[str]) -> None:
         version = ipaddress.ip_address(portal.address).version
         for other in self.config.portals:
             same_family = ipaddress.ip_address(other.address).version == version
@@ -334,7 +335,7 @@ class Appliance:
             # Linux will not bind a listening socket beside a wildcard one on the same port.
             if same_family and either_wildcard and other.port == portal.port:
                 raise InvalidArgument(f"portal {portal.key} overlaps portal {other.key} on the same port")
-        if not ipaddress.ip_address(portal.address).is_unspecified and portal.address not in self.local_addresses():
+        if not ipaddress.ip_address(portal.address).is_unspecified and portal.address not in local_addresses:
             raise InvalidArgument(f"address {portal.address} is not configured on any interface of this node")
 
     async def delete_portal(self, key: str) -> None:

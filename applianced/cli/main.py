@@ -230,9 +230,9 @@ class Commands:
     async def lun_add(self, args: argparse.Namespace) -> None:
         target = await self.find(TARGET_INTERFACE, "target", Name=args.target)
         disk = await self.find(DISK_INTERFACE, "disk", Name=args.disk)
-        options = {} if args.lun is None else {"lun": Variant("u", args.lun)}
         if args.lun is not None and args.lun < 0:
             raise UsageError(f"invalid argument: LUN {args.lun} is negative", EXIT_INVALID)
+        options = {} if args.lun is None else {"lun": Variant("u", args.lun)}
         await self.client.call(target, TARGET_INTERFACE, "AddLun", "oa{sv}", [disk, options])
 
     async def lun_remove(self, args: argparse.Namespace) -> None:

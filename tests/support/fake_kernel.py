@@ -20,7 +20,8 @@ from applianced.errors import KernelError
 from applianced.kernel import plan
 from applianced.kernel.model import KernelConfig, KernelTarget, MappedLun, NodeAcl, Session, StorageObject
 
-# Set in the daemon's environment to make the fake refuse one action type (e.g. "AddAcl").
+# Set in the daemon's environment to make the fake refuse one action type ("AddAcl"), or
+# crash on it with an unforeseen exception ("crash:AddAcl").
 FAIL_ENV = "APPLIANCED_FAKE_KERNEL_FAIL"
 
 
@@ -56,8 +57,11 @@ class FakeKernel:
     def apply(self, actions: Sequence[plan.Action]) -> None:
         try:
             for action in actions:
-                if type(action).__name__ == self.fail_on:
-                    raise KernelError(f"injected failure on {type(action).__name__}")
+                kind = type(action).__name__
+                if self.fail_on == kind:
+                    raise KernelError(f"injected failure on {kind}")
+                if self.fail_on == f"crash:{kind}":
+                    raise RuntimeError(f"injected crash on {kind}")
                 self._apply(action)
                 self.applied.append(action)
         finally:

@@ -20,7 +20,9 @@ def random_config(rng: random.Random) -> Config:
         config = config.with_target(
             Target(f"t{t}", f"iqn.2003-01.org.example:t{t}", enabled=rng.random() < 0.8, luns=luns, acls=acls)
         )
-    portals = rng.sample([Portal("10.0.0.1", 3260), Portal("fd00::1", 3260), Portal("10.0.0.1", 3261)], rng.randint(0, 3))
+    portals = rng.sample(
+        [Portal("10.0.0.1", 3260), Portal("fd00::1", 3260), Portal("10.0.0.1", 3261)], rng.randint(0, 3)
+    )
     return Config(config.node_id, config.iqn_prefix, config.disks, config.targets, tuple(portals))
 
 
@@ -48,7 +50,9 @@ def test_identical_configurations_need_no_change():
 
 def test_new_target_is_enabled_last_and_backstores_come_first():
     config = Config(node_id="n").with_disk(Disk("d", "/srv/d.img", 1 << 20, "s"))
-    config = config.with_target(Target("t", "iqn.2003-01.org.example:t", luns=(Lun(0, "d"),), acls=(Acl("iqn.1994-05.com.example:c"),)))
+    config = config.with_target(
+        Target("t", "iqn.2003-01.org.example:t", luns=(Lun(0, "d"),), acls=(Acl("iqn.1994-05.com.example:c"),))
+    )
     actions = p.plan(KernelConfig(), render(config))
     assert isinstance(actions[0], p.CreateStorageObject)
     assert actions[-1] == p.SetTpgEnabled("iqn.2003-01.org.example:t", True)
@@ -60,7 +64,9 @@ def test_new_target_is_enabled_last_and_backstores_come_first():
 def test_replacing_a_backstore_remaps_its_luns():
     disk = Disk("d", "/srv/d.img", 1 << 20, "s")
     config = Config(node_id="n").with_disk(disk)
-    config = config.with_target(Target("t", "iqn.2003-01.org.example:t", luns=(Lun(0, "d"),), acls=(Acl("iqn.1994-05.com.example:c"),)))
+    config = config.with_target(
+        Target("t", "iqn.2003-01.org.example:t", luns=(Lun(0, "d"),), acls=(Acl("iqn.1994-05.com.example:c"),))
+    )
     grown = config.with_disk(Disk("d", "/srv/d.img", 2 << 20, "s"))
     actions = p.plan(render(config), render(grown))
     kinds = [type(a).__name__ for a in actions]

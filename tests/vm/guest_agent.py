@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import os
 import signal
@@ -69,10 +70,8 @@ def _env(extra: dict[str, str] | None) -> dict[str, str]:
 def _kill_group(proc: subprocess.Popen[bytes], sig: int) -> None:
     # Children run in their own session, so the whole tree (e.g. a shell and
     # what it started) is signalled, not just the direct child.
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 class Agent:
@@ -143,7 +142,7 @@ class Agent:
             return
         try:
             result = handler(req)
-        except Exception as exc:  # noqa: BLE001 - every failure goes back to the host
+        except Exception as exc:  # every failure goes back to the host
             self.send({"id": rid, "ok": False, "error": f"{type(exc).__name__}: {exc}"})
             return
         result.update(id=rid, ok=True)
@@ -235,10 +234,8 @@ class Agent:
                 proc.send_signal(sig)
         wait = req.get("wait")
         if wait is not None:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=float(wait))
-            except subprocess.TimeoutExpired:
-                pass
         return {"rc": proc.poll(), "pid": proc.pid}
 
     def op_status(self, req: dict[str, Any]) -> dict[str, Any]:

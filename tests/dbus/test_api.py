@@ -1,0 +1,147 @@
+"""The D-Bus API as clients see it: documented introspection, object tree, errors, options."""
+
+import asyncio
+import xml.etree.ElementTree as ET
+
+import pytest
+from dbus_fast import DBusError, Message, MessageType, Variant
+from dbus_fast.aio import MessageBus
+
+from applianced.constants import BUS_NAME, ROOT_PATH
+from tests.support.daemon import REPO, Daemon
+from tests.support.fake_kernel import FAIL_ENV
+
+DOCUMENTED = REPO / "dbus" / "org.applianced.Appliance1.xml"
+INITIATOR = "iqn.1994-05.com.redhat:client1"
+
+
+async def call(address, path, interface, member, signature="", body=()):
+    bus = await MessageBus(bus_address=address).connect()
+    try:
+        reply = await bus.call(
+            Message(
+                destination=BUS_NAME,
+                path=path,
+                interface=interface,
+                member=member,
+                signature=signature,
+                body=list(body),
+            )
+        )
+    finally:
+        bus.disconnect()
+    if reply.message_type == MessageType.ERROR:
+        raise DBusError(reply.error_name, reply.body[0] if reply.body else "")
+    return reply.body
+
+
+def dbus(address, *args):
+    return asyncio.run(call(address, *args))
+
+
+def interfaces_of(xml_text):
+    """Interface name -> (sorted methods with arg signatures, sorted properties)."""
+    shape = {}
+    for interface in ET.fromstring(xml_text).iter("interface"):
+        name = interface.get("name")
+        if not name.startswith("org.applianced."):
+            continue
+        methods = sorted(
+            (m.get("name"), tuple((a.get("direction", "in"), a.get("type")) for a in m.iter("arg")))
+            for m in interface.iter("method")
+        )
+        properties = sorted((p.get("name"), p.get("type"), p.get("access")) for p in interface.iter("property"))
+        shape[name] = (methods, properties)
+    return shape
+
+
+def populate(daemon):
+    for args in (
+        ("disk", "create", "d1", "64M"),
+        ("target", "create", "t1"),
+        ("portal", "create", "127.0.0.1"),
+        ("lun", "add", "t1", "d1"),
+        ("acl", "add", "t1", INITIATOR),
+    ):
+        assert daemon.cli(*args).returncode == 0, args
+
+
+def test_introspection_matches_the_documented_api(daemon, bus):
+    populate(daemon)
+    (objects,) = dbus(bus.address, ROOT_PATH, "org.freedesktop.DBus.ObjectManager", "GetManagedObjects")
+    live = {}
+    for path in [ROOT_PATH, *objects]:
+        (xml_text,) = dbus(bus.address, path, "org.freedesktop.DBus.Introspectable", "Introspect")
+        live.update(interfaces_of(xml_text))
+    assert live == interfaces_of(DOCUMENTED.read_text())
+
+
+def test_object_tree_uses_stable_escaped_paths(daemon, bus):
+    populate(daemon)
+    (objects,) = dbus(bus.address, ROOT_PATH, "org.freedesktop.DBus.ObjectManager", "GetManagedObjects")
+    # The manager itself is not among the objects it manages (ObjectManager semantics).
+    assert set(objects) == {
+        f"{ROOT_PATH}/disks/d1",
+        f"{ROOT_PATH}/targets/t1",
+        f"{ROOT_PATH}/targets/t1/luns/0",
+        f"{ROOT_PATH}/targets/t1/acls/iqn_2e1994_2d05_2ecom_2eredhat_3aclient1",
+        f"{ROOT_PATH}/portals/127_2e0_2e0_2e1_3a3260",
+    }
+    lun = objects[f"{ROOT_PATH}/targets/t1/luns/0"]["org.applianced.Appliance1.Lun"]
+    assert lun["Disk"].value == f"{ROOT_PATH}/disks/d1"
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"colour": Variant("s", "red")}, "does not take option"),
+        ({"description": Variant("u", 1)}, "must have type 's'"),
+    ],
+)
+def test_options_are_checked(daemon, bus, options, message):
+    with pytest.raises(DBusError) as raised:
+        dbus(bus.address, ROOT_PATH, "org.applianced.Appliance1.Manager", "CreateTarget", "sa{sv}", ["t9", options])
+    assert raised.value.type == "org.applianced.Appliance1.Error.InvalidArgument"
+    assert message in raised.value.text
+    assert daemon.cli("--json", "target", "list").json() == []
+
+
+def test_lun_on_a_path_that_is_not_a_disk_is_invalid(daemon, bus):
+    populate(daemon)
+    with pytest.raises(DBusError) as raised:
+        dbus(
+            bus.address,
+            f"{ROOT_PATH}/targets/t1",
+            "org.applianced.Appliance1.Target",
+            "AddLun",
+            "oa{sv}",
+            [ROOT_PATH, {}],
+        )
+    assert raised.value.type == "org.applianced.Appliance1.Error.InvalidArgument"
+
+
+def test_unexpected_failures_are_named_and_keep_the_traceback_on_the_server(bus, tmp_path):
+    daemon = Daemon(bus.address, tmp_path, {FAIL_ENV: "crash:CreateTarget"})
+    daemon.start()
+    try:
+        with pytest.raises(DBusError) as raised:
+            dbus(bus.address, ROOT_PATH, "org.applianced.Appliance1.Manager", "CreateTarget", "sa{sv}", ["t1", {}])
+        assert raised.value.type == "org.applianced.Appliance1.Error.Failed"
+        assert "Traceback" not in raised.value.text and "injected" not in raised.value.text
+        assert "Traceback" in daemon.log_text() and "injected crash on CreateTarget" in daemon.log_text()
+        # The failure was rolled back: the target is neither listed nor kept in the state.
+        assert daemon.cli("--json", "target", "list").json() == []
+    finally:
+        daemon.stop()
+
+
+def test_other_users_may_read_but_not_change(daemon):
+    populate(daemon)
+    listing = daemon.cli("--json", "disk", "list", user="65534")
+    assert listing.returncode == 0 and [d["name"] for d in listing.json()] == ["d1"]
+    for args in (("disk", "create", "d2", "1M"), ("disk", "delete", "d1"), ("target", "delete", "t1")):
+        refused = daemon.cli(*args, user="65534")
+        assert refused.returncode == 11
+        assert "permission denied" in refused.stderr
+    assert [d["name"] for d in daemon.cli("--json", "disk", "list").json()] == ["d1"]
+    assert [t["name"] for t in daemon.cli("--json", "target", "list").json()] == ["t1"]

@@ -1,0 +1,104 @@
+"""appliancectl against the real daemon: the first slice, output formats, named errors."""
+
+import pytest
+
+INITIATOR = "iqn.1994-05.com.redhat:client1"
+
+
+def test_first_slice_through_the_cli(daemon, tmp_path):
+    backing = tmp_path / "vol.img"
+    assert daemon.cli("disk", "create", "d1", "1.5G", "--path", str(backing), "--description", "db").returncode == 0
+    assert daemon.cli("target", "create", "t1", "--iqn", "IQN.2001-04.com.Example:T1").returncode == 0
+    assert daemon.cli("target", "create", "t2").returncode == 0
+    assert daemon.cli("portal", "create", "127.0.0.1", "--port", "3261").returncode == 0
+    assert daemon.cli("portal", "create", "::1").returncode == 0
+    assert daemon.cli("lun", "add", "t1", "d1", "--lun", "3").returncode == 0
+    assert daemon.cli("acl", "add", "t1", INITIATOR).returncode == 0
+
+    disks = daemon.cli("--json", "disk", "list").json()
+    assert disks[0] | {"serial": None} == {
+        "name": "d1",
+        "size": 1536 * 1024**2,
+        "path": str(backing),
+        "serial": None,
+        "description": "db",
+    }
+    assert backing.stat().st_size == 1536 * 1024**2
+    targets = {t["name"]: t for t in daemon.cli("--json", "target", "list").json()}
+    assert targets["t1"]["iqn"] == "iqn.2001-04.com.example:t1"
+    assert targets["t2"]["iqn"] == "iqn.2003-01.org.linux-iscsi.applianced:t2"
+    assert (targets["t1"]["luns"], targets["t1"]["acls"]) == (1, 1)
+    assert daemon.cli("--json", "lun", "list", "t1").json() == [{"target": "t1", "lun": 3, "disk": "d1"}]
+    assert daemon.cli("--json", "acl", "list").json() == [{"target": "t1", "initiator": INITIATOR}]
+    assert sorted((p["address"], p["port"]) for p in daemon.cli("--json", "portal", "list").json()) == [
+        ("127.0.0.1", 3261),
+        ("::1", 3260),
+    ]
+
+    table = daemon.cli("disk", "list").stdout.splitlines()
+    assert table[0].split() == ["NAME", "SIZE", "PATH", "SERIAL", "DESCRIPTION"]
+    assert table[1].split()[:3] == ["d1", "1.50", "GiB"]
+
+    for args in (
+        ("acl", "remove", "t1", INITIATOR),
+        ("lun", "remove", "t1", "3"),
+        ("target", "delete", "t1"),
+        ("portal", "delete", "[::1]"),
+        ("disk", "delete", "d1"),
+    ):
+        assert daemon.cli(*args).returncode == 0, args
+    assert daemon.cli("--json", "disk", "list").json() == []
+    assert backing.exists(), "deleting a disk keeps its file unless asked"
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "sentence"),
+    [
+        (("disk", "create", "d1", "64M"), 4, "already exists: disk 'd1' exists already"),
+        (("disk", "create", "d2", "lots"), 5, "invalid argument: size 'lots' is not a number"),
+        (("disk", "create", "d2", "100K"), 5, "invalid argument: size 102400 is out of range"),
+        (("disk", "create", "bad/name", "1M"), 5, "invalid argument: disk name 'bad/name' is invalid"),
+        (("disk", "create", "d2", "1M", "--path", "rel.img"), 5, "must be absolute"),
+        (("disk", "delete", "d1"), 6, "busy: disk 'd1' is exported by target(s) t1"),
+        (("disk", "delete", "nope"), 3, "not found: disk 'nope' does not exist"),
+        (("target", "create", "t2", "--iqn", "iqn.20-01.x"), 5, "invalid argument: target IQN 'iqn.20-01.x'"),
+        (("target", "create", "t1"), 4, "already exists: target 't1' exists already"),
+        (("acl", "add", "t1", "client1"), 5, "must start with 'iqn.', 'eui.' or 'naa.'"),
+        (("acl", "add", "t1", INITIATOR), 4, "is already allowed on target 't1'"),
+        (("lun", "add", "t1", "d1"), 6, "busy: disk 'd1' is already exported"),
+        (("lun", "add", "t1", "d1", "--lun", "-1"), 5, "invalid argument: LUN -1 is negative"),
+        (("lun", "remove", "t1", "9"), 3, "not found: LUN"),
+        (("portal", "create", "198.51.100.7"), 5, "is not configured on any interface of this node"),
+        (("portal", "create", "127.0.0.1", "--port", "70000"), 5, "port 70000 is out of range"),
+        (("portal", "create", "localhost"), 5, "'localhost' is not an IPv4 or IPv6 address"),
+        (("portal", "create", "127.0.0.1"), 4, "already exists: portal 127.0.0.1:3260"),
+    ],
+)
+def test_named_errors_are_one_sentence_and_change_nothing(daemon, args, code, sentence):
+    for setup in (
+        ("disk", "create", "d1", "64M"),
+        ("target", "create", "t1"),
+        ("lun", "add", "t1", "d1"),
+        ("acl", "add", "t1", INITIATOR),
+        ("portal", "create", "127.0.0.1"),
+    ):
+        assert daemon.cli(*setup).returncode == 0
+    state = (daemon.state_dir / "state.json").read_bytes()
+    kernel = daemon.kernel_file.read_bytes()
+    files = sorted(daemon.state_dir.rglob("*"))
+
+    result = daemon.cli(*args)
+    assert result.returncode == code
+    assert sentence in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.stderr
+    assert (daemon.state_dir / "state.json").read_bytes() == state
+    assert daemon.kernel_file.read_bytes() == kernel
+    assert sorted(daemon.state_dir.rglob("*")) == files
+
+
+def test_cli_says_when_the_daemon_is_not_running(daemon):
+    daemon.stop()
+    result = daemon.cli("disk", "list")
+    assert result.returncode == 12
+    assert "applianced is not running" in result.stderr

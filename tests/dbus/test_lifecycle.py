@@ -1,0 +1,100 @@
+"""Daemon life cycle: restart without touching the kernel, restore after a reboot, reload."""
+
+import json
+import signal
+import stat
+
+from applianced.constants import BUS_NAME
+
+INITIATOR = "iqn.1994-05.com.redhat:client1"
+
+
+def configure(daemon):
+    for args in (
+        ("disk", "create", "d1", "64M"),
+        ("target", "create", "t1"),
+        ("portal", "create", "127.0.0.1"),
+        ("lun", "add", "t1", "d1"),
+        ("acl", "add", "t1", INITIATOR),
+    ):
+        assert daemon.cli(*args).returncode == 0, args
+
+
+def test_sigterm_stops_cleanly_and_leaves_the_kernel_alone(daemon):
+    configure(daemon)
+    kernel = daemon.kernel_file.read_bytes()
+    assert daemon.stop(signal.SIGTERM) == 0
+    assert daemon.kernel_file.read_bytes() == kernel
+
+
+def test_restart_over_an_intact_kernel_makes_no_change(daemon):
+    configure(daemon)
+    daemon.stop()
+    changes = len(daemon.kernel_log)
+    daemon.start()
+    assert len(daemon.kernel_log) == changes
+    assert "reconciled at start-up with 0 change(s)" in daemon.log_text()
+    assert [t["name"] for t in daemon.cli("--json", "target", "list").json()] == ["t1"]
+
+
+def test_start_after_reboot_restores_everything(daemon):
+    configure(daemon)
+    daemon.stop()
+    kernel = json.loads(daemon.kernel_file.read_text())
+    daemon.kernel_file.unlink()  # what a reboot does to LIO
+    daemon.start()
+    assert json.loads(daemon.kernel_file.read_text()) == kernel
+    assert daemon.cli("--json", "lun", "list").json() == [{"target": "t1", "lun": 0, "disk": "d1"}]
+
+
+def test_state_file_is_private_and_versioned(daemon):
+    configure(daemon)
+    path = daemon.state_dir / "state.json"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    data = json.loads(path.read_text())
+    assert data["version"] == 1
+    assert [t["name"] for t in data["targets"]] == ["t1"]
+
+
+def test_sighup_reloads_an_edited_state_file(daemon):
+    configure(daemon)
+    path = daemon.state_dir / "state.json"
+    data = json.loads(path.read_text())
+    data["targets"][0]["acls"] = []
+    path.write_text(json.dumps(data))
+    daemon.signal(signal.SIGHUP)
+    _wait_for(lambda: daemon.cli("--json", "acl", "list").json() == [])
+    assert INITIATOR not in daemon.kernel_file.read_text()
+
+
+def test_sighup_with_a_broken_file_keeps_the_running_configuration(daemon):
+    configure(daemon)
+    kernel = daemon.kernel_file.read_bytes()
+    (daemon.state_dir / "state.json").write_text("{ not json")
+    daemon.signal(signal.SIGHUP)
+    _wait_for(lambda: "reload failed" in daemon.log_text())
+    assert daemon.kernel_file.read_bytes() == kernel
+    assert daemon.cli("--json", "acl", "list").json() == [{"target": "t1", "initiator": INITIATOR}]
+
+
+def test_second_daemon_on_the_same_bus_refuses_to_start(daemon, bus, tmp_path):
+    from tests.support.daemon import Daemon
+
+    second = Daemon(bus.address, tmp_path / "second")
+    (tmp_path / "second").mkdir()
+    try:
+        second.start(timeout=10)
+    except RuntimeError as exc:
+        assert f"{BUS_NAME} is owned by another process" in str(exc)
+    else:
+        second.stop()
+        raise AssertionError("a second daemon took over the bus name")
+
+
+def _wait_for(condition, timeout=10.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.1)
