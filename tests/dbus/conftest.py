@@ -1,19 +1,8 @@
-"""Fixtures of the D-Bus tier: a private bus with the shipped policy and a running daemon."""
+"""Fixtures of the D-Bus tier: a running daemon (in-memory kernel) on the private bus."""
 
 import pytest
 
-from tests.support.daemon import REPO, Daemon
-from tests.support.private_bus import PrivateBus
-
-POLICY = REPO / "dbus" / "org.applianced.Appliance1.conf"
-
-
-@pytest.fixture
-def bus():
-    private = PrivateBus(POLICY)
-    private.start()
-    yield private
-    private.stop()
+from tests.support.daemon import Daemon
 
 
 @pytest.fixture

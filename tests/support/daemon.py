@@ -33,12 +33,20 @@ class Result:
 class Daemon:
     """One node: a state directory and a kernel file that survive daemon restarts."""
 
-    def __init__(self, bus_address: str, directory: Path, extra_env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        bus_address: str,
+        directory: Path,
+        extra_env: dict[str, str] | None = None,
+        exec_prefix: list[str] | None = None,
+    ) -> None:
         self.bus_address = bus_address
         self.state_dir = directory / "state"
         self.kernel_file = directory / "kernel.json"
         self.log_file = directory / "applianced.log"
         self.extra_env = extra_env or {}
+        # e.g. ["ip", "netns", "exec", NAME]: run the daemon inside a test's namespace.
+        self.exec_prefix = exec_prefix or []
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -57,6 +65,7 @@ class Daemon:
             log = self.log_file.open("ab")
             self.process = subprocess.Popen(
                 [
+                    *self.exec_prefix,
                     sys.executable,
                     "-m",
                     "tests.support.run_daemon",
