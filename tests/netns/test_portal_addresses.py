@@ -32,7 +32,8 @@ def node_and_peer():
 
 def test_local_addresses_are_read_from_the_namespace(node_and_peer):
     node, _ = node_and_peer
-    probe = node.run(sys.executable, "-c", "import json, applianced.network as n; print(json.dumps(sorted(n.local_addresses())))")
+    script = "import json, applianced.network as n; print(json.dumps(sorted(n.local_addresses())))"
+    probe = node.run(sys.executable, "-c", script)
     assert probe.returncode == 0, probe.stderr
     addresses = set(json.loads(probe.stdout))
     assert {NODE_V4, NODE_V6, "127.0.0.1", "::1"} <= addresses
