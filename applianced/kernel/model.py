@@ -13,11 +13,14 @@ from dataclasses import dataclass, field
 from applianced.state import Config
 
 # TPG attributes applianced pins on every target. ``authentication`` must be explicit
-# (logins fail otherwise); generate_node_acls=0 makes the ACL list the only way in, and
-# demo_mode_write_protect=1 keeps a stray demo-mode login read-only.
+# (logins fail otherwise); generate_node_acls=0 makes the ACL list the only way in;
+# demo_mode_discovery=0 hides the target from SendTargets discovery by initiators that
+# are not in it (LIO's default lists every target to everyone); demo_mode_write_protect=1
+# keeps a stray demo-mode login read-only.
 TPG_ATTRIBUTES: Mapping[str, str] = {
     "authentication": "0",
     "generate_node_acls": "0",
+    "demo_mode_discovery": "0",
     "demo_mode_write_protect": "1",
     "cache_dynamic_acls": "0",
 }

@@ -77,9 +77,10 @@ def _kill_group(proc: subprocess.Popen[bytes], sig: int) -> None:
 class Agent:
     """Serves requests read from one virtio-serial port."""
 
-    def __init__(self, port: str, log_dir: str) -> None:
+    def __init__(self, port: str, log_dir: str, orphan_timeout: float) -> None:
         self.port = port
         self.log_dir = log_dir
+        self.orphan_timeout = orphan_timeout
         self.fd = -1
         self.write_lock = threading.Lock()
         self.procs_lock = threading.Lock()
@@ -107,6 +108,8 @@ class Agent:
         self.fd = os.open(self.port, os.O_RDWR)
         _log(f"serving on {self.port}")
         buf = b""
+        served = False
+        lost_since: float | None = None
         while True:
             try:
                 chunk = os.read(self.fd, 1 << 16)
@@ -116,8 +119,17 @@ class Agent:
                 # virtio-serial returns EOF while no host client is connected;
                 # drop any half line so a reconnecting host starts clean.
                 buf = b""
+                now = time.monotonic()
+                lost_since = lost_since or now
+                if served and now - lost_since > self.orphan_timeout:
+                    # The host process died without stopping us (SIGKILL, CI
+                    # timeout): power off rather than run forever as an orphan.
+                    _log(f"host gone for {self.orphan_timeout:.0f}s, powering off")
+                    os._exit(1)
                 time.sleep(0.05)
                 continue
+            served = True
+            lost_since = None
             buf += chunk
             while b"\n" in buf:
                 line, buf = buf.split(b"\n", 1)
@@ -276,8 +288,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", required=True, help="virtio-serial device to serve")
     parser.add_argument("--log-dir", default="/tmp", help="default directory for spawn logs")
+    parser.add_argument(
+        "--orphan-timeout", type=float, default=30.0, help="power off after the host is gone this many seconds"
+    )
     args = parser.parse_args()
-    agent = Agent(args.port, args.log_dir)
+    agent = Agent(args.port, args.log_dir, args.orphan_timeout)
     agent.serve()
     return 0
 

@@ -252,6 +252,15 @@ def _ip(*args: str) -> None:
         raise HarnessError(f"ip {' '.join(args)} failed: {proc.stderr.strip()}")
 
 
+def _remove_stale_socket_dirs() -> None:
+    # A test process killed before its teardown leaves its socket directory;
+    # the pid in the name tells whether the owner is gone.
+    for path in Path(tempfile.gettempdir()).glob("vmh-*-*"):
+        pid = path.name.split("-")[1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(path, ignore_errors=True)
+
+
 class Lab:
     """A private network for guests: one network namespace with bridges in it.
 
@@ -398,6 +407,7 @@ class Guest:
         kernel: Path | str | None = None,
         boot_timeout: float = _DEFAULT_BOOT_TIMEOUT_S,
         python: Path | str | None = None,
+        rwdirs: Mapping[str, Path | str] | None = None,
         extra_vng_args: Sequence[str] = (),
     ) -> None:
         if not re.fullmatch(r"[A-Za-z0-9-]{1,40}", name):
@@ -419,6 +429,9 @@ class Guest:
         # The agent is stdlib-only; the Python running the tests is certainly
         # on the shared root, so the guest can run it too.
         self.python = Path(python) if python else Path(sys.executable)
+        # Guest path -> host directory, shared writable: state that must
+        # survive a guest's reboot (e.g. /var/lib/applianced of a "node").
+        self.rwdirs = {guest: Path(host).resolve() for guest, host in (rwdirs or {}).items()}
         self.extra_vng_args = list(extra_vng_args)
 
         self.boot_seconds: float | None = None
@@ -573,6 +586,7 @@ class Guest:
             str(self.cpus),
             "--rwdir",
             f"{GUEST_SHARED_DIR}={self.shared_dir}",
+            *[f"--rwdir={guest}={host}" for guest, host in self.rwdirs.items()],
             *self.extra_vng_args,
             f"--exec={agent_cmd}",
             # "=" form: the value starts with "-", which argparse would take
@@ -590,6 +604,10 @@ class Guest:
             raise HarnessError(f"guest {self.name} already launched")
         check_platform(need_network=bool(self.nics))
         _check_safe_path(self.log_dir, "log directory")
+        for guest_path, host_path in self.rwdirs.items():
+            _check_safe_path(Path(guest_path), "guest directory")
+            _check_safe_path(host_path, "shared directory")
+            host_path.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         (self.shared_dir / "logs").mkdir(parents=True, exist_ok=True)
         self._active = True
@@ -603,7 +621,8 @@ class Guest:
     def _launch(self) -> None:
         self._harness_log = open(self.harness_log, "a", encoding="utf-8")  # noqa: SIM115
         # AF_UNIX paths are limited to 108 bytes; log dirs can be deep.
-        self._sock_dir = Path(tempfile.mkdtemp(prefix="vmh-"))
+        _remove_stale_socket_dirs()
+        self._sock_dir = Path(tempfile.mkdtemp(prefix=f"vmh-{os.getpid()}-"))
         if self.lab is not None:
             self.lab.attach(self)
         argv = self.command_line()
@@ -658,8 +677,21 @@ class Guest:
         return self
 
     def _fail(self, msg: str) -> GuestError:
+        proc = self._proc
+        state = "not running"
+        if proc is not None:
+            if self._closed_reason is not None:
+                # The channel drops a moment before QEMU exits: let it finish
+                # so the message carries the exit status and the last console
+                # lines (often the reason, e.g. a kernel panic).
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=5)
+            rc = proc.poll()
+            state = "QEMU still running" if rc is None else f"QEMU exited with status {rc}"
+            if rc is not None and self._console_thread is not None:
+                self._console_thread.join(timeout=5)
         return GuestError(
-            f"guest {self.name}: {msg}\nconsole log: {self.console_log}\n"
+            f"guest {self.name}: {msg} ({state})\nconsole log: {self.console_log}\n"
             f"--- console tail ---\n{_tail(self.console_output(), 3000)}"
         )
 
@@ -1021,15 +1053,18 @@ class Guest:
     # -- applianced prerequisites -----------------------------------------
 
     def setup_storage(self, modules: Iterable[str] = LIO_MODULES) -> None:
-        """Load LIO, mount configfs, make /etc/target and /var/lib/applianced.
+        """Load LIO, mount configfs, give /etc/target and /var/lib/applianced.
 
-        Both directories sit on virtme-ng's tmpfs-backed overlays of /etc and
-        /var, so writing them never reaches the host.
+        Each directory gets a fresh tmpfs unless something (an ``rwdirs``
+        share) is mounted there already: the guest's /etc and /var overlays
+        would otherwise show whatever the host has in those paths. Safe to call
+        again.
         """
         self.run(["modprobe", "-a", *modules])
         self.run("mountpoint -q /sys/kernel/config || mount -t configfs configfs /sys/kernel/config")
         self.run("test -d /sys/kernel/config/target")
-        self.run("mkdir -p /etc/target /var/lib/applianced && chmod 0700 /var/lib/applianced")
+        for path in ("/etc/target", "/var/lib/applianced"):
+            self.run(f"mkdir -p {path} && (mountpoint -q {path} || mount -t tmpfs -o mode=0700 tmpfs {path})")
 
     def start_dbus(self, policy_files: Iterable[Path | str] | None = None) -> None:
         """Start a system dbus-daemon with our bus policy installed.

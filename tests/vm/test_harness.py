@@ -211,14 +211,21 @@ def test_dbus_and_iscsi_prerequisites(node_a: Guest, tmp_path: Path) -> None:
     assert node_a.kill("iscsid") is not None
 
 
-def test_two_guests_talk_over_lab_bridges(node_a: Guest, guest_factory, module_lab: Lab) -> None:
+def test_two_guests_talk_over_lab_bridges(node_a: Guest, guest_factory, module_lab: Lab, tmp_path: Path) -> None:
+    state = tmp_path / "node-b-state"
     node_b = guest_factory(
         "node-b",
         lab=module_lab,
         nics=[Nic("lan", f"{NODE_B_LAN}/24"), Nic("hb", f"{NODE_B_HB}/24")],
+        rwdirs={"/var/lib/applianced": state},
     )
     print(f"second boot: {node_b.boot_seconds:.1f}s")
-    # busybox ping: iputils-ping is not installed on these machines.
+    # A state directory shared from the host survives the guest (node reboots).
+    node_b.setup_storage()
+    node_b.run("echo kept > /var/lib/applianced/state.json")
+    assert (state / "state.json").read_text() == "kept\n"
+
+    # busybox ping: busybox-static is required anyway, iputils-ping may be absent.
     for src, dst in ((node_a, NODE_B_LAN), (node_b, NODE_A_LAN), (node_a, NODE_B_HB), (node_b, NODE_A_HB)):
         result = src.run(f"busybox ping -c 3 -W 2 -i 0.3 {dst}", timeout=30, check=False)
         assert result.rc == 0, result.describe()

@@ -1,0 +1,79 @@
+"""applianced inside a guest: start, stop, CLI, and what a node's kernel holds.
+
+A node is a ``Guest`` with LIO loaded, a system dbus-daemon carrying our policy, the
+udev rule installed, and applianced started from the checkout's virtual environment, as
+systemd would start it (its state in /var/lib/applianced, which lives in guest RAM).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import signal
+
+from tests.vm.harness import REPO_ROOT, Completed, Guest
+
+VENV_BIN = REPO_ROOT / ".venv" / "bin"
+UDEV_RULE = REPO_ROOT / "udev" / "70-applianced-lio-serial.rules"
+DAEMON = "applianced"
+
+
+class ApplianceNode:
+    def __init__(self, guest: Guest) -> None:
+        self.guest = guest
+
+    def prepare(self, initiator_name: str | None = None) -> ApplianceNode:
+        """Load LIO, start the system bus, install the udev rule, and iscsid if asked."""
+        self.guest.setup_storage()
+        self.guest.start_dbus()
+        self.guest.write_file(f"/etc/udev/rules.d/{UDEV_RULE.name}", UDEV_RULE.read_bytes(), mode=0o644)
+        self.guest.run("udevadm control --reload || true")
+        if initiator_name:
+            self.guest.start_iscsid(initiator_name)
+        return self
+
+    def start(self) -> None:
+        self.guest.spawn(DAEMON, [str(VENV_BIN / "python"), "-m", "applianced"], cwd="/")
+        self.guest.wait_until(f"{VENV_BIN / 'appliancectl'} status", timeout=120)
+
+    def stop(self, sig: int = signal.SIGTERM) -> int | None:
+        return self.guest.kill(DAEMON, sig, timeout=30)
+
+    def log(self) -> str:
+        return self.guest.spawn_log(DAEMON)
+
+    def ctl(self, *args: str, check: bool = True) -> Completed:
+        return self.guest.run([str(VENV_BIN / "appliancectl"), *args], check=check, timeout=120)
+
+    def ctl_json(self, *args: str) -> list[dict]:
+        return json.loads(self.ctl("--json", *args).stdout)
+
+    def lio_targets(self) -> list[str]:
+        """Target IQNs in configfs, read directly from the kernel."""
+        out = self.guest.run("ls /sys/kernel/config/target/iscsi 2>/dev/null | grep -E '^(iqn|eui|naa)\\.' || true")
+        return out.stdout.split()
+
+    def wipe_lio(self) -> None:
+        """Clear the whole LIO configuration, as a reboot does (Debian's targetctl)."""
+        self.guest.run("targetctl clear", timeout=120)
+
+    # -- initiator side (open-iscsi in the same guest) -----------------------------------
+
+    def discover(self, portal: str) -> list[str]:
+        out = self.guest.run(["iscsiadm", "-m", "discovery", "-t", "sendtargets", "-p", portal], check=False)
+        return [line.split()[-1] for line in out.stdout.splitlines() if line.strip()]
+
+    def login(self, iqn: str, portal: str) -> None:
+        self.guest.run(["iscsiadm", "-m", "node", "-T", iqn, "-p", portal, "--login"], timeout=120)
+
+    def logout(self, iqn: str, portal: str) -> None:
+        self.guest.run(["iscsiadm", "-m", "node", "-T", iqn, "-p", portal, "--logout"], timeout=120)
+
+    def session_states(self) -> str:
+        return self.guest.run("iscsiadm -m session -P 1 2>/dev/null || true").stdout
+
+    def device_for_serial(self, serial: str, timeout: float = 60) -> str:
+        """The initiator's block device of a LUN, found by the udev rule's stable name."""
+        link = f"/dev/disk/by-lio-serial/{serial}"
+        self.guest.wait_until(f"test -b {shlex.quote(link)}", timeout=timeout)
+        return self.guest.run(["readlink", "-f", link]).stdout.strip()
