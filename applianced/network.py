@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import ipaddress
 
-from pyroute2 import IPRoute
-
 
 def local_addresses() -> set[str]:
     """Every IPv4 and IPv6 address configured on this network namespace, canonical form."""
+    # Imported here: pyroute2 is half of the daemon's import time (seconds in a TCG guest)
+    # and only portal changes need it, so it must not delay every daemon start.
+    from pyroute2 import IPRoute
+
     with IPRoute() as ipr:
         return {
             str(ipaddress.ip_address(message.get("IFA_ADDRESS")))

@@ -13,7 +13,7 @@ from dbus_fast import DBusError, Variant
 
 from applianced import __version__
 from applianced.cli.client import Client
-from applianced.cli.messages import UsageError, describe
+from applianced.cli.messages import NO_BUS, UsageError, describe
 from applianced.constants import (
     ACL_INTERFACE,
     DISK_INTERFACE,
@@ -301,8 +301,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"appliancectl: {error}", file=sys.stderr)
         return error.exit_code
     except (FileNotFoundError, ConnectionRefusedError):
-        print("appliancectl: cannot reach the system D-Bus; is dbus running?", file=sys.stderr)
-        return 12
+        message, code = NO_BUS
+        print(f"appliancectl: {message}", file=sys.stderr)
+        return code
     if rows is not None:
         print(json.dumps(rows, indent=2) if args.json else render_table(rows))
     return 0

@@ -46,6 +46,10 @@ def describe(error: DBusError) -> tuple[str, int]:
     return f"{prefix}: {error.text}", EXIT_CODES[name]
 
 
+# The system bus itself cannot be reached (no socket, or nobody listening on it).
+NO_BUS = ("cannot reach the system D-Bus; is dbus running?", 12)
+
+
 class UsageError(Exception):
     """A CLI-side mistake (e.g. a name that resolves to nothing); exit code 3 or 5."""
 

@@ -4,35 +4,23 @@ import asyncio
 import xml.etree.ElementTree as ET
 
 import pytest
-from dbus_fast import DBusError, Message, MessageType, Variant
+from dbus_fast import DBusError, Variant
 from dbus_fast.aio import MessageBus
 
-from applianced.constants import BUS_NAME, ROOT_PATH
+from applianced.cli.client import Client
+from applianced.constants import ROOT_PATH
 from tests.support.daemon import REPO, Daemon
 from tests.support.fake_kernel import FAIL_ENV
 
 DOCUMENTED = REPO / "dbus" / "org.applianced.Appliance1.xml"
-INITIATOR = "iqn.1994-05.com.redhat:client1"
 
 
-async def call(address, path, interface, member, signature="", body=()):
-    bus = await MessageBus(bus_address=address).connect()
+async def call(address, *args):
+    client = Client(await MessageBus(bus_address=address).connect())
     try:
-        reply = await bus.call(
-            Message(
-                destination=BUS_NAME,
-                path=path,
-                interface=interface,
-                member=member,
-                signature=signature,
-                body=list(body),
-            )
-        )
+        return await client.call(*args)
     finally:
-        bus.disconnect()
-    if reply.message_type == MessageType.ERROR:
-        raise DBusError(reply.error_name, reply.body[0] if reply.body else "")
-    return reply.body
+        client.close()
 
 
 def dbus(address, *args):
@@ -55,19 +43,8 @@ def interfaces_of(xml_text):
     return shape
 
 
-def populate(daemon):
-    for args in (
-        ("disk", "create", "d1", "64M"),
-        ("target", "create", "t1"),
-        ("portal", "create", "127.0.0.1"),
-        ("lun", "add", "t1", "d1"),
-        ("acl", "add", "t1", INITIATOR),
-    ):
-        assert daemon.cli(*args).returncode == 0, args
-
-
 def test_introspection_matches_the_documented_api(daemon, bus):
-    populate(daemon)
+    daemon.configure_first_slice()
     (objects,) = dbus(bus.address, ROOT_PATH, "org.freedesktop.DBus.ObjectManager", "GetManagedObjects")
     live = {}
     for path in [ROOT_PATH, *objects]:
@@ -77,7 +54,7 @@ def test_introspection_matches_the_documented_api(daemon, bus):
 
 
 def test_object_tree_uses_stable_escaped_paths(daemon, bus):
-    populate(daemon)
+    daemon.configure_first_slice()
     (objects,) = dbus(bus.address, ROOT_PATH, "org.freedesktop.DBus.ObjectManager", "GetManagedObjects")
     # The manager itself is not among the objects it manages (ObjectManager semantics).
     assert set(objects) == {
@@ -107,7 +84,7 @@ def test_options_are_checked(daemon, bus, options, message):
 
 
 def test_lun_on_a_path_that_is_not_a_disk_is_invalid(daemon, bus):
-    populate(daemon)
+    daemon.configure_first_slice()
     with pytest.raises(DBusError) as raised:
         dbus(
             bus.address,
@@ -136,7 +113,7 @@ def test_unexpected_failures_are_named_and_keep_the_traceback_on_the_server(bus,
 
 
 def test_other_users_may_read_but_not_change(daemon):
-    populate(daemon)
+    daemon.configure_first_slice()
     listing = daemon.cli("--json", "disk", "list", user="65534")
     assert listing.returncode == 0 and [d["name"] for d in listing.json()] == ["d1"]
     for args in (("disk", "create", "d2", "1M"), ("disk", "delete", "d1"), ("target", "delete", "t1")):

@@ -2,7 +2,7 @@
 
 import pytest
 
-INITIATOR = "iqn.1994-05.com.redhat:client1"
+from tests.support.daemon import INITIATOR
 
 
 def test_first_slice_through_the_cli(daemon, tmp_path):
@@ -75,14 +75,7 @@ def test_first_slice_through_the_cli(daemon, tmp_path):
     ],
 )
 def test_named_errors_are_one_sentence_and_change_nothing(daemon, args, code, sentence):
-    for setup in (
-        ("disk", "create", "d1", "64M"),
-        ("target", "create", "t1"),
-        ("lun", "add", "t1", "d1"),
-        ("acl", "add", "t1", INITIATOR),
-        ("portal", "create", "127.0.0.1"),
-    ):
-        assert daemon.cli(*setup).returncode == 0
+    daemon.configure_first_slice()
     state = (daemon.state_dir / "state.json").read_bytes()
     kernel = daemon.kernel_file.read_bytes()
     files = sorted(daemon.state_dir.rglob("*"))

@@ -5,30 +5,18 @@ import signal
 import stat
 
 from applianced.constants import BUS_NAME
-
-INITIATOR = "iqn.1994-05.com.redhat:client1"
-
-
-def configure(daemon):
-    for args in (
-        ("disk", "create", "d1", "64M"),
-        ("target", "create", "t1"),
-        ("portal", "create", "127.0.0.1"),
-        ("lun", "add", "t1", "d1"),
-        ("acl", "add", "t1", INITIATOR),
-    ):
-        assert daemon.cli(*args).returncode == 0, args
+from tests.support.daemon import INITIATOR, Daemon
 
 
 def test_sigterm_stops_cleanly_and_leaves_the_kernel_alone(daemon):
-    configure(daemon)
+    daemon.configure_first_slice()
     kernel = daemon.kernel_file.read_bytes()
     assert daemon.stop(signal.SIGTERM) == 0
     assert daemon.kernel_file.read_bytes() == kernel
 
 
 def test_restart_over_an_intact_kernel_makes_no_change(daemon):
-    configure(daemon)
+    daemon.configure_first_slice()
     daemon.stop()
     changes = len(daemon.kernel_log)
     daemon.start()
@@ -38,7 +26,7 @@ def test_restart_over_an_intact_kernel_makes_no_change(daemon):
 
 
 def test_start_after_reboot_restores_everything(daemon):
-    configure(daemon)
+    daemon.configure_first_slice()
     daemon.stop()
     kernel = json.loads(daemon.kernel_file.read_text())
     daemon.kernel_file.unlink()  # what a reboot does to LIO
@@ -48,7 +36,7 @@ def test_start_after_reboot_restores_everything(daemon):
 
 
 def test_state_file_is_private_and_versioned(daemon):
-    configure(daemon)
+    daemon.configure_first_slice()
     path = daemon.state_dir / "state.json"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     data = json.loads(path.read_text())
@@ -57,7 +45,7 @@ def test_state_file_is_private_and_versioned(daemon):
 
 
 def test_sighup_reloads_an_edited_state_file(daemon):
-    configure(daemon)
+    daemon.configure_first_slice()
     path = daemon.state_dir / "state.json"
     data = json.loads(path.read_text())
     data["targets"][0]["acls"] = []
@@ -68,7 +56,7 @@ def test_sighup_reloads_an_edited_state_file(daemon):
 
 
 def test_sighup_with_a_broken_file_keeps_the_running_configuration(daemon):
-    configure(daemon)
+    daemon.configure_first_slice()
     kernel = daemon.kernel_file.read_bytes()
     (daemon.state_dir / "state.json").write_text("{ not json")
     daemon.signal(signal.SIGHUP)
@@ -78,8 +66,6 @@ def test_sighup_with_a_broken_file_keeps_the_running_configuration(daemon):
 
 
 def test_second_daemon_on_the_same_bus_refuses_to_start(daemon, bus, tmp_path):
-    from tests.support.daemon import Daemon
-
     second = Daemon(bus.address, tmp_path / "second")
     (tmp_path / "second").mkdir()
     try:

@@ -18,6 +18,15 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 CLI = Path(sys.executable).parent / "appliancectl"
+INITIATOR = "iqn.1994-05.com.redhat:client1"
+# The first slice of a node's configuration, as appliancectl commands.
+FIRST_SLICE = (
+    ("disk", "create", "d1", "64M"),
+    ("target", "create", "t1"),
+    ("portal", "create", "127.0.0.1"),
+    ("lun", "add", "t1", "d1"),
+    ("acl", "add", "t1", INITIATOR),
+)
 
 
 @dataclass
@@ -98,6 +107,11 @@ class Daemon:
 
     def log_text(self) -> str:
         return self.log_file.read_text() if self.log_file.exists() else ""
+
+    def configure_first_slice(self) -> None:
+        for args in FIRST_SLICE:
+            result = self.cli(*args)
+            assert result.returncode == 0, (args, result.stderr)
 
     def cli(self, *args: str, user: str | None = None) -> Result:
         command = [str(CLI), *args]
