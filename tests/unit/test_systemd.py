@@ -59,9 +59,7 @@ def test_journal_records_carry_the_structured_fields(datagram_socket, monkeypatc
     handler = systemd.JournalHandler("applianced")
     logger.addHandler(handler)
     try:
-        logger.warning(
-            "created\nsecond line", extra={"OPERATION": "create-target", "OBJECT": "t1", "OUTCOME": "ok"}
-        )
+        logger.warning("created\nsecond line", extra={"OPERATION": "create-target", "OBJECT": "t1", "OUTCOME": "ok"})
     finally:
         logger.removeHandler(handler)
     fields = parse_native(sock.recv(65536))
