@@ -36,6 +36,7 @@ MIN_DISK_SIZE = 1024 * 1024
 MAX_DISK_SIZE = 2**63 - SECTOR_SIZE
 MAX_LUN = 255
 MAX_DESCRIPTION = 256
+MAX_ALIAS_BYTES = 255
 
 
 class Kernel(Protocol):
@@ -211,7 +212,7 @@ class Appliance:
 
     # -- targets ---------------------------------------------------------------------------
 
-    async def create_target(self, name: str, iqn: str = "", description: str = "") -> Target:
+    async def create_target(self, name: str, iqn: str = "", description: str = "", alias: str = "") -> Target:
         async with self._lock:
             names.validate_object_name("target", name)
             if name in self.config.targets:
@@ -223,7 +224,7 @@ class Appliance:
             holder = next((t.name for t in self.config.targets.values() if t.iqn == iqn), None)
             if holder is not None:
                 raise AlreadyExists(f"IQN {iqn} is already used by target {holder!r}")
-            target = Target(name=name, iqn=iqn, description=_check_description(description))
+            target = Target(name=name, iqn=iqn, description=_check_description(description), alias=_check_alias(alias))
             await self._commit("create-target", name, self.config.with_target(target))
             return target
 
@@ -233,6 +234,41 @@ class Appliance:
             if not force:
                 await self._refuse_if_sessions(target, "deleting it")
             await self._commit("delete-target", name, self.config.without_target(name))
+
+    async def modify_target(
+        self,
+        name: str,
+        *,
+        description: str | None = None,
+        alias: str | None = None,
+        enabled: bool | None = None,
+        iqn: str | None = None,
+        force: bool = False,
+    ) -> Target:
+        """Change a target's settings in one commit; disruptive changes need ``force``."""
+        async with self._lock:
+            target = self._target(name)
+            changes: dict[str, object] = {}
+            if description is not None:
+                changes["description"] = _check_description(description)
+            if alias is not None:
+                changes["alias"] = _check_alias(alias)
+            if enabled is not None:
+                changes["enabled"] = enabled
+            if iqn is not None:
+                iqn = names.normalize_iscsi_name(iqn, "target IQN")
+                holder = next((t.name for t in self.config.targets.values() if t.iqn == iqn and t.name != name), None)
+                if holder is not None:
+                    raise AlreadyExists(f"IQN {iqn} is already used by target {holder!r}")
+                changes["iqn"] = iqn
+            modified = dataclasses.replace(target, **changes)
+            if modified == target:
+                return target
+            if not force and (modified.iqn != target.iqn or (target.enabled and not modified.enabled)):
+                change = "changing its IQN" if modified.iqn != target.iqn else "disabling it"
+                await self._refuse_if_sessions(target, change)
+            await self._commit("modify-target", name, self.config.with_target(modified))
+            return modified
 
     def _target(self, name: str) -> Target:
         try:
@@ -357,6 +393,13 @@ def _check_description(description: str) -> str:
     if len(description) > MAX_DESCRIPTION or not description.isprintable():
         raise InvalidArgument(f"description must be at most {MAX_DESCRIPTION} printable characters")
     return description
+
+
+def _check_alias(alias: str) -> str:
+    # TargetAlias is UTF-8 text of at most 255 bytes (RFC 7143 §13.6).
+    if len(alias.encode()) > MAX_ALIAS_BYTES or not alias.isprintable():
+        raise InvalidArgument(f"alias must be at most {MAX_ALIAS_BYTES} bytes of printable text")
+    return alias
 
 
 def _canonical_address(address: str) -> str:

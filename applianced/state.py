@@ -58,6 +58,8 @@ class Target:
     name: str
     iqn: str
     description: str = ""
+    # The TargetAlias initiators are shown; empty means the target's name.
+    alias: str = ""
     enabled: bool = True
     luns: tuple[Lun, ...] = ()
     acls: tuple[Acl, ...] = ()

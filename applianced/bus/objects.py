@@ -6,6 +6,8 @@ and are kept in step with the configuration by ``ObjectTree``.
 """
 
 import dataclasses
+import inspect
+from collections.abc import Iterator
 from typing import Any
 
 from dbus_fast import PropertyAccess, Variant
@@ -48,6 +50,10 @@ class Options:
     def get(self, key: str, default: Any) -> Any:
         return self._values.get(key, default)
 
+    def values(self) -> dict[str, Any]:
+        """The options that were given, by name."""
+        return dict(self._values)
+
 
 class ManagerInterface(ServiceInterface):
     """Creates entities and describes the node."""
@@ -78,8 +84,10 @@ class ManagerInterface(ServiceInterface):
     @dbus_method()
     @translate_errors
     async def CreateTarget(self, name: "s", options: "a{sv}") -> "o":
-        opts = Options("CreateTarget", options, {"iqn": "s", "description": "s"})
-        target = await self.engine.create_target(name, opts.get("iqn", ""), opts.get("description", ""))
+        opts = Options("CreateTarget", options, {"iqn": "s", "description": "s", "alias": "s"})
+        target = await self.engine.create_target(
+            name, opts.get("iqn", ""), opts.get("description", ""), opts.get("alias", "")
+        )
         return paths.target_path(target.name)
 
     @dbus_method()
@@ -90,60 +98,90 @@ class ManagerInterface(ServiceInterface):
         return paths.portal_path(portal.key)
 
 
-class DiskInterface(ServiceInterface):
-    def __init__(self, engine: Appliance, disk: Disk) -> None:
-        super().__init__(DISK_INTERFACE)
+class EntityInterface(ServiceInterface):
+    """The object of one entity; ``value`` is the entity as the engine last committed it."""
+
+    INTERFACE: str
+
+    def __init__(self, engine: Appliance, value: Any) -> None:
+        super().__init__(self.INTERFACE)
         self.engine = engine
-        self.disk = disk
+        self.value = value
+
+    def refresh(self, value: Any) -> None:
+        """Take the entity's new value and announce the properties that changed."""
+        before = self._property_values()
+        self.value = value
+        changed = {name: v for name, v in self._property_values().items() if before.get(name) != v}
+        if changed:
+            self.emit_properties_changed(changed)
+
+    def _property_values(self) -> dict[str, Any]:
+        values = {}
+        for prop in self.introspect().properties:
+            value = getattr(self, prop.name)
+            if inspect.isawaitable(value):
+                # Live properties (read from the kernel on demand) are never cached.
+                value.close()
+                continue
+            values[prop.name] = value
+        return values
+
+
+class DiskInterface(EntityInterface):
+    INTERFACE = DISK_INTERFACE
+    value: Disk
 
     @dbus_property(access=READ)
     def Name(self) -> "s":
-        return self.disk.name
+        return self.value.name
 
     @dbus_property(access=READ)
     def Path(self) -> "s":
-        return self.disk.path
+        return self.value.path
 
     @dbus_property(access=READ)
     def Size(self) -> "t":
-        return self.disk.size
+        return self.value.size
 
     @dbus_property(access=READ)
     def Serial(self) -> "s":
-        return self.disk.serial
+        return self.value.serial
 
     @dbus_property(access=READ)
     def Description(self) -> "s":
-        return self.disk.description
+        return self.value.description
 
     @dbus_method()
     @translate_errors
     async def Delete(self, options: "a{sv}") -> None:
         opts = Options("Delete", options, {"remove_file": "b"})
-        await self.engine.delete_disk(self.disk.name, opts.get("remove_file", False))
+        await self.engine.delete_disk(self.value.name, opts.get("remove_file", False))
 
 
-class TargetInterface(ServiceInterface):
-    def __init__(self, engine: Appliance, target: Target) -> None:
-        super().__init__(TARGET_INTERFACE)
-        self.engine = engine
-        self.target = target
+class TargetInterface(EntityInterface):
+    INTERFACE = TARGET_INTERFACE
+    value: Target
 
     @dbus_property(access=READ)
     def Name(self) -> "s":
-        return self.target.name
+        return self.value.name
 
     @dbus_property(access=READ)
     def Iqn(self) -> "s":
-        return self.target.iqn
+        return self.value.iqn
 
     @dbus_property(access=READ)
     def Description(self) -> "s":
-        return self.target.description
+        return self.value.description
+
+    @dbus_property(access=READ)
+    def Alias(self) -> "s":
+        return self.value.alias or self.value.name
 
     @dbus_property(access=READ)
     def Enabled(self) -> "b":
-        return self.target.enabled
+        return self.value.enabled
 
     @dbus_property(access=READ)
     async def Sessions(self) -> "aa{sv}":
@@ -154,98 +192,99 @@ class TargetInterface(ServiceInterface):
                 "Addresses": Variant("as", list(session.addresses)),
             }
             for session in await self.engine.sessions()
-            if session.target_iqn == self.target.iqn
+            if session.target_iqn == self.value.iqn
         ]
+
+    @dbus_method()
+    @translate_errors
+    async def Modify(self, changes: "a{sv}", options: "a{sv}") -> None:
+        settings = Options("Modify", changes, {"description": "s", "alias": "s", "enabled": "b", "iqn": "s"})
+        opts = Options("Modify", options, {"force": "b"})
+        await self.engine.modify_target(self.value.name, **settings.values(), force=opts.get("force", False))
 
     @dbus_method()
     @translate_errors
     async def Delete(self, options: "a{sv}") -> None:
         opts = Options("Delete", options, {"force": "b"})
-        await self.engine.delete_target(self.target.name, opts.get("force", False))
+        await self.engine.delete_target(self.value.name, opts.get("force", False))
 
     @dbus_method()
     @translate_errors
     async def AddLun(self, disk: "o", options: "a{sv}") -> "o":
         opts = Options("AddLun", options, {"lun": "u"})
         disk_name = _name_from_path(disk, paths.disk_path, self.engine.config.disks, "disk")
-        lun = await self.engine.add_lun(self.target.name, disk_name, opts.get("lun", None))
-        return paths.lun_path(self.target.name, lun.number)
+        lun = await self.engine.add_lun(self.value.name, disk_name, opts.get("lun", None))
+        return paths.lun_path(self.value.name, lun.number)
 
     @dbus_method()
     @translate_errors
     async def AddAcl(self, initiator: "s", options: "a{sv}") -> "o":
         Options("AddAcl", options, {})
-        acl = await self.engine.add_acl(self.target.name, initiator)
-        return paths.acl_path(self.target.name, acl.initiator)
+        acl = await self.engine.add_acl(self.value.name, initiator)
+        return paths.acl_path(self.value.name, acl.initiator)
 
 
-class LunInterface(ServiceInterface):
-    def __init__(self, engine: Appliance, target: Target, lun: Lun) -> None:
-        super().__init__(LUN_INTERFACE)
-        self.engine = engine
-        self.target = target
-        self.lun = lun
+class LunInterface(EntityInterface):
+    INTERFACE = LUN_INTERFACE
+    value: tuple[str, Lun]  # (target name, LUN)
 
     @dbus_property(access=READ)
     def Number(self) -> "u":
-        return self.lun.number
+        return self.value[1].number
 
     @dbus_property(access=READ)
     def Disk(self) -> "o":
-        return paths.disk_path(self.lun.disk)
+        return paths.disk_path(self.value[1].disk)
 
     @dbus_property(access=READ)
     def Target(self) -> "o":
-        return paths.target_path(self.target.name)
+        return paths.target_path(self.value[0])
 
     @dbus_method()
     @translate_errors
     async def Delete(self, options: "a{sv}") -> None:
         opts = Options("Delete", options, {"force": "b"})
-        await self.engine.remove_lun(self.target.name, self.lun.number, opts.get("force", False))
+        target, lun = self.value
+        await self.engine.remove_lun(target, lun.number, opts.get("force", False))
 
 
-class AclInterface(ServiceInterface):
-    def __init__(self, engine: Appliance, target: Target, acl: Acl) -> None:
-        super().__init__(ACL_INTERFACE)
-        self.engine = engine
-        self.target = target
-        self.acl = acl
+class AclInterface(EntityInterface):
+    INTERFACE = ACL_INTERFACE
+    value: tuple[str, Acl]  # (target name, ACL)
 
     @dbus_property(access=READ)
     def Initiator(self) -> "s":
-        return self.acl.initiator
+        return self.value[1].initiator
 
     @dbus_property(access=READ)
     def Target(self) -> "o":
-        return paths.target_path(self.target.name)
+        return paths.target_path(self.value[0])
 
     @dbus_method()
     @translate_errors
     async def Delete(self, options: "a{sv}") -> None:
         opts = Options("Delete", options, {"force": "b"})
-        await self.engine.remove_acl(self.target.name, self.acl.initiator, opts.get("force", False))
+        target, acl = self.value
+        await self.engine.remove_acl(target, acl.initiator, opts.get("force", False))
 
 
-class PortalInterface(ServiceInterface):
-    def __init__(self, engine: Appliance, portal: Portal) -> None:
-        super().__init__(PORTAL_INTERFACE)
-        self.engine = engine
-        self.portal = portal
+class PortalInterface(EntityInterface):
+    INTERFACE = PORTAL_INTERFACE
+    value: Portal
 
     @dbus_property(access=READ)
     def Address(self) -> "s":
-        return self.portal.address
+        return self.value.address
 
     @dbus_property(access=READ)
     def Port(self) -> "q":
-        return self.portal.port
+        return self.value.port
 
     @dbus_method()
     @translate_errors
     async def Delete(self, options: "a{sv}") -> None:
         Options("Delete", options, {})
-        await self.engine.delete_portal(self.portal.key)
+        await self.engine.delete_portal(self.value.key)
 
 
 def _name_from_path(path: str, to_path: Any, entities: dict[str, Any], kind: str) -> str:
@@ -261,44 +300,32 @@ class ObjectTree:
     def __init__(self, bus: MessageBus, engine: Appliance) -> None:
         self.bus = bus
         self.engine = engine
-        self._exported: dict[str, tuple[ServiceInterface, Any]] = {}
+        self._exported: dict[str, EntityInterface] = {}
         bus.export(ROOT_PATH, ManagerInterface(engine))
         engine.add_listener(self.sync)
 
     def sync(self, config: Config) -> None:
-        wanted = dict(self._entities(config))
+        wanted = {path: (cls, value) for path, cls, value in self._entities(config)}
         for path in [p for p in self._exported if p not in wanted]:
-            interface, _ = self._exported.pop(path)
-            self.bus.unexport(path, interface)
-        for path, (value, factory) in wanted.items():
-            current = self._exported.get(path)
-            if current is not None and current[1] == value:
-                continue
-            if current is not None:
-                # A changed entity is re-exported so that watchers see it go and come back
-                # with its new properties.
-                self.bus.unexport(path, current[0])
-            interface = factory()
-            self.bus.export(path, interface)
-            self._exported[path] = (interface, value)
+            self.bus.unexport(path, self._exported.pop(path))
+        for path, (cls, value) in wanted.items():
+            exported = self._exported.get(path)
+            if exported is None:
+                exported = self._exported[path] = cls(self.engine, value)
+                self.bus.export(path, exported)
+            elif exported.value != value:
+                exported.refresh(value)
 
-    def _entities(self, config: Config) -> Any:
-        engine = self.engine
+    @staticmethod
+    def _entities(config: Config) -> Iterator[tuple[str, type[EntityInterface], Any]]:
         for disk in config.disks.values():
-            yield paths.disk_path(disk.name), (disk, lambda d=disk: DiskInterface(engine, d))
+            yield paths.disk_path(disk.name), DiskInterface, disk
         for portal in config.portals:
-            yield paths.portal_path(portal.key), (portal, lambda p=portal: PortalInterface(engine, p))
+            yield paths.portal_path(portal.key), PortalInterface, portal
         for target in config.targets.values():
             # LUNs and ACLs are objects of their own; they do not change the target object.
-            own = dataclasses.replace(target, luns=(), acls=())
-            yield paths.target_path(target.name), (own, lambda t=own: TargetInterface(engine, t))
+            yield paths.target_path(target.name), TargetInterface, dataclasses.replace(target, luns=(), acls=())
             for lun in target.luns:
-                yield (
-                    paths.lun_path(target.name, lun.number),
-                    ((target.name, lun), lambda t=target, u=lun: LunInterface(engine, t, u)),
-                )
+                yield paths.lun_path(target.name, lun.number), LunInterface, (target.name, lun)
             for acl in target.acls:
-                yield (
-                    paths.acl_path(target.name, acl.initiator),
-                    ((target.name, acl), lambda t=target, a=acl: AclInterface(engine, t, a)),
-                )
+                yield paths.acl_path(target.name, acl.initiator), AclInterface, (target.name, acl)

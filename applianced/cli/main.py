@@ -56,6 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("name")
     create.add_argument("--iqn", default="", help="IQN (default: generated from the name)")
     create.add_argument("--description", default="")
+    create.add_argument("--alias", default="", help="alias shown to initiators (default: the name)")
+    modify = target.add_parser("modify", help="change a target's settings")
+    modify.add_argument("name")
+    modify.add_argument("--description")
+    modify.add_argument("--alias")
+    modify.add_argument("--iqn", help="new IQN (initiators must be reconfigured)")
+    state = modify.add_mutually_exclusive_group()
+    state.add_argument("--enable", dest="enabled", action="store_true", default=None)
+    state.add_argument("--disable", dest="enabled", action="store_false")
+    modify.add_argument("--force", action="store_true", help="even if it disrupts logged-in initiators")
     delete = target.add_parser("delete", help="delete a target")
     delete.add_argument("name")
     delete.add_argument("--force", action="store_true", help="even if initiators are logged in")
@@ -175,6 +185,7 @@ class Commands:
             {
                 "name": p["Name"],
                 "iqn": p["Iqn"],
+                "alias": p["Alias"],
                 "enabled": p["Enabled"],
                 "luns": sum(1 for _, lun in luns if lun["Target"] == path),
                 "acls": sum(1 for _, acl in acls if acl["Target"] == path),
@@ -184,8 +195,31 @@ class Commands:
         ]
 
     async def target_create(self, args: argparse.Namespace) -> None:
-        options = {"iqn": Variant("s", args.iqn), "description": Variant("s", args.description)}
+        options = {
+            "iqn": Variant("s", args.iqn),
+            "description": Variant("s", args.description),
+            "alias": Variant("s", args.alias),
+        }
         await self.client.call(ROOT_PATH, MANAGER_INTERFACE, "CreateTarget", "sa{sv}", [args.name, options])
+
+    async def target_modify(self, args: argparse.Namespace) -> None:
+        path = await self.find(TARGET_INTERFACE, "target", Name=args.name)
+        changes = {
+            key: Variant(signature, value)
+            for key, signature, value in (
+                ("description", "s", args.description),
+                ("alias", "s", args.alias),
+                ("iqn", "s", args.iqn),
+                ("enabled", "b", args.enabled),
+            )
+            if value is not None
+        }
+        if not changes:
+            raise UsageError(
+                "invalid argument: nothing to change (see appliancectl target modify --help)", EXIT_INVALID
+            )
+        options = {"force": Variant("b", args.force)}
+        await self.client.call(path, TARGET_INTERFACE, "Modify", "a{sv}a{sv}", [changes, options])
 
     async def target_delete(self, args: argparse.Namespace) -> None:
         path = await self.find(TARGET_INTERFACE, "target", Name=args.name)

@@ -24,6 +24,7 @@ from applianced.errors import KernelError
 from applianced.kernel import plan
 from applianced.kernel.model import (
     TPG_ATTRIBUTES,
+    TPG_PARAMETERS,
     KernelConfig,
     KernelTarget,
     MappedLun,
@@ -96,6 +97,7 @@ class LioKernel:
             iqn=iqn,
             enabled=bool(tpg.enable),
             attributes={name: tpg.get_attribute(name) for name in TPG_ATTRIBUTES},
+            parameters={name: tpg.get_parameter(name) for name in TPG_PARAMETERS},
             portals=frozenset((_unbracket(np.ip_address), int(np.port)) for np in tpg.network_portals),
             luns={lun.lun: lun.storage_object.name for lun in tpg.luns},
             acls=acls,
@@ -170,6 +172,12 @@ class LioKernel:
         tpg = self._tpg(action.iqn)
         for name, value in action.attributes:
             tpg.set_attribute(name, value)
+
+    @_apply.register
+    def _(self, action: plan.SetTpgParameters) -> None:
+        tpg = self._tpg(action.iqn)
+        for name, value in action.parameters:
+            tpg.set_parameter(name, value)
 
     @_apply.register
     def _(self, action: plan.SetTpgEnabled) -> None:

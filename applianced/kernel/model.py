@@ -26,6 +26,10 @@ TPG_ATTRIBUTES: Mapping[str, str] = {
 }
 
 
+# TPG parameters applianced manages; others keep LIO's defaults.
+TPG_PARAMETERS = ("TargetAlias",)
+
+
 @dataclass(frozen=True)
 class StorageObject:
     """A fileio backstore."""
@@ -60,6 +64,8 @@ class KernelTarget:
     iqn: str
     enabled: bool
     attributes: Mapping[str, str] = field(default_factory=dict)
+    # iSCSI login parameters of the TPG (e.g. TargetAlias), as LIO spells them.
+    parameters: Mapping[str, str] = field(default_factory=dict)
     portals: frozenset[tuple[str, int]] = frozenset()
     luns: Mapping[int, str] = field(default_factory=dict)
     acls: Mapping[str, NodeAcl] = field(default_factory=dict)
@@ -98,6 +104,7 @@ def render(config: Config) -> KernelConfig:
             iqn=target.iqn,
             enabled=target.enabled,
             attributes=dict(TPG_ATTRIBUTES),
+            parameters={"TargetAlias": target.alias or target.name},
             portals=portals,
             luns={lun.number: lun.disk for lun in target.luns},
             acls={acl.initiator: NodeAcl(acl.initiator, mapped) for acl in target.acls},

@@ -45,6 +45,12 @@ class SetTpgAttributes:
 
 
 @dataclass(frozen=True)
+class SetTpgParameters:
+    iqn: str
+    parameters: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
 class SetTpgEnabled:
     iqn: str
     enabled: bool
@@ -109,6 +115,7 @@ Action = (
     | CreateTarget
     | DeleteTarget
     | SetTpgAttributes
+    | SetTpgParameters
     | SetTpgEnabled
     | AddPortal
     | RemovePortal
@@ -178,6 +185,8 @@ def _plan_target_changes(
 
     if dict(have.attributes) != dict(want.attributes):
         additions.append(SetTpgAttributes(iqn, tuple(sorted(want.attributes.items()))))
+    if dict(have.parameters) != dict(want.parameters):
+        additions.append(SetTpgParameters(iqn, tuple(sorted(want.parameters.items()))))
     additions.extend(
         AddLun(iqn, lun, name) for lun, name in sorted(want.luns.items()) if lun not in have.luns or lun in stale_luns
     )

@@ -4,7 +4,7 @@ import asyncio
 import xml.etree.ElementTree as ET
 
 import pytest
-from dbus_fast import DBusError, Variant
+from dbus_fast import DBusError, Message, Variant
 from dbus_fast.aio import MessageBus
 
 from applianced.cli.client import Client
@@ -122,3 +122,45 @@ def test_other_users_may_read_but_not_change(daemon):
         assert "permission denied" in refused.stderr
     assert [d["name"] for d in daemon.cli("--json", "disk", "list").json()] == ["d1"]
     assert [t["name"] for t in daemon.cli("--json", "target", "list").json()] == ["t1"]
+
+
+def test_changes_are_announced_with_properties_changed(daemon, bus):
+    daemon.configure_first_slice()
+    path = f"{ROOT_PATH}/targets/t1"
+
+    async def watch_and_modify():
+        watcher = await MessageBus(bus_address=bus.address).connect()
+        seen = asyncio.get_running_loop().create_future()
+
+        def on_message(message):
+            if message.member == "PropertiesChanged" and message.path == path and not seen.done():
+                seen.set_result(message.body)
+
+        watcher.add_message_handler(on_message)
+        rule = f"type='signal',interface='org.freedesktop.DBus.Properties',path='{path}'"
+        await watcher.call(
+            Message(
+                destination="org.freedesktop.DBus",
+                path="/org/freedesktop/DBus",
+                interface="org.freedesktop.DBus",
+                member="AddMatch",
+                signature="s",
+                body=[rule],
+            )
+        )
+        await call(
+            bus.address,
+            path,
+            "org.applianced.Appliance1.Target",
+            "Modify",
+            "a{sv}a{sv}",
+            [{"alias": Variant("s", "Mail store")}, {}],
+        )
+        try:
+            return await asyncio.wait_for(seen, 10)
+        finally:
+            watcher.disconnect()
+
+    interface, changed, _ = asyncio.run(watch_and_modify())
+    assert interface == "org.applianced.Appliance1.Target"
+    assert {name: value.value for name, value in changed.items()} == {"Alias": "Mail store"}

@@ -95,3 +95,18 @@ def test_cli_says_when_the_daemon_is_not_running(daemon):
     result = daemon.cli("disk", "list")
     assert result.returncode == 12
     assert "applianced is not running" in result.stderr
+
+
+def test_target_modify(daemon):
+    daemon.configure_first_slice()
+    assert daemon.cli("target", "modify", "t1", "--alias", "Mail store", "--description", "mail").returncode == 0
+    (target,) = daemon.cli("--json", "target", "list").json()
+    assert (target["alias"], target["description"]) == ("Mail store", "mail")
+    assert daemon.cli("target", "modify", "t1", "--disable").returncode == 0
+    assert daemon.cli("--json", "target", "list").json()[0]["enabled"] is False
+    assert daemon.cli("target", "modify", "t1", "--iqn", "iqn.2026-11.com.example:mail", "--enable").returncode == 0
+    (target,) = daemon.cli("--json", "target", "list").json()
+    assert (target["iqn"], target["enabled"]) == ("iqn.2026-11.com.example:mail", True)
+    assert "iqn.2026-11.com.example:mail" in daemon.kernel_file.read_text()
+    nothing = daemon.cli("target", "modify", "t1")
+    assert (nothing.returncode, "nothing to change" in nothing.stderr) == (5, True)

@@ -83,6 +83,8 @@ class FakeKernel:
                 self.targets.pop(iqn, None)
             case plan.SetTpgAttributes(iqn=iqn, attributes=attributes):
                 self._update(iqn, attributes={**self._target(iqn).attributes, **dict(attributes)})
+            case plan.SetTpgParameters(iqn=iqn, parameters=parameters):
+                self._update(iqn, parameters={**self._target(iqn).parameters, **dict(parameters)})
             case plan.SetTpgEnabled(iqn=iqn, enabled=enabled):
                 self._update(iqn, enabled=enabled)
             case plan.AddPortal(iqn=iqn, address=address, port=port):
@@ -171,6 +173,7 @@ def _target_to_json(target: KernelTarget) -> dict[str, Any]:
         "iqn": target.iqn,
         "enabled": target.enabled,
         "attributes": dict(target.attributes),
+        "parameters": dict(target.parameters),
         "portals": sorted(target.portals),
         "luns": {str(k): v for k, v in target.luns.items()},
         "acls": {i: [dataclasses.asdict(m) for m in a.mapped_luns] for i, a in target.acls.items()},
@@ -182,6 +185,7 @@ def _target_from_json(data: dict[str, Any]) -> KernelTarget:
         iqn=data["iqn"],
         enabled=data["enabled"],
         attributes=data["attributes"],
+        parameters=data["parameters"],
         portals=frozenset((a, p) for a, p in data["portals"]),
         luns={int(k): v for k, v in data["luns"].items()},
         acls={i: NodeAcl(i, frozenset(MappedLun(**m) for m in ms)) for i, ms in data["acls"].items()},

@@ -223,3 +223,48 @@ def test_reload_applies_an_edited_state_file(tmp_path):
         assert engine.config.targets == {}
 
     run(scenario())
+
+
+def test_modify_target_settings_reach_the_kernel(tmp_path):
+    async def scenario():
+        engine = await started(make_engine(tmp_path))
+        await populate(engine)
+        old_iqn = engine.config.targets["t1"].iqn
+        assert engine.kernel.snapshot().targets[old_iqn].parameters == {"TargetAlias": "t1"}
+        await engine.modify_target("t1", description="mail", alias="Mail store", enabled=False)
+        kernel = engine.kernel.snapshot().targets[old_iqn]
+        assert (kernel.parameters["TargetAlias"], kernel.enabled) == ("Mail store", False)
+        await engine.modify_target("t1", iqn="iqn.2026-11.com.example:mail", enabled=True)
+        kernel = engine.kernel.snapshot()
+        assert old_iqn not in kernel.targets
+        moved = kernel.targets["iqn.2026-11.com.example:mail"]
+        assert moved.enabled and moved.luns == {0: "d1"} and set(moved.acls) == {INITIATOR}
+        assert engine.store.load().targets["t1"].description == "mail"
+
+    run(scenario())
+
+
+def test_disruptive_target_changes_need_force(tmp_path):
+    kernel = FakeKernel()
+
+    async def scenario():
+        engine = await started(make_engine(tmp_path, kernel))
+        await populate(engine)
+        await engine.create_target("t2")
+        iqn = engine.config.targets["t1"].iqn
+        kernel.session_list = [Session(iqn, INITIATOR, "LOGGED_IN", ())]
+        before = kernel.snapshot()
+        with pytest.raises(Busy, match="changing its IQN"):
+            await engine.modify_target("t1", iqn="iqn.2026-11.com.example:new")
+        with pytest.raises(Busy, match="disabling it"):
+            await engine.modify_target("t1", enabled=False)
+        with pytest.raises(AlreadyExists):
+            await engine.modify_target("t1", iqn=engine.config.targets["t2"].iqn, force=True)
+        with pytest.raises(InvalidArgument):
+            await engine.modify_target("t1", alias="x" * 256)
+        assert kernel.snapshot() == before
+        await engine.modify_target("t1", description="harmless while in use")
+        await engine.modify_target("t1", enabled=False, force=True)
+        assert not kernel.snapshot().targets[iqn].enabled
+
+    run(scenario())
