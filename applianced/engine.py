@@ -27,7 +27,7 @@ from applianced.constants import DISKS_DIR_NAME
 from applianced.errors import AlreadyExists, Busy, InvalidArgument, KernelError, NotFound, StateError
 from applianced.kernel.model import KernelConfig, Session, render
 from applianced.kernel.plan import Action, plan
-from applianced.state import Acl, Config, Disk, Lun, Portal, StateStore, Target
+from applianced.state import Acl, Chap, Config, Disk, Lun, Portal, StateStore, Target
 from applianced.units import SECTOR_SIZE, format_size
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,9 @@ MAX_DISK_SIZE = 2**63 - SECTOR_SIZE
 MAX_LUN = 255
 MAX_DESCRIPTION = 256
 MAX_ALIAS_BYTES = 255
+MAX_CHAP_USER_BYTES = 128
+CHAP_SECRET_MIN = 12
+CHAP_SECRET_MAX = 16
 
 
 class Kernel(Protocol):
@@ -347,6 +350,35 @@ class Appliance:
             new = self.config.with_target(dataclasses.replace(target, acls=acls))
             await self._commit("remove-acl", f"{target_name}/{initiator}", new)
 
+    # -- CHAP ------------------------------------------------------------------------------
+
+    async def set_target_chap(self, target_name: str, chap: Chap | None) -> None:
+        """CHAP for every initiator of the target without credentials of its own."""
+        async with self._lock:
+            target = self._target(target_name)
+            new = self.config.with_target(dataclasses.replace(target, chap=_check_chap(chap)))
+            await self._commit("set-target-chap", target_name, new)
+
+    async def set_acl_chap(self, target_name: str, initiator: str, chap: Chap | None) -> None:
+        async with self._lock:
+            target = self._target(target_name)
+            initiator = names.normalize_iscsi_name(initiator, "initiator name")
+            if target.acl(initiator) is None:
+                raise NotFound(f"initiator {initiator} is not allowed on target {target_name!r}")
+            acls = tuple(
+                dataclasses.replace(acl, chap=_check_chap(chap)) if acl.initiator == initiator else acl
+                for acl in target.acls
+            )
+            new = self.config.with_target(dataclasses.replace(target, acls=acls))
+            await self._commit("set-acl-chap", f"{target_name}/{initiator}", new)
+
+    async def set_discovery_chap(self, chap: Chap | None) -> None:
+        async with self._lock:
+            if chap is not None and not chap.user:
+                raise InvalidArgument("discovery CHAP needs a user name")
+            new = dataclasses.replace(self.config, discovery_chap=_check_chap(chap))
+            await self._commit("set-discovery-chap", "node", new)
+
     # -- portals ---------------------------------------------------------------------------
 
     async def create_portal(self, address: str, port: int) -> Portal:
@@ -393,6 +425,38 @@ def _check_description(description: str) -> str:
     if len(description) > MAX_DESCRIPTION or not description.isprintable():
         raise InvalidArgument(f"description must be at most {MAX_DESCRIPTION} printable characters")
     return description
+
+
+def _check_chap(chap: Chap | None) -> Chap | None:
+    """Refuse credentials that initiators or boot firmware would reject; never echo a secret."""
+    if chap is None:
+        return None
+    if not chap.secret:
+        # A reverse (mutual) secret alone would authenticate only the target.
+        raise InvalidArgument("CHAP needs a secret; mutual CHAP alone is not allowed")
+    for what, user in (("CHAP user", chap.user), ("mutual CHAP user", chap.mutual_user)):
+        if len(user.encode()) > MAX_CHAP_USER_BYTES or not _is_token(user):
+            raise InvalidArgument(f"{what} must be at most {MAX_CHAP_USER_BYTES} bytes without spaces")
+    _check_secret("CHAP secret", chap.secret)
+    if chap.mutual_user and not chap.mutual_secret:
+        raise InvalidArgument("a mutual CHAP user needs a mutual secret")
+    if chap.mutual_secret:
+        _check_secret("mutual CHAP secret", chap.mutual_secret)
+        if chap.mutual_secret == chap.secret:
+            raise InvalidArgument("the mutual CHAP secret must differ from the CHAP secret")
+    return chap
+
+
+def _check_secret(what: str, secret: str) -> None:
+    # 12 is the minimum of boot firmware and of the reference; 16 its maximum plus one.
+    if not CHAP_SECRET_MIN <= len(secret) <= CHAP_SECRET_MAX or not _is_token(secret):
+        raise InvalidArgument(
+            f"{what} must be {CHAP_SECRET_MIN} to {CHAP_SECRET_MAX} printable ASCII characters without spaces"
+        )
+
+
+def _is_token(text: str) -> bool:
+    return all(33 <= ord(ch) <= 126 for ch in text)
 
 
 def _check_alias(alias: str) -> str:

@@ -45,10 +45,30 @@ class Lun:
 
 
 @dataclass(frozen=True)
+class Chap:
+    """CHAP credentials; the secrets never appear in repr() and so never in a log line.
+
+    On a target or ACL an empty ``user`` stands for the initiator's IQN and an empty
+    ``mutual_user`` for the target's IQN, the defaults initiators expect. Mutual CHAP is
+    on when ``mutual_secret`` is set.
+    """
+
+    user: str = ""
+    secret: str = field(default="", repr=False)
+    mutual_user: str = ""
+    mutual_secret: str = field(default="", repr=False)
+
+    @property
+    def mutual(self) -> bool:
+        return bool(self.mutual_secret)
+
+
+@dataclass(frozen=True)
 class Acl:
-    """An initiator allowed to log in to a target."""
+    """An initiator allowed to log in to a target, with its own CHAP credentials if any."""
 
     initiator: str
+    chap: Chap | None = None
 
 
 @dataclass(frozen=True)
@@ -63,6 +83,8 @@ class Target:
     enabled: bool = True
     luns: tuple[Lun, ...] = ()
     acls: tuple[Acl, ...] = ()
+    # CHAP for every initiator of the target that has no credentials of its own.
+    chap: Chap | None = None
 
     def lun(self, number: int) -> Lun | None:
         return next((lun for lun in self.luns if lun.number == number), None)
@@ -99,6 +121,8 @@ class Config:
     disks: Mapping[str, Disk] = field(default_factory=dict)
     targets: Mapping[str, Target] = field(default_factory=dict)
     portals: tuple[Portal, ...] = ()
+    # CHAP required for SendTargets discovery (None: discovery is open).
+    discovery_chap: Chap | None = None
 
     @classmethod
     def new(cls) -> Config:
@@ -127,6 +151,7 @@ class Config:
             "disks": [dataclasses.asdict(disk) for disk in self.disks.values()],
             "targets": [dataclasses.asdict(target) for target in self.targets.values()],
             "portals": [dataclasses.asdict(portal) for portal in self.portals],
+            "discovery_chap": _chap_to_json(self.discovery_chap),
         }
 
     @classmethod
@@ -141,7 +166,10 @@ class Config:
                     **{
                         **item,
                         "luns": tuple(Lun(**lun) for lun in item.get("luns", [])),
-                        "acls": tuple(Acl(**acl) for acl in item.get("acls", [])),
+                        "acls": tuple(
+                            Acl(**{**acl, "chap": _chap_from_json(acl.get("chap"))}) for acl in item.get("acls", [])
+                        ),
+                        "chap": _chap_from_json(item.get("chap")),
                     }
                 )
                 for item in data.get("targets", [])
@@ -152,9 +180,18 @@ class Config:
                 disks={disk.name: disk for disk in disks},
                 targets={target.name: target for target in targets},
                 portals=tuple(Portal(**item) for item in data.get("portals", [])),
+                discovery_chap=_chap_from_json(data.get("discovery_chap")),
             )
         except (KeyError, TypeError) as exc:
             raise StateError(f"state file is malformed: {exc}") from exc
+
+
+def _chap_to_json(chap: Chap | None) -> dict[str, str] | None:
+    return dataclasses.asdict(chap) if chap else None
+
+
+def _chap_from_json(data: Mapping[str, str] | None) -> Chap | None:
+    return Chap(**data) if data else None
 
 
 class StateStore:

@@ -28,7 +28,7 @@ from applianced.constants import (
 )
 from applianced.engine import Appliance
 from applianced.errors import InvalidArgument
-from applianced.state import Acl, Config, Disk, Lun, Portal, Target
+from applianced.state import Acl, Chap, Config, Disk, Lun, Portal, Target
 
 READ = PropertyAccess.READ
 
@@ -55,47 +55,19 @@ class Options:
         return dict(self._values)
 
 
-class ManagerInterface(ServiceInterface):
-    """Creates entities and describes the node."""
+CHAP_KEYS = {"user": "s", "secret": "s", "mutual_user": "s", "mutual_secret": "s"}
 
-    def __init__(self, engine: Appliance) -> None:
-        super().__init__(MANAGER_INTERFACE)
-        self.engine = engine
 
-    @dbus_property(access=READ)
-    def Version(self) -> "s":
-        return __version__
+def chap_from(method: str, credentials: dict[str, Variant]) -> Chap | None:
+    """Credentials from an ``a{sv}``; an empty dictionary turns CHAP off."""
+    values = Options(method, credentials, CHAP_KEYS).values()
+    return Chap(**values) if values else None
 
-    @dbus_property(access=READ)
-    def NodeId(self) -> "s":
-        return self.engine.config.node_id
 
-    @dbus_property(access=READ)
-    def IqnPrefix(self) -> "s":
-        return self.engine.config.iqn_prefix
-
-    @dbus_method()
-    @translate_errors
-    async def CreateDisk(self, name: "s", size: "t", options: "a{sv}") -> "o":
-        opts = Options("CreateDisk", options, {"path": "s", "description": "s"})
-        disk = await self.engine.create_disk(name, size, opts.get("path", ""), opts.get("description", ""))
-        return paths.disk_path(disk.name)
-
-    @dbus_method()
-    @translate_errors
-    async def CreateTarget(self, name: "s", options: "a{sv}") -> "o":
-        opts = Options("CreateTarget", options, {"iqn": "s", "description": "s", "alias": "s"})
-        target = await self.engine.create_target(
-            name, opts.get("iqn", ""), opts.get("description", ""), opts.get("alias", "")
-        )
-        return paths.target_path(target.name)
-
-    @dbus_method()
-    @translate_errors
-    async def CreatePortal(self, address: "s", port: "q", options: "a{sv}") -> "o":
-        Options("CreatePortal", options, {})
-        portal = await self.engine.create_portal(address, port)
-        return paths.portal_path(portal.key)
+def describe_chap(chap: Chap | None) -> str:
+    if chap is None:
+        return "none"
+    return "mutual-chap" if chap.mutual else "chap"
 
 
 class EntityInterface(ServiceInterface):
@@ -126,6 +98,58 @@ class EntityInterface(ServiceInterface):
                 continue
             values[prop.name] = value
         return values
+
+
+class ManagerInterface(EntityInterface):
+    """Creates entities and describes the node; its value is the whole configuration."""
+
+    INTERFACE = MANAGER_INTERFACE
+    value: Config
+
+    @dbus_property(access=READ)
+    def Version(self) -> "s":
+        return __version__
+
+    @dbus_property(access=READ)
+    def NodeId(self) -> "s":
+        return self.value.node_id
+
+    @dbus_property(access=READ)
+    def IqnPrefix(self) -> "s":
+        return self.value.iqn_prefix
+
+    @dbus_method()
+    @translate_errors
+    async def CreateDisk(self, name: "s", size: "t", options: "a{sv}") -> "o":
+        opts = Options("CreateDisk", options, {"path": "s", "description": "s"})
+        disk = await self.engine.create_disk(name, size, opts.get("path", ""), opts.get("description", ""))
+        return paths.disk_path(disk.name)
+
+    @dbus_method()
+    @translate_errors
+    async def CreateTarget(self, name: "s", options: "a{sv}") -> "o":
+        opts = Options("CreateTarget", options, {"iqn": "s", "description": "s", "alias": "s"})
+        target = await self.engine.create_target(
+            name, opts.get("iqn", ""), opts.get("description", ""), opts.get("alias", "")
+        )
+        return paths.target_path(target.name)
+
+    @dbus_property(access=READ)
+    def DiscoveryAuthentication(self) -> "s":
+        return describe_chap(self.value.discovery_chap)
+
+    @dbus_method()
+    @translate_errors
+    async def SetDiscoveryChap(self, credentials: "a{sv}", options: "a{sv}") -> None:
+        Options("SetDiscoveryChap", options, {})
+        await self.engine.set_discovery_chap(chap_from("SetDiscoveryChap", credentials))
+
+    @dbus_method()
+    @translate_errors
+    async def CreatePortal(self, address: "s", port: "q", options: "a{sv}") -> "o":
+        Options("CreatePortal", options, {})
+        portal = await self.engine.create_portal(address, port)
+        return paths.portal_path(portal.key)
 
 
 class DiskInterface(EntityInterface):
@@ -195,6 +219,16 @@ class TargetInterface(EntityInterface):
             if session.target_iqn == self.value.iqn
         ]
 
+    @dbus_property(access=READ)
+    def Authentication(self) -> "s":
+        return describe_chap(self.value.chap)
+
+    @dbus_method()
+    @translate_errors
+    async def SetChap(self, credentials: "a{sv}", options: "a{sv}") -> None:
+        Options("SetChap", options, {})
+        await self.engine.set_target_chap(self.value.name, chap_from("SetChap", credentials))
+
     @dbus_method()
     @translate_errors
     async def Modify(self, changes: "a{sv}", options: "a{sv}") -> None:
@@ -260,6 +294,18 @@ class AclInterface(EntityInterface):
     def Target(self) -> "o":
         return paths.target_path(self.value[0])
 
+    @dbus_property(access=READ)
+    def Authentication(self) -> "s":
+        """This initiator's own credentials; "inherited" when the target's apply."""
+        return describe_chap(self.value[1].chap) if self.value[1].chap else "inherited"
+
+    @dbus_method()
+    @translate_errors
+    async def SetChap(self, credentials: "a{sv}", options: "a{sv}") -> None:
+        Options("SetChap", options, {})
+        target, acl = self.value
+        await self.engine.set_acl_chap(target, acl.initiator, chap_from("SetChap", credentials))
+
     @dbus_method()
     @translate_errors
     async def Delete(self, options: "a{sv}") -> None:
@@ -301,10 +347,12 @@ class ObjectTree:
         self.bus = bus
         self.engine = engine
         self._exported: dict[str, EntityInterface] = {}
-        bus.export(ROOT_PATH, ManagerInterface(engine))
+        self.manager = ManagerInterface(engine, engine.config)
+        bus.export(ROOT_PATH, self.manager)
         engine.add_listener(self.sync)
 
     def sync(self, config: Config) -> None:
+        self.manager.refresh(config)
         wanted = {path: (cls, value) for path, cls, value in self._entities(config)}
         for path in [p for p in self._exported if p not in wanted]:
             self.bus.unexport(path, self._exported.pop(path))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import json
 import sys
 from collections.abc import Sequence
@@ -103,7 +104,36 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("target")
     remove.add_argument("initiator")
     remove.add_argument("--force", action="store_true", help="even if it is logged in")
+    chap = groups.add_parser(
+        "chap",
+        help="CHAP authentication (secrets are read from standard input or a prompt, never from arguments)",
+    ).add_subparsers(dest="action", required=True)
+    for scope, help_text in (
+        ("target", "CHAP for every initiator of a target"),
+        ("acl", "CHAP for one initiator of a target (overrides the target's)"),
+        ("discovery", "CHAP for SendTargets discovery"),
+    ):
+        sub = chap.add_parser(scope, help=help_text)
+        if scope in ("target", "acl"):
+            sub.add_argument("target")
+        if scope == "acl":
+            sub.add_argument("initiator")
+        sub.add_argument("--user", default="", help="CHAP user (default: the initiator's IQN)")
+        sub.add_argument("--mutual", action="store_true", help="also authenticate the target (mutual CHAP)")
+        sub.add_argument("--mutual-user", default="", help="user of the target (default: the target's IQN)")
+        sub.add_argument("--off", action="store_true", help="turn CHAP off")
     return parser
+
+
+def read_secrets(mutual: bool) -> tuple[str, str]:
+    """The CHAP secret (and the mutual one): prompted on a terminal, else one per stdin line."""
+    if sys.stdin.isatty():
+        secret = getpass.getpass("CHAP secret: ")
+        return secret, getpass.getpass("mutual CHAP secret: ") if mutual else ""
+    lines = sys.stdin.read().splitlines()
+    if len(lines) < (2 if mutual else 1):
+        raise UsageError("invalid argument: expected the secret(s) on standard input, one per line", EXIT_INVALID)
+    return lines[0], lines[1] if mutual else ""
 
 
 class Commands:
@@ -187,6 +217,7 @@ class Commands:
                 "iqn": p["Iqn"],
                 "alias": p["Alias"],
                 "enabled": p["Enabled"],
+                "auth": p["Authentication"],
                 "luns": sum(1 for _, lun in luns if lun["Target"] == path),
                 "acls": sum(1 for _, acl in acls if acl["Target"] == path),
                 "description": p["Description"],
@@ -231,6 +262,30 @@ class Commands:
         return [
             {"initiator": s["Initiator"], "state": s["State"], "addresses": ",".join(s["Addresses"])} for s in sessions
         ]
+
+    # -- CHAP --------------------------------------------------------------------------
+
+    async def _set_chap(self, args: argparse.Namespace, path: str, interface: str, method: str) -> None:
+        credentials: dict[str, Variant] = {}
+        if not args.off:
+            secret, mutual_secret = read_secrets(args.mutual)
+            credentials = {"user": Variant("s", args.user), "secret": Variant("s", secret)}
+            if args.mutual:
+                credentials["mutual_user"] = Variant("s", args.mutual_user)
+                credentials["mutual_secret"] = Variant("s", mutual_secret)
+        await self.client.call(path, interface, method, "a{sv}a{sv}", [credentials, {}])
+
+    async def chap_target(self, args: argparse.Namespace) -> None:
+        path = await self.find(TARGET_INTERFACE, "target", Name=args.target)
+        await self._set_chap(args, path, TARGET_INTERFACE, "SetChap")
+
+    async def chap_acl(self, args: argparse.Namespace) -> None:
+        target = await self.find(TARGET_INTERFACE, "target", Name=args.target)
+        path = await self.find(ACL_INTERFACE, "ACL", Target=target, Initiator=args.initiator.strip().lower())
+        await self._set_chap(args, path, ACL_INTERFACE, "SetChap")
+
+    async def chap_discovery(self, args: argparse.Namespace) -> None:
+        await self._set_chap(args, ROOT_PATH, MANAGER_INTERFACE, "SetDiscoveryChap")
 
     # -- portals -----------------------------------------------------------------------
 
@@ -279,7 +334,11 @@ class Commands:
     async def acl_list(self, args: argparse.Namespace) -> list[dict[str, Any]]:
         only = await self.find(TARGET_INTERFACE, "target", Name=args.target) if args.target else None
         return [
-            {"target": await self.name_of(p["Target"], TARGET_INTERFACE), "initiator": p["Initiator"]}
+            {
+                "target": await self.name_of(p["Target"], TARGET_INTERFACE),
+                "initiator": p["Initiator"],
+                "auth": p["Authentication"],
+            }
             for _, p in await self.of(ACL_INTERFACE)
             if only in (None, p["Target"])
         ]

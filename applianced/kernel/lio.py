@@ -32,6 +32,7 @@ from applianced.kernel.model import (
     Session,
     StorageObject,
 )
+from applianced.state import Chap
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +75,21 @@ class LioKernel:
         try:
             objects = {so.name: so for so in (self._find_storage_object(n) for n in storage_objects) if so}
             found = {t.iqn: t for t in (self._read_target(iqn) for iqn in targets) if t}
+            discovery = self._read_discovery_auth()
         except RTSLibError as exc:
             raise KernelError(f"cannot read the LIO configuration: {exc}") from exc
-        return KernelConfig(storage_objects=objects, targets=found)
+        return KernelConfig(storage_objects=objects, targets=found, discovery_auth=discovery)
+
+    def _read_discovery_auth(self) -> Chap | None:
+        fabric = self.fabric
+        if not fabric.discovery_enable_auth:
+            return None
+        return Chap(
+            fabric.discovery_userid,
+            fabric.discovery_password,
+            fabric.discovery_mutual_userid,
+            fabric.discovery_mutual_password,
+        )
 
     def _find_storage_object(self, name: str) -> StorageObject | None:
         try:
@@ -92,7 +105,7 @@ class LioKernel:
         acls = {}
         for acl in tpg.node_acls:
             mapped = frozenset(MappedLun(m.mapped_lun, m.tpg_lun.lun, bool(m.write_protect)) for m in acl.mapped_luns)
-            acls[acl.node_wwn] = NodeAcl(acl.node_wwn, mapped)
+            acls[acl.node_wwn] = NodeAcl(acl.node_wwn, mapped, _read_acl_auth(acl))
         return KernelTarget(
             iqn=iqn,
             enabled=bool(tpg.enable),
@@ -220,6 +233,28 @@ class LioKernel:
             rtslib_fb.NodeACL(self._tpg(action.iqn), action.initiator, mode="lookup").delete()
 
     @_apply.register
+    def _(self, action: plan.SetAclAuth) -> None:
+        acl = rtslib_fb.NodeACL(self._tpg(action.iqn), action.initiator, mode="lookup")
+        auth = action.auth or Chap()
+        acl.chap_userid = auth.user
+        acl.chap_password = auth.secret
+        acl.chap_mutual_userid = auth.mutual_user
+        acl.chap_mutual_password = auth.mutual_secret
+        # Per-ACL enforcement (Linux ≥ 5.19): the TPG-wide switch would also force CHAP on
+        # the target's other initiators.
+        acl.set_attribute("authentication", "1" if action.auth else "0")
+
+    @_apply.register
+    def _(self, action: plan.SetDiscoveryAuth) -> None:
+        fabric = self.fabric
+        auth = action.auth or Chap()
+        fabric.discovery_userid = auth.user
+        fabric.discovery_password = auth.secret
+        fabric.discovery_mutual_userid = auth.mutual_user
+        fabric.discovery_mutual_password = auth.mutual_secret
+        fabric.discovery_enable_auth = action.auth is not None
+
+    @_apply.register
     def _(self, action: plan.MapLun) -> None:
         acl = rtslib_fb.NodeACL(self._tpg(action.iqn), action.initiator, mode="lookup")
         want = action.mapped_lun
@@ -239,6 +274,12 @@ class LioKernel:
             pass
 
 
+def _read_acl_auth(acl: rtslib_fb.NodeACL) -> Chap | None:
+    if acl.get_attribute("authentication") != "1":
+        return None
+    return Chap(acl.chap_userid, acl.chap_password, acl.chap_mutual_userid, acl.chap_mutual_password)
+
+
 def _bracket(address: str) -> str:
     # rtslib wants IPv6 portal addresses in brackets, as configfs names them.
     return f"[{address}]" if ipaddress.ip_address(address).version == 6 else address
@@ -249,4 +290,6 @@ def _unbracket(address: str) -> str:
 
 
 def _describe(action: plan.Action) -> str:
-    return f"{type(action).__name__}({', '.join(f'{k}={v}' for k, v in vars(action).items())})"
+    # repr() of a dataclass leaves out CHAP secrets (field(repr=False)), so the description
+    # is safe to log and to send to the caller.
+    return repr(action)

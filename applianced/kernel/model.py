@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from applianced.state import Config
+from applianced.state import Acl, Chap, Config, Target
 
 # TPG attributes applianced pins on every target. ``authentication`` must be explicit
 # (logins fail otherwise); generate_node_acls=0 makes the ACL list the only way in;
@@ -51,10 +51,12 @@ class MappedLun:
 
 @dataclass(frozen=True)
 class NodeAcl:
-    """An initiator allowed into a TPG, with the LUNs it sees."""
+    """An initiator allowed into a TPG, with the LUNs it sees and the CHAP it must pass."""
 
     initiator: str
     mapped_luns: frozenset[MappedLun] = frozenset()
+    # Resolved credentials (user names filled in); None: no authentication for this ACL.
+    auth: Chap | None = None
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,8 @@ class KernelConfig:
 
     storage_objects: Mapping[str, StorageObject] = field(default_factory=dict)
     targets: Mapping[str, KernelTarget] = field(default_factory=dict)
+    # The iSCSI fabric's discovery authentication, global to the node.
+    discovery_auth: Chap | None = None
 
 
 @dataclass(frozen=True)
@@ -107,6 +111,21 @@ def render(config: Config) -> KernelConfig:
             parameters={"TargetAlias": target.alias or target.name},
             portals=portals,
             luns={lun.number: lun.disk for lun in target.luns},
-            acls={acl.initiator: NodeAcl(acl.initiator, mapped) for acl in target.acls},
+            acls={
+                acl.initiator: NodeAcl(acl.initiator, mapped, resolve_chap(acl.chap or target.chap, acl, target))
+                for acl in target.acls
+            },
         )
-    return KernelConfig(storage_objects=storage_objects, targets=targets)
+    return KernelConfig(storage_objects=storage_objects, targets=targets, discovery_auth=config.discovery_chap)
+
+
+def resolve_chap(chap: Chap | None, acl: Acl, target: Target) -> Chap | None:
+    """Fill in the default user names: the initiator's IQN, and the target's for mutual CHAP."""
+    if chap is None:
+        return None
+    return Chap(
+        user=chap.user or acl.initiator,
+        secret=chap.secret,
+        mutual_user=(chap.mutual_user or target.iqn) if chap.mutual else "",
+        mutual_secret=chap.mutual_secret,
+    )

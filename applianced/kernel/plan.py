@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from applianced.kernel.model import KernelConfig, KernelTarget, MappedLun, StorageObject
+from applianced.state import Chap
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,20 @@ class RemoveAcl:
 
 
 @dataclass(frozen=True)
+class SetAclAuth:
+    """Require ``auth`` (CHAP) from an initiator, or no authentication when None."""
+
+    iqn: str
+    initiator: str
+    auth: Chap | None
+
+
+@dataclass(frozen=True)
+class SetDiscoveryAuth:
+    auth: Chap | None
+
+
+@dataclass(frozen=True)
 class MapLun:
     iqn: str
     initiator: str
@@ -123,6 +138,8 @@ Action = (
     | RemoveLun
     | AddAcl
     | RemoveAcl
+    | SetAclAuth
+    | SetDiscoveryAuth
     | MapLun
     | UnmapLun
 )
@@ -155,6 +172,8 @@ def plan(current: KernelConfig, desired: KernelConfig) -> list[Action]:
         if iqn not in current.targets:
             additions.append(CreateTarget(iqn))
             _plan_target_changes(KernelTarget(iqn=iqn, enabled=False), want, set(), removals, additions)
+    if current.discovery_auth != desired.discovery_auth:
+        additions.append(SetDiscoveryAuth(desired.discovery_auth))
     return removals + backstores + additions
 
 
@@ -197,6 +216,9 @@ def _plan_target_changes(
             kept: frozenset[MappedLun] = frozenset()
         else:
             kept = frozenset(m for m in acl.mapped_luns if m.tpg_lun not in stale_luns)
+        # Credentials before LUNs: an initiator must never see a LUN without passing CHAP.
+        if (acl.auth if acl else None) != wanted_acl.auth:
+            additions.append(SetAclAuth(iqn, initiator, wanted_acl.auth))
         additions.extend(
             MapLun(iqn, initiator, mapped) for mapped in sorted(wanted_acl.mapped_luns - kept, key=_mapped_order)
         )

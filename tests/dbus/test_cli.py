@@ -29,7 +29,7 @@ def test_first_slice_through_the_cli(daemon, tmp_path):
     assert targets["t2"]["iqn"] == "iqn.2003-01.org.linux-iscsi.applianced:t2"
     assert (targets["t1"]["luns"], targets["t1"]["acls"]) == (1, 1)
     assert daemon.cli("--json", "lun", "list", "t1").json() == [{"target": "t1", "lun": 3, "disk": "d1"}]
-    assert daemon.cli("--json", "acl", "list").json() == [{"target": "t1", "initiator": INITIATOR}]
+    assert daemon.cli("--json", "acl", "list").json() == [{"target": "t1", "initiator": INITIATOR, "auth": "inherited"}]
     assert sorted((p["address"], p["port"]) for p in daemon.cli("--json", "portal", "list").json()) == [
         ("127.0.0.1", 3261),
         ("::1", 3260),
@@ -110,3 +110,30 @@ def test_target_modify(daemon):
     assert "iqn.2026-11.com.example:mail" in daemon.kernel_file.read_text()
     nothing = daemon.cli("target", "modify", "t1")
     assert (nothing.returncode, "nothing to change" in nothing.stderr) == (5, True)
+
+
+def test_chap_through_the_cli_keeps_secrets_private(daemon):
+    daemon.configure_first_slice()
+    secret, mutual = "s3cret-s3cret", "m-s3cret-s3cr"
+    assert daemon.cli("chap", "target", "t1", "--mutual", input=f"{secret}\n{mutual}\n").returncode == 0
+    assert daemon.cli("--json", "target", "list").json()[0]["auth"] == "mutual-chap"
+    assert daemon.cli("chap", "acl", "t1", INITIATOR, "--user", "alice", input="alice-secret1\n").returncode == 0
+    assert daemon.cli("--json", "acl", "list").json()[0]["auth"] == "chap"
+    assert daemon.cli("chap", "discovery", "--user", "disco", input=f"{secret}\n").returncode == 0
+    assert daemon.cli("status").returncode == 0
+
+    # Secrets are in the 0600 state file and in the kernel, nowhere a reader can see.
+    state = (daemon.state_dir / "state.json").read_text()
+    assert secret in state and "alice-secret1" in state
+    for args in (("--json", "target", "list"), ("--json", "acl", "list"), ("--json", "disk", "list")):
+        assert secret not in daemon.cli(*args).stdout
+    assert secret not in daemon.log_text() and "alice-secret1" not in daemon.log_text()
+
+    refused = daemon.cli("chap", "target", "t1", input="short\n")
+    assert (refused.returncode, "12 to 16" in refused.stderr, "short" in refused.stderr) == (5, True, False)
+    same = daemon.cli("chap", "target", "t1", "--mutual", input=f"{secret}\n{secret}\n")
+    assert (same.returncode, "must differ" in same.stderr) == (5, True)
+    assert daemon.cli("chap", "target", "t1", "--off").returncode == 0
+    assert daemon.cli("--json", "target", "list").json()[0]["auth"] == "none"
+    missing = daemon.cli("chap", "target", "t1")
+    assert (missing.returncode, "standard input" in missing.stderr) == (5, True)

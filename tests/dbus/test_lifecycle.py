@@ -62,7 +62,7 @@ def test_sighup_with_a_broken_file_keeps_the_running_configuration(daemon):
     daemon.signal(signal.SIGHUP)
     _wait_for(lambda: "reload failed" in daemon.log_text())
     assert daemon.kernel_file.read_bytes() == kernel
-    assert daemon.cli("--json", "acl", "list").json() == [{"target": "t1", "initiator": INITIATOR}]
+    assert daemon.cli("--json", "acl", "list").json() == [{"target": "t1", "initiator": INITIATOR, "auth": "inherited"}]
 
 
 def test_second_daemon_on_the_same_bus_refuses_to_start(daemon, bus, tmp_path):

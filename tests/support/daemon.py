@@ -113,10 +113,10 @@ class Daemon:
             result = self.cli(*args)
             assert result.returncode == 0, (args, result.stderr)
 
-    def cli(self, *args: str, user: str | None = None) -> Result:
+    def cli(self, *args: str, user: str | None = None, input: str | None = None) -> Result:
         command = [str(CLI), *args]
         if user:
             command = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *command]
         env = {**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": self.bus_address}
-        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60, cwd="/")
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60, cwd="/", input=input or "")
         return Result(done.returncode, done.stdout, done.stderr)

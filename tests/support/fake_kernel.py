@@ -19,6 +19,7 @@ from typing import Any
 from applianced.errors import KernelError
 from applianced.kernel import plan
 from applianced.kernel.model import KernelConfig, KernelTarget, MappedLun, NodeAcl, Session, StorageObject
+from applianced.state import Chap
 
 # Set in the daemon's environment to make the fake refuse one action type ("AddAcl"), or
 # crash on it with an unforeseen exception ("crash:AddAcl").
@@ -32,6 +33,7 @@ class FakeKernel:
         self.storage_objects: dict[str, StorageObject] = {}
         self.targets: dict[str, KernelTarget] = {}
         self.session_list: list[Session] = []
+        self.discovery_auth: Chap | None = None
         self.applied: list[plan.Action] = []
         self.opened = False
 
@@ -46,10 +48,11 @@ class FakeKernel:
         return KernelConfig(
             storage_objects={n: self.storage_objects[n] for n in storage_objects if n in self.storage_objects},
             targets={iqn: self.targets[iqn] for iqn in targets if iqn in self.targets},
+            discovery_auth=self.discovery_auth,
         )
 
     def snapshot(self) -> KernelConfig:
-        return KernelConfig(dict(self.storage_objects), dict(self.targets))
+        return KernelConfig(dict(self.storage_objects), dict(self.targets), self.discovery_auth)
 
     def sessions(self) -> list[Session]:
         return list(self.session_list)
@@ -101,7 +104,7 @@ class FakeKernel:
             case plan.RemoveLun(iqn=iqn, lun=lun):
                 target = self._target(iqn)
                 acls = {
-                    i: NodeAcl(i, frozenset(m for m in a.mapped_luns if m.tpg_lun != lun))
+                    i: dataclasses.replace(a, mapped_luns=frozenset(m for m in a.mapped_luns if m.tpg_lun != lun))
                     for i, a in target.acls.items()
                 }
                 self._update(iqn, luns={k: v for k, v in target.luns.items() if k != lun}, acls=acls)
@@ -110,6 +113,14 @@ class FakeKernel:
                 self._update(iqn, acls={initiator: NodeAcl(initiator), **acls})
             case plan.RemoveAcl(iqn=iqn, initiator=initiator):
                 self._update(iqn, acls={k: v for k, v in self._target(iqn).acls.items() if k != initiator})
+            case plan.SetAclAuth(iqn=iqn, initiator=initiator, auth=auth):
+                target = self._target(iqn)
+                if initiator not in target.acls:
+                    raise KernelError(f"ACL {initiator} does not exist")
+                acl = dataclasses.replace(target.acls[initiator], auth=auth)
+                self._update(iqn, acls={**target.acls, initiator: acl})
+            case plan.SetDiscoveryAuth(auth=auth):
+                self.discovery_auth = auth
             case plan.MapLun(iqn=iqn, initiator=initiator, mapped_lun=mapped):
                 target = self._target(iqn)
                 if mapped.tpg_lun not in target.luns or initiator not in target.acls:
@@ -117,13 +128,15 @@ class FakeKernel:
                 acl = target.acls[initiator]
                 if any(m.mapped_lun == mapped.mapped_lun and m != mapped for m in acl.mapped_luns):
                     raise KernelError(f"mapped LUN {mapped.mapped_lun} exists with other settings")
-                new_acl = NodeAcl(initiator, acl.mapped_luns | {mapped})
+                new_acl = dataclasses.replace(acl, mapped_luns=acl.mapped_luns | {mapped})
                 self._update(iqn, acls={**target.acls, initiator: new_acl})
             case plan.UnmapLun(iqn=iqn, initiator=initiator, mapped_lun=number):
                 target = self._target(iqn)
                 acl = target.acls.get(initiator)
                 if acl is not None:
-                    kept = NodeAcl(initiator, frozenset(m for m in acl.mapped_luns if m.mapped_lun != number))
+                    kept = dataclasses.replace(
+                        acl, mapped_luns=frozenset(m for m in acl.mapped_luns if m.mapped_lun != number)
+                    )
                     self._update(iqn, acls={**target.acls, initiator: kept})
             case _:
                 raise TypeError(f"unknown action {action!r}")
@@ -143,6 +156,7 @@ class FakeKernel:
         """Forget everything, as a reboot does to LIO."""
         self.storage_objects.clear()
         self.targets.clear()
+        self.discovery_auth = None
         self._save()
 
     def _save(self) -> None:
@@ -152,6 +166,7 @@ class FakeKernel:
             "storage_objects": [dataclasses.asdict(so) for so in self.storage_objects.values()],
             "targets": [_target_to_json(t) for t in self.targets.values()],
             "sessions": [dataclasses.asdict(s) for s in self.session_list],
+            "discovery_auth": _auth_to_json(self.discovery_auth),
         }
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(data))
@@ -166,6 +181,7 @@ class FakeKernel:
         self.storage_objects = {so["name"]: StorageObject(**so) for so in data["storage_objects"]}
         self.targets = {t["iqn"]: _target_from_json(t) for t in data["targets"]}
         self.session_list = [Session(**{**s, "addresses": tuple(s["addresses"])}) for s in data.get("sessions", [])]
+        self.discovery_auth = _auth_from_json(data.get("discovery_auth"))
 
 
 def _target_to_json(target: KernelTarget) -> dict[str, Any]:
@@ -176,7 +192,10 @@ def _target_to_json(target: KernelTarget) -> dict[str, Any]:
         "parameters": dict(target.parameters),
         "portals": sorted(target.portals),
         "luns": {str(k): v for k, v in target.luns.items()},
-        "acls": {i: [dataclasses.asdict(m) for m in a.mapped_luns] for i, a in target.acls.items()},
+        "acls": {
+            i: {"mapped_luns": [dataclasses.asdict(m) for m in a.mapped_luns], "auth": _auth_to_json(a.auth)}
+            for i, a in target.acls.items()
+        },
     }
 
 
@@ -188,5 +207,16 @@ def _target_from_json(data: dict[str, Any]) -> KernelTarget:
         parameters=data["parameters"],
         portals=frozenset((a, p) for a, p in data["portals"]),
         luns={int(k): v for k, v in data["luns"].items()},
-        acls={i: NodeAcl(i, frozenset(MappedLun(**m) for m in ms)) for i, ms in data["acls"].items()},
+        acls={
+            i: NodeAcl(i, frozenset(MappedLun(**m) for m in a["mapped_luns"]), _auth_from_json(a["auth"]))
+            for i, a in data["acls"].items()
+        },
     )
+
+
+def _auth_to_json(auth: Chap | None) -> dict[str, str] | None:
+    return dataclasses.asdict(auth) if auth else None
+
+
+def _auth_from_json(data: dict[str, str] | None) -> Chap | None:
+    return Chap(**data) if data else None

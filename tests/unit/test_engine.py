@@ -1,6 +1,7 @@
 """The engine with the in-memory kernel: operations, refusals, roll-back, restart."""
 
 import asyncio
+import logging
 import stat
 
 import pytest
@@ -8,7 +9,7 @@ import pytest
 from applianced.engine import Appliance
 from applianced.errors import AlreadyExists, Busy, InvalidArgument, KernelError, NotFound, StateError
 from applianced.kernel.model import Session
-from applianced.state import StateStore
+from applianced.state import Chap, StateStore
 from tests.support.fake_kernel import FakeKernel
 
 INITIATOR = "iqn.1994-05.com.redhat:client1"
@@ -268,3 +269,76 @@ def test_disruptive_target_changes_need_force(tmp_path):
         assert not kernel.snapshot().targets[iqn].enabled
 
     run(scenario())
+
+
+SECRET, MUTUAL = "s3cret-s3cret", "other-s3cret!"
+
+
+def test_chap_resolves_default_user_names_and_reaches_the_kernel(tmp_path):
+    async def scenario():
+        engine = await started(make_engine(tmp_path))
+        await populate(engine)
+        await engine.add_acl("t1", "iqn.1994-05.com.redhat:client2")
+        iqn = engine.config.targets["t1"].iqn
+        await engine.set_target_chap("t1", Chap(secret=SECRET, mutual_secret=MUTUAL))
+        await engine.set_acl_chap("t1", "iqn.1994-05.com.redhat:client2", Chap("alice", "alice-secret1"))
+        acls = engine.kernel.snapshot().targets[iqn].acls
+        assert acls[INITIATOR].auth == Chap(INITIATOR, SECRET, iqn, MUTUAL)
+        assert acls["iqn.1994-05.com.redhat:client2"].auth == Chap("alice", "alice-secret1")
+        await engine.set_target_chap("t1", None)
+        acls = engine.kernel.snapshot().targets[iqn].acls
+        assert acls[INITIATOR].auth is None
+        assert acls["iqn.1994-05.com.redhat:client2"].auth == Chap("alice", "alice-secret1")
+        await engine.set_discovery_chap(Chap("disco", SECRET))
+        assert engine.kernel.snapshot().discovery_auth == Chap("disco", SECRET)
+        assert engine.store.load() == engine.config
+
+    run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("chap", "message"),
+    [
+        (Chap(secret="short"), "12 to 16"),
+        (Chap(secret="x" * 17), "12 to 16"),
+        (Chap(secret="has a space!!"), "without spaces"),
+        (Chap(secret="ünicode-secret"), "printable ASCII"),
+        (Chap(mutual_secret=MUTUAL), "mutual CHAP alone"),
+        (Chap(secret=SECRET, mutual_secret=SECRET), "must differ"),
+        (Chap(secret=SECRET, mutual_user="bob"), "needs a mutual secret"),
+        (Chap(user="u" * 129, secret=SECRET), "at most 128 bytes"),
+    ],
+)
+def test_bad_chap_is_refused_without_echoing_secrets(tmp_path, chap, message):
+    async def scenario():
+        engine = await started(make_engine(tmp_path))
+        await populate(engine)
+        before = engine.kernel.snapshot()
+        with pytest.raises(InvalidArgument, match=message) as raised:
+            await engine.set_target_chap("t1", chap)
+        for secret in (chap.secret, chap.mutual_secret):
+            if len(secret) > 3:
+                assert secret not in str(raised.value)
+        assert engine.kernel.snapshot() == before
+
+    run(scenario())
+
+
+def test_secrets_stay_out_of_logs_and_kernel_errors(tmp_path, caplog):
+    kernel = FakeKernel()
+
+    async def scenario():
+        engine = await started(make_engine(tmp_path, kernel))
+        await populate(engine)
+        await engine.set_target_chap("t1", Chap(secret=SECRET, mutual_secret=MUTUAL))
+        kernel.fail_on = "SetAclAuth"
+        with pytest.raises(KernelError) as raised:
+            await engine.set_target_chap("t1", Chap(secret="another-secret"))
+        return raised.value
+
+    with caplog.at_level(logging.DEBUG):
+        error = run(scenario())
+    for secret in (SECRET, MUTUAL, "another-secret"):
+        assert secret not in caplog.text
+        assert secret not in str(error)
+    assert repr(Chap("u", SECRET)) == "Chap(user='u', mutual_user='')"

@@ -4,8 +4,10 @@ import random
 
 from applianced.kernel import plan as p
 from applianced.kernel.model import KernelConfig, render
-from applianced.state import Acl, Config, Disk, Lun, Portal, Target
+from applianced.state import Acl, Chap, Config, Disk, Lun, Portal, Target
 from tests.support.fake_kernel import FakeKernel
+
+CHAPS = [None, Chap(secret="secret-number-1"), Chap("u", "secret-number-2", "m", "secret-number-3")]
 
 
 def random_config(rng: random.Random) -> Config:
@@ -16,20 +18,31 @@ def random_config(rng: random.Random) -> Config:
         config = config.with_disk(Disk(name, f"/srv/{name}.img", size, f"serial-{name}-{size}"))
     for t in range(rng.randint(0, 4)):
         luns = tuple(Lun(n, d) for n, d in enumerate(rng.sample(disks, rng.randint(0, len(disks)))))
-        acls = tuple(Acl(f"iqn.1994-05.com.example:c{i}") for i in rng.sample(range(4), rng.randint(0, 3)))
+        acls = tuple(
+            Acl(f"iqn.1994-05.com.example:c{i}", rng.choice(CHAPS)) for i in rng.sample(range(4), rng.randint(0, 3))
+        )
         config = config.with_target(
-            Target(f"t{t}", f"iqn.2003-01.org.example:t{t}", enabled=rng.random() < 0.8, luns=luns, acls=acls)
+            Target(
+                f"t{t}",
+                f"iqn.2003-01.org.example:t{t}",
+                alias=rng.choice(["", "Mail store"]),
+                enabled=rng.random() < 0.8,
+                luns=luns,
+                acls=acls,
+                chap=rng.choice(CHAPS),
+            )
         )
     portals = rng.sample(
         [Portal("10.0.0.1", 3260), Portal("fd00::1", 3260), Portal("10.0.0.1", 3261)], rng.randint(0, 3)
     )
-    return Config(config.node_id, config.iqn_prefix, config.disks, config.targets, tuple(portals))
+    return Config(config.node_id, config.iqn_prefix, config.disks, config.targets, tuple(portals), rng.choice(CHAPS))
 
 
 def kernel_holding(config: KernelConfig) -> FakeKernel:
     kernel = FakeKernel()
     kernel.storage_objects = dict(config.storage_objects)
     kernel.targets = dict(config.targets)
+    kernel.discovery_auth = config.discovery_auth
     return kernel
 
 
