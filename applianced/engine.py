@@ -155,7 +155,9 @@ class Appliance:
 
     # -- disks -----------------------------------------------------------------------------
 
-    async def create_disk(self, name: str, size: int, path: str = "", description: str = "") -> Disk:
+    async def create_disk(
+        self, name: str, size: int, path: str = "", description: str = "", write_back: bool = False
+    ) -> Disk:
         async with self._lock:
             names.validate_object_name("disk", name)
             if name in self.config.disks:
@@ -168,7 +170,10 @@ class Appliance:
                 size=size,
                 serial=str(uuid.uuid4()),
                 description=_check_description(description),
+                write_back=write_back,
             )
+            if write_back:
+                audit("create-disk", name, "warning", f"disk {name} uses write-back caching: a power cut loses writes")
             await asyncio.to_thread(_create_sparse_file, file_path, size)
             try:
                 await self._commit("create-disk", name, self.config.with_disk(disk))
@@ -195,6 +200,26 @@ class Appliance:
         if file_path.exists():
             raise AlreadyExists(f"{file_path} exists already; applianced does not overwrite files")
         return file_path
+
+    async def extend_disk(self, name: str, size: int) -> Disk:
+        """Grow a disk while it may be in use; initiators see the new capacity on rescan."""
+        async with self._lock:
+            disk = self._disk(name)
+            if size < disk.size:
+                raise InvalidArgument(f"disk {name!r} is {disk.size} bytes; shrinking would destroy data")
+            if size == disk.size:
+                return disk
+            _check_size(size)
+            grown = dataclasses.replace(disk, size=size)
+            path = Path(disk.path)
+            # The file grows first so that LIO never exports more than the file holds.
+            await asyncio.to_thread(os.truncate, path, size)
+            try:
+                await self._commit("extend-disk", name, self.config.with_disk(grown))
+            except BaseException:
+                await asyncio.to_thread(os.truncate, path, disk.size)
+                raise
+            return grown
 
     async def delete_disk(self, name: str, remove_file: bool = False) -> None:
         async with self._lock:
@@ -292,7 +317,9 @@ class Appliance:
 
     # -- LUNs ------------------------------------------------------------------------------
 
-    async def add_lun(self, target_name: str, disk_name: str, number: int | None = None) -> Lun:
+    async def add_lun(
+        self, target_name: str, disk_name: str, number: int | None = None, read_only: bool = False
+    ) -> Lun:
         async with self._lock:
             target = self._target(target_name)
             self._disk(disk_name)
@@ -308,7 +335,7 @@ class Appliance:
                 raise InvalidArgument(f"LUN {number} is out of range 0-{MAX_LUN}")
             elif number in used:
                 raise AlreadyExists(f"target {target_name!r} has a LUN {number} already")
-            lun = Lun(number=number, disk=disk_name)
+            lun = Lun(number=number, disk=disk_name, read_only=read_only)
             luns = tuple(sorted((*target.luns, lun), key=lambda item: item.number))
             new = self.config.with_target(dataclasses.replace(target, luns=luns))
             await self._commit("add-lun", f"{target_name}/lun{number}", new)

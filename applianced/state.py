@@ -34,6 +34,9 @@ class Disk:
     size: int
     serial: str
     description: str = ""
+    # Write-back caching in the node's page cache: faster, but a power cut loses acknowledged
+    # writes. Off (write-through) unless asked for.
+    write_back: bool = False
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,7 @@ class Lun:
 
     number: int
     disk: str
+    read_only: bool = False
 
 
 @dataclass(frozen=True)

@@ -121,8 +121,10 @@ class ManagerInterface(EntityInterface):
     @dbus_method()
     @translate_errors
     async def CreateDisk(self, name: "s", size: "t", options: "a{sv}") -> "o":
-        opts = Options("CreateDisk", options, {"path": "s", "description": "s"})
-        disk = await self.engine.create_disk(name, size, opts.get("path", ""), opts.get("description", ""))
+        opts = Options("CreateDisk", options, {"path": "s", "description": "s", "write_back": "b"})
+        disk = await self.engine.create_disk(
+            name, size, opts.get("path", ""), opts.get("description", ""), opts.get("write_back", False)
+        )
         return paths.disk_path(disk.name)
 
     @dbus_method()
@@ -175,6 +177,16 @@ class DiskInterface(EntityInterface):
     @dbus_property(access=READ)
     def Description(self) -> "s":
         return self.value.description
+
+    @dbus_property(access=READ)
+    def WriteBack(self) -> "b":
+        return self.value.write_back
+
+    @dbus_method()
+    @translate_errors
+    async def Extend(self, size: "t", options: "a{sv}") -> None:
+        Options("Extend", options, {})
+        await self.engine.extend_disk(self.value.name, size)
 
     @dbus_method()
     @translate_errors
@@ -245,9 +257,9 @@ class TargetInterface(EntityInterface):
     @dbus_method()
     @translate_errors
     async def AddLun(self, disk: "o", options: "a{sv}") -> "o":
-        opts = Options("AddLun", options, {"lun": "u"})
+        opts = Options("AddLun", options, {"lun": "u", "read_only": "b"})
         disk_name = _name_from_path(disk, paths.disk_path, self.engine.config.disks, "disk")
-        lun = await self.engine.add_lun(self.value.name, disk_name, opts.get("lun", None))
+        lun = await self.engine.add_lun(self.value.name, disk_name, opts.get("lun", None), opts.get("read_only", False))
         return paths.lun_path(self.value.name, lun.number)
 
     @dbus_method()
@@ -269,6 +281,10 @@ class LunInterface(EntityInterface):
     @dbus_property(access=READ)
     def Disk(self) -> "o":
         return paths.disk_path(self.value[1].disk)
+
+    @dbus_property(access=READ)
+    def ReadOnly(self) -> "b":
+        return self.value[1].read_only
 
     @dbus_property(access=READ)
     def Target(self) -> "o":

@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("size", help="size with a unit, e.g. 10G, 512MiB, 1TB")
     create.add_argument("--path", default="", help="backing file (default: in the state directory)")
     create.add_argument("--description", default="")
+    create.add_argument(
+        "--write-back", action="store_true", help="cache writes in the node's memory (faster; a power cut loses data)"
+    )
+    extend = disk.add_parser("extend", help="grow a disk, also while initiators use it")
+    extend.add_argument("name")
+    extend.add_argument("size", help="new size with a unit, e.g. 200G")
     delete = disk.add_parser("delete", help="delete a disk (the backing file is kept)")
     delete.add_argument("name")
     delete.add_argument("--remove-file", action="store_true", help="also delete the backing file")
@@ -89,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("target")
     add.add_argument("disk")
     add.add_argument("--lun", type=int, help="LUN number (default: lowest free)")
+    add.add_argument("--read-only", action="store_true", help="initiators may read but not write")
     remove = lun.add_parser("remove", help="remove a LUN from a target")
     remove.add_argument("target")
     remove.add_argument("lun", type=int)
@@ -193,12 +200,23 @@ class Commands:
         ]
 
     async def disk_create(self, args: argparse.Namespace) -> None:
-        try:
-            size = parse_size(args.size)
-        except InvalidArgument as exc:
-            raise UsageError(f"invalid argument: {exc}", EXIT_INVALID) from None
-        options = {"path": Variant("s", args.path), "description": Variant("s", args.description)}
+        options = {
+            "path": Variant("s", args.path),
+            "description": Variant("s", args.description),
+            "write_back": Variant("b", args.write_back),
+        }
+        size = _size(args.size)
         await self.client.call(ROOT_PATH, MANAGER_INTERFACE, "CreateDisk", "sta{sv}", [args.name, size, options])
+        if args.write_back:
+            print(
+                f"appliancectl: warning: {args.name} caches writes in memory; a power cut or crash of this node "
+                "loses writes that initiators were told are done",
+                file=sys.stderr,
+            )
+
+    async def disk_extend(self, args: argparse.Namespace) -> None:
+        path = await self.find(DISK_INTERFACE, "disk", Name=args.name)
+        await self.client.call(path, DISK_INTERFACE, "Extend", "ta{sv}", [_size(args.size), {}])
 
     async def disk_delete(self, args: argparse.Namespace) -> None:
         path = await self.find(DISK_INTERFACE, "disk", Name=args.name)
@@ -311,6 +329,7 @@ class Commands:
                 "target": await self.name_of(p["Target"], TARGET_INTERFACE),
                 "lun": p["Number"],
                 "disk": await self.name_of(p["Disk"], DISK_INTERFACE),
+                "read_only": p["ReadOnly"],
             }
             for _, p in await self.of(LUN_INTERFACE)
             if only in (None, p["Target"])
@@ -321,7 +340,9 @@ class Commands:
         disk = await self.find(DISK_INTERFACE, "disk", Name=args.disk)
         if args.lun is not None and args.lun < 0:
             raise UsageError(f"invalid argument: LUN {args.lun} is negative", EXIT_INVALID)
-        options = {} if args.lun is None else {"lun": Variant("u", args.lun)}
+        options = {"read_only": Variant("b", args.read_only)}
+        if args.lun is not None:
+            options["lun"] = Variant("u", args.lun)
         await self.client.call(target, TARGET_INTERFACE, "AddLun", "oa{sv}", [disk, options])
 
     async def lun_remove(self, args: argparse.Namespace) -> None:
@@ -351,6 +372,13 @@ class Commands:
         target = await self.find(TARGET_INTERFACE, "target", Name=args.target)
         path = await self.find(ACL_INTERFACE, "ACL", Target=target, Initiator=args.initiator.strip().lower())
         await self.client.call(path, ACL_INTERFACE, "Delete", "a{sv}", [{"force": Variant("b", args.force)}])
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except InvalidArgument as exc:
+        raise UsageError(f"invalid argument: {exc}", EXIT_INVALID) from None
 
 
 def render_table(rows: Sequence[dict[str, Any]]) -> str:

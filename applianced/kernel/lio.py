@@ -18,7 +18,7 @@ from functools import singledispatchmethod
 from pathlib import Path
 
 import rtslib_fb
-from rtslib_fb.utils import RTSLibError, RTSLibNotInCFSError, modprobe
+from rtslib_fb.utils import RTSLibError, RTSLibNotInCFSError, fwrite, modprobe
 
 from applianced.errors import KernelError
 from applianced.kernel import plan
@@ -96,7 +96,7 @@ class LioKernel:
             so = rtslib_fb.FileIOStorageObject(name)
         except RTSLibNotInCFSError:
             return None
-        return StorageObject(name=so.name, path=so.udev_path, size=so.size, serial=so.wwn)
+        return StorageObject(so.name, so.udev_path, so.size, so.wwn, so.write_back)
 
     def _read_target(self, iqn: str) -> KernelTarget | None:
         tpg = self._find_tpg(iqn)
@@ -163,7 +163,17 @@ class LioKernel:
             return
         if have is not None:
             raise RTSLibError(f"backstore {want.name} exists with other settings")
-        rtslib_fb.FileIOStorageObject(want.name, dev=want.path, size=want.size, wwn=want.serial, write_back=False)
+        rtslib_fb.FileIOStorageObject(
+            want.name, dev=want.path, size=want.size, wwn=want.serial, write_back=want.write_back
+        )
+
+    @_apply.register
+    def _(self, action: plan.GrowStorageObject) -> None:
+        so = rtslib_fb.FileIOStorageObject(action.name)
+        if so.size < action.size:
+            # fileio reads its size from fd_dev_size on every READ CAPACITY, and the control
+            # file accepts a new value on a live device.
+            fwrite(f"{so.path}/control", f"fd_dev_size={action.size}")
 
     @_apply.register
     def _(self, action: plan.DeleteStorageObject) -> None:

@@ -38,6 +38,7 @@ class StorageObject:
     path: str
     size: int
     serial: str
+    write_back: bool = False
 
 
 @dataclass(frozen=True)
@@ -96,14 +97,14 @@ class Session:
 def render(config: Config) -> KernelConfig:
     """Return the LIO configuration that realises ``config``."""
     storage_objects = {
-        disk.name: StorageObject(name=disk.name, path=disk.path, size=disk.size, serial=disk.serial)
+        disk.name: StorageObject(disk.name, disk.path, disk.size, disk.serial, disk.write_back)
         for disk in config.disks.values()
     }
     portals = frozenset((portal.address, portal.port) for portal in config.portals)
     targets = {}
     for target in config.targets.values():
         # Every allowed initiator sees every LUN of the target under the same number.
-        mapped = frozenset(MappedLun(lun.number, lun.number) for lun in target.luns)
+        mapped = frozenset(MappedLun(lun.number, lun.number, lun.read_only) for lun in target.luns)
         targets[target.iqn] = KernelTarget(
             iqn=target.iqn,
             enabled=target.enabled,

@@ -9,6 +9,7 @@ and logged-in sessions never notice.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from applianced.kernel.model import KernelConfig, KernelTarget, MappedLun, StorageObject
@@ -18,6 +19,14 @@ from applianced.state import Chap
 @dataclass(frozen=True)
 class CreateStorageObject:
     storage_object: StorageObject
+
+
+@dataclass(frozen=True)
+class GrowStorageObject:
+    """Make a live backstore larger; initiators see the new capacity when they rescan."""
+
+    name: str
+    size: int
 
 
 @dataclass(frozen=True)
@@ -126,6 +135,7 @@ class UnmapLun:
 
 Action = (
     CreateStorageObject
+    | GrowStorageObject
     | DeleteStorageObject
     | CreateTarget
     | DeleteTarget
@@ -147,10 +157,15 @@ Action = (
 
 def plan(current: KernelConfig, desired: KernelConfig) -> list[Action]:
     """Return the actions that make ``current`` equal to ``desired``."""
+    grown = {
+        name: desired.storage_objects[name].size
+        for name, obj in current.storage_objects.items()
+        if name in desired.storage_objects and _only_grown(obj, desired.storage_objects[name])
+    }
     replaced_objects = {
         name
         for name, obj in current.storage_objects.items()
-        if name in desired.storage_objects and desired.storage_objects[name] != obj
+        if name in desired.storage_objects and desired.storage_objects[name] != obj and name not in grown
     }
     removals: list[Action] = []
     additions: list[Action] = []
@@ -163,7 +178,8 @@ def plan(current: KernelConfig, desired: KernelConfig) -> list[Action]:
     for name in current.storage_objects:
         if name not in desired.storage_objects or name in replaced_objects:
             removals.append(DeleteStorageObject(name))
-    backstores: list[Action] = [
+    backstores: list[Action] = [GrowStorageObject(name, size) for name, size in sorted(grown.items())]
+    backstores += [
         CreateStorageObject(obj)
         for name, obj in desired.storage_objects.items()
         if name not in current.storage_objects or name in replaced_objects
@@ -225,6 +241,11 @@ def _plan_target_changes(
     additions.extend(AddPortal(iqn, *portal) for portal in sorted(want.portals - have.portals))
     if want.enabled and not have.enabled:
         additions.append(SetTpgEnabled(iqn, True))
+
+
+def _only_grown(have: StorageObject, want: StorageObject) -> bool:
+    # Growing is done in place; any other change of a backstore means replacing it.
+    return want.size > have.size and dataclasses.replace(have, size=want.size) == want
 
 
 def _mapped_order(mapped: MappedLun) -> int:

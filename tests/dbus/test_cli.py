@@ -28,7 +28,9 @@ def test_first_slice_through_the_cli(daemon, tmp_path):
     assert targets["t1"]["iqn"] == "iqn.2001-04.com.example:t1"
     assert targets["t2"]["iqn"] == "iqn.2003-01.org.linux-iscsi.applianced:t2"
     assert (targets["t1"]["luns"], targets["t1"]["acls"]) == (1, 1)
-    assert daemon.cli("--json", "lun", "list", "t1").json() == [{"target": "t1", "lun": 3, "disk": "d1"}]
+    assert daemon.cli("--json", "lun", "list", "t1").json() == [
+        {"target": "t1", "lun": 3, "disk": "d1", "read_only": False}
+    ]
     assert daemon.cli("--json", "acl", "list").json() == [{"target": "t1", "initiator": INITIATOR, "auth": "inherited"}]
     assert sorted((p["address"], p["port"]) for p in daemon.cli("--json", "portal", "list").json()) == [
         ("127.0.0.1", 3261),

@@ -32,7 +32,7 @@ def test_start_after_reboot_restores_everything(daemon):
     daemon.kernel_file.unlink()  # what a reboot does to LIO
     daemon.start()
     assert json.loads(daemon.kernel_file.read_text()) == kernel
-    assert daemon.cli("--json", "lun", "list").json() == [{"target": "t1", "lun": 0, "disk": "d1"}]
+    assert daemon.cli("--json", "lun", "list").json() == [{"target": "t1", "lun": 0, "disk": "d1", "read_only": False}]
 
 
 def test_state_file_is_private_and_versioned(daemon):

@@ -76,6 +76,11 @@ class FakeKernel:
                 if self.storage_objects.get(so.name, so) != so:
                     raise KernelError(f"backstore {so.name} exists with other settings")
                 self.storage_objects[so.name] = so
+            case plan.GrowStorageObject(name=name, size=size):
+                so = self.storage_objects[name]
+                if size < so.size:
+                    raise KernelError("backstores only grow")
+                self.storage_objects[name] = dataclasses.replace(so, size=size)
             case plan.DeleteStorageObject(name=name):
                 if any(name in t.luns.values() for t in self.targets.values()):
                     raise KernelError(f"backstore {name} is in use by a LUN")

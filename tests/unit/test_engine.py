@@ -342,3 +342,47 @@ def test_secrets_stay_out_of_logs_and_kernel_errors(tmp_path, caplog):
         assert secret not in caplog.text
         assert secret not in str(error)
     assert repr(Chap("u", SECRET)) == "Chap(user='u', mutual_user='')"
+
+
+def test_extend_grows_file_and_kernel_and_refuses_shrink(tmp_path):
+    async def scenario():
+        engine = await started(make_engine(tmp_path))
+        await populate(engine)
+        await engine.extend_disk("d1", 128 << 20)
+        assert engine.kernel.snapshot().storage_objects["d1"].size == 128 << 20
+        assert (tmp_path / "state" / "disks" / "d1.img").stat().st_size == 128 << 20
+        with pytest.raises(InvalidArgument, match="shrinking"):
+            await engine.extend_disk("d1", 64 << 20)
+        assert engine.kernel.snapshot().storage_objects["d1"].size == 128 << 20
+
+    run(scenario())
+
+
+def test_failed_extend_shrinks_the_file_back(tmp_path):
+    kernel = FakeKernel()
+
+    async def scenario():
+        engine = await started(make_engine(tmp_path, kernel))
+        await populate(engine)
+        kernel.fail_on = "GrowStorageObject"
+        with pytest.raises(KernelError):
+            await engine.extend_disk("d1", 128 << 20)
+        assert (tmp_path / "state" / "disks" / "d1.img").stat().st_size == 64 << 20
+        assert engine.config.disks["d1"].size == 64 << 20
+
+    run(scenario())
+
+
+def test_read_only_luns_and_write_back_disks_reach_the_kernel(tmp_path):
+    async def scenario():
+        engine = await started(make_engine(tmp_path))
+        await populate(engine)
+        await engine.create_disk("fast", 1 << 20, write_back=True)
+        await engine.add_lun("t1", "fast", read_only=True)
+        kernel = engine.kernel.snapshot()
+        assert kernel.storage_objects["fast"].write_back
+        assert not kernel.storage_objects["d1"].write_back
+        mapped = kernel.targets[engine.config.targets["t1"].iqn].acls[INITIATOR].mapped_luns
+        assert {(m.mapped_lun, m.write_protect) for m in mapped} == {(0, False), (1, True)}
+
+    run(scenario())

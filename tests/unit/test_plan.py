@@ -15,9 +15,11 @@ def random_config(rng: random.Random) -> Config:
     disks = [f"d{i}" for i in range(rng.randint(0, 5))]
     for name in disks:
         size = rng.choice([1, 2]) << 20
-        config = config.with_disk(Disk(name, f"/srv/{name}.img", size, f"serial-{name}-{size}"))
+        config = config.with_disk(Disk(name, f"/srv/{name}.img", size, f"serial-{name}", write_back=rng.random() < 0.2))
     for t in range(rng.randint(0, 4)):
-        luns = tuple(Lun(n, d) for n, d in enumerate(rng.sample(disks, rng.randint(0, len(disks)))))
+        luns = tuple(
+            Lun(n, d, read_only=rng.random() < 0.3) for n, d in enumerate(rng.sample(disks, rng.randint(0, len(disks))))
+        )
         acls = tuple(
             Acl(f"iqn.1994-05.com.example:c{i}", rng.choice(CHAPS)) for i in rng.sample(range(4), rng.randint(0, 3))
         )
@@ -80,10 +82,19 @@ def test_replacing_a_backstore_remaps_its_luns():
     config = config.with_target(
         Target("t", "iqn.2003-01.org.example:t", luns=(Lun(0, "d"),), acls=(Acl("iqn.1994-05.com.example:c"),))
     )
-    grown = config.with_disk(Disk("d", "/srv/d.img", 2 << 20, "s"))
-    actions = p.plan(render(config), render(grown))
+    moved = config.with_disk(Disk("d", "/srv/elsewhere.img", 1 << 20, "s"))
+    actions = p.plan(render(config), render(moved))
     kinds = [type(a).__name__ for a in actions]
     assert kinds == ["UnmapLun", "RemoveLun", "DeleteStorageObject", "CreateStorageObject", "AddLun", "MapLun"]
+
+
+def test_growing_a_backstore_is_done_in_place_but_shrinking_replaces_it():
+    config = Config(node_id="n").with_disk(Disk("d", "/srv/d.img", 1 << 20, "s"))
+    config = config.with_target(Target("t", "iqn.2003-01.org.example:t", luns=(Lun(0, "d"),)))
+    grown = config.with_disk(Disk("d", "/srv/d.img", 2 << 20, "s"))
+    assert p.plan(render(config), render(grown)) == [p.GrowStorageObject("d", 2 << 20)]
+    kinds = [type(a).__name__ for a in p.plan(render(grown), render(config))]
+    assert "DeleteStorageObject" in kinds and "GrowStorageObject" not in kinds
 
 
 def test_unrelated_changes_do_not_touch_other_targets():

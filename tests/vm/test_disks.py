@@ -1,0 +1,88 @@
+"""Virtual disks on a real kernel while an initiator is logged in: online extend, LUN
+hot-add (with the REPORTED LUNS DATA HAS CHANGED notice), read-only LUNs, write-back."""
+
+import pytest
+
+from tests.vm.appliance import ApplianceNode
+
+pytestmark = pytest.mark.vm
+
+INITIATOR = "iqn.2026-11.org.applianced.test:disks-client"
+PORTAL = "127.0.0.1"
+
+
+@pytest.fixture(scope="module")
+def node(module_guest_factory):
+    appliance = ApplianceNode(module_guest_factory("disks")).prepare(initiator_name=INITIATOR)
+    appliance.start()
+    for args in (
+        ("disk", "create", "d1", "32M"),
+        ("target", "create", "t1"),
+        ("portal", "create", PORTAL),
+        ("lun", "add", "t1", "d1"),
+        ("acl", "add", "t1", INITIATOR),
+    ):
+        appliance.ctl(*args)
+    (iqn,) = appliance.discover(PORTAL)
+    appliance.login(iqn, PORTAL)
+    return appliance
+
+
+def serial(node, name):
+    return next(d["serial"] for d in node.ctl_json("disk", "list") if d["name"] == name)
+
+
+def size_of(node, device):
+    return int(node.guest.run(["blockdev", "--getsize64", device]).stdout)
+
+
+def rescan(node):
+    node.guest.run(["iscsiadm", "-m", "session", "-R"])
+    node.guest.run("udevadm settle")
+
+
+def test_online_extend_is_seen_after_rescan(node):
+    device = node.device_for_serial(serial(node, "d1"))
+    assert size_of(node, device) == 32 << 20
+    node.guest.run(
+        f"head -c 1M /dev/urandom > /tmp/head.bin && dd if=/tmp/head.bin of={device} oflag=direct status=none"
+    )
+    node.ctl("disk", "extend", "d1", "64M")
+    rescan(node)
+    assert size_of(node, device) == 64 << 20
+    # The data in front is untouched, and the new space is usable.
+    check = f"dd if={device} bs=1M count=1 iflag=direct status=none | cmp - /tmp/head.bin"
+    assert node.guest.run(check, check=False).rc == 0
+    node.guest.run(f"dd if=/dev/urandom of={device} bs=1M seek=63 count=1 oflag=direct status=none")
+    refused = node.ctl("disk", "extend", "d1", "16M", check=False)
+    assert refused.rc == 5 and "shrinking" in refused.stderr
+
+
+def test_lun_hot_add_notifies_the_logged_in_initiator(node):
+    first = node.device_for_serial(serial(node, "d1"))
+    node.guest.run("dmesg -C")
+    node.ctl("disk", "create", "d2", "16M")
+    node.ctl("lun", "add", "t1", "d2", "--read-only")
+    # The unit attention is delivered with the next command to a LUN already in use.
+    node.guest.run(f"dd if={first} of=/dev/null bs=4k count=1 iflag=direct status=none", check=False)
+    node.guest.wait_until("dmesg | grep -q 'LUN assignments on this target have changed'", timeout=30)
+    rescan(node)
+    second = node.device_for_serial(serial(node, "d2"))
+    assert size_of(node, second) == 16 << 20
+
+
+def test_read_only_lun_refuses_writes(node):
+    device = node.device_for_serial(serial(node, "d2"))
+    assert node.guest.run(["blockdev", "--getro", device]).stdout.strip() == "1"
+    write = node.guest.run(f"dd if=/dev/zero of={device} bs=4k count=1 oflag=direct status=none", check=False)
+    assert write.rc != 0
+    assert node.guest.run(f"dd if={device} of=/dev/null bs=4k count=1 iflag=direct status=none").rc == 0
+
+
+def test_write_back_is_opt_in(node):
+    created = node.ctl("disk", "create", "wb", "8M", "--write-back")
+    assert "power cut" in created.stderr
+    infos = node.guest.run("cat /sys/kernel/config/target/core/fileio_*/wb/info").stdout
+    assert "Buffered-WCE" in infos
+    infos = node.guest.run("cat /sys/kernel/config/target/core/fileio_*/d1/info").stdout
+    assert "O_DSYNC" in infos
