@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from applianced import names
+from applianced import diskfile, names
 from applianced.constants import DISKS_DIR_NAME
 from applianced.errors import AlreadyExists, Busy, InvalidArgument, KernelError, NotFound, StateError
 from applianced.kernel.model import KernelConfig, Session, render
@@ -174,7 +174,7 @@ class Appliance:
             )
             if write_back:
                 audit("create-disk", name, "warning", f"disk {name} uses write-back caching: a power cut loses writes")
-            await asyncio.to_thread(_create_sparse_file, file_path, size)
+            await asyncio.to_thread(diskfile.create, file_path, _marker(disk))
             try:
                 await self._commit("create-disk", name, self.config.with_disk(disk))
             except BaseException:
@@ -182,17 +182,29 @@ class Appliance:
                 raise
             return disk
 
+    async def import_disk(self, path: str, name: str = "", description: str = "") -> Disk:
+        """Take over a disk file made by applianced (here or on another node), keeping its serial."""
+        async with self._lock:
+            file_path = _check_path(path)
+            marker = await asyncio.to_thread(diskfile.read_marker, file_path)
+            name = names.validate_object_name("disk", name or marker.name)
+            if name in self.config.disks:
+                raise AlreadyExists(f"disk {name!r} exists already; import it under another name")
+            for disk in self.config.disks.values():
+                if disk.path == str(file_path):
+                    raise AlreadyExists(f"{file_path} is already the backing file of disk {disk.name!r}")
+                if disk.serial == marker.serial:
+                    raise AlreadyExists(f"disk {disk.name!r} already has serial {marker.serial} (a copy of this file?)")
+            disk = Disk(name, str(file_path), marker.size, marker.serial, _check_description(description))
+            await self._commit("import-disk", name, self.config.with_disk(disk))
+            return disk
+
     def _disk_path(self, name: str, path: str) -> Path:
         if not path:
             self.disks_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             file_path = self.disks_dir / f"{name}.img"
         else:
-            file_path = Path(path)
-            if not file_path.is_absolute() or os.path.normpath(path) != path:
-                raise InvalidArgument(f"path {path!r} must be absolute and normalised")
-            # LIO's control string is comma-separated, and configfs values are one line.
-            if any(ch in path for ch in ",\n\t") or not path.isprintable():
-                raise InvalidArgument(f"path {path!r} contains a comma or a control character")
+            file_path = _check_path(path)
             if not file_path.parent.is_dir():
                 raise InvalidArgument(f"directory {str(file_path.parent)!r} does not exist")
         if any(disk.path == str(file_path) for disk in self.config.disks.values()):
@@ -213,11 +225,14 @@ class Appliance:
             grown = dataclasses.replace(disk, size=size)
             path = Path(disk.path)
             # The file grows first so that LIO never exports more than the file holds.
-            await asyncio.to_thread(os.truncate, path, size)
+            try:
+                await asyncio.to_thread(diskfile.grow, path, _marker(disk), _marker(grown))
+            except OSError as exc:
+                raise InvalidArgument(f"cannot grow {path}: {exc.strerror}") from exc
             try:
                 await self._commit("extend-disk", name, self.config.with_disk(grown))
             except BaseException:
-                await asyncio.to_thread(os.truncate, path, disk.size)
+                await asyncio.to_thread(diskfile.shrink_back, path, _marker(disk))
                 raise
             return grown
 
@@ -441,6 +456,20 @@ class Appliance:
             await self._commit("delete-portal", key, new)
 
 
+def _check_path(path: str) -> Path:
+    file_path = Path(path)
+    if not file_path.is_absolute() or os.path.normpath(path) != path:
+        raise InvalidArgument(f"path {path!r} must be absolute and normalised")
+    # LIO's control string is comma-separated, and configfs values are one line.
+    if any(ch in path for ch in ",\n\t") or not path.isprintable():
+        raise InvalidArgument(f"path {path!r} contains a comma or a control character")
+    return file_path
+
+
+def _marker(disk: Disk) -> diskfile.Marker:
+    return diskfile.Marker(name=disk.name, serial=disk.serial, size=disk.size)
+
+
 def _check_size(size: int) -> None:
     if not MIN_DISK_SIZE <= size <= MAX_DISK_SIZE:
         raise InvalidArgument(f"size {size} is out of range: at least {format_size(MIN_DISK_SIZE)}")
@@ -504,21 +533,3 @@ def _check_port(port: int) -> int:
     if not 1 <= port <= 65535:
         raise InvalidArgument(f"port {port} is out of range 1-65535")
     return port
-
-
-def _create_sparse_file(path: Path, size: int) -> None:
-    # O_EXCL: never take over a file that appeared since validation.
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        raise AlreadyExists(f"{path} exists already; applianced does not overwrite files") from None
-    except OSError as exc:
-        raise InvalidArgument(f"cannot create {path}: {exc.strerror}") from exc
-    try:
-        os.ftruncate(fd, size)
-        os.fsync(fd)
-    except OSError as exc:
-        os.close(fd)
-        path.unlink(missing_ok=True)
-        raise InvalidArgument(f"cannot size {path} to {size} bytes: {exc.strerror}") from exc
-    os.close(fd)

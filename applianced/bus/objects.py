@@ -129,6 +129,13 @@ class ManagerInterface(EntityInterface):
 
     @dbus_method()
     @translate_errors
+    async def ImportDisk(self, path: "s", options: "a{sv}") -> "o":
+        opts = Options("ImportDisk", options, {"name": "s", "description": "s"})
+        disk = await self.engine.import_disk(path, opts.get("name", ""), opts.get("description", ""))
+        return paths.disk_path(disk.name)
+
+    @dbus_method()
+    @translate_errors
     async def CreateTarget(self, name: "s", options: "a{sv}") -> "o":
         opts = Options("CreateTarget", options, {"iqn": "s", "description": "s", "alias": "s"})
         target = await self.engine.create_target(

@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument(
         "--write-back", action="store_true", help="cache writes in the node's memory (faster; a power cut loses data)"
     )
+    imported = disk.add_parser("import", help="take over a disk file made by applianced, keeping its identity")
+    imported.add_argument("path")
+    imported.add_argument("--name", default="", help="name on this node (default: the name it had)")
+    imported.add_argument("--description", default="")
     extend = disk.add_parser("extend", help="grow a disk, also while initiators use it")
     extend.add_argument("name")
     extend.add_argument("size", help="new size with a unit, e.g. 200G")
@@ -213,6 +217,10 @@ class Commands:
                 "loses writes that initiators were told are done",
                 file=sys.stderr,
             )
+
+    async def disk_import(self, args: argparse.Namespace) -> None:
+        options = {"name": Variant("s", args.name), "description": Variant("s", args.description)}
+        await self.client.call(ROOT_PATH, MANAGER_INTERFACE, "ImportDisk", "sa{sv}", [args.path, options])
 
     async def disk_extend(self, args: argparse.Namespace) -> None:
         path = await self.find(DISK_INTERFACE, "disk", Name=args.name)

@@ -3,9 +3,11 @@
 import asyncio
 import logging
 import stat
+from pathlib import Path
 
 import pytest
 
+from applianced import diskfile
 from applianced.engine import Appliance
 from applianced.errors import AlreadyExists, Busy, InvalidArgument, KernelError, NotFound, StateError
 from applianced.kernel.model import Session
@@ -53,8 +55,9 @@ def test_full_slice_reaches_kernel_and_state(tmp_path):
     assert target.portals == {("10.1.0.5", 3260)}
     assert kernel.storage_objects["d1"].size == 64 << 20
     disk_file = tmp_path / "state" / "disks" / "d1.img"
-    assert disk_file.stat().st_size == 64 << 20
-    assert disk_file.stat().st_blocks == 0, "the backing file must be sparse"
+    assert disk_file.stat().st_size == (64 << 20) + diskfile.TRAILER_SIZE
+    assert disk_file.stat().st_blocks * 512 <= diskfile.TRAILER_SIZE, "sparse: only the trailer is written"
+    assert diskfile.read_marker(disk_file) == diskfile.Marker("d1", engine.config.disks["d1"].serial, 64 << 20)
     assert stat.S_IMODE(disk_file.stat().st_mode) == 0o600
     assert engine.store.load() == engine.config
 
@@ -350,7 +353,7 @@ def test_extend_grows_file_and_kernel_and_refuses_shrink(tmp_path):
         await populate(engine)
         await engine.extend_disk("d1", 128 << 20)
         assert engine.kernel.snapshot().storage_objects["d1"].size == 128 << 20
-        assert (tmp_path / "state" / "disks" / "d1.img").stat().st_size == 128 << 20
+        assert diskfile.read_marker(tmp_path / "state" / "disks" / "d1.img").size == 128 << 20
         with pytest.raises(InvalidArgument, match="shrinking"):
             await engine.extend_disk("d1", 64 << 20)
         assert engine.kernel.snapshot().storage_objects["d1"].size == 128 << 20
@@ -367,7 +370,7 @@ def test_failed_extend_shrinks_the_file_back(tmp_path):
         kernel.fail_on = "GrowStorageObject"
         with pytest.raises(KernelError):
             await engine.extend_disk("d1", 128 << 20)
-        assert (tmp_path / "state" / "disks" / "d1.img").stat().st_size == 64 << 20
+        assert diskfile.read_marker(tmp_path / "state" / "disks" / "d1.img").size == 64 << 20
         assert engine.config.disks["d1"].size == 64 << 20
 
     run(scenario())
@@ -384,5 +387,28 @@ def test_read_only_luns_and_write_back_disks_reach_the_kernel(tmp_path):
         assert not kernel.storage_objects["d1"].write_back
         mapped = kernel.targets[engine.config.targets["t1"].iqn].acls[INITIATOR].mapped_luns
         assert {(m.mapped_lun, m.write_protect) for m in mapped} == {(0, False), (1, True)}
+
+    run(scenario())
+
+
+def test_import_keeps_identity_and_refuses_foreign_files_and_copies(tmp_path):
+    async def scenario():
+        engine = await started(make_engine(tmp_path))
+        await populate(engine)
+        original = await engine.create_disk("moving", 2 << 20, description="to be moved")
+        await engine.delete_disk("moving")
+        imported = await engine.import_disk(original.path, name="moved")
+        assert (imported.serial, imported.size, imported.path) == (original.serial, original.size, original.path)
+        assert engine.kernel.snapshot().storage_objects["moved"].serial == original.serial
+        copy = tmp_path / "copy.img"
+        copy.write_bytes(Path(original.path).read_bytes())
+        with pytest.raises(AlreadyExists, match="serial"):
+            await engine.import_disk(str(copy), name="copy")
+        foreign = tmp_path / "foreign.img"
+        foreign.write_bytes(bytes(1 << 20))
+        with pytest.raises(InvalidArgument, match="not created by applianced"):
+            await engine.import_disk(str(foreign))
+        with pytest.raises(InvalidArgument, match="does not exist"):
+            await engine.import_disk(str(tmp_path / "missing.img"))
 
     run(scenario())

@@ -86,3 +86,33 @@ def test_write_back_is_opt_in(node):
     assert "Buffered-WCE" in infos
     infos = node.guest.run("cat /sys/kernel/config/target/core/fileio_*/d1/info").stdout
     assert "O_DSYNC" in infos
+
+
+def test_delete_keeps_the_file_and_import_brings_it_back_with_its_identity(node):
+    node.ctl("disk", "create", "mv", "8M")
+    lun = node.ctl_json("lun", "list", "t1")
+    node.ctl("lun", "add", "t1", "mv")
+    number = next(entry["lun"] for entry in node.ctl_json("lun", "list", "t1") if entry["disk"] == "mv")
+    assert number not in [entry["lun"] for entry in lun]
+    rescan(node)
+    original = serial(node, "mv")
+    device = node.device_for_serial(original)
+    node.guest.run(f"head -c 1M /dev/urandom > /tmp/mv.bin && dd if=/tmp/mv.bin of={device} oflag=direct status=none")
+    busy = node.ctl("lun", "remove", "t1", str(number), check=False)
+    assert busy.rc == 6 and INITIATOR in busy.stderr
+    node.ctl("lun", "remove", "t1", str(number), "--force")
+    path = next(d["path"] for d in node.ctl_json("disk", "list") if d["name"] == "mv")
+    node.ctl("disk", "delete", "mv")
+    node.ctl("disk", "import", path, "--name", "moved")
+    assert serial(node, "moved") == original
+    node.ctl("lun", "add", "t1", "moved")
+    rescan(node)
+    device = node.device_for_serial(original)
+    check = f"dd if={device} bs=1M count=1 iflag=direct status=none | cmp - /tmp/mv.bin"
+    assert node.guest.run(check, check=False).rc == 0
+
+
+def test_import_refuses_files_applianced_did_not_make(node):
+    node.guest.run("dd if=/dev/zero of=/var/lib/applianced/foreign.img bs=1M count=4 status=none")
+    refused = node.ctl("disk", "import", "/var/lib/applianced/foreign.img", check=False)
+    assert refused.rc == 5 and "not created by applianced" in refused.stderr
