@@ -16,11 +16,13 @@ TARGET_INTERFACE = "org.applianced.Appliance1.Target"
 PORTAL_INTERFACE = "org.applianced.Appliance1.Portal"
 LUN_INTERFACE = "org.applianced.Appliance1.Lun"
 ACL_INTERFACE = "org.applianced.Appliance1.Acl"
+BOOT_PROFILE_INTERFACE = "org.applianced.Appliance1.BootProfile"
 
 # Lowercase plural collections below the root, as udisks2 does.
 DISKS_PATH = f"{ROOT_PATH}/disks"
 TARGETS_PATH = f"{ROOT_PATH}/targets"
 PORTALS_PATH = f"{ROOT_PATH}/portals"
+BOOT_PROFILES_PATH = f"{ROOT_PATH}/boot_profiles"
 
 ERROR_PREFIX = "org.applianced.Appliance1.Error"
 

@@ -22,12 +22,12 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from applianced import diskfile, names
-from applianced.constants import DISKS_DIR_NAME
+from applianced import bootprofile, diskfile, names
+from applianced.constants import DISKS_DIR_NAME, ISCSI_DEFAULT_PORT
 from applianced.errors import AlreadyExists, Busy, InvalidArgument, KernelError, NotFound, StateError
 from applianced.kernel.model import KernelConfig, Session, render
 from applianced.kernel.plan import Action, plan
-from applianced.state import Acl, Chap, Config, Disk, Lun, Portal, StateStore, Target
+from applianced.state import Acl, BootClient, Chap, Config, Disk, Lun, Portal, StateStore, Target
 from applianced.units import SECTOR_SIZE, format_size
 
 log = logging.getLogger(__name__)
@@ -274,6 +274,7 @@ class Appliance:
     async def delete_target(self, name: str, force: bool = False) -> None:
         async with self._lock:
             target = self._target(name)
+            self._refuse_if_booting(name, f"target {name!r}")
             if not force:
                 await self._refuse_if_sessions(target, "deleting it")
             await self._commit("delete-target", name, self.config.without_target(name))
@@ -361,6 +362,7 @@ class Appliance:
             target = self._target(target_name)
             if target.lun(number) is None:
                 raise NotFound(f"target {target_name!r} has no LUN {number}")
+            self._refuse_if_booting(target_name, f"LUN {number} of target {target_name!r}", lun=number)
             if not force:
                 await self._refuse_if_sessions(target, f"removing LUN {number}")
             luns = tuple(lun for lun in target.luns if lun.number != number)
@@ -386,6 +388,7 @@ class Appliance:
             initiator = names.normalize_iscsi_name(initiator, "initiator name")
             if target.acl(initiator) is None:
                 raise NotFound(f"initiator {initiator} is not allowed on target {target_name!r}")
+            self._refuse_if_booting(target_name, f"the ACL of {initiator}", initiator=initiator)
             if not force:
                 await self._refuse_if_sessions(target, f"removing the ACL of {initiator}", initiator)
             acls = tuple(acl for acl in target.acls if acl.initiator != initiator)
@@ -420,6 +423,77 @@ class Appliance:
                 raise InvalidArgument("discovery CHAP needs a user name")
             new = dataclasses.replace(self.config, discovery_chap=_check_chap(chap))
             await self._commit("set-discovery-chap", "node", new)
+
+    # -- boot clients ----------------------------------------------------------------------
+
+    async def create_boot_client(
+        self,
+        name: str,
+        target_name: str,
+        initiator: str,
+        *,
+        lun: int = 0,
+        mac: str = "",
+        portal: str = "",
+        secondary_portal: str = "",
+    ) -> BootClient:
+        async with self._lock:
+            if name in self.config.boot_clients:
+                raise AlreadyExists(f"boot profile {name!r} exists already")
+            target = self._target(target_name)
+            initiator = names.normalize_iscsi_name(initiator, "initiator name")
+            if target.acl(initiator) is None:
+                raise NotFound(f"initiator {initiator} is not allowed on target {target_name!r}; add its ACL first")
+            if not 0 <= lun <= bootprofile.MAX_BOOT_LUN:
+                raise InvalidArgument(f"boot LUN {lun} is out of range 0-254 (LUN 255 crashes the Microsoft initiator)")
+            if target.lun(lun) is None:
+                raise NotFound(f"target {target_name!r} has no LUN {lun} to boot from")
+            address, port = _parse_portal(portal) if portal else self._default_portal()
+            secondary_address, secondary_port = _parse_portal(secondary_portal) if secondary_portal else ("", 0)
+            client = BootClient(
+                name, target_name, initiator, lun, address, port, mac, secondary_address, secondary_port
+            )
+            # Building the profile validates it all (LUN 0-254, MAC, addresses, option sizes).
+            bootprofile.render_all(self.boot_profile(client, target))
+            new = dataclasses.replace(self.config, boot_clients={**self.config.boot_clients, name: client})
+            await self._commit("create-boot-profile", name, new)
+            return client
+
+    async def delete_boot_client(self, name: str) -> None:
+        async with self._lock:
+            if name not in self.config.boot_clients:
+                raise NotFound(f"boot profile {name!r} does not exist")
+            clients = {k: v for k, v in self.config.boot_clients.items() if k != name}
+            await self._commit("delete-boot-profile", name, dataclasses.replace(self.config, boot_clients=clients))
+
+    @staticmethod
+    def boot_profile(client: BootClient, target: Target) -> bootprofile.BootProfile:
+        """The DHCP view of a boot client, with the target's current IQN."""
+        secondary = None
+        if client.secondary_address:
+            secondary = bootprofile.BootTarget(client.secondary_address, target.iqn, client.secondary_port, client.lun)
+        return bootprofile.BootProfile(
+            name=client.name,
+            initiator_iqn=client.initiator,
+            primary=bootprofile.BootTarget(client.address, target.iqn, client.port, client.lun),
+            secondary=secondary,
+            mac=client.mac or None,
+        )
+
+    def _default_portal(self) -> tuple[str, int]:
+        for portal in self.config.portals:
+            if not ipaddress.ip_address(portal.address).is_unspecified:
+                return portal.address, portal.port
+        raise InvalidArgument("no portal with a specific address; give the address the client boots from")
+
+    def _refuse_if_booting(self, target_name: str, what: str, lun: int | None = None, initiator: str = "") -> None:
+        users = [
+            c.name
+            for c in self.config.boot_clients.values()
+            if c.target == target_name and lun in (None, c.lun) and initiator in ("", c.initiator)
+        ]
+        if users:
+            raise Busy(f"{what} is used by boot profile(s) {', '.join(sorted(users))}; delete them first")
 
     # -- portals ---------------------------------------------------------------------------
 
@@ -481,6 +555,25 @@ def _check_description(description: str) -> str:
     if len(description) > MAX_DESCRIPTION or not description.isprintable():
         raise InvalidArgument(f"description must be at most {MAX_DESCRIPTION} printable characters")
     return description
+
+
+def _parse_portal(text: str) -> tuple[str, int]:
+    """``10.0.0.1``, ``10.0.0.1:3261``, ``fd00::1`` or ``[fd00::1]:3261`` to (address, port)."""
+    address, port = text, ISCSI_DEFAULT_PORT
+    if text.startswith("["):
+        address, _, rest = text[1:].partition("]")
+        if rest:
+            port = _port_number(rest.removeprefix(":"), text)
+    elif text.count(":") == 1:
+        address, _, rest = text.partition(":")
+        port = _port_number(rest, text)
+    return _canonical_address(address), _check_port(port)
+
+
+def _port_number(text: str, portal: str) -> int:
+    if not text.isdigit():
+        raise InvalidArgument(f"portal {portal!r} has no valid port number")
+    return int(text)
 
 
 def _check_chap(chap: Chap | None) -> Chap | None:

@@ -117,6 +117,25 @@ def portal_key(address: str, port: int) -> str:
 
 
 @dataclass(frozen=True)
+class BootClient:
+    """A client that boots from a LUN: what its DHCP server must tell its firmware.
+
+    ``address``/``port`` is the portal the firmware connects to first; ``secondary_address``
+    (optional) the second one, e.g. the standby node's.
+    """
+
+    name: str
+    target: str
+    initiator: str
+    lun: int
+    address: str
+    port: int
+    mac: str = ""
+    secondary_address: str = ""
+    secondary_port: int = 0
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything this node should have configured in its kernel."""
 
@@ -127,6 +146,7 @@ class Config:
     portals: tuple[Portal, ...] = ()
     # CHAP required for SendTargets discovery (None: discovery is open).
     discovery_chap: Chap | None = None
+    boot_clients: Mapping[str, BootClient] = field(default_factory=dict)
 
     @classmethod
     def new(cls) -> Config:
@@ -156,6 +176,7 @@ class Config:
             "targets": [dataclasses.asdict(target) for target in self.targets.values()],
             "portals": [dataclasses.asdict(portal) for portal in self.portals],
             "discovery_chap": _chap_to_json(self.discovery_chap),
+            "boot_clients": [dataclasses.asdict(client) for client in self.boot_clients.values()],
         }
 
     @classmethod
@@ -185,6 +206,7 @@ class Config:
                 targets={target.name: target for target in targets},
                 portals=tuple(Portal(**item) for item in data.get("portals", [])),
                 discovery_chap=_chap_from_json(data.get("discovery_chap")),
+                boot_clients={item["name"]: BootClient(**item) for item in data.get("boot_clients", [])},
             )
         except (KeyError, TypeError) as exc:
             raise StateError(f"state file is malformed: {exc}") from exc

@@ -14,11 +14,12 @@ from dbus_fast import PropertyAccess, Variant
 from dbus_fast.aio import MessageBus
 from dbus_fast.service import ServiceInterface, dbus_method, dbus_property
 
-from applianced import __version__
+from applianced import __version__, bootprofile
 from applianced.bus import paths
 from applianced.bus.errors import translate_errors
 from applianced.constants import (
     ACL_INTERFACE,
+    BOOT_PROFILE_INTERFACE,
     DISK_INTERFACE,
     LUN_INTERFACE,
     MANAGER_INTERFACE,
@@ -28,7 +29,7 @@ from applianced.constants import (
 )
 from applianced.engine import Appliance
 from applianced.errors import InvalidArgument
-from applianced.state import Acl, Chap, Config, Disk, Lun, Portal, Target
+from applianced.state import Acl, BootClient, Chap, Config, Disk, Lun, Portal, Target
 
 READ = PropertyAccess.READ
 
@@ -152,6 +153,14 @@ class ManagerInterface(EntityInterface):
     async def SetDiscoveryChap(self, credentials: "a{sv}", options: "a{sv}") -> None:
         Options("SetDiscoveryChap", options, {})
         await self.engine.set_discovery_chap(chap_from("SetDiscoveryChap", credentials))
+
+    @dbus_method()
+    @translate_errors
+    async def CreateBootProfile(self, name: "s", target: "o", initiator: "s", options: "a{sv}") -> "o":
+        opts = Options("CreateBootProfile", options, {"lun": "u", "mac": "s", "portal": "s", "secondary_portal": "s"})
+        target_name = _name_from_path(target, paths.target_path, self.engine.config.targets, "target")
+        client = await self.engine.create_boot_client(name, target_name, initiator, **opts.values())
+        return paths.boot_profile_path(client.name)
 
     @dbus_method()
     @translate_errors
@@ -363,6 +372,45 @@ def _name_from_path(path: str, to_path: Any, entities: dict[str, Any], kind: str
     raise InvalidArgument(f"{path} is not the object path of a {kind}")
 
 
+class BootProfileInterface(EntityInterface):
+    INTERFACE = BOOT_PROFILE_INTERFACE
+    value: tuple[BootClient, bootprofile.BootProfile]
+
+    @dbus_property(access=READ)
+    def Name(self) -> "s":
+        return self.value[0].name
+
+    @dbus_property(access=READ)
+    def Target(self) -> "o":
+        return paths.target_path(self.value[0].target)
+
+    @dbus_property(access=READ)
+    def Initiator(self) -> "s":
+        return self.value[0].initiator
+
+    @dbus_property(access=READ)
+    def Lun(self) -> "u":
+        return self.value[0].lun
+
+    @dbus_property(access=READ)
+    def Mac(self) -> "s":
+        return self.value[0].mac
+
+    @dbus_property(access=READ)
+    def RootPath(self) -> "s":
+        return bootprofile.root_path(self.value[1].primary)
+
+    @dbus_property(access=READ)
+    def DhcpConfigs(self) -> "a{ss}":
+        return bootprofile.render_all(self.value[1])
+
+    @dbus_method()
+    @translate_errors
+    async def Delete(self, options: "a{sv}") -> None:
+        Options("Delete", options, {})
+        await self.engine.delete_boot_client(self.value[0].name)
+
+
 class ObjectTree:
     """Keeps the exported entity objects equal to the engine's configuration."""
 
@@ -400,3 +448,6 @@ class ObjectTree:
                 yield paths.lun_path(target.name, lun.number), LunInterface, (target.name, lun)
             for acl in target.acls:
                 yield paths.acl_path(target.name, acl.initiator), AclInterface, (target.name, acl)
+        for client in config.boot_clients.values():
+            profile = Appliance.boot_profile(client, config.targets[client.target])
+            yield paths.boot_profile_path(client.name), BootProfileInterface, (client, profile)

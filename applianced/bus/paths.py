@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from applianced.constants import DISKS_PATH, PORTALS_PATH, TARGETS_PATH
+from applianced.constants import BOOT_PROFILES_PATH, DISKS_PATH, PORTALS_PATH, TARGETS_PATH
 
 
 def escape(element: str) -> str:
@@ -30,3 +30,7 @@ def acl_path(target: str, initiator: str) -> str:
 
 def portal_path(key: str) -> str:
     return f"{PORTALS_PATH}/{escape(key)}"
+
+
+def boot_profile_path(name: str) -> str:
+    return f"{BOOT_PROFILES_PATH}/{escape(name)}"

@@ -17,6 +17,7 @@ from applianced.cli.client import Client
 from applianced.cli.messages import NO_BUS, UsageError, describe
 from applianced.constants import (
     ACL_INTERFACE,
+    BOOT_PROFILE_INTERFACE,
     DISK_INTERFACE,
     ISCSI_DEFAULT_PORT,
     LUN_INTERFACE,
@@ -115,6 +116,24 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("target")
     remove.add_argument("initiator")
     remove.add_argument("--force", action="store_true", help="even if it is logged in")
+    boot = groups.add_parser("boot", help="iSCSI boot profiles and their DHCP settings").add_subparsers(
+        dest="action", required=True
+    )
+    boot.add_parser("list", help="list boot profiles")
+    create = boot.add_parser("create", help="make a boot profile for a client")
+    create.add_argument("name")
+    create.add_argument("target")
+    create.add_argument("initiator", help="the client's initiator IQN (it needs an ACL on the target)")
+    create.add_argument("--lun", type=int, default=0, help="boot LUN (default 0; 255 is refused)")
+    create.add_argument("--mac", default="", help="the client's MAC, to bind its DHCP entry")
+    create.add_argument("--portal", default="", help="ADDRESS[:PORT] the firmware connects to (default: a portal)")
+    create.add_argument("--secondary-portal", default="", help="ADDRESS[:PORT] of the second target (standby node)")
+    show = boot.add_parser("show", help="print the DHCP settings of a boot profile")
+    show.add_argument("name")
+    show.add_argument("--format", choices=["root-path", "isc-dhcpd", "kea", "dnsmasq"], help="only this one")
+    delete = boot.add_parser("delete", help="delete a boot profile")
+    delete.add_argument("name")
+
     chap = groups.add_parser(
         "chap",
         help="CHAP authentication (secrets are read from standard input or a prompt, never from arguments)",
@@ -288,6 +307,49 @@ class Commands:
         return [
             {"initiator": s["Initiator"], "state": s["State"], "addresses": ",".join(s["Addresses"])} for s in sessions
         ]
+
+    # -- boot profiles -----------------------------------------------------------------
+
+    async def boot_list(self, args: argparse.Namespace) -> list[dict[str, Any]]:
+        return [
+            {
+                "name": p["Name"],
+                "target": await self.name_of(p["Target"], TARGET_INTERFACE),
+                "initiator": p["Initiator"],
+                "lun": p["Lun"],
+                "root_path": p["RootPath"],
+            }
+            for _, p in await self.of(BOOT_PROFILE_INTERFACE)
+        ]
+
+    async def boot_create(self, args: argparse.Namespace) -> None:
+        if not 0 <= args.lun <= 255:
+            raise UsageError(f"invalid argument: LUN {args.lun} is out of range 0-254", EXIT_INVALID)
+        target = await self.find(TARGET_INTERFACE, "target", Name=args.target)
+        options = {"lun": Variant("u", args.lun)}
+        for key, value in (("mac", args.mac), ("portal", args.portal), ("secondary_portal", args.secondary_portal)):
+            if value:
+                options[key] = Variant("s", value)
+        await self.client.call(
+            ROOT_PATH, MANAGER_INTERFACE, "CreateBootProfile", "sosa{sv}", [args.name, target, args.initiator, options]
+        )
+
+    async def boot_show(self, args: argparse.Namespace) -> None:
+        path = await self.find(BOOT_PROFILE_INTERFACE, "boot profile", Name=args.name)
+        configs = (await self.client.properties(path, BOOT_PROFILE_INTERFACE))["DhcpConfigs"]
+        if args.format and args.format not in configs:
+            raise UsageError(f"not supported: {args.format} cannot carry this profile's IPv6 portal", EXIT_INVALID)
+        if args.json:
+            print(json.dumps(configs if not args.format else {args.format: configs[args.format]}, indent=2))
+        elif args.format:
+            print(configs[args.format])
+        else:
+            for name, text in configs.items():
+                print(f"# --- {name} ---\n{text.rstrip()}\n")
+
+    async def boot_delete(self, args: argparse.Namespace) -> None:
+        path = await self.find(BOOT_PROFILE_INTERFACE, "boot profile", Name=args.name)
+        await self.client.call(path, BOOT_PROFILE_INTERFACE, "Delete", "a{sv}", [{}])
 
     # -- CHAP --------------------------------------------------------------------------
 

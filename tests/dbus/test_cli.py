@@ -2,6 +2,7 @@
 
 import pytest
 
+from applianced import diskfile
 from tests.support.daemon import INITIATOR
 
 
@@ -23,7 +24,7 @@ def test_first_slice_through_the_cli(daemon, tmp_path):
         "serial": None,
         "description": "db",
     }
-    assert backing.stat().st_size == 1536 * 1024**2
+    assert backing.stat().st_size == 1536 * 1024**2 + diskfile.TRAILER_SIZE
     targets = {t["name"]: t for t in daemon.cli("--json", "target", "list").json()}
     assert targets["t1"]["iqn"] == "iqn.2001-04.com.example:t1"
     assert targets["t2"]["iqn"] == "iqn.2003-01.org.linux-iscsi.applianced:t2"
@@ -139,3 +140,25 @@ def test_chap_through_the_cli_keeps_secrets_private(daemon):
     assert daemon.cli("--json", "target", "list").json()[0]["auth"] == "none"
     missing = daemon.cli("chap", "target", "t1")
     assert (missing.returncode, "standard input" in missing.stderr) == (5, True)
+
+
+def test_boot_profile_prints_dhcp_settings(daemon):
+    daemon.configure_first_slice()
+    # A documentation address: the profile is only text for a DHCP server, nothing is sent.
+    created = daemon.cli(
+        "boot", "create", "pc1", "t1", INITIATOR, "--mac", "00-15-17-0B-0E-F6", "--portal", "192.0.2.10"
+    )
+    assert created.returncode == 0, created.stderr
+    iqn = daemon.cli("--json", "target", "list").json()[0]["iqn"]
+    (profile,) = daemon.cli("--json", "boot", "list").json()
+    assert profile["root_path"] == f"iscsi:192.0.2.10:6:3260:0:{iqn}"
+    assert daemon.cli("boot", "show", "pc1", "--format", "root-path").stdout.strip() == profile["root_path"]
+    everything = daemon.cli("boot", "show", "pc1").stdout
+    for marker in ("# --- isc-dhcpd ---", "# --- kea ---", "# --- dnsmasq ---", "201", "203", INITIATOR):
+        assert marker in everything
+    refused = daemon.cli("boot", "create", "pc2", "t1", INITIATOR, "--lun", "255", "--portal", "192.0.2.10")
+    assert (refused.returncode, "255" in refused.stderr) == (5, True)
+    busy = daemon.cli("lun", "remove", "t1", "0", "--force")
+    assert (busy.returncode, "pc1" in busy.stderr) == (6, True)
+    assert daemon.cli("boot", "delete", "pc1").returncode == 0
+    assert daemon.cli("--json", "boot", "list").json() == []

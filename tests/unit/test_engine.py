@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from applianced import diskfile
+from applianced import bootprofile, diskfile
 from applianced.engine import Appliance
 from applianced.errors import AlreadyExists, Busy, InvalidArgument, KernelError, NotFound, StateError
 from applianced.kernel.model import Session
@@ -410,5 +410,41 @@ def test_import_keeps_identity_and_refuses_foreign_files_and_copies(tmp_path):
             await engine.import_disk(str(foreign))
         with pytest.raises(InvalidArgument, match="does not exist"):
             await engine.import_disk(str(tmp_path / "missing.img"))
+
+    run(scenario())
+
+
+def test_boot_profiles_render_dhcp_settings_and_protect_what_they_use(tmp_path):
+    async def scenario():
+        engine = await started(make_engine(tmp_path))
+        await populate(engine)
+        client = await engine.create_boot_client("pc1", "t1", INITIATOR, mac="00-15-17-0B-0E-F6")
+        assert (client.address, client.port, client.lun) == ("10.1.0.5", 3260, 0)
+        profile = engine.boot_profile(client, engine.config.targets["t1"])
+        iqn = engine.config.targets["t1"].iqn
+        assert bootprofile.root_path(profile.primary) == f"iscsi:10.1.0.5:6:3260:0:{iqn}"
+        with pytest.raises(InvalidArgument, match="255"):
+            await engine.create_boot_client("pc2", "t1", INITIATOR, lun=255)
+        with pytest.raises(NotFound, match="no LUN 7"):
+            await engine.create_boot_client("pc2", "t1", INITIATOR, lun=7)
+        with pytest.raises(NotFound, match="add its ACL first"):
+            await engine.create_boot_client("pc2", "t1", "iqn.1994-05.com.redhat:stranger")
+        two = await engine.create_boot_client(
+            "pc3", "t1", INITIATOR, portal="[fd00::5]:3261", secondary_portal="10.1.0.6"
+        )
+        assert (two.address, two.port, two.secondary_address) == ("fd00::5", 3261, "10.1.0.6")
+        configs = bootprofile.render_all(engine.boot_profile(two, engine.config.targets["t1"]))
+        assert configs == {"root-path": f"iscsi:[fd00::5]:6:3261:0:{iqn}"}
+        for call in (
+            engine.delete_target("t1", force=True),
+            engine.remove_lun("t1", 0, force=True),
+            engine.remove_acl("t1", INITIATOR, force=True),
+        ):
+            with pytest.raises(Busy, match="pc1"):
+                await call
+        await engine.delete_boot_client("pc1")
+        await engine.delete_boot_client("pc3")
+        await engine.remove_acl("t1", INITIATOR)
+        assert engine.store.load() == engine.config
 
     run(scenario())
