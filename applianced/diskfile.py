@@ -74,6 +74,32 @@ def shrink_back(path: Path, old: Marker) -> None:
         os.fsync(file.fileno())
 
 
+def has_marker(path: Path) -> bool:
+    try:
+        read_marker(path)
+    except InvalidArgument:
+        return False
+    return True
+
+
+def adopt(path: Path, marker: Marker) -> None:
+    """Append a trailer to a file made by another tool, whose size is exactly the LUN's."""
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise InvalidArgument(f"cannot read {path}: {exc.strerror}") from exc
+    if size != marker.size:
+        raise InvalidArgument(f"{path} is {size} bytes, not the {marker.size} its backstore exports; not adopting it")
+    with path.open("r+b") as file:
+        _write_trailer(file.fileno(), marker)
+        os.fsync(file.fileno())
+
+
+def unadopt(path: Path, size: int) -> None:
+    """Take an adopted file back to its size before ``adopt``."""
+    os.truncate(path, size)
+
+
 def read_marker(path: Path) -> Marker:
     """The marker of a disk file; InvalidArgument if applianced did not make the file."""
     try:

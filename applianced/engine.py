@@ -18,11 +18,11 @@ import ipaddress
 import logging
 import os
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
-from applianced import bootprofile, diskfile, names
+from applianced import bootprofile, diskfile, names, targetcli
 from applianced.constants import DISKS_DIR_NAME, ISCSI_DEFAULT_PORT
 from applianced.errors import AlreadyExists, Busy, InvalidArgument, KernelError, NotFound, StateError
 from applianced.kernel.model import KernelConfig, Session, render
@@ -36,6 +36,8 @@ MIN_DISK_SIZE = 1024 * 1024
 MAX_DISK_SIZE = 2**63 - SECTOR_SIZE
 MAX_LUN = 255
 MAX_DESCRIPTION = 256
+# Marks an export made by ExportConfiguration, so that other JSON is refused at once.
+EXPORT_FORMAT = "applianced-configuration"
 MAX_ALIAS_BYTES = 255
 MAX_CHAP_USER_BYTES = 128
 CHAP_SECRET_MIN = 12
@@ -127,10 +129,13 @@ class Appliance:
 
     # -- the one path every change takes ---------------------------------------------------
 
-    def _transition(self, new: Config) -> None:
+    def _transition(self, new: Config, from_kernel: bool = False) -> None:
         old = self.config
         try:
-            self.kernel.apply(plan(render(old), render(new)))
+            # Whole-configuration changes plan from what the kernel really holds, so that
+            # objects made by other tools are adopted or corrected, not assumed.
+            current = self._observe(old, new) if from_kernel else render(old)
+            self.kernel.apply(plan(current, render(new)))
             self.store.save(new)
         except (KernelError, StateError):
             self._roll_back(old, new)
@@ -144,9 +149,9 @@ class Appliance:
             # Nothing more can be done safely here; the next start reconciles again.
             log.critical("could not restore the previous kernel configuration", exc_info=True)
 
-    async def _commit(self, operation: str, obj: str, new: Config) -> None:
+    async def _commit(self, operation: str, obj: str, new: Config, from_kernel: bool = False) -> None:
         try:
-            await asyncio.to_thread(self._transition, new)
+            await asyncio.to_thread(self._transition, new, from_kernel)
         except (KernelError, StateError) as exc:
             audit(operation, obj, "failed", f"{operation} {obj} failed: {exc}", logging.ERROR)
             raise
@@ -495,6 +500,52 @@ class Appliance:
         if users:
             raise Busy(f"{what} is used by boot profile(s) {', '.join(sorted(users))}; delete them first")
 
+    # -- the whole configuration -------------------------------------------------------------
+
+    def export_configuration(self) -> dict[str, Any]:
+        """The configuration as versioned JSON, secrets included (callers are root)."""
+        return {"format": EXPORT_FORMAT, **self.config.to_json()}
+
+    async def import_configuration(self, data: Mapping[str, Any], force: bool = False) -> None:
+        """Replace the whole configuration with an export (this node keeps its own id)."""
+        async with self._lock:
+            if not isinstance(data, Mapping) or data.get("format") != EXPORT_FORMAT:
+                raise InvalidArgument("this is not an applianced configuration export")
+            try:
+                imported = Config.from_json({k: v for k, v in data.items() if k != "format"})
+            except StateError as exc:
+                raise InvalidArgument(str(exc).replace("state file", "configuration")) from None
+            imported = dataclasses.replace(imported, node_id=self.config.node_id)
+            await self._check_replacement(imported, force)
+            await self._commit("import-configuration", "node", imported, from_kernel=True)
+
+    async def import_targetcli(self, data: Mapping[str, Any]) -> Config:
+        """Add what a targetcli saveconfig.json describes; returns the imported part."""
+        async with self._lock:
+            part = targetcli.convert(data, self.config.iqn_prefix)
+            merged = _merge(self.config, part)
+            adopted = [disk for disk in part.disks.values() if not diskfile.has_marker(Path(disk.path))]
+            await self._check_replacement(merged, force=True, skip_markers={d.name for d in adopted})
+            for disk in adopted:
+                await asyncio.to_thread(diskfile.adopt, Path(disk.path), _marker(disk))
+            try:
+                await self._commit("import-targetcli", "node", merged, from_kernel=True)
+            except BaseException:
+                for disk in adopted:
+                    await asyncio.to_thread(diskfile.unadopt, Path(disk.path), disk.size)
+                raise
+            return part
+
+    async def _check_replacement(self, new: Config, force: bool, skip_markers: set[str] = frozenset()) -> None:
+        local = await asyncio.to_thread(self.local_addresses)
+        await asyncio.to_thread(validate_config, new, local, skip_markers)
+        if force:
+            return
+        kept = {target.iqn for target in new.targets.values()}
+        for target in self.config.targets.values():
+            if target.iqn not in kept:
+                await self._refuse_if_sessions(target, "importing a configuration without it")
+
     # -- portals ---------------------------------------------------------------------------
 
     async def create_portal(self, address: str, port: int) -> Portal:
@@ -503,24 +554,10 @@ class Appliance:
             if self.config.portal(portal.key) is not None:
                 raise AlreadyExists(f"portal {portal.key} exists already")
             # pyroute2's synchronous socket runs an event loop of its own: keep it off ours.
-            self._check_portal_address(portal, await asyncio.to_thread(self.local_addresses))
+            _check_portal(portal, self.config.portals, await asyncio.to_thread(self.local_addresses))
             new = dataclasses.replace(self.config, portals=(*self.config.portals, portal))
             await self._commit("create-portal", portal.key, new)
             return portal
-
-    def _check_portal_address(self, portal: Portal, local_addresses: set[str]) -> None:
-        version = ipaddress.ip_address(portal.address).version
-        for other in self.config.portals:
-            same_family = ipaddress.ip_address(other.address).version == version
-            either_wildcard = (
-                ipaddress.ip_address(other.address).is_unspecified
-                or ipaddress.ip_address(portal.address).is_unspecified
-            )
-            # Linux will not bind a listening socket beside a wildcard one on the same port.
-            if same_family and either_wildcard and other.port == portal.port:
-                raise InvalidArgument(f"portal {portal.key} overlaps portal {other.key} on the same port")
-        if not ipaddress.ip_address(portal.address).is_unspecified and portal.address not in local_addresses:
-            raise InvalidArgument(f"address {portal.address} is not configured on any interface of this node")
 
     async def delete_portal(self, key: str) -> None:
         async with self._lock:
@@ -555,6 +592,99 @@ def _check_description(description: str) -> str:
     if len(description) > MAX_DESCRIPTION or not description.isprintable():
         raise InvalidArgument(f"description must be at most {MAX_DESCRIPTION} printable characters")
     return description
+
+
+def validate_config(config: Config, local_addresses: set[str], skip_markers: Iterable[str] = ()) -> None:
+    """Check a whole configuration with the same rules as the operations that build one."""
+    names.generate_target_iqn(config.iqn_prefix, "check")
+    paths: set[str] = set()
+    serials: set[str] = set()
+    for disk in config.disks.values():
+        names.validate_object_name("disk", disk.name)
+        _check_size(disk.size)
+        _check_description(disk.description)
+        path = _check_path(disk.path)
+        if disk.path in paths or disk.serial in serials:
+            raise AlreadyExists(f"disk {disk.name!r} shares its file or serial with another disk")
+        paths.add(disk.path)
+        serials.add(disk.serial)
+        if disk.name not in skip_markers and diskfile.read_marker(path) != _marker(disk):
+            marker = diskfile.read_marker(path)
+            raise InvalidArgument(
+                f"disk {disk.name!r}: {path} holds disk {marker.name!r} (serial {marker.serial}, "
+                f"{marker.size} bytes), not the one the configuration describes"
+            )
+    iqns: set[str] = set()
+    exported: set[str] = set()
+    for target in config.targets.values():
+        names.validate_object_name("target", target.name)
+        if names.normalize_iscsi_name(target.iqn, "target IQN") != target.iqn or target.iqn in iqns:
+            raise InvalidArgument(f"target {target.name!r} has a non-canonical or duplicate IQN {target.iqn}")
+        iqns.add(target.iqn)
+        _check_description(target.description)
+        _check_alias(target.alias)
+        _check_chap(target.chap)
+        numbers = [lun.number for lun in target.luns]
+        if len(set(numbers)) != len(numbers) or not all(0 <= n <= MAX_LUN for n in numbers):
+            raise InvalidArgument(f"target {target.name!r} has duplicate or out-of-range LUN numbers")
+        for lun in target.luns:
+            if lun.disk not in config.disks or lun.disk in exported:
+                raise InvalidArgument(
+                    f"LUN {lun.number} of target {target.name!r}: disk {lun.disk!r} is unknown or exported twice"
+                )
+            exported.add(lun.disk)
+        initiators = [acl.initiator for acl in target.acls]
+        if len(set(initiators)) != len(initiators):
+            raise InvalidArgument(f"target {target.name!r} lists an initiator twice")
+        for acl in target.acls:
+            if names.normalize_iscsi_name(acl.initiator, "initiator name") != acl.initiator:
+                raise InvalidArgument(f"initiator {acl.initiator} of target {target.name!r} is not canonical")
+            _check_chap(acl.chap)
+    seen: list[Portal] = []
+    for portal in config.portals:
+        if _canonical_address(portal.address) != portal.address or portal in seen:
+            raise InvalidArgument(f"portal {portal.key} is not canonical or listed twice")
+        _check_port(portal.port)
+        _check_portal(portal, seen, local_addresses)
+        seen.append(portal)
+    if config.discovery_chap is not None and not config.discovery_chap.user:
+        raise InvalidArgument("discovery CHAP needs a user name")
+    _check_chap(config.discovery_chap)
+    for client in config.boot_clients.values():
+        target = config.targets.get(client.target)
+        if target is None or target.acl(client.initiator) is None or target.lun(client.lun) is None:
+            raise InvalidArgument(f"boot profile {client.name!r} refers to a target, ACL or LUN that is missing")
+        bootprofile.render_all(Appliance.boot_profile(client, target))
+
+
+def _merge(config: Config, part: Config) -> Config:
+    """``config`` with the entities of ``part`` added; a name used by both is refused."""
+    for kind, mine, theirs in (("disk", config.disks, part.disks), ("target", config.targets, part.targets)):
+        clash = sorted(set(mine) & set(theirs))
+        if clash:
+            raise AlreadyExists(f"{kind}(s) {', '.join(clash)} exist already")
+    portals = config.portals + tuple(p for p in part.portals if p not in config.portals)
+    return dataclasses.replace(
+        config,
+        disks={**config.disks, **part.disks},
+        targets={**config.targets, **part.targets},
+        portals=portals,
+        discovery_chap=config.discovery_chap or part.discovery_chap,
+    )
+
+
+def _check_portal(portal: Portal, others: Iterable[Portal], local_addresses: set[str]) -> None:
+    version = ipaddress.ip_address(portal.address).version
+    for other in others:
+        same_family = ipaddress.ip_address(other.address).version == version
+        either_wildcard = (
+            ipaddress.ip_address(other.address).is_unspecified or ipaddress.ip_address(portal.address).is_unspecified
+        )
+        # Linux will not bind a listening socket beside a wildcard one on the same port.
+        if same_family and either_wildcard and other.port == portal.port:
+            raise InvalidArgument(f"portal {portal.key} overlaps portal {other.key} on the same port")
+    if not ipaddress.ip_address(portal.address).is_unspecified and portal.address not in local_addresses:
+        raise InvalidArgument(f"address {portal.address} is not configured on any interface of this node")
 
 
 def _parse_portal(text: str) -> tuple[str, int]:

@@ -7,6 +7,7 @@ and are kept in step with the configuration by ``ObjectTree``.
 
 import dataclasses
 import inspect
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -161,6 +162,24 @@ class ManagerInterface(EntityInterface):
         target_name = _name_from_path(target, paths.target_path, self.engine.config.targets, "target")
         client = await self.engine.create_boot_client(name, target_name, initiator, **opts.values())
         return paths.boot_profile_path(client.name)
+
+    @dbus_method()
+    @translate_errors
+    async def ExportConfiguration(self, options: "a{sv}") -> "s":
+        Options("ExportConfiguration", options, {})
+        return json.dumps(self.engine.export_configuration(), indent=2, sort_keys=True)
+
+    @dbus_method()
+    @translate_errors
+    async def ImportConfiguration(self, configuration: "s", options: "a{sv}") -> None:
+        opts = Options("ImportConfiguration", options, {"force": "b"})
+        await self.engine.import_configuration(_json_document(configuration), opts.get("force", False))
+
+    @dbus_method()
+    @translate_errors
+    async def ImportTargetcli(self, saveconfig: "s", options: "a{sv}") -> None:
+        Options("ImportTargetcli", options, {})
+        await self.engine.import_targetcli(_json_document(saveconfig))
 
     @dbus_method()
     @translate_errors
@@ -363,6 +382,13 @@ class PortalInterface(EntityInterface):
     async def Delete(self, options: "a{sv}") -> None:
         Options("Delete", options, {})
         await self.engine.delete_portal(self.value.key)
+
+
+def _json_document(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidArgument(f"the document is not valid JSON: {exc}") from None
 
 
 def _name_from_path(path: str, to_path: Any, entities: dict[str, Any], kind: str) -> str:

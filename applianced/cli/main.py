@@ -6,8 +6,10 @@ import argparse
 import asyncio
 import getpass
 import json
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from dbus_fast import DBusError, Variant
@@ -133,6 +135,15 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--format", choices=["root-path", "isc-dhcpd", "kea", "dnsmasq"], help="only this one")
     delete = boot.add_parser("delete", help="delete a boot profile")
     delete.add_argument("name")
+
+    config = groups.add_parser("config", help="the whole configuration").add_subparsers(dest="action", required=True)
+    export = config.add_parser("export", help="write the configuration as JSON (it contains CHAP secrets)")
+    export.add_argument("--output", "-o", help="file to write (mode 0600); default: standard output")
+    imported = config.add_parser("import", help="replace the configuration with an export")
+    imported.add_argument("file")
+    imported.add_argument("--force", action="store_true", help="even if it removes targets in use")
+    targetcli = config.add_parser("import-targetcli", help="add what a targetcli saveconfig.json describes")
+    targetcli.add_argument("file", nargs="?", default="/etc/target/saveconfig.json")
 
     chap = groups.add_parser(
         "chap",
@@ -308,6 +319,27 @@ class Commands:
             {"initiator": s["Initiator"], "state": s["State"], "addresses": ",".join(s["Addresses"])} for s in sessions
         ]
 
+    # -- whole configuration -----------------------------------------------------------
+
+    async def config_export(self, args: argparse.Namespace) -> None:
+        (document,) = await self.client.call(ROOT_PATH, MANAGER_INTERFACE, "ExportConfiguration", "a{sv}", [{}])
+        if not args.output:
+            print(document)
+            return
+        # Created private: the export carries CHAP secrets.
+        fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as output:
+            output.write(document + "\n")
+
+    async def config_import(self, args: argparse.Namespace) -> None:
+        document = _read_document(args.file)
+        options = {"force": Variant("b", args.force)}
+        await self.client.call(ROOT_PATH, MANAGER_INTERFACE, "ImportConfiguration", "sa{sv}", [document, options])
+
+    async def config_import_targetcli(self, args: argparse.Namespace) -> None:
+        document = _read_document(args.file)
+        await self.client.call(ROOT_PATH, MANAGER_INTERFACE, "ImportTargetcli", "sa{sv}", [document, {}])
+
     # -- boot profiles -----------------------------------------------------------------
 
     async def boot_list(self, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -444,6 +476,13 @@ class Commands:
         await self.client.call(path, ACL_INTERFACE, "Delete", "a{sv}", [{"force": Variant("b", args.force)}])
 
 
+def _read_document(path: str) -> str:
+    try:
+        return sys.stdin.read() if path == "-" else Path(path).read_text()
+    except OSError as exc:
+        raise UsageError(f"invalid argument: cannot read {path}: {exc.strerror}", EXIT_INVALID) from None
+
+
 def _size(text: str) -> int:
     try:
         return parse_size(text)
@@ -474,7 +513,8 @@ def _cell(key: str, value: Any) -> str:
 async def run(args: argparse.Namespace) -> list[dict[str, Any]] | None:
     client = await Client.connect()
     try:
-        handler = getattr(Commands(client), f"{args.group}_{args.action}" if hasattr(args, "action") else args.group)
+        command = f"{args.group}_{args.action}" if hasattr(args, "action") else args.group
+        handler = getattr(Commands(client), command.replace("-", "_"))
         return await handler(args)
     finally:
         client.close()

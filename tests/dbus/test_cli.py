@@ -162,3 +162,21 @@ def test_boot_profile_prints_dhcp_settings(daemon):
     assert (busy.returncode, "pc1" in busy.stderr) == (6, True)
     assert daemon.cli("boot", "delete", "pc1").returncode == 0
     assert daemon.cli("--json", "boot", "list").json() == []
+
+
+def test_config_export_is_private_and_imports_back(daemon, tmp_path):
+    daemon.configure_first_slice()
+    assert daemon.cli("chap", "target", "t1", input="s3cret-s3cret\n").returncode == 0
+    export = tmp_path / "export.json"
+    assert daemon.cli("config", "export", "--output", str(export)).returncode == 0
+    assert export.stat().st_mode & 0o777 == 0o600
+    assert "s3cret-s3cret" in export.read_text()
+    denied = daemon.cli("config", "export", user="65534")
+    assert (denied.returncode, denied.stdout) == (11, "")
+    assert daemon.cli("target", "delete", "t1").returncode == 0
+    assert daemon.cli("config", "import", str(export)).returncode == 0
+    assert [t["auth"] for t in daemon.cli("--json", "target", "list").json()] == ["chap"]
+    garbage = tmp_path / "garbage.json"
+    garbage.write_text("{}")
+    refused = daemon.cli("config", "import", str(garbage))
+    assert (refused.returncode, "not an applianced configuration" in refused.stderr) == (5, True)

@@ -1,6 +1,8 @@
 """The engine with the in-memory kernel: operations, refusals, roll-back, restart."""
 
 import asyncio
+import dataclasses
+import json
 import logging
 import stat
 from pathlib import Path
@@ -9,9 +11,9 @@ import pytest
 
 from applianced import bootprofile, diskfile
 from applianced.engine import Appliance
-from applianced.errors import AlreadyExists, Busy, InvalidArgument, KernelError, NotFound, StateError
+from applianced.errors import AlreadyExists, Busy, InvalidArgument, KernelError, NotFound, NotSupported, StateError
 from applianced.kernel.model import Session
-from applianced.state import Chap, StateStore
+from applianced.state import Chap, Portal, StateStore
 from tests.support.fake_kernel import FakeKernel
 
 INITIATOR = "iqn.1994-05.com.redhat:client1"
@@ -446,5 +448,157 @@ def test_boot_profiles_render_dhcp_settings_and_protect_what_they_use(tmp_path):
         await engine.delete_boot_client("pc3")
         await engine.remove_acl("t1", INITIATOR)
         assert engine.store.load() == engine.config
+
+    run(scenario())
+
+
+def test_export_wipe_import_round_trip(tmp_path):
+    kernel = FakeKernel()
+
+    async def scenario():
+        engine = await started(make_engine(tmp_path, kernel))
+        await populate(engine)
+        await engine.set_target_chap("t1", Chap(secret=SECRET))
+        exported = json.loads(json.dumps(engine.export_configuration()))
+        before_kernel, before_config = kernel.snapshot(), engine.config
+        # A new node (own id, empty kernel) with the same disk files takes the export.
+        kernel.wipe()
+        (tmp_path / "state" / "state.json").unlink()
+        fresh = await started(make_engine(tmp_path, kernel))
+        await fresh.import_configuration(exported)
+        assert kernel.snapshot() == before_kernel
+        assert fresh.config == dataclasses.replace(before_config, node_id=fresh.config.node_id)
+
+    run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("mutate", "error", "message"),
+    [
+        (lambda d: d.update(format="other"), InvalidArgument, "not an applianced configuration"),
+        (lambda d: d.update(version=9), InvalidArgument, "version 9"),
+        (lambda d: d["targets"][0].update(iqn="iqn.bogus"), InvalidArgument, "IQN"),
+        (lambda d: d["disks"][0].update(serial="00000000-0000-4000-8000-000000000000"), InvalidArgument, "holds disk"),
+        (lambda d: d["targets"][0]["luns"].append({"number": 1, "disk": "nope"}), InvalidArgument, "unknown"),
+        (lambda d: d["portals"].append({"address": "192.0.2.99", "port": 3260}), InvalidArgument, "not configured"),
+        (lambda d: d.update(discovery_chap={"user": "", "secret": SECRET}), InvalidArgument, "user name"),
+    ],
+)
+def test_bad_imports_change_nothing(tmp_path, mutate, error, message):
+    async def scenario():
+        engine = await started(make_engine(tmp_path))
+        await populate(engine)
+        document = json.loads(json.dumps(engine.export_configuration()))
+        mutate(document)
+        before, kernel = engine.config, engine.kernel.snapshot()
+        with pytest.raises(error, match=message):
+            await engine.import_configuration(document)
+        assert (engine.config, engine.kernel.snapshot(), engine.store.load()) == (before, kernel, before)
+
+    run(scenario())
+
+
+def test_import_that_drops_a_target_in_use_needs_force(tmp_path):
+    kernel = FakeKernel()
+
+    async def scenario():
+        engine = await started(make_engine(tmp_path, kernel))
+        await populate(engine)
+        document = engine.export_configuration()
+        document["targets"] = []
+        kernel.session_list = [Session(engine.config.targets["t1"].iqn, INITIATOR, "LOGGED_IN", ())]
+        with pytest.raises(Busy):
+            await engine.import_configuration(document)
+        await engine.import_configuration(document, force=True)
+        assert engine.config.targets == {}
+
+    run(scenario())
+
+
+def saveconfig(disk_path, size):
+    """A saveconfig.json as targetcli/targetctl write it (rtslib's dump)."""
+    return {
+        "fabric_modules": [{"name": "iscsi", "discovery_enable_auth": False}],
+        "storage_objects": [
+            {
+                "plugin": "fileio",
+                "name": "legacy",
+                "dev": str(disk_path),
+                "size": size,
+                "write_back": False,
+                "wwn": "5f0c4a52-7a1d-4c1b-9d0e-8c9a0f3b2a11",
+                "aio": False,
+                "attributes": {},
+            }
+        ],
+        "targets": [
+            {
+                "fabric": "iscsi",
+                "wwn": "iqn.2003-01.org.linux-iscsi.oldhost.x8664:sn.1234567890ab",
+                "tpgs": [
+                    {
+                        "tag": 1,
+                        "enable": True,
+                        "attributes": {"authentication": 1, "generate_node_acls": 0},
+                        "parameters": {"TargetAlias": "LIO Target"},
+                        "luns": [{"index": 0, "storage_object": "/backstores/fileio/legacy", "alias": "x"}],
+                        "node_acls": [
+                            {
+                                "node_wwn": INITIATOR,
+                                "chap_userid": "legacy-user",
+                                "chap_password": "legacy-secret",
+                                "mapped_luns": [{"index": 0, "tpg_lun": 0, "write_protect": False}],
+                            }
+                        ],
+                        "portals": [{"ip_address": "0.0.0.0", "port": 3260, "iser": False, "offload": False}],
+                    }
+                ],
+            }
+        ],
+    }
+
+
+def test_targetcli_import_adopts_files_and_keeps_identity(tmp_path):
+    async def scenario():
+        engine = await started(make_engine(tmp_path))
+        legacy = tmp_path / "legacy.img"
+        legacy.write_bytes(b"data" * 1024 + bytes((1 << 20) - 4096))
+        part = await engine.import_targetcli(saveconfig(legacy, 1 << 20))
+        (target,) = part.targets.values()
+        assert target.name == "sn.1234567890ab"
+        assert target.acls[0].chap == Chap("legacy-user", "legacy-secret")
+        disk = engine.config.disks["legacy"]
+        assert disk.serial == "5f0c4a52-7a1d-4c1b-9d0e-8c9a0f3b2a11"
+        assert legacy.read_bytes()[:4096] == b"data" * 1024, "the LUN's bytes are untouched"
+        assert diskfile.read_marker(legacy).serial == disk.serial
+        assert engine.config.portals == (Portal("0.0.0.0", 3260),)
+        iqn = "iqn.2003-01.org.linux-iscsi.oldhost.x8664:sn.1234567890ab"
+        assert engine.kernel.snapshot().targets[iqn].luns == {0: "legacy"}
+
+    run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("mutate", "error", "message"),
+    [
+        (lambda d: d["storage_objects"][0].update(plugin="block"), NotSupported, "block/legacy"),
+        (lambda d: d["targets"][0]["tpgs"][0]["attributes"].update(generate_node_acls=1), NotSupported, "demo"),
+        (lambda d: d["targets"][0]["tpgs"].append({}), NotSupported, "2 TPGs"),
+        (lambda d: d["targets"][0].update(fabric="loopback"), NotSupported, "loopback"),
+        (lambda d: d["storage_objects"][0].update(size=2 << 20), InvalidArgument, "not adopting"),
+        (lambda d: d.clear(), InvalidArgument, "not a targetcli"),
+    ],
+)
+def test_targetcli_import_refuses_what_it_cannot_represent(tmp_path, mutate, error, message):
+    async def scenario():
+        engine = await started(make_engine(tmp_path))
+        legacy = tmp_path / "legacy.img"
+        legacy.write_bytes(bytes(1 << 20))
+        document = saveconfig(legacy, 1 << 20)
+        mutate(document)
+        with pytest.raises(error, match=message):
+            await engine.import_targetcli(document)
+        assert engine.config.targets == {} and engine.config.disks == {}
+        assert legacy.stat().st_size == 1 << 20, "a refused import leaves the file alone"
 
     run(scenario())
