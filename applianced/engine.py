@@ -400,6 +400,32 @@ class Appliance:
             new = self.config.with_target(dataclasses.replace(target, acls=acls))
             await self._commit("remove-acl", f"{target_name}/{initiator}", new)
 
+    async def force_logout(self, target_name: str, initiator: str) -> None:
+        """Drop an initiator's sessions by re-creating its ACL; the configuration is unchanged.
+
+        LIO ends the sessions of an ACL that goes away. The initiator may log in again at
+        once; to keep it out, remove its ACL instead.
+        """
+        async with self._lock:
+            target = self._target(target_name)
+            initiator = names.normalize_iscsi_name(initiator, "initiator name")
+            if not any(s.target_iqn == target.iqn and s.initiator == initiator for s in await self.sessions()):
+                raise NotFound(f"initiator {initiator} has no session on target {target_name!r}")
+            acls = tuple(acl for acl in target.acls if acl.initiator != initiator)
+            without = render(self.config.with_target(dataclasses.replace(target, acls=acls)))
+            desired = render(self.config)
+
+            def bounce() -> None:
+                try:
+                    self.kernel.apply(plan(desired, without))
+                    self.kernel.apply(plan(without, desired))
+                except KernelError:
+                    self._roll_back(self.config, self.config)
+                    raise
+
+            await asyncio.to_thread(bounce)
+            audit("force-logout", f"{target_name}/{initiator}", "ok", f"logged {initiator} out of {target_name}")
+
     # -- CHAP ------------------------------------------------------------------------------
 
     async def set_target_chap(self, target_name: str, chap: Chap | None) -> None:

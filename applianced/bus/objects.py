@@ -352,6 +352,13 @@ class AclInterface(EntityInterface):
 
     @dbus_method()
     @translate_errors
+    async def Logout(self, options: "a{sv}") -> None:
+        Options("Logout", options, {})
+        target, acl = self.value
+        await self.engine.force_logout(target, acl.initiator)
+
+    @dbus_method()
+    @translate_errors
     async def SetChap(self, credentials: "a{sv}", options: "a{sv}") -> None:
         Options("SetChap", options, {})
         target, acl = self.value

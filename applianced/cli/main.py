@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     delete.add_argument("--force", action="store_true", help="even if initiators are logged in")
     show = target.add_parser("sessions", help="list the sessions of a target")
     show.add_argument("name")
+    logout = target.add_parser("logout", help="drop an initiator's sessions (it may log in again)")
+    logout.add_argument("name")
+    logout.add_argument("initiator")
 
     portal = groups.add_parser("portal", help="network portals").add_subparsers(dest="action", required=True)
     portal.add_parser("list", help="list portals")
@@ -406,6 +409,11 @@ class Commands:
 
     async def chap_discovery(self, args: argparse.Namespace) -> None:
         await self._set_chap(args, ROOT_PATH, MANAGER_INTERFACE, "SetDiscoveryChap")
+
+    async def target_logout(self, args: argparse.Namespace) -> None:
+        target = await self.find(TARGET_INTERFACE, "target", Name=args.name)
+        path = await self.find(ACL_INTERFACE, "ACL", Target=target, Initiator=args.initiator.strip().lower())
+        await self.client.call(path, ACL_INTERFACE, "Logout", "a{sv}", [{}])
 
     # -- portals -----------------------------------------------------------------------
 

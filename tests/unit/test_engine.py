@@ -602,3 +602,23 @@ def test_targetcli_import_refuses_what_it_cannot_represent(tmp_path, mutate, err
         assert legacy.stat().st_size == 1 << 20, "a refused import leaves the file alone"
 
     run(scenario())
+
+
+def test_force_logout_bounces_the_acl_and_leaves_the_configuration(tmp_path):
+    kernel = FakeKernel()
+
+    async def scenario():
+        engine = await started(make_engine(tmp_path, kernel))
+        await populate(engine)
+        await engine.set_target_chap("t1", Chap(secret=SECRET))
+        with pytest.raises(NotFound, match="no session"):
+            await engine.force_logout("t1", INITIATOR)
+        iqn = engine.config.targets["t1"].iqn
+        kernel.session_list = [Session(iqn, INITIATOR, "LOGGED_IN", ())]
+        before, config = kernel.snapshot(), engine.config
+        kernel.applied.clear()
+        await engine.force_logout("t1", INITIATOR)
+        assert [type(a).__name__ for a in kernel.applied][:2] == ["RemoveAcl", "AddAcl"]
+        assert kernel.snapshot() == before and engine.config == config
+
+    run(scenario())

@@ -48,6 +48,17 @@ class ApplianceNode:
     def ctl_json(self, *args: str) -> list[dict]:
         return json.loads(self.ctl("--json", *args).stdout)
 
+    def serve(self, disk_size: str, initiator: str, portal: str = "127.0.0.1") -> None:
+        """The usual first configuration: disk d1 as LUN 0 of target t1 for one initiator."""
+        for args in (
+            ("disk", "create", "d1", disk_size),
+            ("target", "create", "t1"),
+            ("portal", "create", portal),
+            ("lun", "add", "t1", "d1"),
+            ("acl", "add", "t1", initiator),
+        ):
+            self.ctl(*args)
+
     def lio_targets(self) -> list[str]:
         """Target IQNs in configfs, read directly from the kernel."""
         out = self.guest.run("ls /sys/kernel/config/target/iscsi 2>/dev/null | grep -E '^(iqn|eui|naa)\\.' || true")

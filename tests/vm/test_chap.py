@@ -15,14 +15,7 @@ SECRET, MUTUAL, WRONG = "s3cret-s3cret", "mutual-s3cret", "wrong-s3cret!"
 def node(module_guest_factory):
     appliance = ApplianceNode(module_guest_factory("chap")).prepare(initiator_name=INITIATOR)
     appliance.start()
-    for args in (
-        ("disk", "create", "d1", "16M"),
-        ("target", "create", "t1"),
-        ("portal", "create", PORTAL),
-        ("lun", "add", "t1", "d1"),
-        ("acl", "add", "t1", INITIATOR),
-    ):
-        appliance.ctl(*args)
+    appliance.serve("16M", INITIATOR, PORTAL)
     # Discovery is open until the last test; the node record it creates is reused.
     (iqn,) = appliance.discover(PORTAL)
     appliance.iqn = iqn

@@ -15,14 +15,7 @@ PORTAL = "127.0.0.1"
 def node(module_guest_factory):
     appliance = ApplianceNode(module_guest_factory("disks")).prepare(initiator_name=INITIATOR)
     appliance.start()
-    for args in (
-        ("disk", "create", "d1", "32M"),
-        ("target", "create", "t1"),
-        ("portal", "create", PORTAL),
-        ("lun", "add", "t1", "d1"),
-        ("acl", "add", "t1", INITIATOR),
-    ):
-        appliance.ctl(*args)
+    appliance.serve("32M", INITIATOR, PORTAL)
     (iqn,) = appliance.discover(PORTAL)
     appliance.login(iqn, PORTAL)
     return appliance
@@ -116,3 +109,15 @@ def test_import_refuses_files_applianced_did_not_make(node):
     node.guest.run("dd if=/dev/zero of=/var/lib/applianced/foreign.img bs=1M count=4 status=none")
     refused = node.ctl("disk", "import", "/var/lib/applianced/foreign.img", check=False)
     assert refused.rc == 5 and "not created by applianced" in refused.stderr
+
+
+def test_forced_logout_drops_the_session_and_keeps_the_configuration(node):
+    (target,) = node.ctl_json("target", "list")
+    info = f"/sys/kernel/config/target/iscsi/{target['iqn']}/tpgt_1/acls/{INITIATOR}/info"
+    before = node.guest.run(f"grep 'LIO Session ID' {info}").stdout
+    node.ctl("target", "logout", "t1", INITIATOR)
+    # open-iscsi logs in again by itself; a new target-side session proves the old one went.
+    node.guest.wait_until(f"grep 'LIO Session ID' {info} | grep -vqF '{before.strip()}'", timeout=90)
+    assert node.ctl_json("acl", "list")[0]["initiator"] == INITIATOR
+    missing = node.ctl("target", "logout", "t1", "iqn.2026-11.org.applianced.test:nobody", check=False)
+    assert missing.rc == 3
