@@ -25,7 +25,7 @@ from typing import Any, Protocol
 from applianced import bootprofile, diskfile, names, targetcli
 from applianced.constants import DISKS_DIR_NAME, ISCSI_DEFAULT_PORT
 from applianced.errors import AlreadyExists, Busy, InvalidArgument, KernelError, NotFound, StateError
-from applianced.kernel.model import KernelConfig, Session, render
+from applianced.kernel.model import DIGEST_OFFERS, KernelConfig, Session, render
 from applianced.kernel.plan import Action, plan
 from applianced.state import Acl, BootClient, Chap, Config, Disk, Lun, Portal, StateStore, Target
 from applianced.units import SECTOR_SIZE, format_size
@@ -292,6 +292,8 @@ class Appliance:
         alias: str | None = None,
         enabled: bool | None = None,
         iqn: str | None = None,
+        header_digest: str | None = None,
+        data_digest: str | None = None,
         force: bool = False,
     ) -> Target:
         """Change a target's settings in one commit; disruptive changes need ``force``."""
@@ -304,6 +306,9 @@ class Appliance:
                 changes["alias"] = _check_alias(alias)
             if enabled is not None:
                 changes["enabled"] = enabled
+            for key, digest in (("header_digest", header_digest), ("data_digest", data_digest)):
+                if digest is not None:
+                    changes[key] = _check_digest(digest)
             if iqn is not None:
                 iqn = names.normalize_iscsi_name(iqn, "target IQN")
                 holder = next((t.name for t in self.config.targets.values() if t.iqn == iqn and t.name != name), None)
@@ -650,6 +655,8 @@ def validate_config(config: Config, local_addresses: set[str], skip_markers: Ite
         _check_description(target.description)
         _check_alias(target.alias)
         _check_chap(target.chap)
+        _check_digest(target.header_digest)
+        _check_digest(target.data_digest)
         numbers = [lun.number for lun in target.luns]
         if len(set(numbers)) != len(numbers) or not all(0 <= n <= MAX_LUN for n in numbers):
             raise InvalidArgument(f"target {target.name!r} has duplicate or out-of-range LUN numbers")
@@ -762,6 +769,12 @@ def _check_secret(what: str, secret: str) -> None:
 
 def _is_token(text: str) -> bool:
     return all(33 <= ord(ch) <= 126 for ch in text)
+
+
+def _check_digest(digest: str) -> str:
+    if digest not in DIGEST_OFFERS:
+        raise InvalidArgument(f"digest setting {digest!r} is not one of {', '.join(DIGEST_OFFERS)}")
+    return digest
 
 
 def _check_alias(alias: str) -> str:

@@ -89,6 +89,9 @@ class Target:
     acls: tuple[Acl, ...] = ()
     # CHAP for every initiator of the target that has no credentials of its own.
     chap: Chap | None = None
+    # CRC32C digests: "allowed" (the initiator chooses), "required" or "off".
+    header_digest: str = "allowed"
+    data_digest: str = "allowed"
 
     def lun(self, number: int) -> Lun | None:
         return next((lun for lun in self.luns if lun.number == number), None)

@@ -255,6 +255,14 @@ class TargetInterface(EntityInterface):
         return self.value.enabled
 
     @dbus_property(access=READ)
+    def HeaderDigest(self) -> "s":
+        return self.value.header_digest
+
+    @dbus_property(access=READ)
+    def DataDigest(self) -> "s":
+        return self.value.data_digest
+
+    @dbus_property(access=READ)
     async def Sessions(self) -> "aa{sv}":
         return [
             {
@@ -279,7 +287,11 @@ class TargetInterface(EntityInterface):
     @dbus_method()
     @translate_errors
     async def Modify(self, changes: "a{sv}", options: "a{sv}") -> None:
-        settings = Options("Modify", changes, {"description": "s", "alias": "s", "enabled": "b", "iqn": "s"})
+        settings = Options(
+            "Modify",
+            changes,
+            {"description": "s", "alias": "s", "enabled": "b", "iqn": "s", "header_digest": "s", "data_digest": "s"},
+        )
         opts = Options("Modify", options, {"force": "b"})
         await self.engine.modify_target(self.value.name, **settings.values(), force=opts.get("force", False))
 

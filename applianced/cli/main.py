@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     modify.add_argument("--description")
     modify.add_argument("--alias")
     modify.add_argument("--iqn", help="new IQN (initiators must be reconfigured)")
+    for digest in ("header", "data"):
+        modify.add_argument(
+            f"--{digest}-digest", choices=["allowed", "required", "off"], help=f"CRC32C {digest} digests"
+        )
     state = modify.add_mutually_exclusive_group()
     state.add_argument("--enable", dest="enabled", action="store_true", default=None)
     state.add_argument("--disable", dest="enabled", action="store_false")
@@ -301,6 +305,8 @@ class Commands:
                 ("alias", "s", args.alias),
                 ("iqn", "s", args.iqn),
                 ("enabled", "b", args.enabled),
+                ("header_digest", "s", args.header_digest),
+                ("data_digest", "s", args.data_digest),
             )
             if value is not None
         }

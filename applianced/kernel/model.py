@@ -26,8 +26,22 @@ TPG_ATTRIBUTES: Mapping[str, str] = {
 }
 
 
+# The login negotiation every target offers: what iSCSI boot firmware accepts (in-order
+# data PDUs and sequences, MaxBurstLength >= FirstBurstLength), pinned so that a TPG adopted
+# from another tool is brought back to it.
+NEGOTIATION_PROFILE: Mapping[str, str] = {
+    "DataPDUInOrder": "Yes",
+    "DataSequenceInOrder": "Yes",
+    "FirstBurstLength": "65536",
+    "MaxBurstLength": "262144",
+    "InitialR2T": "Yes",
+    "ImmediateData": "Yes",
+    "ErrorRecoveryLevel": "0",
+}
+# How a target's digest setting is offered in the login negotiation (RFC 7143 §13.1).
+DIGEST_OFFERS: Mapping[str, str] = {"allowed": "CRC32C,None", "required": "CRC32C", "off": "None"}
 # TPG parameters applianced manages; others keep LIO's defaults.
-TPG_PARAMETERS = ("TargetAlias",)
+TPG_PARAMETERS = ("TargetAlias", "HeaderDigest", "DataDigest", *NEGOTIATION_PROFILE)
 
 
 @dataclass(frozen=True)
@@ -109,7 +123,12 @@ def render(config: Config) -> KernelConfig:
             iqn=target.iqn,
             enabled=target.enabled,
             attributes=dict(TPG_ATTRIBUTES),
-            parameters={"TargetAlias": target.alias or target.name},
+            parameters={
+                "TargetAlias": target.alias or target.name,
+                "HeaderDigest": DIGEST_OFFERS[target.header_digest],
+                "DataDigest": DIGEST_OFFERS[target.data_digest],
+                **NEGOTIATION_PROFILE,
+            },
             portals=portals,
             luns={lun.number: lun.disk for lun in target.luns},
             acls={

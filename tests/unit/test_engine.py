@@ -236,7 +236,15 @@ def test_modify_target_settings_reach_the_kernel(tmp_path):
         engine = await started(make_engine(tmp_path))
         await populate(engine)
         old_iqn = engine.config.targets["t1"].iqn
-        assert engine.kernel.snapshot().targets[old_iqn].parameters == {"TargetAlias": "t1"}
+        parameters = engine.kernel.snapshot().targets[old_iqn].parameters
+        assert (parameters["TargetAlias"], parameters["HeaderDigest"]) == ("t1", "CRC32C,None")
+        assert (parameters["DataPDUInOrder"], parameters["DataSequenceInOrder"]) == ("Yes", "Yes")
+        assert int(parameters["MaxBurstLength"]) >= int(parameters["FirstBurstLength"])
+        await engine.modify_target("t1", header_digest="required", data_digest="off")
+        parameters = engine.kernel.snapshot().targets[old_iqn].parameters
+        assert (parameters["HeaderDigest"], parameters["DataDigest"]) == ("CRC32C", "None")
+        with pytest.raises(InvalidArgument, match="digest"):
+            await engine.modify_target("t1", header_digest="md5")
         await engine.modify_target("t1", description="mail", alias="Mail store", enabled=False)
         kernel = engine.kernel.snapshot().targets[old_iqn]
         assert (kernel.parameters["TargetAlias"], kernel.enabled) == ("Mail store", False)

@@ -93,3 +93,25 @@ def test_discovery_chap(node):
     found = node.guest.run([*db, "--discover"], check=False)
     assert node.iqn in found.stdout, found.describe()
     node.ctl("chap", "discovery", "--off")
+
+
+def test_required_digests_and_the_negotiation_profile(node):
+    # Discovery above rewrote the node record, so CHAP is turned off on both sides here.
+    node.ctl("chap", "acl", "t1", INITIATOR, "--off")
+    node.ctl("chap", "target", "t1", "--off")
+    set_node(node, **{"node.session.auth.authmethod": "None"})
+    node.ctl("target", "modify", "t1", "--header-digest", "required", "--data-digest", "required")
+    set_node(node, **{"node.conn[0].iscsi.HeaderDigest": "None", "node.conn[0].iscsi.DataDigest": "None"})
+    assert not try_login(node), "an initiator without digests is refused"
+    set_node(node, **{"node.conn[0].iscsi.HeaderDigest": "CRC32C", "node.conn[0].iscsi.DataDigest": "CRC32C"})
+    node.login(node.iqn, PORTAL)
+    try:
+        negotiated = node.guest.run("iscsiadm -m session -P 2").stdout
+        values = dict(
+            line.strip().split(": ", 1) for line in negotiated.splitlines() if ": " in line and line.startswith("\t\t")
+        )
+        assert (values["HeaderDigest"], values["DataDigest"]) == ("CRC32C", "CRC32C")
+        assert int(values["MaxBurstLength"]) >= int(values["FirstBurstLength"])
+    finally:
+        node.logout(node.iqn, PORTAL)
+        node.ctl("target", "modify", "t1", "--header-digest", "allowed", "--data-digest", "allowed")
