@@ -22,9 +22,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from applianced import bootprofile, diskfile, names, targetcli
+from applianced import bootprofile, devices, diskfile, names, targetcli
 from applianced.constants import DISKS_DIR_NAME, ISCSI_DEFAULT_PORT
-from applianced.errors import AlreadyExists, Busy, InvalidArgument, KernelError, NotFound, StateError
+from applianced.errors import AlreadyExists, Busy, InvalidArgument, KernelError, NotFound, NotSupported, StateError
 from applianced.kernel.model import DIGEST_OFFERS, KernelConfig, Session, render
 from applianced.kernel.plan import Action, plan
 from applianced.state import Acl, BootClient, Chap, Config, Disk, Lun, Portal, StateStore, Target
@@ -187,6 +187,23 @@ class Appliance:
                 raise
             return disk
 
+    async def create_block_disk(self, name: str, device: str, description: str = "") -> Disk:
+        """A disk backed by a whole block device or partition (an LV, a RAID, a disk)."""
+        async with self._lock:
+            names.validate_object_name("disk", name)
+            if name in self.config.disks:
+                raise AlreadyExists(f"disk {name!r} exists already")
+            block = await asyncio.to_thread(devices.resolve, device)
+            for disk in self.config.disks.values():
+                if disk.kind == "block" and os.path.realpath(disk.path) == block.node:
+                    raise AlreadyExists(f"{block.node} is already the device of disk {disk.name!r}")
+            await asyncio.to_thread(devices.refuse_if_in_use, block)
+            disk = Disk(
+                name, block.stable_path, block.size, str(uuid.uuid4()), _check_description(description), kind="block"
+            )
+            await self._commit("create-disk", name, self.config.with_disk(disk))
+            return disk
+
     async def import_disk(self, path: str, name: str = "", description: str = "") -> Disk:
         """Take over a disk file made by applianced (here or on another node), keeping its serial."""
         async with self._lock:
@@ -222,6 +239,8 @@ class Appliance:
         """Grow a disk while it may be in use; initiators see the new capacity on rescan."""
         async with self._lock:
             disk = self._disk(name)
+            if disk.kind == "block":
+                raise NotSupported(f"disk {name!r} follows its device; grow the device and initiators see it on rescan")
             if size < disk.size:
                 raise InvalidArgument(f"disk {name!r} is {disk.size} bytes; shrinking would destroy data")
             if size == disk.size:
@@ -244,6 +263,8 @@ class Appliance:
     async def delete_disk(self, name: str, remove_file: bool = False) -> None:
         async with self._lock:
             disk = self._disk(name)
+            if remove_file and disk.kind == "block":
+                raise InvalidArgument(f"disk {name!r} is a block device; applianced never removes devices")
             users = [t.name for t in self.config.targets.values() if any(lun.disk == name for lun in t.luns)]
             if users:
                 raise Busy(f"disk {name!r} is exported by target(s) {', '.join(sorted(users))}; remove the LUN first")
@@ -639,6 +660,11 @@ def validate_config(config: Config, local_addresses: set[str], skip_markers: Ite
             raise AlreadyExists(f"disk {disk.name!r} shares its file or serial with another disk")
         paths.add(disk.path)
         serials.add(disk.serial)
+        if disk.kind == "block":
+            devices.resolve(disk.path)
+            continue
+        if disk.kind != "file":
+            raise InvalidArgument(f"disk {disk.name!r} has an unknown kind {disk.kind!r}")
         if disk.name not in skip_markers and diskfile.read_marker(path) != _marker(disk):
             marker = diskfile.read_marker(path)
             raise InvalidArgument(

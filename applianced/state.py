@@ -27,7 +27,7 @@ STATE_FORMAT_VERSION = 1
 
 @dataclass(frozen=True)
 class Disk:
-    """A file-backed virtual disk. ``serial`` is the T10 unit serial, fixed at creation."""
+    """A virtual disk. ``serial`` is the T10 unit serial, fixed at creation."""
 
     name: str
     path: str
@@ -37,6 +37,9 @@ class Disk:
     # Write-back caching in the node's page cache: faster, but a power cut loses acknowledged
     # writes. Off (write-through) unless asked for.
     write_back: bool = False
+    # "file": a sparse file with applianced's trailer; "block": a block device named by its
+    # stable path, whose size is read at creation (LIO follows the device's own size).
+    kind: str = "file"
 
 
 @dataclass(frozen=True)

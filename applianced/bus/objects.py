@@ -131,6 +131,13 @@ class ManagerInterface(EntityInterface):
 
     @dbus_method()
     @translate_errors
+    async def CreateBlockDisk(self, name: "s", device: "s", options: "a{sv}") -> "o":
+        opts = Options("CreateBlockDisk", options, {"description": "s"})
+        disk = await self.engine.create_block_disk(name, device, opts.get("description", ""))
+        return paths.disk_path(disk.name)
+
+    @dbus_method()
+    @translate_errors
     async def ImportDisk(self, path: "s", options: "a{sv}") -> "o":
         opts = Options("ImportDisk", options, {"name": "s", "description": "s"})
         disk = await self.engine.import_disk(path, opts.get("name", ""), opts.get("description", ""))
@@ -216,6 +223,10 @@ class DiskInterface(EntityInterface):
     @dbus_property(access=READ)
     def WriteBack(self) -> "b":
         return self.value.write_back
+
+    @dbus_property(access=READ)
+    def Kind(self) -> "s":
+        return self.value.kind
 
     @dbus_method()
     @translate_errors

@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument(
         "--write-back", action="store_true", help="cache writes in the node's memory (faster; a power cut loses data)"
     )
+    block = disk.add_parser("create-block", help="export a block device or partition (LV, RAID, disk)")
+    block.add_argument("name")
+    block.add_argument("device", help="e.g. /dev/vg0/lv1 or /dev/disk/by-id/...")
+    block.add_argument("--description", default="")
     imported = disk.add_parser("import", help="take over a disk file made by applianced, keeping its identity")
     imported.add_argument("path")
     imported.add_argument("--name", default="", help="name on this node (default: the name it had)")
@@ -232,6 +236,7 @@ class Commands:
         return [
             {
                 "name": p["Name"],
+                "kind": p["Kind"],
                 "size": p["Size"],
                 "path": p["Path"],
                 "serial": p["Serial"],
@@ -254,6 +259,11 @@ class Commands:
                 "loses writes that initiators were told are done",
                 file=sys.stderr,
             )
+
+    async def disk_create_block(self, args: argparse.Namespace) -> None:
+        options = {"description": Variant("s", args.description)}
+        body = [args.name, args.device, options]
+        await self.client.call(ROOT_PATH, MANAGER_INTERFACE, "CreateBlockDisk", "ssa{sv}", body)
 
     async def disk_import(self, args: argparse.Namespace) -> None:
         options = {"name": Variant("s", args.name), "description": Variant("s", args.description)}

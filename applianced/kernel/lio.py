@@ -92,10 +92,11 @@ class LioKernel:
         )
 
     def _find_storage_object(self, name: str) -> StorageObject | None:
-        try:
-            so = rtslib_fb.FileIOStorageObject(name)
-        except RTSLibNotInCFSError:
+        so = _lookup_storage_object(name)
+        if so is None:
             return None
+        if isinstance(so, rtslib_fb.BlockStorageObject):
+            return StorageObject(so.name, so.udev_path, 0, so.wwn, plugin="block")
         return StorageObject(so.name, so.udev_path, so.size, so.wwn, so.write_back)
 
     def _read_target(self, iqn: str) -> KernelTarget | None:
@@ -163,9 +164,12 @@ class LioKernel:
             return
         if have is not None:
             raise RTSLibError(f"backstore {want.name} exists with other settings")
-        rtslib_fb.FileIOStorageObject(
-            want.name, dev=want.path, size=want.size, wwn=want.serial, write_back=want.write_back
-        )
+        if want.plugin == "block":
+            rtslib_fb.BlockStorageObject(want.name, dev=want.path, wwn=want.serial)
+        else:
+            rtslib_fb.FileIOStorageObject(
+                want.name, dev=want.path, size=want.size, wwn=want.serial, write_back=want.write_back
+            )
 
     @_apply.register
     def _(self, action: plan.GrowStorageObject) -> None:
@@ -177,8 +181,9 @@ class LioKernel:
 
     @_apply.register
     def _(self, action: plan.DeleteStorageObject) -> None:
-        with contextlib.suppress(RTSLibNotInCFSError):
-            rtslib_fb.FileIOStorageObject(action.name).delete()
+        so = _lookup_storage_object(action.name)
+        if so is not None:
+            so.delete()
 
     @_apply.register
     def _(self, action: plan.CreateTarget) -> None:
@@ -225,7 +230,9 @@ class LioKernel:
             if existing.storage_object.name == action.storage_object:
                 return
             raise RTSLibError(f"LUN {action.lun} exists with backstore {existing.storage_object.name}")
-        so = rtslib_fb.FileIOStorageObject(action.storage_object)
+        so = _lookup_storage_object(action.storage_object)
+        if so is None:
+            raise RTSLibError(f"backstore {action.storage_object} does not exist")
         rtslib_fb.LUN(tpg, lun=action.lun, storage_object=so)
 
     @_apply.register
@@ -282,6 +289,16 @@ class LioKernel:
             rtslib_fb.MappedLUN(acl, action.mapped_lun).delete()
         except RTSLibNotInCFSError:
             pass
+
+
+def _lookup_storage_object(name: str) -> rtslib_fb.StorageObject | None:
+    # Disk names are unique across kinds, so a name is looked up in both backends.
+    for backstore in (rtslib_fb.FileIOStorageObject, rtslib_fb.BlockStorageObject):
+        try:
+            return backstore(name)
+        except RTSLibNotInCFSError:
+            continue
+    return None
 
 
 def _read_acl_auth(acl: rtslib_fb.NodeACL) -> Chap | None:

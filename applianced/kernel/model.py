@@ -46,13 +46,15 @@ TPG_PARAMETERS = ("TargetAlias", "HeaderDigest", "DataDigest", *NEGOTIATION_PROF
 
 @dataclass(frozen=True)
 class StorageObject:
-    """A fileio backstore."""
+    """A backstore: ``fileio`` (a file, of a set size) or ``block`` (a device; size 0,
+    since LIO follows the device's own size)."""
 
     name: str
     path: str
     size: int
     serial: str
     write_back: bool = False
+    plugin: str = "fileio"
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,8 @@ def render(config: Config) -> KernelConfig:
     """Return the LIO configuration that realises ``config``."""
     storage_objects = {
         disk.name: StorageObject(disk.name, disk.path, disk.size, disk.serial, disk.write_back)
+        if disk.kind == "file"
+        else StorageObject(disk.name, disk.path, 0, disk.serial, plugin="block")
         for disk in config.disks.values()
     }
     portals = frozenset((portal.address, portal.port) for portal in config.portals)

@@ -19,6 +19,7 @@ def test_first_slice_through_the_cli(daemon, tmp_path):
     disks = daemon.cli("--json", "disk", "list").json()
     assert disks[0] | {"serial": None} == {
         "name": "d1",
+        "kind": "file",
         "size": 1536 * 1024**2,
         "path": str(backing),
         "serial": None,

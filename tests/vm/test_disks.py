@@ -4,6 +4,7 @@ hot-add (with the REPORTED LUNS DATA HAS CHANGED notice), read-only LUNs, write-
 import pytest
 
 from tests.vm.appliance import ApplianceNode
+from tests.vm.harness import Disk
 
 pytestmark = pytest.mark.vm
 
@@ -13,7 +14,8 @@ PORTAL = "127.0.0.1"
 
 @pytest.fixture(scope="module")
 def node(module_guest_factory):
-    appliance = ApplianceNode(module_guest_factory("disks")).prepare(initiator_name=INITIATOR)
+    guest = module_guest_factory("disks", disks=[Disk("blk", "64M"), Disk("busy", "16M")])
+    appliance = ApplianceNode(guest).prepare(initiator_name=INITIATOR)
     appliance.start()
     appliance.serve("32M", INITIATOR, PORTAL)
     (iqn,) = appliance.discover(PORTAL)
@@ -121,3 +123,37 @@ def test_forced_logout_drops_the_session_and_keeps_the_configuration(node):
     assert node.ctl_json("acl", "list")[0]["initiator"] == INITIATOR
     missing = node.ctl("target", "logout", "t1", "iqn.2026-11.org.applianced.test:nobody", check=False)
     assert missing.rc == 3
+
+
+def test_block_device_disks(node):
+    guest = node.guest
+    device = guest.disk_device("blk")
+    node.ctl("disk", "create-block", "bd", device)
+    disk = next(d for d in node.ctl_json("disk", "list") if d["name"] == "bd")
+    assert (disk["kind"], disk["size"]) == ("block", 64 << 20)
+    assert disk["path"].startswith("/dev/disk/by-id/"), "stored under its stable name"
+    assert guest.run(["readlink", "-f", disk["path"]]).stdout.strip() == device
+    node.ctl("lun", "add", "t1", "bd")
+    rescan(node)
+    lun = node.device_for_serial(disk["serial"])
+    assert size_of(node, lun) == 64 << 20
+    guest.run(f"head -c 1M /dev/urandom > /tmp/bd.bin && dd if=/tmp/bd.bin of={lun} oflag=direct status=none")
+    # The initiator's bytes are on the node's device itself.
+    same = guest.run(f"dd if={device} bs=1M count=1 iflag=direct status=none | cmp - /tmp/bd.bin", check=False)
+    assert same.rc == 0
+    refused = node.ctl("disk", "extend", "bd", "128M", check=False)
+    assert refused.rc == 7 and "grow the device" in refused.stderr
+    twice = node.ctl("disk", "create-block", "again", disk["path"], check=False)
+    assert twice.rc == 4
+
+
+def test_block_device_in_use_on_the_node_is_refused(node):
+    guest = node.guest
+    device = guest.disk_device("busy")
+    guest.run(f"mkfs.ext4 -q -F {device} && mkdir -p /tmp/busy && mount {device} /tmp/busy")
+    refused = node.ctl("disk", "create-block", "busy", device, check=False)
+    assert refused.rc == 6 and "mounted at /tmp/busy" in refused.stderr
+    guest.run("umount /tmp/busy")
+    node.ctl("disk", "create-block", "busy", device)
+    not_block = node.ctl("disk", "create-block", "nb", "/etc/hostname", check=False)
+    assert not_block.rc == 5 and "not a block device" in not_block.stderr
