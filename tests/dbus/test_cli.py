@@ -40,8 +40,8 @@ def test_first_slice_through_the_cli(daemon, tmp_path):
     ]
 
     table = daemon.cli("disk", "list").stdout.splitlines()
-    assert table[0].split() == ["NAME", "SIZE", "PATH", "SERIAL", "DESCRIPTION"]
-    assert table[1].split()[:3] == ["d1", "1.50", "GiB"]
+    assert table[0].split() == ["NAME", "KIND", "SIZE", "PATH", "SERIAL", "DESCRIPTION"]
+    assert table[1].split()[:4] == ["d1", "file", "1.50", "GiB"]
 
     for args in (
         ("acl", "remove", "t1", INITIATOR),
