@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from applianced.errors import InvalidArgument
 from applianced.names import normalize_iscsi_name
+from applianced.state import BootClient, Target
 
 ROOT_PATH_OPTION = 17
 VENDOR_SPECIFIC_OPTION = 43
@@ -300,3 +301,17 @@ def render_all(profile: BootProfile) -> dict[str, str]:
     if not any(target.is_ipv6 for target in (profile.primary, profile.secondary) if target):
         formats.update({"isc-dhcpd": isc_dhcpd(profile), "kea": kea(profile), "dnsmasq": dnsmasq(profile)})
     return formats
+
+
+def profile_for(client: BootClient, target: Target) -> BootProfile:
+    """The DHCP view of a configured boot client, with its target's current IQN."""
+    secondary = None
+    if client.secondary_address:
+        secondary = BootTarget(client.secondary_address, target.iqn, client.secondary_port, client.lun)
+    return BootProfile(
+        name=client.name,
+        initiator_iqn=client.initiator,
+        primary=BootTarget(client.address, target.iqn, client.port, client.lun),
+        secondary=secondary,
+        mac=client.mac or None,
+    )

@@ -22,26 +22,17 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from applianced import bootprofile, devices, diskfile, names, targetcli
-from applianced.constants import DISKS_DIR_NAME, ISCSI_DEFAULT_PORT
+from applianced import bootprofile, devices, diskfile, names, targetcli, validation
+from applianced.constants import DISKS_DIR_NAME
 from applianced.errors import AlreadyExists, Busy, InvalidArgument, KernelError, NotFound, NotSupported, StateError
-from applianced.kernel.model import DIGEST_OFFERS, KernelConfig, Session, render
+from applianced.kernel.model import KernelConfig, Session, render
 from applianced.kernel.plan import Action, plan
 from applianced.state import Acl, BootClient, Chap, Config, Disk, Lun, Portal, StateStore, Target
-from applianced.units import SECTOR_SIZE, format_size
 
 log = logging.getLogger(__name__)
 
-MIN_DISK_SIZE = 1024 * 1024
-MAX_DISK_SIZE = 2**63 - SECTOR_SIZE
-MAX_LUN = 255
-MAX_DESCRIPTION = 256
 # Marks an export made by ExportConfiguration, so that other JSON is refused at once.
 EXPORT_FORMAT = "applianced-configuration"
-MAX_ALIAS_BYTES = 255
-MAX_CHAP_USER_BYTES = 128
-CHAP_SECRET_MIN = 12
-CHAP_SECRET_MAX = 16
 
 
 class Kernel(Protocol):
@@ -167,19 +158,19 @@ class Appliance:
             names.validate_object_name("disk", name)
             if name in self.config.disks:
                 raise AlreadyExists(f"disk {name!r} exists already")
-            _check_size(size)
+            validation.check_size(size)
             file_path = self._disk_path(name, path)
             disk = Disk(
                 name=name,
                 path=str(file_path),
                 size=size,
                 serial=str(uuid.uuid4()),
-                description=_check_description(description),
+                description=validation.check_description(description),
                 write_back=write_back,
             )
             if write_back:
                 audit("create-disk", name, "warning", f"disk {name} uses write-back caching: a power cut loses writes")
-            await asyncio.to_thread(diskfile.create, file_path, _marker(disk))
+            await asyncio.to_thread(diskfile.create, file_path, validation.marker_of(disk))
             try:
                 await self._commit("create-disk", name, self.config.with_disk(disk))
             except BaseException:
@@ -199,7 +190,12 @@ class Appliance:
                     raise AlreadyExists(f"{block.node} is already the device of disk {disk.name!r}")
             await asyncio.to_thread(devices.refuse_if_in_use, block)
             disk = Disk(
-                name, block.stable_path, block.size, str(uuid.uuid4()), _check_description(description), kind="block"
+                name,
+                block.stable_path,
+                block.size,
+                str(uuid.uuid4()),
+                validation.check_description(description),
+                kind="block",
             )
             await self._commit("create-disk", name, self.config.with_disk(disk))
             return disk
@@ -207,7 +203,7 @@ class Appliance:
     async def import_disk(self, path: str, name: str = "", description: str = "") -> Disk:
         """Take over a disk file made by applianced (here or on another node), keeping its serial."""
         async with self._lock:
-            file_path = _check_path(path)
+            file_path = validation.check_path(path)
             marker = await asyncio.to_thread(diskfile.read_marker, file_path)
             name = names.validate_object_name("disk", name or marker.name)
             if name in self.config.disks:
@@ -217,7 +213,7 @@ class Appliance:
                     raise AlreadyExists(f"{file_path} is already the backing file of disk {disk.name!r}")
                 if disk.serial == marker.serial:
                     raise AlreadyExists(f"disk {disk.name!r} already has serial {marker.serial} (a copy of this file?)")
-            disk = Disk(name, str(file_path), marker.size, marker.serial, _check_description(description))
+            disk = Disk(name, str(file_path), marker.size, marker.serial, validation.check_description(description))
             await self._commit("import-disk", name, self.config.with_disk(disk))
             return disk
 
@@ -226,7 +222,7 @@ class Appliance:
             self.disks_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             file_path = self.disks_dir / f"{name}.img"
         else:
-            file_path = _check_path(path)
+            file_path = validation.check_path(path)
             if not file_path.parent.is_dir():
                 raise InvalidArgument(f"directory {str(file_path.parent)!r} does not exist")
         if any(disk.path == str(file_path) for disk in self.config.disks.values()):
@@ -245,18 +241,18 @@ class Appliance:
                 raise InvalidArgument(f"disk {name!r} is {disk.size} bytes; shrinking would destroy data")
             if size == disk.size:
                 return disk
-            _check_size(size)
+            validation.check_size(size)
             grown = dataclasses.replace(disk, size=size)
             path = Path(disk.path)
             # The file grows first so that LIO never exports more than the file holds.
             try:
-                await asyncio.to_thread(diskfile.grow, path, _marker(disk), _marker(grown))
+                await asyncio.to_thread(diskfile.grow, path, validation.marker_of(disk), validation.marker_of(grown))
             except OSError as exc:
                 raise InvalidArgument(f"cannot grow {path}: {exc.strerror}") from exc
             try:
                 await self._commit("extend-disk", name, self.config.with_disk(grown))
             except BaseException:
-                await asyncio.to_thread(diskfile.shrink_back, path, _marker(disk))
+                await asyncio.to_thread(diskfile.shrink_back, path, validation.marker_of(disk))
                 raise
             return grown
 
@@ -293,7 +289,12 @@ class Appliance:
             holder = next((t.name for t in self.config.targets.values() if t.iqn == iqn), None)
             if holder is not None:
                 raise AlreadyExists(f"IQN {iqn} is already used by target {holder!r}")
-            target = Target(name=name, iqn=iqn, description=_check_description(description), alias=_check_alias(alias))
+            target = Target(
+                name=name,
+                iqn=iqn,
+                description=validation.check_description(description),
+                alias=validation.check_alias(alias),
+            )
             await self._commit("create-target", name, self.config.with_target(target))
             return target
 
@@ -322,14 +323,14 @@ class Appliance:
             target = self._target(name)
             changes: dict[str, object] = {}
             if description is not None:
-                changes["description"] = _check_description(description)
+                changes["description"] = validation.check_description(description)
             if alias is not None:
-                changes["alias"] = _check_alias(alias)
+                changes["alias"] = validation.check_alias(alias)
             if enabled is not None:
                 changes["enabled"] = enabled
             for key, digest in (("header_digest", header_digest), ("data_digest", data_digest)):
                 if digest is not None:
-                    changes[key] = _check_digest(digest)
+                    changes[key] = validation.check_digest(digest)
             if iqn is not None:
                 iqn = names.normalize_iscsi_name(iqn, "target IQN")
                 holder = next((t.name for t in self.config.targets.values() if t.iqn == iqn and t.name != name), None)
@@ -375,11 +376,11 @@ class Appliance:
                 raise Busy(f"disk {disk_name!r} is already exported by target {exporters[0]!r}")
             used = {lun.number for lun in target.luns}
             if number is None:
-                number = next((n for n in range(MAX_LUN + 1) if n not in used), None)
+                number = next((n for n in range(validation.MAX_LUN + 1) if n not in used), None)
                 if number is None:
                     raise Busy(f"target {target_name!r} has no free LUN number")
-            elif not 0 <= number <= MAX_LUN:
-                raise InvalidArgument(f"LUN {number} is out of range 0-{MAX_LUN}")
+            elif not 0 <= number <= validation.MAX_LUN:
+                raise InvalidArgument(f"LUN {number} is out of range 0-{validation.MAX_LUN}")
             elif number in used:
                 raise AlreadyExists(f"target {target_name!r} has a LUN {number} already")
             lun = Lun(number=number, disk=disk_name, read_only=read_only)
@@ -458,7 +459,7 @@ class Appliance:
         """CHAP for every initiator of the target without credentials of its own."""
         async with self._lock:
             target = self._target(target_name)
-            new = self.config.with_target(dataclasses.replace(target, chap=_check_chap(chap)))
+            new = self.config.with_target(dataclasses.replace(target, chap=validation.check_chap(chap)))
             await self._commit("set-target-chap", target_name, new)
 
     async def set_acl_chap(self, target_name: str, initiator: str, chap: Chap | None) -> None:
@@ -468,7 +469,7 @@ class Appliance:
             if target.acl(initiator) is None:
                 raise NotFound(f"initiator {initiator} is not allowed on target {target_name!r}")
             acls = tuple(
-                dataclasses.replace(acl, chap=_check_chap(chap)) if acl.initiator == initiator else acl
+                dataclasses.replace(acl, chap=validation.check_chap(chap)) if acl.initiator == initiator else acl
                 for acl in target.acls
             )
             new = self.config.with_target(dataclasses.replace(target, acls=acls))
@@ -478,7 +479,7 @@ class Appliance:
         async with self._lock:
             if chap is not None and not chap.user:
                 raise InvalidArgument("discovery CHAP needs a user name")
-            new = dataclasses.replace(self.config, discovery_chap=_check_chap(chap))
+            new = dataclasses.replace(self.config, discovery_chap=validation.check_chap(chap))
             await self._commit("set-discovery-chap", "node", new)
 
     # -- boot clients ----------------------------------------------------------------------
@@ -505,13 +506,15 @@ class Appliance:
                 raise InvalidArgument(f"boot LUN {lun} is out of range 0-254 (LUN 255 crashes the Microsoft initiator)")
             if target.lun(lun) is None:
                 raise NotFound(f"target {target_name!r} has no LUN {lun} to boot from")
-            address, port = _parse_portal(portal) if portal else self._default_portal()
-            secondary_address, secondary_port = _parse_portal(secondary_portal) if secondary_portal else ("", 0)
+            address, port = validation.parse_portal(portal) if portal else self._default_portal()
+            secondary_address, secondary_port = (
+                validation.parse_portal(secondary_portal) if secondary_portal else ("", 0)
+            )
             client = BootClient(
                 name, target_name, initiator, lun, address, port, mac, secondary_address, secondary_port
             )
             # Building the profile validates it all (LUN 0-254, MAC, addresses, option sizes).
-            bootprofile.render_all(self.boot_profile(client, target))
+            bootprofile.render_all(bootprofile.profile_for(client, target))
             new = dataclasses.replace(self.config, boot_clients={**self.config.boot_clients, name: client})
             await self._commit("create-boot-profile", name, new)
             return client
@@ -522,20 +525,6 @@ class Appliance:
                 raise NotFound(f"boot profile {name!r} does not exist")
             clients = {k: v for k, v in self.config.boot_clients.items() if k != name}
             await self._commit("delete-boot-profile", name, dataclasses.replace(self.config, boot_clients=clients))
-
-    @staticmethod
-    def boot_profile(client: BootClient, target: Target) -> bootprofile.BootProfile:
-        """The DHCP view of a boot client, with the target's current IQN."""
-        secondary = None
-        if client.secondary_address:
-            secondary = bootprofile.BootTarget(client.secondary_address, target.iqn, client.secondary_port, client.lun)
-        return bootprofile.BootProfile(
-            name=client.name,
-            initiator_iqn=client.initiator,
-            primary=bootprofile.BootTarget(client.address, target.iqn, client.port, client.lun),
-            secondary=secondary,
-            mac=client.mac or None,
-        )
 
     def _default_portal(self) -> tuple[str, int]:
         for portal in self.config.portals:
@@ -575,11 +564,11 @@ class Appliance:
         """Add what a targetcli saveconfig.json describes; returns the imported part."""
         async with self._lock:
             part = targetcli.convert(data, self.config.iqn_prefix)
-            merged = _merge(self.config, part)
+            merged = validation.merge(self.config, part)
             adopted = [disk for disk in part.disks.values() if not diskfile.has_marker(Path(disk.path))]
             await self._check_replacement(merged, force=True, skip_markers={d.name for d in adopted})
             for disk in adopted:
-                await asyncio.to_thread(diskfile.adopt, Path(disk.path), _marker(disk))
+                await asyncio.to_thread(diskfile.adopt, Path(disk.path), validation.marker_of(disk))
             try:
                 await self._commit("import-targetcli", "node", merged, from_kernel=True)
             except BaseException:
@@ -590,7 +579,7 @@ class Appliance:
 
     async def _check_replacement(self, new: Config, force: bool, skip_markers: set[str] = frozenset()) -> None:
         local = await asyncio.to_thread(self.local_addresses)
-        await asyncio.to_thread(validate_config, new, local, skip_markers)
+        await asyncio.to_thread(validation.validate_config, new, local, skip_markers)
         if force:
             return
         kept = {target.iqn for target in new.targets.values()}
@@ -602,11 +591,11 @@ class Appliance:
 
     async def create_portal(self, address: str, port: int) -> Portal:
         async with self._lock:
-            portal = Portal(address=_canonical_address(address), port=_check_port(port))
+            portal = Portal(address=validation.canonical_address(address), port=validation.check_port(port))
             if self.config.portal(portal.key) is not None:
                 raise AlreadyExists(f"portal {portal.key} exists already")
             # pyroute2's synchronous socket runs an event loop of its own: keep it off ours.
-            _check_portal(portal, self.config.portals, await asyncio.to_thread(self.local_addresses))
+            validation.check_portal(portal, self.config.portals, await asyncio.to_thread(self.local_addresses))
             new = dataclasses.replace(self.config, portals=(*self.config.portals, portal))
             await self._commit("create-portal", portal.key, new)
             return portal
@@ -617,207 +606,3 @@ class Appliance:
                 raise NotFound(f"portal {key} does not exist")
             new = dataclasses.replace(self.config, portals=tuple(p for p in self.config.portals if p.key != key))
             await self._commit("delete-portal", key, new)
-
-
-def _check_path(path: str) -> Path:
-    file_path = Path(path)
-    if not file_path.is_absolute() or os.path.normpath(path) != path:
-        raise InvalidArgument(f"path {path!r} must be absolute and normalised")
-    # LIO's control string is comma-separated, and configfs values are one line.
-    if any(ch in path for ch in ",\n\t") or not path.isprintable():
-        raise InvalidArgument(f"path {path!r} contains a comma or a control character")
-    return file_path
-
-
-def _marker(disk: Disk) -> diskfile.Marker:
-    return diskfile.Marker(name=disk.name, serial=disk.serial, size=disk.size)
-
-
-def _check_size(size: int) -> None:
-    if not MIN_DISK_SIZE <= size <= MAX_DISK_SIZE:
-        raise InvalidArgument(f"size {size} is out of range: at least {format_size(MIN_DISK_SIZE)}")
-    if size % SECTOR_SIZE:
-        raise InvalidArgument(f"size {size} is not a multiple of {SECTOR_SIZE} bytes")
-
-
-def _check_description(description: str) -> str:
-    if len(description) > MAX_DESCRIPTION or not description.isprintable():
-        raise InvalidArgument(f"description must be at most {MAX_DESCRIPTION} printable characters")
-    return description
-
-
-def validate_config(config: Config, local_addresses: set[str], skip_markers: Iterable[str] = ()) -> None:
-    """Check a whole configuration with the same rules as the operations that build one."""
-    names.generate_target_iqn(config.iqn_prefix, "check")
-    paths: set[str] = set()
-    serials: set[str] = set()
-    for disk in config.disks.values():
-        names.validate_object_name("disk", disk.name)
-        _check_size(disk.size)
-        _check_description(disk.description)
-        path = _check_path(disk.path)
-        if disk.path in paths or disk.serial in serials:
-            raise AlreadyExists(f"disk {disk.name!r} shares its file or serial with another disk")
-        paths.add(disk.path)
-        serials.add(disk.serial)
-        if disk.kind == "block":
-            devices.resolve(disk.path)
-            continue
-        if disk.kind != "file":
-            raise InvalidArgument(f"disk {disk.name!r} has an unknown kind {disk.kind!r}")
-        if disk.name not in skip_markers and diskfile.read_marker(path) != _marker(disk):
-            marker = diskfile.read_marker(path)
-            raise InvalidArgument(
-                f"disk {disk.name!r}: {path} holds disk {marker.name!r} (serial {marker.serial}, "
-                f"{marker.size} bytes), not the one the configuration describes"
-            )
-    iqns: set[str] = set()
-    exported: set[str] = set()
-    for target in config.targets.values():
-        names.validate_object_name("target", target.name)
-        if names.normalize_iscsi_name(target.iqn, "target IQN") != target.iqn or target.iqn in iqns:
-            raise InvalidArgument(f"target {target.name!r} has a non-canonical or duplicate IQN {target.iqn}")
-        iqns.add(target.iqn)
-        _check_description(target.description)
-        _check_alias(target.alias)
-        _check_chap(target.chap)
-        _check_digest(target.header_digest)
-        _check_digest(target.data_digest)
-        numbers = [lun.number for lun in target.luns]
-        if len(set(numbers)) != len(numbers) or not all(0 <= n <= MAX_LUN for n in numbers):
-            raise InvalidArgument(f"target {target.name!r} has duplicate or out-of-range LUN numbers")
-        for lun in target.luns:
-            if lun.disk not in config.disks or lun.disk in exported:
-                raise InvalidArgument(
-                    f"LUN {lun.number} of target {target.name!r}: disk {lun.disk!r} is unknown or exported twice"
-                )
-            exported.add(lun.disk)
-        initiators = [acl.initiator for acl in target.acls]
-        if len(set(initiators)) != len(initiators):
-            raise InvalidArgument(f"target {target.name!r} lists an initiator twice")
-        for acl in target.acls:
-            if names.normalize_iscsi_name(acl.initiator, "initiator name") != acl.initiator:
-                raise InvalidArgument(f"initiator {acl.initiator} of target {target.name!r} is not canonical")
-            _check_chap(acl.chap)
-    seen: list[Portal] = []
-    for portal in config.portals:
-        if _canonical_address(portal.address) != portal.address or portal in seen:
-            raise InvalidArgument(f"portal {portal.key} is not canonical or listed twice")
-        _check_port(portal.port)
-        _check_portal(portal, seen, local_addresses)
-        seen.append(portal)
-    if config.discovery_chap is not None and not config.discovery_chap.user:
-        raise InvalidArgument("discovery CHAP needs a user name")
-    _check_chap(config.discovery_chap)
-    for client in config.boot_clients.values():
-        target = config.targets.get(client.target)
-        if target is None or target.acl(client.initiator) is None or target.lun(client.lun) is None:
-            raise InvalidArgument(f"boot profile {client.name!r} refers to a target, ACL or LUN that is missing")
-        bootprofile.render_all(Appliance.boot_profile(client, target))
-
-
-def _merge(config: Config, part: Config) -> Config:
-    """``config`` with the entities of ``part`` added; a name used by both is refused."""
-    for kind, mine, theirs in (("disk", config.disks, part.disks), ("target", config.targets, part.targets)):
-        clash = sorted(set(mine) & set(theirs))
-        if clash:
-            raise AlreadyExists(f"{kind}(s) {', '.join(clash)} exist already")
-    portals = config.portals + tuple(p for p in part.portals if p not in config.portals)
-    return dataclasses.replace(
-        config,
-        disks={**config.disks, **part.disks},
-        targets={**config.targets, **part.targets},
-        portals=portals,
-        discovery_chap=config.discovery_chap or part.discovery_chap,
-    )
-
-
-def _check_portal(portal: Portal, others: Iterable[Portal], local_addresses: set[str]) -> None:
-    version = ipaddress.ip_address(portal.address).version
-    for other in others:
-        same_family = ipaddress.ip_address(other.address).version == version
-        either_wildcard = (
-            ipaddress.ip_address(other.address).is_unspecified or ipaddress.ip_address(portal.address).is_unspecified
-        )
-        # Linux will not bind a listening socket beside a wildcard one on the same port.
-        if same_family and either_wildcard and other.port == portal.port:
-            raise InvalidArgument(f"portal {portal.key} overlaps portal {other.key} on the same port")
-    if not ipaddress.ip_address(portal.address).is_unspecified and portal.address not in local_addresses:
-        raise InvalidArgument(f"address {portal.address} is not configured on any interface of this node")
-
-
-def _parse_portal(text: str) -> tuple[str, int]:
-    """``10.0.0.1``, ``10.0.0.1:3261``, ``fd00::1`` or ``[fd00::1]:3261`` to (address, port)."""
-    address, port = text, ISCSI_DEFAULT_PORT
-    if text.startswith("["):
-        address, _, rest = text[1:].partition("]")
-        if rest:
-            port = _port_number(rest.removeprefix(":"), text)
-    elif text.count(":") == 1:
-        address, _, rest = text.partition(":")
-        port = _port_number(rest, text)
-    return _canonical_address(address), _check_port(port)
-
-
-def _port_number(text: str, portal: str) -> int:
-    if not text.isdigit():
-        raise InvalidArgument(f"portal {portal!r} has no valid port number")
-    return int(text)
-
-
-def _check_chap(chap: Chap | None) -> Chap | None:
-    """Refuse credentials that initiators or boot firmware would reject; never echo a secret."""
-    if chap is None:
-        return None
-    if not chap.secret:
-        # A reverse (mutual) secret alone would authenticate only the target.
-        raise InvalidArgument("CHAP needs a secret; mutual CHAP alone is not allowed")
-    for what, user in (("CHAP user", chap.user), ("mutual CHAP user", chap.mutual_user)):
-        if len(user.encode()) > MAX_CHAP_USER_BYTES or not _is_token(user):
-            raise InvalidArgument(f"{what} must be at most {MAX_CHAP_USER_BYTES} bytes without spaces")
-    _check_secret("CHAP secret", chap.secret)
-    if chap.mutual_user and not chap.mutual_secret:
-        raise InvalidArgument("a mutual CHAP user needs a mutual secret")
-    if chap.mutual_secret:
-        _check_secret("mutual CHAP secret", chap.mutual_secret)
-        if chap.mutual_secret == chap.secret:
-            raise InvalidArgument("the mutual CHAP secret must differ from the CHAP secret")
-    return chap
-
-
-def _check_secret(what: str, secret: str) -> None:
-    # 12 is the minimum of boot firmware and of the reference; 16 its maximum plus one.
-    if not CHAP_SECRET_MIN <= len(secret) <= CHAP_SECRET_MAX or not _is_token(secret):
-        raise InvalidArgument(
-            f"{what} must be {CHAP_SECRET_MIN} to {CHAP_SECRET_MAX} printable ASCII characters without spaces"
-        )
-
-
-def _is_token(text: str) -> bool:
-    return all(33 <= ord(ch) <= 126 for ch in text)
-
-
-def _check_digest(digest: str) -> str:
-    if digest not in DIGEST_OFFERS:
-        raise InvalidArgument(f"digest setting {digest!r} is not one of {', '.join(DIGEST_OFFERS)}")
-    return digest
-
-
-def _check_alias(alias: str) -> str:
-    # TargetAlias is UTF-8 text of at most 255 bytes (RFC 7143 §13.6).
-    if len(alias.encode()) > MAX_ALIAS_BYTES or not alias.isprintable():
-        raise InvalidArgument(f"alias must be at most {MAX_ALIAS_BYTES} bytes of printable text")
-    return alias
-
-
-def _canonical_address(address: str) -> str:
-    try:
-        return str(ipaddress.ip_address(address.strip("[]")))
-    except ValueError:
-        raise InvalidArgument(f"{address!r} is not an IPv4 or IPv6 address") from None
-
-
-def _check_port(port: int) -> int:
-    if not 1 <= port <= 65535:
-        raise InvalidArgument(f"port {port} is out of range 1-65535")
-    return port

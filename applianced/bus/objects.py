@@ -505,5 +505,5 @@ class ObjectTree:
             for acl in target.acls:
                 yield paths.acl_path(target.name, acl.initiator), AclInterface, (target.name, acl)
         for client in config.boot_clients.values():
-            profile = Appliance.boot_profile(client, config.targets[client.target])
+            profile = bootprofile.profile_for(client, config.targets[client.target])
             yield paths.boot_profile_path(client.name), BootProfileInterface, (client, profile)

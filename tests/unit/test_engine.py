@@ -430,7 +430,7 @@ def test_boot_profiles_render_dhcp_settings_and_protect_what_they_use(tmp_path):
         await populate(engine)
         client = await engine.create_boot_client("pc1", "t1", INITIATOR, mac="00-15-17-0B-0E-F6")
         assert (client.address, client.port, client.lun) == ("10.1.0.5", 3260, 0)
-        profile = engine.boot_profile(client, engine.config.targets["t1"])
+        profile = bootprofile.profile_for(client, engine.config.targets["t1"])
         iqn = engine.config.targets["t1"].iqn
         assert bootprofile.root_path(profile.primary) == f"iscsi:10.1.0.5:6:3260:0:{iqn}"
         with pytest.raises(InvalidArgument, match="255"):
@@ -443,7 +443,7 @@ def test_boot_profiles_render_dhcp_settings_and_protect_what_they_use(tmp_path):
             "pc3", "t1", INITIATOR, portal="[fd00::5]:3261", secondary_portal="10.1.0.6"
         )
         assert (two.address, two.port, two.secondary_address) == ("fd00::5", 3261, "10.1.0.6")
-        configs = bootprofile.render_all(engine.boot_profile(two, engine.config.targets["t1"]))
+        configs = bootprofile.render_all(bootprofile.profile_for(two, engine.config.targets["t1"]))
         assert configs == {"root-path": f"iscsi:[fd00::5]:6:3261:0:{iqn}"}
         for call in (
             engine.delete_target("t1", force=True),
