@@ -302,9 +302,17 @@ class Appliance:
         async with self._lock:
             target = self._target(name)
             self._refuse_if_booting(name, f"target {name!r}")
+            # A portal kept only for this target would otherwise start serving every target.
+            own = [p.key for p in self.config.portals if p.targets == (name,)]
+            if own:
+                raise Busy(f"portal(s) {', '.join(own)} serve only target {name!r}; delete them first")
+            portals = tuple(
+                dataclasses.replace(p, targets=tuple(t for t in p.targets if t != name)) for p in self.config.portals
+            )
             if not force:
                 await self._refuse_if_sessions(target, "deleting it")
-            await self._commit("delete-target", name, self.config.without_target(name))
+            new = dataclasses.replace(self.config.without_target(name), portals=portals)
+            await self._commit("delete-target", name, new)
 
     async def modify_target(
         self,
@@ -589,9 +597,16 @@ class Appliance:
 
     # -- portals ---------------------------------------------------------------------------
 
-    async def create_portal(self, address: str, port: int) -> Portal:
+    async def create_portal(self, address: str, port: int, targets: Sequence[str] = ()) -> Portal:
+        """Listen on address:port for every target, or only for ``targets``."""
         async with self._lock:
-            portal = Portal(address=validation.canonical_address(address), port=validation.check_port(port))
+            for name in targets:
+                self._target(name)
+            portal = Portal(
+                address=validation.canonical_address(address),
+                port=validation.check_port(port),
+                targets=tuple(sorted(set(targets))),
+            )
             if self.config.portal(portal.key) is not None:
                 raise AlreadyExists(f"portal {portal.key} exists already")
             # pyroute2's synchronous socket runs an event loop of its own: keep it off ours.

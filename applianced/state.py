@@ -105,10 +105,14 @@ class Target:
 
 @dataclass(frozen=True)
 class Portal:
-    """An address and TCP port on which every target of the node listens."""
+    """An address and TCP port on which targets listen: all of them, or only ``targets``."""
 
     address: str
     port: int
+    targets: tuple[str, ...] = ()
+
+    def serves(self, target: str) -> bool:
+        return not self.targets or target in self.targets
 
     @property
     def key(self) -> str:
@@ -210,7 +214,9 @@ class Config:
                 iqn_prefix=data.get("settings", {}).get("iqn_prefix", DEFAULT_IQN_PREFIX),
                 disks={disk.name: disk for disk in disks},
                 targets={target.name: target for target in targets},
-                portals=tuple(Portal(**item) for item in data.get("portals", [])),
+                portals=tuple(
+                    Portal(**{**item, "targets": tuple(item.get("targets", ()))}) for item in data.get("portals", [])
+                ),
                 discovery_chap=_chap_from_json(data.get("discovery_chap")),
                 boot_clients={item["name"]: BootClient(**item) for item in data.get("boot_clients", [])},
             )

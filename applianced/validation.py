@@ -112,6 +112,8 @@ def validate_config(config: Config, local_addresses: set[str], skip_markers: Ite
             check_chap(acl.chap)
     seen: list[Portal] = []
     for portal in config.portals:
+        if not portal.targets == tuple(sorted(set(portal.targets))) or not set(portal.targets) <= set(config.targets):
+            raise InvalidArgument(f"portal {portal.key} lists unknown or repeated targets")
         if canonical_address(portal.address) != portal.address or portal in seen:
             raise InvalidArgument(f"portal {portal.key} is not canonical or listed twice")
         check_port(portal.port)

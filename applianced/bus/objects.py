@@ -191,8 +191,12 @@ class ManagerInterface(EntityInterface):
     @dbus_method()
     @translate_errors
     async def CreatePortal(self, address: "s", port: "q", options: "a{sv}") -> "o":
-        Options("CreatePortal", options, {})
-        portal = await self.engine.create_portal(address, port)
+        opts = Options("CreatePortal", options, {"targets": "ao"})
+        targets = [
+            _name_from_path(path, paths.target_path, self.engine.config.targets, "target")
+            for path in opts.get("targets", [])
+        ]
+        portal = await self.engine.create_portal(address, port, targets)
         return paths.portal_path(portal.key)
 
 
@@ -406,6 +410,11 @@ class PortalInterface(EntityInterface):
     @dbus_property(access=READ)
     def Port(self) -> "q":
         return self.value.port
+
+    @dbus_property(access=READ)
+    def Targets(self) -> "ao":
+        """The targets served here; empty: every target."""
+        return [paths.target_path(name) for name in self.value.targets]
 
     @dbus_method()
     @translate_errors

@@ -99,9 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     portal = groups.add_parser("portal", help="network portals").add_subparsers(dest="action", required=True)
     portal.add_parser("list", help="list portals")
-    create = portal.add_parser("create", help="listen on an address (every target)")
+    create = portal.add_parser("create", help="listen on an address (for every target, or some)")
     create.add_argument("address")
     create.add_argument("--port", type=int, default=ISCSI_DEFAULT_PORT)
+    create.add_argument("--target", action="append", default=[], help="serve only this target (repeatable)")
     delete = portal.add_parser("delete", help="stop listening on an address")
     delete.add_argument("address")
     delete.add_argument("--port", type=int, default=ISCSI_DEFAULT_PORT)
@@ -434,12 +435,25 @@ class Commands:
     # -- portals -----------------------------------------------------------------------
 
     async def portal_list(self, args: argparse.Namespace) -> list[dict[str, Any]]:
-        return [{"address": p["Address"], "port": p["Port"]} for _, p in await self.of(PORTAL_INTERFACE)]
+        return [
+            {
+                "address": p["Address"],
+                "port": p["Port"],
+                "targets": ",".join([await self.name_of(t, TARGET_INTERFACE) for t in p["Targets"]]) or "(all)",
+            }
+            for _, p in await self.of(PORTAL_INTERFACE)
+        ]
 
     async def portal_create(self, args: argparse.Namespace) -> None:
         if not 0 < args.port < 65536:
             raise UsageError(f"invalid argument: port {args.port} is out of range 1-65535", EXIT_INVALID)
-        await self.client.call(ROOT_PATH, MANAGER_INTERFACE, "CreatePortal", "sqa{sv}", [args.address, args.port, {}])
+        options = {}
+        if args.target:
+            targets = [await self.find(TARGET_INTERFACE, "target", Name=name) for name in args.target]
+            options["targets"] = Variant("ao", targets)
+        await self.client.call(
+            ROOT_PATH, MANAGER_INTERFACE, "CreatePortal", "sqa{sv}", [args.address, args.port, options]
+        )
 
     async def portal_delete(self, args: argparse.Namespace) -> None:
         address = args.address.strip("[]")

@@ -118,7 +118,6 @@ def render(config: Config) -> KernelConfig:
         else StorageObject(disk.name, disk.path, 0, disk.serial, plugin="block")
         for disk in config.disks.values()
     }
-    portals = frozenset((portal.address, portal.port) for portal in config.portals)
     targets = {}
     for target in config.targets.values():
         # Every allowed initiator sees every LUN of the target under the same number.
@@ -133,7 +132,7 @@ def render(config: Config) -> KernelConfig:
                 "DataDigest": DIGEST_OFFERS[target.data_digest],
                 **NEGOTIATION_PROFILE,
             },
-            portals=portals,
+            portals=frozenset((p.address, p.port) for p in config.portals if p.serves(target.name)),
             luns={lun.number: lun.disk for lun in target.luns},
             acls={
                 acl.initiator: NodeAcl(acl.initiator, mapped, resolve_chap(acl.chap or target.chap, acl, target))

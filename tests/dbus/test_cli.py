@@ -181,3 +181,13 @@ def test_config_export_is_private_and_imports_back(daemon, tmp_path):
     garbage.write_text("{}")
     refused = daemon.cli("config", "import", str(garbage))
     assert (refused.returncode, "not an applianced configuration" in refused.stderr) == (5, True)
+
+
+def test_portal_for_some_targets(daemon):
+    daemon.configure_first_slice()
+    assert daemon.cli("target", "create", "t2").returncode == 0
+    assert daemon.cli("portal", "create", "127.0.0.1", "--port", "3261", "--target", "t2").returncode == 0
+    listed = {(p["port"], p["targets"]) for p in daemon.cli("--json", "portal", "list").json()}
+    assert listed == {(3260, "(all)"), (3261, "t2")}
+    unknown = daemon.cli("portal", "create", "127.0.0.1", "--port", "3262", "--target", "nope")
+    assert unknown.returncode == 3

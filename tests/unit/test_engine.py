@@ -630,3 +630,26 @@ def test_force_logout_bounces_the_acl_and_leaves_the_configuration(tmp_path):
         assert kernel.snapshot() == before and engine.config == config
 
     run(scenario())
+
+
+def test_portals_can_serve_only_some_targets(tmp_path):
+    async def scenario():
+        engine = await started(make_engine(tmp_path))
+        await populate(engine)
+        await engine.create_target("t2")
+        await engine.create_portal("fd00::5", 3261, ["t2"])
+        kernel = engine.kernel.snapshot().targets
+        t1, t2 = engine.config.targets["t1"].iqn, engine.config.targets["t2"].iqn
+        assert kernel[t1].portals == {("10.1.0.5", 3260)}
+        assert kernel[t2].portals == {("10.1.0.5", 3260), ("fd00::5", 3261)}
+        with pytest.raises(NotFound):
+            await engine.create_portal("10.1.0.5", 3262, ["nope"])
+        with pytest.raises(Busy, match="serve only target 't2'"):
+            await engine.delete_target("t2")
+        await engine.create_portal("10.1.0.5", 3263, ["t1", "t2"])
+        await engine.delete_portal("[fd00::5]:3261")
+        await engine.delete_target("t2")
+        assert engine.config.portal("10.1.0.5:3263").targets == ("t1",)
+        assert engine.store.load() == engine.config
+
+    run(scenario())

@@ -35,7 +35,8 @@ def random_config(rng: random.Random) -> Config:
             )
         )
     portals = rng.sample(
-        [Portal("10.0.0.1", 3260), Portal("fd00::1", 3260), Portal("10.0.0.1", 3261)], rng.randint(0, 3)
+        [Portal("10.0.0.1", 3260), Portal("fd00::1", 3260), Portal("10.0.0.1", 3261, targets=("t0",))],
+        rng.randint(0, 3),
     )
     return Config(config.node_id, config.iqn_prefix, config.disks, config.targets, tuple(portals), rng.choice(CHAPS))
 

@@ -106,3 +106,19 @@ def test_reboot_restore_after_kernel_wipe(node):
         assert read_back(node, device).returncode == 0, "the restored LUN serves the same bytes"
     finally:
         node.logout(target["iqn"], PORTAL)
+
+
+def test_a_portal_can_serve_only_some_targets(node):
+    (t1,) = node.ctl_json("target", "list")
+    node.ctl("disk", "create", "d9", "8M")
+    node.ctl("target", "create", "t2")
+    node.ctl("lun", "add", "t2", "d9")
+    node.ctl("acl", "add", "t2", INITIATOR)
+    node.ctl("portal", "create", PORTAL, "--port", "3261", "--target", "t2")
+    t2 = next(t for t in node.ctl_json("target", "list") if t["name"] == "t2")
+    served = node.guest.run(["iscsi-inq", "-i", INITIATOR, f"iscsi://{PORTAL}:3261/{t2['iqn']}/0"], check=False)
+    assert served.rc == 0, served.describe()
+    # t1 is not served on that port: LIO finds no portal group for it there.
+    other = node.guest.run(["iscsi-inq", "-i", INITIATOR, f"iscsi://{PORTAL}:3261/{t1['iqn']}/0"], check=False)
+    assert other.rc != 0
+    assert node.guest.run(["iscsi-inq", "-i", INITIATOR, f"iscsi://{PORTAL}/{t1['iqn']}/0"], check=False).rc == 0
