@@ -585,7 +585,7 @@ class Appliance:
                 raise
             return part
 
-    async def _check_replacement(self, new: Config, force: bool, skip_markers: set[str] = frozenset()) -> None:
+    async def _check_replacement(self, new: Config, force: bool, skip_markers: Iterable[str] = ()) -> None:
         local = await asyncio.to_thread(self.local_addresses)
         await asyncio.to_thread(validation.validate_config, new, local, skip_markers)
         if force:
