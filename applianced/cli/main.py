@@ -291,6 +291,7 @@ class Commands:
                 "iqn": p["Iqn"],
                 "alias": p["Alias"],
                 "enabled": p["Enabled"],
+                "status": f"logged in ({len(p['Sessions'])})" if p["Sessions"] else "idle",
                 "auth": p["Authentication"],
                 "luns": sum(1 for _, lun in luns if lun["Target"] == path),
                 "acls": sum(1 for _, acl in acls if acl["Target"] == path),

@@ -50,6 +50,7 @@ def test_first_slice_end_to_end(node):
     assert guest.run(f"blockdev --getsize64 {device}").stdout.strip() == str(64 << 20)
     sessions = node.ctl_json("target", "sessions", "t1")
     assert [s["initiator"] for s in sessions] == [INITIATOR]
+    assert node.ctl_json("target", "list")[0]["status"] == "logged in (1)"
 
     # 32 MiB of random data, written with O_DIRECT through the iSCSI session.
     guest.run(f"head -c {SIZE_MIB}M /dev/urandom > {DATA}")
@@ -66,6 +67,7 @@ def test_first_slice_end_to_end(node):
     guest.run(f"dd if={DATA} of={device} bs=1M seek={SIZE_MIB} oflag=direct status=none")
 
     node.logout(iqn, PORTAL)
+    assert node.ctl_json("target", "list")[0]["status"] == "idle"
     # The bytes landed in the backing file, at the right offsets.
     assert guest.run(f"cmp -n {SIZE_MIB << 20} {DATA} {disk['path']}", check=False).returncode == 0
     assert (
