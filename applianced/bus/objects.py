@@ -285,8 +285,7 @@ class TargetInterface(EntityInterface):
                 "State": Variant("s", session.state),
                 "Addresses": Variant("as", list(session.addresses)),
             }
-            for session in await self.engine.sessions()
-            if session.target_iqn == self.value.iqn
+            for session in await self.engine.sessions(self.value.iqn)
         ]
 
     @dbus_property(access=READ)

@@ -130,16 +130,20 @@ class LioKernel:
             raise RTSLibError(f"target {iqn} does not exist")
         return tpg
 
-    def sessions(self) -> list[Session]:
-        """Every iSCSI session on the node, read from the ACLs' session info."""
+    def sessions(self, target_iqns: Iterable[str]) -> list[Session]:
+        """The iSCSI sessions of the named targets, read from their ACLs' session info."""
         found = []
-        for target in self.fabric.targets:
-            for tpg in target.tpgs:
+        for iqn in target_iqns:
+            try:
+                tpgs = list(rtslib_fb.Target(self.fabric, iqn, mode="lookup").tpgs)
+            except RTSLibNotInCFSError:
+                continue
+            for tpg in tpgs:
                 for acl in tpg.node_acls:
                     info = acl.session
                     if info:
                         addresses = tuple(c.get("address", "") for c in info.get("connections", []))
-                        found.append(Session(target.wwn, acl.node_wwn, info.get("state", ""), addresses))
+                        found.append(Session(iqn, acl.node_wwn, info.get("state", ""), addresses))
         return found
 
     # -- changing ------------------------------------------------------------------------

@@ -35,6 +35,8 @@ class FakeKernel:
         self.session_list: list[Session] = []
         self.discovery_auth: Chap | None = None
         self.applied: list[plan.Action] = []
+        # The targets each sessions() call read, so that tests can count the reads.
+        self.session_reads: list[tuple[str, ...]] = []
         self.opened = False
 
     def open(self) -> None:
@@ -54,8 +56,10 @@ class FakeKernel:
     def snapshot(self) -> KernelConfig:
         return KernelConfig(dict(self.storage_objects), dict(self.targets), self.discovery_auth)
 
-    def sessions(self) -> list[Session]:
-        return list(self.session_list)
+    def sessions(self, target_iqns: Iterable[str]) -> list[Session]:
+        iqns = tuple(target_iqns)
+        self.session_reads.append(iqns)
+        return [s for s in self.session_list if s.target_iqn in iqns]
 
     def apply(self, actions: Sequence[plan.Action]) -> None:
         try:

@@ -186,6 +186,26 @@ def test_changes_that_disrupt_sessions_need_force(tmp_path):
     run(scenario())
 
 
+def test_sessions_of_another_target_do_not_count(tmp_path):
+    kernel = FakeKernel()
+
+    async def scenario():
+        engine = await started(make_engine(tmp_path, kernel))
+        await populate(engine)
+        await engine.create_target("t2")
+        await engine.add_acl("t2", INITIATOR)
+        kernel.session_list = [Session(engine.config.targets["t2"].iqn, INITIATOR, "LOGGED_IN", ())]
+        assert await engine.sessions(engine.config.targets["t1"].iqn) == []
+        with pytest.raises(NotFound, match="no session"):
+            await engine.force_logout("t1", INITIATOR)
+        await engine.remove_acl("t1", INITIATOR)
+        with pytest.raises(Busy, match=INITIATOR):
+            await engine.remove_acl("t2", INITIATOR)
+        assert all(len(read) == 1 for read in kernel.session_reads)
+
+    run(scenario())
+
+
 def test_lun_numbers_default_to_lowest_free(tmp_path):
     async def scenario():
         engine = await started(make_engine(tmp_path))
