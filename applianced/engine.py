@@ -25,7 +25,7 @@ from typing import Any, Protocol
 from applianced import bootprofile, devices, diskfile, names, targetcli, validation
 from applianced.constants import DISKS_DIR_NAME
 from applianced.errors import AlreadyExists, Busy, InvalidArgument, KernelError, NotFound, NotSupported, StateError
-from applianced.kernel.model import KernelConfig, Session, render
+from applianced.kernel.model import KernelConfig, TargetSessions, render
 from applianced.kernel.plan import Action, plan
 from applianced.state import Acl, BootClient, Chap, Config, Disk, Lun, Portal, StateStore, Target
 
@@ -44,9 +44,9 @@ class Kernel(Protocol):
 
     def apply(self, actions: Sequence[Action]) -> None: ...
 
-    def sessions(self, target_iqns: Iterable[str]) -> list[Session]:
-        """The sessions of the named targets only: callers ask per target, so that reading
-        every target's sessions stays linear in the number of targets."""
+    def sessions(self, target_iqn: str) -> TargetSessions:
+        """What is logged in to one target. Callers ask per target, so that reading every
+        target's sessions stays linear in the number of targets."""
         ...
 
 
@@ -363,12 +363,12 @@ class Appliance:
         except KeyError:
             raise NotFound(f"target {name!r} does not exist") from None
 
-    async def sessions(self, target_iqn: str) -> list[Session]:
-        """The sessions logged in to one target."""
-        return await asyncio.to_thread(self.kernel.sessions, [target_iqn])
+    async def sessions(self, target_iqn: str) -> TargetSessions:
+        """What is logged in to one target."""
+        return await asyncio.to_thread(self.kernel.sessions, target_iqn)
 
     async def _refuse_if_sessions(self, target: Target, change: str, initiator: str | None = None) -> None:
-        sessions = [s for s in await self.sessions(target.iqn) if initiator in (None, s.initiator)]
+        sessions = [s for s in (await self.sessions(target.iqn)).sessions if initiator in (None, s.initiator)]
         if sessions:
             who = ", ".join(sorted({s.initiator for s in sessions}))
             raise Busy(
@@ -448,7 +448,7 @@ class Appliance:
         async with self._lock:
             target = self._target(target_name)
             initiator = names.normalize_iscsi_name(initiator, "initiator name")
-            if not any(s.initiator == initiator for s in await self.sessions(target.iqn)):
+            if not any(s.initiator == initiator for s in (await self.sessions(target.iqn)).sessions):
                 raise NotFound(f"initiator {initiator} has no session on target {target_name!r}")
             acls = tuple(acl for acl in target.acls if acl.initiator != initiator)
             without = render(self.config.with_target(dataclasses.replace(target, acls=acls)))

@@ -66,6 +66,11 @@ def chap_from(method: str, credentials: dict[str, Variant]) -> Chap | None:
     return Chap(**values) if values else None
 
 
+def _acl_chap(target: Target, initiator: str) -> Chap | None:
+    acl = target.acl(initiator)
+    return (acl.chap if acl else None) or target.chap
+
+
 def describe_chap(chap: Chap | None) -> str:
     if chap is None:
         return "none"
@@ -279,13 +284,32 @@ class TargetInterface(EntityInterface):
 
     @dbus_property(access=READ)
     async def Sessions(self) -> "aa{sv}":
+        # The object's own value leaves LUNs and ACLs out (they are objects of their own).
+        target = self.engine.config.targets[self.value.name]
         return [
             {
                 "Initiator": Variant("s", session.initiator),
                 "State": Variant("s", session.state),
                 "Addresses": Variant("as", list(session.addresses)),
+                "Portals": Variant("as", list(session.portals)),
+                "Isid": Variant("s", session.isid),
+                "Tsih": Variant("q", session.tsih),
+                # LIO enforces the ACL's CHAP at login, so a logged-in session has passed it.
+                "Authentication": Variant("s", describe_chap(_acl_chap(target, session.initiator))),
+                "Luns": Variant("au", [lun.number for lun in target.luns]),
             }
-            for session in await self.engine.sessions(self.value.iqn)
+            for session in (await self.engine.sessions(target.iqn)).sessions
+        ]
+
+    @dbus_property(access=READ)
+    async def SessionCount(self) -> "u":
+        return (await self.engine.sessions(self.value.iqn)).count
+
+    @dbus_property(access=READ)
+    async def Connections(self) -> "a(sqs)":
+        return [
+            [c.source_address, c.source_port, c.portal]
+            for c in (await self.engine.sessions(self.value.iqn)).connections
         ]
 
     @dbus_property(access=READ)

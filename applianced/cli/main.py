@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     delete.add_argument("--force", action="store_true", help="even if initiators are logged in")
     show = target.add_parser("sessions", help="list the sessions of a target")
     show.add_argument("name")
+    paths_of = target.add_parser("connections", help="list every TCP connection (path) on a target's portals")
+    paths_of.add_argument("name")
     logout = target.add_parser("logout", help="drop an initiator's sessions (it may log in again)")
     logout.add_argument("name")
     logout.add_argument("initiator")
@@ -291,7 +293,7 @@ class Commands:
                 "iqn": p["Iqn"],
                 "alias": p["Alias"],
                 "enabled": p["Enabled"],
-                "status": f"logged in ({len(p['Sessions'])})" if p["Sessions"] else "idle",
+                "status": f"logged in ({p['SessionCount']})" if p["SessionCount"] else "idle",
                 "auth": p["Authentication"],
                 "luns": sum(1 for _, lun in luns if lun["Target"] == path),
                 "acls": sum(1 for _, acl in acls if acl["Target"] == path),
@@ -337,7 +339,24 @@ class Commands:
         path = await self.find(TARGET_INTERFACE, "target", Name=args.name)
         sessions = (await self.client.properties(path, TARGET_INTERFACE))["Sessions"]
         return [
-            {"initiator": s["Initiator"], "state": s["State"], "addresses": ",".join(s["Addresses"])} for s in sessions
+            {
+                "initiator": s["Initiator"],
+                "state": s["State"],
+                "addresses": ",".join(s["Addresses"]),
+                "portals": ",".join(s["Portals"]),
+                "authentication": s["Authentication"],
+                "luns": ",".join(str(n) for n in s["Luns"]),
+                "isid": s["Isid"],
+            }
+            for s in sessions
+        ]
+
+    async def target_connections(self, args: argparse.Namespace) -> list[dict[str, Any]]:
+        path = await self.find(TARGET_INTERFACE, "target", Name=args.name)
+        connections = (await self.client.properties(path, TARGET_INTERFACE))["Connections"]
+        return [
+            {"initiator address": f"{a}:{p}" if ":" not in a else f"[{a}]:{p}", "portal": portal}
+            for a, p, portal in connections
         ]
 
     # -- whole configuration -----------------------------------------------------------

@@ -21,7 +21,7 @@ import rtslib_fb
 from rtslib_fb.utils import RTSLibError, RTSLibNotInCFSError, fwrite, modprobe
 
 from applianced.errors import KernelError
-from applianced.kernel import plan
+from applianced.kernel import plan, sessions
 from applianced.kernel.model import (
     TPG_ATTRIBUTES,
     TPG_PARAMETERS,
@@ -29,14 +29,15 @@ from applianced.kernel.model import (
     KernelTarget,
     MappedLun,
     NodeAcl,
-    Session,
     StorageObject,
+    TargetSessions,
 )
 from applianced.state import Chap
 
 log = logging.getLogger(__name__)
 
 CONFIGFS = Path("/sys/kernel/config")
+ISCSI_CONFIGFS = CONFIGFS / "target" / "iscsi"
 TPG_TAG = 1
 # Modules loaded up front: configfs is not always auto-mounted, and the fileio backend is
 # not requested by the kernel when its HBA directory is made.
@@ -130,21 +131,13 @@ class LioKernel:
             raise RTSLibError(f"target {iqn} does not exist")
         return tpg
 
-    def sessions(self, target_iqns: Iterable[str]) -> list[Session]:
-        """The iSCSI sessions of the named targets, read from their ACLs' session info."""
-        found = []
-        for iqn in target_iqns:
-            try:
-                tpgs = list(rtslib_fb.Target(self.fabric, iqn, mode="lookup").tpgs)
-            except RTSLibNotInCFSError:
-                continue
-            for tpg in tpgs:
-                for acl in tpg.node_acls:
-                    info = acl.session
-                    if info:
-                        addresses = tuple(c.get("address", "") for c in info.get("connections", []))
-                        found.append(Session(iqn, acl.node_wwn, info.get("state", ""), addresses))
-        return found
+    def sessions(self, target_iqn: str) -> TargetSessions:
+        """What is logged in to one target, read from configfs and the TCP table."""
+        tpg_dir = ISCSI_CONFIGFS / target_iqn / f"tpgt_{TPG_TAG}"
+        if not tpg_dir.is_dir():
+            return TargetSessions()
+        connections = sessions.established_connections(sessions.portal_ports([tpg_dir]))
+        return sessions.read_target_sessions(tpg_dir, target_iqn, connections)
 
     # -- changing ------------------------------------------------------------------------
 

@@ -102,12 +102,42 @@ class KernelConfig:
 
 @dataclass(frozen=True)
 class Session:
-    """One initiator logged in to a target (read from LIO, never configured)."""
+    """One initiator logged in to a target (read from LIO, never configured).
+
+    ``addresses`` are the initiator's ends of the session's connections, ``portals`` the
+    portals those addresses are connected to (``10.0.0.1:3260``, ``[fd00::1]:3260``).
+    """
 
     target_iqn: str
     initiator: str
     state: str
     addresses: tuple[str, ...]
+    isid: str = ""
+    tsih: int = 0
+    portals: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Connection:
+    """An established TCP connection from an initiator to one of the node's portals."""
+
+    source_address: str
+    source_port: int
+    portal: str
+
+
+@dataclass(frozen=True)
+class TargetSessions:
+    """What is logged in to one target.
+
+    LIO names only the newest session of each initiator, so with multipath ``count`` (the
+    kernel's own session count) can exceed ``len(sessions)``; ``connections`` lists every
+    path on the target's portals.
+    """
+
+    sessions: tuple[Session, ...] = ()
+    count: int = 0
+    connections: tuple[Connection, ...] = ()
 
 
 def render(config: Config) -> KernelConfig:

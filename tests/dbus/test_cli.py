@@ -1,5 +1,7 @@
 """appliancectl against the real daemon: the first slice, output formats, named errors."""
 
+import json
+
 import pytest
 
 from applianced import diskfile
@@ -191,3 +193,36 @@ def test_portal_for_some_targets(daemon):
     assert listed == {(3260, "(all)"), (3261, "t2")}
     unknown = daemon.cli("portal", "create", "127.0.0.1", "--port", "3262", "--target", "nope")
     assert unknown.returncode == 3
+
+
+def test_sessions_show_portal_authentication_and_luns(daemon):
+    daemon.configure_first_slice()
+    daemon.cli("chap", "acl", "t1", INITIATOR, input="s3cret-s3cret\n")
+    (target,) = daemon.cli("--json", "target", "list").json()
+    daemon.stop()
+    kernel = json.loads(daemon.kernel_file.read_text())
+    kernel["sessions"] = [
+        {
+            "target_iqn": target["iqn"],
+            "initiator": INITIATOR,
+            "state": "LOGGED_IN",
+            "addresses": ["10.1.0.9"],
+            "isid": "00023d000002",
+            "tsih": 2,
+            "portals": ["10.1.0.1:3260"],
+        }
+    ]
+    daemon.kernel_file.write_text(json.dumps(kernel))
+    daemon.start()
+    assert daemon.cli("--json", "target", "sessions", "t1").json() == [
+        {
+            "initiator": INITIATOR,
+            "state": "LOGGED_IN",
+            "addresses": "10.1.0.9",
+            "portals": "10.1.0.1:3260",
+            "authentication": "chap",
+            "luns": "0",
+            "isid": "00023d000002",
+        }
+    ]
+    assert daemon.cli("--json", "target", "list").json()[0]["status"] == "logged in (1)"

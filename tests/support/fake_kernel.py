@@ -18,7 +18,15 @@ from typing import Any
 
 from applianced.errors import KernelError
 from applianced.kernel import plan
-from applianced.kernel.model import KernelConfig, KernelTarget, MappedLun, NodeAcl, Session, StorageObject
+from applianced.kernel.model import (
+    KernelConfig,
+    KernelTarget,
+    MappedLun,
+    NodeAcl,
+    Session,
+    StorageObject,
+    TargetSessions,
+)
 from applianced.state import Chap
 
 # Set in the daemon's environment to make the fake refuse one action type ("AddAcl"), or
@@ -35,8 +43,8 @@ class FakeKernel:
         self.session_list: list[Session] = []
         self.discovery_auth: Chap | None = None
         self.applied: list[plan.Action] = []
-        # The targets each sessions() call read, so that tests can count the reads.
-        self.session_reads: list[tuple[str, ...]] = []
+        # The target each sessions() call read, so that tests can count the reads.
+        self.session_reads: list[str] = []
         self.opened = False
 
     def open(self) -> None:
@@ -56,10 +64,10 @@ class FakeKernel:
     def snapshot(self) -> KernelConfig:
         return KernelConfig(dict(self.storage_objects), dict(self.targets), self.discovery_auth)
 
-    def sessions(self, target_iqns: Iterable[str]) -> list[Session]:
-        iqns = tuple(target_iqns)
-        self.session_reads.append(iqns)
-        return [s for s in self.session_list if s.target_iqn in iqns]
+    def sessions(self, target_iqn: str) -> TargetSessions:
+        self.session_reads.append(target_iqn)
+        sessions = tuple(s for s in self.session_list if s.target_iqn == target_iqn)
+        return TargetSessions(sessions, len(sessions))
 
     def apply(self, actions: Sequence[plan.Action]) -> None:
         try:
@@ -189,7 +197,10 @@ class FakeKernel:
         data = json.loads(self.path.read_text())
         self.storage_objects = {so["name"]: StorageObject(**so) for so in data["storage_objects"]}
         self.targets = {t["iqn"]: _target_from_json(t) for t in data["targets"]}
-        self.session_list = [Session(**{**s, "addresses": tuple(s["addresses"])}) for s in data.get("sessions", [])]
+        self.session_list = [
+            Session(**{**s, "addresses": tuple(s["addresses"]), "portals": tuple(s.get("portals", ()))})
+            for s in data.get("sessions", [])
+        ]
         self.discovery_auth = _auth_from_json(data.get("discovery_auth"))
 
 

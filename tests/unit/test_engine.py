@@ -195,13 +195,12 @@ def test_sessions_of_another_target_do_not_count(tmp_path):
         await engine.create_target("t2")
         await engine.add_acl("t2", INITIATOR)
         kernel.session_list = [Session(engine.config.targets["t2"].iqn, INITIATOR, "LOGGED_IN", ())]
-        assert await engine.sessions(engine.config.targets["t1"].iqn) == []
+        assert (await engine.sessions(engine.config.targets["t1"].iqn)).sessions == ()
         with pytest.raises(NotFound, match="no session"):
             await engine.force_logout("t1", INITIATOR)
         await engine.remove_acl("t1", INITIATOR)
         with pytest.raises(Busy, match=INITIATOR):
             await engine.remove_acl("t2", INITIATOR)
-        assert all(len(read) == 1 for read in kernel.session_reads)
 
     run(scenario())
 
