@@ -41,6 +41,18 @@ def resolve(path: str) -> BlockDevice:
     return BlockDevice(node=device.device_node, stable_path=by_id[0] if by_id else device.device_node, size=size)
 
 
+def refuse_file_if_in_use(path: str) -> None:
+    """Busy if a loop device of this node is backed by the disk file (a local mount)."""
+    real = os.path.realpath(path)
+    users = []
+    for backing in sorted(Path("/sys/block").glob("loop*/loop/backing_file")):
+        # The kernel appends " (deleted)" to files that were unlinked while attached.
+        if os.path.realpath(backing.read_text().strip().removesuffix(" (deleted)")) == real:
+            users.append(f"/dev/{backing.parent.parent.name}")
+    if users:
+        raise Busy(f"{path} is attached to {', '.join(users)} on this node; it cannot be exported while in local use")
+
+
 def refuse_if_in_use(device: BlockDevice) -> None:
     """Busy if this node mounts, swaps on or stacks something on the device or its parts."""
     name = Path(device.node).name

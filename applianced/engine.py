@@ -203,11 +203,39 @@ class Appliance:
             await self._commit("create-disk", name, self.config.with_disk(disk))
             return disk
 
+    async def modify_disk(self, name: str, description: str | None = None, shared: bool | None = None) -> Disk:
+        """Change a disk's description, or whether several targets may export it."""
+        async with self._lock:
+            disk = self._disk(name)
+            changes: dict[str, object] = {}
+            if description is not None:
+                changes["description"] = validation.check_description(description)
+            if shared is not None:
+                exporters = self._exporters(name)
+                if not shared and len(exporters) > 1:
+                    raise Busy(f"disk {name!r} is exported by targets {', '.join(exporters)}; keep one of them first")
+                changes["shared"] = shared
+            modified = dataclasses.replace(disk, **changes)
+            if modified != disk:
+                await self._commit("modify-disk", name, self.config.with_disk(modified))
+            return modified
+
+    def _exporters(self, disk_name: str) -> list[str]:
+        return sorted(t.name for t in self.config.targets.values() if any(lun.disk == disk_name for lun in t.luns))
+
+    def _refuse_if_used_locally(self, disk: Disk) -> None:
+        """Busy if the node itself uses the disk: exporting it would corrupt the data."""
+        if disk.kind == "block":
+            devices.refuse_if_in_use(devices.resolve(disk.path))
+        else:
+            devices.refuse_file_if_in_use(disk.path)
+
     async def import_disk(self, path: str, name: str = "", description: str = "") -> Disk:
         """Take over a disk file made by applianced (here or on another node), keeping its serial."""
         async with self._lock:
             file_path = validation.check_path(path)
             marker = await asyncio.to_thread(diskfile.read_marker, file_path)
+            await asyncio.to_thread(devices.refuse_file_if_in_use, str(file_path))
             name = names.validate_object_name("disk", name or marker.name)
             if name in self.config.disks:
                 raise AlreadyExists(f"disk {name!r} exists already; import it under another name")
@@ -382,10 +410,16 @@ class Appliance:
     ) -> Lun:
         async with self._lock:
             target = self._target(target_name)
-            self._disk(disk_name)
-            exporters = [t.name for t in self.config.targets.values() if any(lun.disk == disk_name for lun in t.luns)]
-            if exporters:
-                raise Busy(f"disk {disk_name!r} is already exported by target {exporters[0]!r}")
+            disk = self._disk(disk_name)
+            exporters = self._exporters(disk_name)
+            if target_name in exporters:
+                raise AlreadyExists(f"target {target_name!r} exports disk {disk_name!r} already")
+            if exporters and not disk.shared:
+                raise Busy(
+                    f"disk {disk_name!r} is already exported by target {exporters[0]!r}"
+                    " (a disk marked shared may be exported by several targets)"
+                )
+            await asyncio.to_thread(self._refuse_if_used_locally, disk)
             used = {lun.number for lun in target.luns}
             if number is None:
                 number = next((n for n in range(validation.MAX_LUN + 1) if n not in used), None)

@@ -40,6 +40,9 @@ class Disk:
     # "file": a sparse file with applianced's trailer; "block": a block device named by its
     # stable path, whose size is read at creation (LIO follows the device's own size).
     kind: str = "file"
+    # Exported by several targets at once: only for initiators that coordinate their
+    # access themselves (cluster file systems, SCSI reservations). Off unless asked for.
+    shared: bool = False
 
 
 @dataclass(frozen=True)

@@ -85,6 +85,7 @@ def validate_config(config: Config, local_addresses: set[str], skip_markers: Ite
     iqns: set[str] = set()
     exported: set[str] = set()
     for target in config.targets.values():
+        in_target: set[str] = set()
         names.validate_object_name("target", target.name)
         if names.normalize_iscsi_name(target.iqn, "target IQN") != target.iqn or target.iqn in iqns:
             raise InvalidArgument(f"target {target.name!r} has a non-canonical or duplicate IQN {target.iqn}")
@@ -98,10 +99,13 @@ def validate_config(config: Config, local_addresses: set[str], skip_markers: Ite
         if len(set(numbers)) != len(numbers) or not all(0 <= n <= MAX_LUN for n in numbers):
             raise InvalidArgument(f"target {target.name!r} has duplicate or out-of-range LUN numbers")
         for lun in target.luns:
-            if lun.disk not in config.disks or lun.disk in exported:
+            disk = config.disks.get(lun.disk)
+            if disk is None or lun.disk in in_target or (lun.disk in exported and not disk.shared):
                 raise InvalidArgument(
                     f"LUN {lun.number} of target {target.name!r}: disk {lun.disk!r} is unknown or exported twice"
+                    " (only a shared disk may be exported by several targets)"
                 )
+            in_target.add(lun.disk)
             exported.add(lun.disk)
         initiators = [acl.initiator for acl in target.acls]
         if len(set(initiators)) != len(initiators):

@@ -237,6 +237,17 @@ class DiskInterface(EntityInterface):
     def Kind(self) -> "s":
         return self.value.kind
 
+    @dbus_property(access=READ)
+    def Shared(self) -> "b":
+        return self.value.shared
+
+    @dbus_method()
+    @translate_errors
+    async def Modify(self, changes: "a{sv}", options: "a{sv}") -> None:
+        settings = Options("Modify", changes, {"description": "s", "shared": "b"})
+        Options("Modify", options, {})
+        await self.engine.modify_disk(self.value.name, **settings.values())
+
     @dbus_method()
     @translate_errors
     async def Extend(self, size: "t", options: "a{sv}") -> None:

@@ -64,6 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     extend = disk.add_parser("extend", help="grow a disk, also while initiators use it")
     extend.add_argument("name")
     extend.add_argument("size", help="new size with a unit, e.g. 200G")
+    modify = disk.add_parser("modify", help="change a disk's description or whether it may be shared")
+    modify.add_argument("name")
+    modify.add_argument("--description")
+    sharing = modify.add_mutually_exclusive_group()
+    sharing.add_argument(
+        "--shared", dest="shared", action="store_true", default=None, help="allow several targets to export it"
+    )
+    sharing.add_argument("--exclusive", dest="shared", action="store_false", help="one target at most (the default)")
     delete = disk.add_parser("delete", help="delete a disk (the backing file is kept)")
     delete.add_argument("name")
     delete.add_argument("--remove-file", action="store_true", help="also delete the backing file")
@@ -243,6 +251,7 @@ class Commands:
                 "size": p["Size"],
                 "path": p["Path"],
                 "serial": p["Serial"],
+                "shared": p["Shared"],
                 "description": p["Description"],
             }
             for _, p in await self.of(DISK_INTERFACE)
@@ -275,6 +284,15 @@ class Commands:
     async def disk_extend(self, args: argparse.Namespace) -> None:
         path = await self.find(DISK_INTERFACE, "disk", Name=args.name)
         await self.client.call(path, DISK_INTERFACE, "Extend", "ta{sv}", [_size(args.size), {}])
+
+    async def disk_modify(self, args: argparse.Namespace) -> None:
+        path = await self.find(DISK_INTERFACE, "disk", Name=args.name)
+        changes = {}
+        if args.description is not None:
+            changes["description"] = Variant("s", args.description)
+        if args.shared is not None:
+            changes["shared"] = Variant("b", args.shared)
+        await self.client.call(path, DISK_INTERFACE, "Modify", "a{sv}a{sv}", [changes, {}])
 
     async def disk_delete(self, args: argparse.Namespace) -> None:
         path = await self.find(DISK_INTERFACE, "disk", Name=args.name)

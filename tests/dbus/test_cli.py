@@ -26,6 +26,7 @@ def test_first_slice_through_the_cli(daemon, tmp_path):
         "path": str(backing),
         "serial": None,
         "description": "db",
+        "shared": False,
     }
     assert backing.stat().st_size == 1536 * 1024**2 + diskfile.TRAILER_SIZE
     targets = {t["name"]: t for t in daemon.cli("--json", "target", "list").json()}
@@ -42,7 +43,7 @@ def test_first_slice_through_the_cli(daemon, tmp_path):
     ]
 
     table = daemon.cli("disk", "list").stdout.splitlines()
-    assert table[0].split() == ["NAME", "KIND", "SIZE", "PATH", "SERIAL", "DESCRIPTION"]
+    assert table[0].split() == ["NAME", "KIND", "SIZE", "PATH", "SERIAL", "SHARED", "DESCRIPTION"]
     assert table[1].split()[:4] == ["d1", "file", "1.50", "GiB"]
 
     for args in (
@@ -71,7 +72,8 @@ def test_first_slice_through_the_cli(daemon, tmp_path):
         (("target", "create", "t1"), 4, "already exists: target 't1' exists already"),
         (("acl", "add", "t1", "client1"), 5, "must start with 'iqn.', 'eui.' or 'naa.'"),
         (("acl", "add", "t1", INITIATOR), 4, "is already allowed on target 't1'"),
-        (("lun", "add", "t1", "d1"), 6, "busy: disk 'd1' is already exported"),
+        (("lun", "add", "t1", "d1"), 4, "already exists: target 't1' exports disk 'd1' already"),
+        (("disk", "modify", "nope", "--shared"), 3, "not found: disk 'nope' does not exist"),
         (("lun", "add", "t1", "d1", "--lun", "-1"), 5, "invalid argument: LUN -1 is negative"),
         (("lun", "remove", "t1", "9"), 3, "not found: LUN"),
         (("portal", "create", "198.51.100.7"), 5, "is not configured on any interface of this node"),

@@ -94,7 +94,9 @@ def test_restart_over_intact_kernel_changes_nothing_and_reboot_restores(tmp_path
         (lambda e: e.create_target("t2", description="x" * 300), InvalidArgument),
         (lambda e: e.add_lun("t1", "nope"), NotFound),
         (lambda e: e.add_lun("nope", "d1"), NotFound),
-        (lambda e: e.add_lun("t1", "d1"), Busy),
+        (lambda e: e.add_lun("t1", "d1"), AlreadyExists),
+        (lambda e: e.modify_disk("d1", description="x" * 300), InvalidArgument),
+        (lambda e: e.modify_disk("nope", shared=True), NotFound),
         (lambda e: e.add_acl("t1", INITIATOR.upper()), AlreadyExists),
         (lambda e: e.add_acl("t1", "not-an-iqn"), InvalidArgument),
         (lambda e: e.remove_lun("t1", 7), NotFound),
@@ -201,6 +203,26 @@ def test_sessions_of_another_target_do_not_count(tmp_path):
         await engine.remove_acl("t1", INITIATOR)
         with pytest.raises(Busy, match=INITIATOR):
             await engine.remove_acl("t2", INITIATOR)
+
+    run(scenario())
+
+
+def test_a_disk_is_exported_by_one_target_unless_shared(tmp_path):
+    async def scenario():
+        engine = await started(make_engine(tmp_path))
+        await populate(engine)
+        await engine.create_target("t2")
+        with pytest.raises(Busy, match="already exported by target 't1'"):
+            await engine.add_lun("t2", "d1")
+        await engine.modify_disk("d1", shared=True)
+        await engine.add_lun("t2", "d1")
+        assert [t.luns[0].disk for t in engine.config.targets.values()] == ["d1", "d1"]
+        with pytest.raises(Busy, match="t1, t2"):
+            await engine.modify_disk("d1", shared=False)
+        assert engine.store.load().disks["d1"].shared
+        await engine.remove_lun("t2", 0)
+        await engine.modify_disk("d1", shared=False)
+        assert not engine.store.load().disks["d1"].shared
 
     run(scenario())
 

@@ -157,3 +157,35 @@ def test_block_device_in_use_on_the_node_is_refused(node):
     node.ctl("disk", "create-block", "busy", device)
     not_block = node.ctl("disk", "create-block", "nb", "/etc/hostname", check=False)
     assert not_block.rc == 5 and "not a block device" in not_block.stderr
+    # A disk now: LIO holds the device exclusively from then on, so the node cannot mount it.
+    mounted = guest.run(f"mount {device} /tmp/busy", check=False)
+    assert mounted.rc != 0 and "busy" in (mounted.stderr + mounted.stdout).lower()
+
+
+def test_file_in_local_use_is_not_exported(node):
+    guest = node.guest
+    node.ctl("disk", "create", "looped", "16M")
+    (disk,) = (d for d in node.ctl_json("disk", "list") if d["name"] == "looped")
+    guest.run("modprobe loop")
+    loop = guest.run(["losetup", "--find", "--show", disk["path"]]).stdout.strip()
+    try:
+        refused = node.ctl("lun", "add", "t1", "looped", check=False)
+        assert refused.rc == 6 and f"attached to {loop}" in refused.stderr
+    finally:
+        guest.run(["losetup", "-d", loop])
+    node.ctl("lun", "add", "t1", "looped")
+
+
+def test_a_second_target_exports_a_disk_only_if_it_is_shared(node):
+    node.ctl("target", "create", "t2")
+    refused = node.ctl("lun", "add", "t2", "d1", check=False)
+    assert refused.rc == 6 and "already exported by target 't1'" in refused.stderr
+    node.ctl("disk", "modify", "d1", "--shared")
+    node.ctl("lun", "add", "t2", "d1")
+    luns = {(lun["target"], lun["disk"]) for lun in node.ctl_json("lun", "list")}
+    assert {("t1", "d1"), ("t2", "d1")} <= luns
+    refused = node.ctl("disk", "modify", "d1", "--exclusive", check=False)
+    assert refused.rc == 6 and "t1, t2" in refused.stderr
+    # Both targets really export the same backstore (one LIO storage object, two LUNs).
+    links = node.guest.run("ls -l /sys/kernel/config/target/iscsi/*/tpgt_1/lun/*/ | grep -c '/d1$'").stdout
+    assert int(links) == 2
