@@ -12,13 +12,13 @@ import argparse
 import asyncio
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from dbus_fast import BusType, RequestNameReply
 from dbus_fast.aio import MessageBus
 
-from applianced import __version__, network, systemd
+from applianced import __version__, firewall, network, systemd
 from applianced.bus.objects import ObjectTree
 from applianced.constants import BUS_NAME, DEFAULT_STATE_DIR, STATE_FILE_NAME
 from applianced.engine import Appliance, Kernel
@@ -37,10 +37,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None, kernel_factory: Callable[[], Kernel] = LioKernel) -> int:
+def main(
+    argv: list[str] | None = None,
+    kernel_factory: Callable[[], Kernel] = LioKernel,
+    firewall_factory: Callable[[], firewall.Firewall] = firewall.NftFirewall,
+    resolver: Callable[[str], Iterable[str]] = firewall.resolve_name,
+) -> int:
     args = parse_args(argv)
     systemd.setup_logging("applianced", getattr(logging, args.log_level))
-    engine = Appliance(kernel_factory(), StateStore(args.state_dir, STATE_FILE_NAME), network.local_addresses)
+    store = StateStore(args.state_dir, STATE_FILE_NAME)
+    engine = Appliance(kernel_factory(), store, network.local_addresses, firewall_factory(), resolver)
     try:
         asyncio.run(serve(engine))
     except ApplianceError as exc:

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from applianced import bootprofile, devices, diskfile, names, targetcli, validation
+from applianced import bootprofile, devices, diskfile, firewall, names, targetcli, validation
 from applianced.constants import DISKS_DIR_NAME
 from applianced.errors import AlreadyExists, Busy, InvalidArgument, KernelError, NotFound, NotSupported, StateError
 from applianced.kernel.model import KernelConfig, TargetSessions, render
@@ -63,10 +63,15 @@ class Appliance:
         kernel: Kernel,
         store: StateStore,
         local_addresses: Callable[[], set[str]],
+        firewall: firewall.Firewall,
+        resolver: Callable[[str], Iterable[str]] = firewall.resolve_name,
     ) -> None:
         self.kernel = kernel
         self.store = store
         self.local_addresses = local_addresses
+        self.firewall = firewall
+        # Turns the DNS names of allow-lists into addresses each time rules are applied.
+        self.resolver = resolver
         self.config = Config.new()
         self._lock = asyncio.Lock()
         self._listeners: list[Callable[[Config], None]] = []
@@ -108,8 +113,9 @@ class Appliance:
         observed = self._observe(desired, previous)
         actions = plan(observed, render(desired))
         self.kernel.apply(actions)
-        audit("reconcile", "node", "ok", f"reconciled the kernel with {len(actions)} change(s)")
-        return len(actions)
+        changes = len(actions) + self._apply_firewall(firewall.filters(desired, self._resolve(desired)))
+        audit("reconcile", "node", "ok", f"reconciled the kernel with {changes} change(s)")
+        return changes
 
     def _observe(self, *configs: Config) -> KernelConfig:
         disks = {name for config in configs for name in config.disks}
@@ -126,24 +132,47 @@ class Appliance:
     def _transition(self, new: Config, from_kernel: bool = False) -> None:
         old = self.config
         try:
+            # A portal LIO is about to drop keeps its old filter until it is gone, and a new
+            # portal is filtered before LIO listens on it: no moment leaves either open.
+            resolved = self._resolve(old, new)
+            wanted = firewall.filters(new, resolved)
+            bridge = {**firewall.filters(old, resolved), **wanted}
+            self._apply_firewall(bridge)
             # Whole-configuration changes plan from what the kernel really holds, so that
             # objects made by other tools are adopted or corrected, not assumed.
             current = self._observe(old, new) if from_kernel else render(old)
             self.kernel.apply(plan(current, render(new)))
+            self._apply_firewall(wanted)
             self.store.save(new)
         except (KernelError, StateError):
             self._roll_back(old, new)
             raise
 
+    def _resolve(self, *configs: Config) -> dict[str, frozenset[str]]:
+        """The addresses of the allow-lists' DNS names now; a name that fails admits no one."""
+        names_in = set().union(*(firewall.names_of(config) for config in configs))
+        return firewall.resolve(names_in, self.resolver, strict=False)
+
+    def _apply_firewall(self, filters: Mapping[str, firewall.PortalFilter]) -> int:
+        """Bring the firewall table in line; 1 if it had to be replaced, else 0."""
+        if not self.firewall.apply(firewall.ruleset(filters.values())):
+            return 0
+        audit("firewall", "node", "ok", f"firewall rules replaced: {len(filters)} portal(s) with an allow-list")
+        return 1
+
     def _roll_back(self, old: Config, new: Config) -> None:
         try:
             observed = self._observe(old, new)
             self.kernel.apply(plan(observed, render(old)))
+            self._apply_firewall(firewall.filters(old, self._resolve(old)))
         except KernelError:
             # Nothing more can be done safely here; the next start reconciles again.
             log.critical("could not restore the previous kernel configuration", exc_info=True)
 
     async def _commit(self, operation: str, obj: str, new: Config, from_kernel: bool = False) -> None:
+        # Any change (a new target, a portal) may put targets with different allow-lists
+        # behind one portal, where no rule could tell them apart.
+        firewall.check_portals(new)
         try:
             await asyncio.to_thread(self._transition, new, from_kernel)
         except (KernelError, StateError) as exc:
@@ -626,6 +655,7 @@ class Appliance:
     async def _check_replacement(self, new: Config, force: bool, skip_markers: Iterable[str] = ()) -> None:
         local = await asyncio.to_thread(self.local_addresses)
         await asyncio.to_thread(validation.validate_config, new, local, skip_markers)
+        await asyncio.to_thread(firewall.resolve, firewall.names_of(new), self.resolver, True)
         if force:
             return
         kept = {target.iqn for target in new.targets.values()}
@@ -659,3 +689,40 @@ class Appliance:
                 raise NotFound(f"portal {key} does not exist")
             new = dataclasses.replace(self.config, portals=tuple(p for p in self.config.portals if p.key != key))
             await self._commit("delete-portal", key, new)
+
+    # -- source allow-lists ------------------------------------------------------------------
+
+    async def set_allowed_sources(self, target_name: str, sources: Sequence[str], force: bool = False) -> Target:
+        """Replace the sources that may reach a target's portals; empty: any source.
+
+        Logged-in initiators whose address the new list does not admit would be cut off:
+        Busy unless ``force``. MAC entries cannot be matched to a session's address, so
+        they count as not admitting it.
+        """
+        async with self._lock:
+            target = self._target(target_name)
+            entries = firewall.normalize_sources(sources)
+            names_in = {e for e in entries if firewall.kind(e) == "name"}
+            resolved = await asyncio.to_thread(firewall.resolve, names_in, self.resolver, True)
+            modified = dataclasses.replace(target, allowed_sources=entries)
+            if modified == target:
+                return target
+            new = self.config.with_target(modified)
+            firewall.check_portals(new)
+            if not force:
+                cut = sorted(
+                    {
+                        f"{s.initiator} ({address})"
+                        for s in await self.sessions()
+                        if s.target_iqn == target.iqn
+                        for address in s.addresses
+                        if address and not firewall.admits(entries, resolved, address)
+                    }
+                )
+                if cut:
+                    raise Busy(
+                        f"target {target_name!r} has logged-in session(s) from {', '.join(cut)} that the new "
+                        "allow-list would cut off (use force)"
+                    )
+            await self._commit("set-allowed-sources", target_name, new)
+            return modified

@@ -98,6 +98,9 @@ class Target:
     # CRC32C digests: "allowed" (the initiator chooses), "required" or "off".
     header_digest: str = "allowed"
     data_digest: str = "allowed"
+    # Sources that may reach the target's portals (see applianced/firewall.py): IP
+    # networks or addresses, MAC addresses, DNS names; empty: any source.
+    allowed_sources: tuple[str, ...] = ()
 
     def lun(self, number: int) -> Lun | None:
         return next((lun for lun in self.luns if lun.number == number), None)
@@ -208,6 +211,7 @@ class Config:
                             Acl(**{**acl, "chap": _chap_from_json(acl.get("chap"))}) for acl in item.get("acls", [])
                         ),
                         "chap": _chap_from_json(item.get("chap")),
+                        "allowed_sources": tuple(item.get("allowed_sources", ())),
                     }
                 )
                 for item in data.get("targets", [])

@@ -13,7 +13,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from applianced import bootprofile, devices, diskfile, names
+from applianced import bootprofile, devices, diskfile, firewall, names
 from applianced.constants import ISCSI_DEFAULT_PORT
 from applianced.errors import AlreadyExists, InvalidArgument
 from applianced.kernel.model import DIGEST_OFFERS
@@ -114,6 +114,8 @@ def validate_config(config: Config, local_addresses: set[str], skip_markers: Ite
             if names.normalize_iscsi_name(acl.initiator, "initiator name") != acl.initiator:
                 raise InvalidArgument(f"initiator {acl.initiator} of target {target.name!r} is not canonical")
             check_chap(acl.chap)
+        if firewall.normalize_sources(target.allowed_sources) != target.allowed_sources:
+            raise InvalidArgument(f"target {target.name!r} has a malformed, unsorted or repeated allowed source")
     seen: list[Portal] = []
     for portal in config.portals:
         if not portal.targets == tuple(sorted(set(portal.targets))) or not set(portal.targets) <= set(config.targets):
@@ -123,6 +125,7 @@ def validate_config(config: Config, local_addresses: set[str], skip_markers: Ite
         check_port(portal.port)
         check_portal(portal, seen, local_addresses)
         seen.append(portal)
+    firewall.check_portals(config)
     if config.discovery_chap is not None and not config.discovery_chap.user:
         raise InvalidArgument("discovery CHAP needs a user name")
     check_chap(config.discovery_chap)

@@ -14,7 +14,7 @@ by the project's VM harness (tests/vm/harness.py), side by side with Debian's ta
     logs, so ``reconciled`` marks the end of the engine's reconcile, ``started`` the end
     of the D-Bus object tree); Python start-up and imports included.
   - ``reconcile-only``: a Python snippet in the guest that builds the daemon's engine
-    (``Appliance(LioKernel(), StateStore(...), local_addresses)``) and times ``await
+    (``Appliance(LioKernel(), StateStore(...), local_addresses, NftFirewall())``) and times ``await
     start()`` alone, after its imports; the kernel and store are wrapped to split the time
     into open / observe / apply / state-file work.
 * no-op restart: the same two measurements with LIO intact (the plan must be empty).
@@ -215,7 +215,7 @@ RECONCILE = (
     + r"""
 import asyncio, collections, json, sys, time
 from pathlib import Path
-from applianced import network
+from applianced import firewall, network
 from applianced.engine import Appliance
 from applianced.kernel.lio import LioKernel
 from applianced.state import StateStore
@@ -254,7 +254,8 @@ class TimedStore(StateStore):
         return timed("state_save", super().save, config)
 
 async def main():
-    app = Appliance(TimedKernel(), TimedStore(Path(sys.argv[1]), "state.json"), network.local_addresses)
+    store = TimedStore(Path(sys.argv[1]), "state.json")
+    app = Appliance(TimedKernel(), store, network.local_addresses, firewall.NftFirewall())
     t = time.monotonic()
     changes = await app.start()
     return changes, time.monotonic() - t

@@ -14,14 +14,24 @@ from applianced.engine import Appliance
 from applianced.errors import AlreadyExists, Busy, InvalidArgument, KernelError, NotFound, NotSupported, StateError
 from applianced.kernel.model import Session
 from applianced.state import Chap, Portal, StateStore
+from tests.support.fake_firewall import FakeFirewall
 from tests.support.fake_kernel import FakeKernel
 
 INITIATOR = "iqn.1994-05.com.redhat:client1"
 LOCAL = {"127.0.0.1", "10.1.0.5", "fd00::5"}
+# What the injected resolver knows; any other name does not resolve.
+HOSTS = {"client1.example": {"10.1.0.21"}}
 
 
-def make_engine(tmp_path, kernel=None):
-    return Appliance(kernel or FakeKernel(), StateStore(tmp_path / "state", "state.json"), lambda: LOCAL)
+def resolve(name):
+    if name not in HOSTS:
+        raise OSError(f"{name}: Name or service not known")
+    return HOSTS[name]
+
+
+def make_engine(tmp_path, kernel=None, firewall=None, resolver=None):
+    store = StateStore(tmp_path / "state", "state.json")
+    return Appliance(kernel or FakeKernel(), store, lambda: LOCAL, firewall or FakeFirewall(), resolver or resolve)
 
 
 def run(coro):

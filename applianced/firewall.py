@@ -1,0 +1,368 @@
+"""Per-target source allow-lists, enforced by nftables rules bound to the portals.
+
+A target may name the sources allowed to reach it: IP networks or addresses (IPv4, IPv6),
+MAC addresses (meaningful only for initiators on the node's own link, since routers
+rewrite the source MAC) and DNS names, resolved whenever the rules are applied. LIO has
+no notion of a source address, so the rules filter the TCP connections to the portals:
+a portal whose targets have an allow-list admits only those sources, and everyone else
+gets a TCP reset. A reset rather than a silent drop, so that a refused initiator (or
+boot firmware) fails at once with "connection refused" instead of retrying a login for
+minutes; the portal's existence is no secret worth that. Rules match every packet, not
+only new connections, so a session from a source that is no longer listed is cut at once.
+
+The rules can only be exact per target when every portal of a target serves targets with
+the same list; ``check_portals`` refuses any configuration where that does not hold.
+
+applianced owns exactly one table, ``inet applianced``, and replaces it in one nft
+transaction (add, delete, define again), so a half-applied rule set never exists and
+nothing else on the node is touched. The table is read back as JSON first: when it
+already holds the wanted rules nothing is written. With no allow-list at all the table
+is removed, so nodes that do not use the feature never need nftables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import json
+import logging
+import re
+import socket
+import subprocess
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Protocol
+
+from applianced.errors import InvalidArgument, KernelError
+from applianced.state import Config, Portal
+
+log = logging.getLogger(__name__)
+
+NFT = "/usr/sbin/nft"
+FAMILY = "inet"
+TABLE = "applianced"
+CHAIN = "portals"
+MAX_SOURCES = 1024
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+# A JSON object of nft's schema: a table, a chain or a rule, as ``nft -j list`` prints it.
+NftObject = dict[str, Any]
+Ruleset = tuple[NftObject, ...]
+# Name -> addresses; a name that did not resolve maps to nothing (it admits no one).
+Resolved = Mapping[str, frozenset[str]]
+
+_MAC = re.compile(r"^[0-9a-f]{2}([:-])[0-9a-f]{2}(\1[0-9a-f]{2}){4}$")
+_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+
+
+class Firewall(Protocol):
+    """What the engine needs from the firewall; ``NftFirewall`` is the real one."""
+
+    def apply(self, ruleset: Ruleset) -> bool:
+        """Make the node's table hold ``ruleset``; True when something was changed."""
+        ...
+
+
+# -- allow-list entries --------------------------------------------------------------------
+
+
+def normalize_sources(sources: Iterable[str]) -> tuple[str, ...]:
+    """Canonical entries, duplicates dropped, in a stable order (addresses, MACs, names)."""
+    entries = {normalize_source(text) for text in sources}
+    if len(entries) > MAX_SOURCES:
+        raise InvalidArgument(f"an allow-list holds at most {MAX_SOURCES} sources")
+    return tuple(sorted(entries, key=_sort_key))
+
+
+def normalize_source(text: str) -> str:
+    """``10.0.0.0/24``, ``10.0.0.7``, ``fd00::/64``, ``52:54:00:12:34:56`` or a DNS name."""
+    entry = text.strip().lower()
+    if _MAC.match(entry):
+        mac = entry.replace("-", ":")
+        if int(mac[:2], 16) & 1 or mac == "00:00:00:00:00:00":
+            raise InvalidArgument(f"{text!r} is a multicast or empty MAC address, never a sender's")
+        return mac
+    try:
+        interface = ipaddress.ip_interface(entry)
+    except ValueError:
+        # No top-level domain is all digits, so "10.0.0" or "10.0.0.300" is a bad address.
+        if "/" in entry or ":" in entry or entry.rsplit(".", 1)[-1].isdigit():
+            raise InvalidArgument(f"{text!r} is not a valid IP address or network") from None
+        return _normalize_name(text, entry)
+    network = interface.network
+    if "/" in entry and interface.ip != network.network_address:
+        raise InvalidArgument(f"{text!r} has host bits set; the network is {network}")
+    if isinstance(network, ipaddress.IPv6Network) and network.network_address.ipv4_mapped:
+        raise InvalidArgument(f"{text!r} is IPv4-mapped: IPv4 initiators connect over IPv4, so list the IPv4 form")
+    return str(network.network_address) if network.num_addresses == 1 else str(network)
+
+
+def _normalize_name(text: str, entry: str) -> str:
+    name = entry.removesuffix(".")
+    labels = name.split(".")
+    if len(name) > 253 or not all(_LABEL.match(label) for label in labels):
+        raise InvalidArgument(f"{text!r} is not an IP address, network, MAC address or DNS name")
+    return name
+
+
+def kind(entry: str) -> str:
+    """``network``, ``mac`` or ``name`` for a normalised entry."""
+    if _MAC.match(entry):
+        return "mac"
+    try:
+        ipaddress.ip_network(entry)
+    except ValueError:
+        return "name"
+    return "network"
+
+
+def _sort_key(entry: str) -> tuple[Any, ...]:
+    what = kind(entry)
+    if what == "network":
+        network = ipaddress.ip_network(entry)
+        return (0, network.version, network.network_address.packed, network.prefixlen)
+    return (1 if what == "mac" else 2, entry)
+
+
+def names_of(config: Config) -> set[str]:
+    """Every DNS name any target's allow-list holds."""
+    return {e for target in config.targets.values() for e in target.allowed_sources if kind(e) == "name"}
+
+
+def resolve_name(name: str) -> frozenset[str]:
+    """The addresses ``name`` has now (the node's resolver: /etc/hosts, DNS); OSError if none."""
+    infos = socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)
+    # A link-local IPv6 answer carries its zone ("fe80::1%eth0"); the rule matches the address.
+    return frozenset(info[4][0].split("%")[0] for info in infos)
+
+
+def resolve(names: Iterable[str], resolver: Callable[[str], Iterable[str]], strict: bool) -> dict[str, frozenset[str]]:
+    """Resolve every name; one that fails is InvalidArgument when ``strict``, else admits nothing."""
+    resolved = {}
+    for name in sorted(names):
+        try:
+            addresses = frozenset(str(ipaddress.ip_address(a)) for a in resolver(name))
+            if not addresses:
+                raise OSError("no address")
+        except (OSError, ValueError) as exc:
+            if strict:
+                raise InvalidArgument(f"DNS name {name} does not resolve: {exc}") from None
+            log.warning("allowed source %s does not resolve (%s); it admits no one until it does", name, exc)
+            addresses = frozenset()
+        resolved[name] = addresses
+    return resolved
+
+
+def admits(sources: Sequence[str], resolved: Resolved, address: str) -> bool:
+    """Whether the IP entries of ``sources`` (or the addresses of its names) cover ``address``.
+
+    MAC entries cannot be judged from an address; callers treat them as not admitting.
+    """
+    if not sources:
+        return True
+    ip = ipaddress.ip_address(address)
+    return any(ip in network for network in _networks(sources, resolved))
+
+
+def _networks(sources: Iterable[str], resolved: Resolved) -> list[IPNetwork]:
+    found: list[IPNetwork] = []
+    for entry in sources:
+        what = kind(entry)
+        if what == "network":
+            found.append(ipaddress.ip_network(entry))
+        elif what == "name":
+            found += [ipaddress.ip_network(a) for a in resolved.get(entry, ())]
+    return found
+
+
+# -- the rule set ----------------------------------------------------------------------------
+
+
+def check_portals(config: Config) -> None:
+    """Refuse a configuration whose allow-lists cannot be enforced exactly per target.
+
+    Rules bind to portals, so all targets served by one portal must share one list.
+    """
+    for portal in config.portals:
+        groups: dict[tuple[str, ...], list[str]] = {}
+        for target in config.targets.values():
+            if portal.serves(target.name):
+                groups.setdefault(target.allowed_sources, []).append(target.name)
+        if len(groups) > 1:
+            described = "; ".join(
+                f"{', '.join(names)} admit{'s' if len(names) == 1 else ''} {_summary(sources)}"
+                for sources, names in sorted(groups.items())
+            )
+            scope = "every target" if not portal.targets else "targets " + ", ".join(portal.targets)
+            raise InvalidArgument(
+                f"portal {portal.key} serves {scope}, which would have different allow-lists ({described}); "
+                "a portal admits one list of sources, so give a restricted target portals of its own "
+                "(portal create ADDRESS --target NAME)"
+            )
+
+
+def _summary(sources: Sequence[str]) -> str:
+    if not sources:
+        return "any source"
+    return ", ".join(sources[:3]) + (f" and {len(sources) - 3} more" if len(sources) > 3 else "")
+
+
+@dataclasses.dataclass(frozen=True)
+class PortalFilter:
+    """The sources one portal admits (networks collapsed, names already resolved)."""
+
+    address: str
+    port: int
+    networks: tuple[IPNetwork, ...]
+    macs: tuple[str, ...]
+
+    @property
+    def key(self) -> str:
+        return Portal(self.address, self.port).key
+
+
+def filters(config: Config, resolved: Resolved) -> dict[str, PortalFilter]:
+    """One filter per portal whose targets have an allow-list; other portals stay open."""
+    found = {}
+    for portal in config.portals:
+        served = [t for t in config.targets.values() if portal.serves(t.name)]
+        sources = next((t.allowed_sources for t in served if t.allowed_sources), ())
+        if not sources:
+            continue
+        networks = _networks(sources, resolved)
+        collapsed = [
+            *ipaddress.collapse_addresses(n for n in networks if n.version == 4),
+            *ipaddress.collapse_addresses(n for n in networks if n.version == 6),
+        ]
+        macs = tuple(e for e in sources if kind(e) == "mac")
+        found[portal.key] = PortalFilter(portal.address, portal.port, tuple(collapsed), macs)
+    return found
+
+
+def ruleset(portal_filters: Iterable[PortalFilter]) -> Ruleset:
+    """The table, its chain and the rules, in the form ``nft -j list table`` prints them.
+
+    Portals on a specific address come first, then 0.0.0.0 (IPv4 only), then :: (LIO's
+    :: socket is dual-stack, so it also takes IPv4): the kernel too gives a connection to
+    the most specific listener.
+    """
+    ordered = sorted(portal_filters, key=lambda f: (_wildcard_rank(f.address), f.key))
+    if not ordered:
+        return ()
+    table: NftObject = {"table": {"family": FAMILY, "name": TABLE}}
+    chain: NftObject = {
+        "chain": {
+            "family": FAMILY,
+            "table": TABLE,
+            "name": CHAIN,
+            "type": "filter",
+            "hook": "input",
+            "prio": 0,
+            "policy": "accept",
+        }
+    }
+    rules = [rule for f in ordered for rule in _portal_rules(f)]
+    return (table, chain, *rules)
+
+
+def _wildcard_rank(address: str) -> int:
+    ip = ipaddress.ip_address(address)
+    return 0 if not ip.is_unspecified else 1 if ip.version == 4 else 2
+
+
+def _portal_rules(portal: PortalFilter) -> list[NftObject]:
+    ip = ipaddress.ip_address(portal.address)
+    to_portal = [_match({"payload": {"protocol": "tcp", "field": "dport"}}, portal.port)]
+    if not ip.is_unspecified:
+        protocol = "ip6" if ip.version == 6 else "ip"
+        to_portal.insert(0, _match({"payload": {"protocol": protocol, "field": "daddr"}}, str(ip)))
+    elif ip.version == 4:
+        to_portal.insert(0, _match({"meta": {"key": "nfproto"}}, "ipv4"))
+    families = (4, 6) if ip.is_unspecified and ip.version == 6 else (ip.version,)
+    rules = []
+    for version in families:
+        elements = [_element(n) for n in portal.networks if n.version == version]
+        if elements:
+            protocol = "ip6" if version == 6 else "ip"
+            source = _match({"payload": {"protocol": protocol, "field": "saddr"}}, _set(elements))
+            rules.append([*to_portal, source, {"accept": None}])
+    if portal.macs:
+        source = _match({"payload": {"protocol": "ether", "field": "saddr"}}, _set(list(portal.macs)))
+        rules.append([*to_portal, source, {"accept": None}])
+    refuse: dict[str, Any] = {"reject": {"type": "tcp reset"}}
+    rules.append([*to_portal, refuse])
+    objects = [{"rule": {"family": FAMILY, "table": TABLE, "chain": CHAIN, "expr": expr}} for expr in rules]
+    # The comment names the portal in `nft list ruleset`, for people reading it.
+    objects[-1]["rule"]["comment"] = f"applianced portal {portal.key}"
+    return objects
+
+
+def _match(left: dict[str, Any], right: Any) -> dict[str, Any]:
+    return {"match": {"op": "==", "left": left, "right": right}}
+
+
+def _element(network: IPNetwork) -> Any:
+    if network.num_addresses == 1:
+        return str(network.network_address)
+    return {"prefix": {"addr": str(network.network_address), "len": network.prefixlen}}
+
+
+def _set(elements: list[Any]) -> Any:
+    # nft prints a one-element anonymous set as the bare value; render it the same way.
+    return elements[0] if len(elements) == 1 else {"set": elements}
+
+
+def transaction(wanted: Ruleset) -> dict[str, Any]:
+    """One atomic nft batch: create the table if missing, delete it, define it again.
+
+    The first two steps make the batch valid whether or not the table exists; with an
+    empty ``wanted`` it only removes the table.
+    """
+    table = {"table": {"family": FAMILY, "name": TABLE}}
+    commands: list[dict[str, Any]] = [{"add": table}, {"delete": table}]
+    commands += [{"add": obj} for obj in wanted]
+    return {"nftables": commands}
+
+
+# -- nft ---------------------------------------------------------------------------------
+
+
+class NftFirewall:
+    """The node's ``inet applianced`` table, read and replaced with the nft command."""
+
+    def __init__(self, nft: str = NFT) -> None:
+        self.nft = nft
+
+    def observe(self) -> Ruleset:
+        """The table as it is now, without handles; empty if it does not exist."""
+        try:
+            done = subprocess.run(
+                [self.nft, "-j", "list", "table", FAMILY, TABLE], capture_output=True, text=True, timeout=60
+            )
+        except FileNotFoundError:
+            return ()
+        if done.returncode != 0:
+            if "No such file or directory" in done.stderr:
+                return ()
+            raise KernelError(f"cannot read the firewall table: {done.stderr.strip()}")
+        return tuple(_without_handles(obj) for obj in json.loads(done.stdout)["nftables"] if "metainfo" not in obj)
+
+    def apply(self, ruleset: Ruleset) -> bool:
+        if self.observe() == ruleset:
+            return False
+        try:
+            done = subprocess.run(
+                [self.nft, "-j", "-f", "-"],
+                input=json.dumps(transaction(ruleset)),
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+        except FileNotFoundError:
+            raise KernelError(f"{self.nft} is missing: install nftables to use allow-lists") from None
+        if done.returncode != 0:
+            raise KernelError(f"nft refused the rule set: {done.stderr.strip()}")
+        return True
+
+
+def _without_handles(obj: NftObject) -> NftObject:
+    return {name: {k: v for k, v in body.items() if k != "handle"} for name, body in obj.items()}
