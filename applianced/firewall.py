@@ -52,6 +52,7 @@ Resolved = Mapping[str, frozenset[str]]
 
 _MAC = re.compile(r"^[0-9a-f]{2}([:-])[0-9a-f]{2}(\1[0-9a-f]{2}){4}$")
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+_UNKNOWN = "{text!r} is not an IP address or network, a MAC address or a DNS name"
 
 
 class Firewall(Protocol):
@@ -82,11 +83,14 @@ def normalize_source(text: str) -> str:
             raise InvalidArgument(f"{text!r} is a multicast or empty MAC address, never a sender's")
         return mac
     try:
-        interface = ipaddress.ip_interface(entry)
+        # A zone ("fe80::1%eth0") names an interface of this node, not a source.
+        interface = ipaddress.ip_interface(entry) if "%" not in entry else None
     except ValueError:
+        interface = None
+    if interface is None:
         # No top-level domain is all digits, so "10.0.0" or "10.0.0.300" is a bad address.
         if "/" in entry or ":" in entry or entry.rsplit(".", 1)[-1].isdigit():
-            raise InvalidArgument(f"{text!r} is not a valid IP address or network") from None
+            raise InvalidArgument(_UNKNOWN.format(text=text))
         return _normalize_name(text, entry)
     network = interface.network
     if "/" in entry and interface.ip != network.network_address:
@@ -100,7 +104,7 @@ def _normalize_name(text: str, entry: str) -> str:
     name = entry.removesuffix(".")
     labels = name.split(".")
     if len(name) > 253 or not all(_LABEL.match(label) for label in labels):
-        raise InvalidArgument(f"{text!r} is not an IP address, network, MAC address or DNS name")
+        raise InvalidArgument(_UNKNOWN.format(text=text))
     return name
 
 

@@ -365,6 +365,16 @@ class TargetInterface(EntityInterface):
         acl = await self.engine.add_acl(self.value.name, initiator)
         return paths.acl_path(self.value.name, acl.initiator)
 
+    @dbus_property(access=READ)
+    def AllowedSources(self) -> "as":
+        return list(self.value.allowed_sources)
+
+    @dbus_method()
+    @translate_errors
+    async def SetAllowedSources(self, sources: "as", options: "a{sv}") -> None:
+        opts = Options("SetAllowedSources", options, {"force": "b"})
+        await self.engine.set_allowed_sources(self.value.name, sources, opts.get("force", False))
+
 
 class LunInterface(EntityInterface):
     INTERFACE = LUN_INTERFACE

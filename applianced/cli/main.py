@@ -106,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     logout = target.add_parser("logout", help="drop an initiator's sessions (it may log in again)")
     logout.add_argument("name")
     logout.add_argument("initiator")
+    allow = target.add_parser("allow", help="admit only these sources to the target's portals (replaces the list)")
+    allow.add_argument("name")
+    allow.add_argument("sources", nargs="*", metavar="SOURCE", help="IP address or network, MAC address, DNS name")
+    allow.add_argument("--clear", action="store_true", help="admit any source again")
+    allow.add_argument("--force", action="store_true", help="even if it cuts off logged-in initiators")
 
     portal = groups.add_parser("portal", help="network portals").add_subparsers(dest="action", required=True)
     portal.add_parser("list", help="list portals")
@@ -315,6 +320,7 @@ class Commands:
                 "auth": p["Authentication"],
                 "luns": sum(1 for _, lun in luns if lun["Target"] == path),
                 "acls": sum(1 for _, acl in acls if acl["Target"] == path),
+                "sources": p["AllowedSources"],
                 "description": p["Description"],
             }
             for path, p in await self.of(TARGET_INTERFACE)
@@ -352,6 +358,13 @@ class Commands:
     async def target_delete(self, args: argparse.Namespace) -> None:
         path = await self.find(TARGET_INTERFACE, "target", Name=args.name)
         await self.client.call(path, TARGET_INTERFACE, "Delete", "a{sv}", [{"force": Variant("b", args.force)}])
+
+    async def target_allow(self, args: argparse.Namespace) -> None:
+        if bool(args.sources) == args.clear:
+            raise UsageError("invalid argument: give the allowed sources, or --clear to admit any source", EXIT_INVALID)
+        path = await self.find(TARGET_INTERFACE, "target", Name=args.name)
+        options = {"force": Variant("b", args.force)}
+        await self.client.call(path, TARGET_INTERFACE, "SetAllowedSources", "asa{sv}", [args.sources, options])
 
     async def target_sessions(self, args: argparse.Namespace) -> list[dict[str, Any]]:
         path = await self.find(TARGET_INTERFACE, "target", Name=args.name)
@@ -581,6 +594,8 @@ def render_table(rows: Sequence[dict[str, Any]]) -> str:
 def _cell(key: str, value: Any) -> str:
     if key == "size" and isinstance(value, int):
         return format_size(value)
+    if key == "sources":
+        return ",".join(value) or "any"
     if isinstance(value, bool):
         return "yes" if value else "no"
     return str(value)
