@@ -280,7 +280,9 @@ def _portal_rules(portal: PortalFilter) -> list[NftObject]:
         protocol = "ip6" if ip.version == 6 else "ip"
         to_portal.insert(0, _match({"payload": {"protocol": protocol, "field": "daddr"}}, str(ip)))
     elif ip.version == 4:
-        to_portal.insert(0, _match({"meta": {"key": "nfproto"}}, "ipv4"))
+        # Not "meta nfproto ipv4": nft lists that rule without it, and it would never
+        # compare equal when read back. "ip version 4" is listed as written.
+        to_portal.insert(0, _match({"payload": {"protocol": "ip", "field": "version"}}, 4))
     families = (4, 6) if ip.is_unspecified and ip.version == 6 else (ip.version,)
     rules = []
     for version in families:

@@ -37,10 +37,21 @@ class Namespace:
         subprocess.run(["ip", "netns", "delete", self.name], check=False, capture_output=True)
 
 
-def link(a: Namespace, a_addresses: list[str], b: Namespace, b_addresses: list[str]) -> tuple[str, str]:
-    """Join ``a`` and ``b`` with a veth pair, give each end its addresses (CIDR), bring both up."""
-    a_if, b_if = "veth-a", "veth-b"
-    ip("link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", b.name, netns=a.name)
+def link(
+    a: Namespace,
+    a_addresses: list[str],
+    b: Namespace,
+    b_addresses: list[str],
+    names: tuple[str, str] = ("veth-a", "veth-b"),
+    b_mac: str | None = None,
+) -> tuple[str, str]:
+    """Join ``a`` and ``b`` with a veth pair, give each end its addresses (CIDR), bring both up.
+
+    ``names`` are the two interfaces' names; ``b_mac`` fixes the MAC of ``b``'s end.
+    """
+    a_if, b_if = names
+    mac = ["address", b_mac] if b_mac else []
+    ip("link", "add", a_if, "type", "veth", "peer", "name", b_if, *mac, "netns", b.name, netns=a.name)
     for namespace, interface, addresses in ((a, a_if, a_addresses), (b, b_if, b_addresses)):
         for address in addresses:
             # nodad: the IPv6 address is usable at once instead of after duplicate detection.

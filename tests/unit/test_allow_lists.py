@@ -141,7 +141,7 @@ def test_rule_set_for_each_kind_of_portal_and_source():
     accept = {"accept": None}
     v4 = to_portal([match({"payload": {"protocol": "ip", "field": "daddr"}}, "10.0.0.1")])
     v6 = to_portal([match({"payload": {"protocol": "ip6", "field": "daddr"}}, "fd00::1")])
-    any4 = to_portal([match({"meta": {"key": "nfproto"}}, "ipv4")])
+    any4 = to_portal([match({"payload": {"protocol": "ip", "field": "version"}}, 4)])
     any46 = to_portal([])
     # Specific addresses first, then 0.0.0.0, then the dual-stack ::; t2's portal stays open.
     assert rest == [
