@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 from applianced.errors import InvalidArgument, KernelError
-from applianced.state import Config, Portal
+from applianced.state import Config, Portal, Target
 
 log = logging.getLogger(__name__)
 
@@ -188,9 +188,8 @@ def check_portals(config: Config) -> None:
     """
     for portal in config.portals:
         groups: dict[tuple[str, ...], list[str]] = {}
-        for target in config.targets.values():
-            if portal.serves(target.name):
-                groups.setdefault(target.allowed_sources, []).append(target.name)
+        for target in _served(config, portal):
+            groups.setdefault(target.allowed_sources, []).append(target.name)
         if len(groups) > 1:
             described = "; ".join(
                 f"{', '.join(names)} admit{'s' if len(names) == 1 else ''} {_summary(sources)}"
@@ -202,6 +201,13 @@ def check_portals(config: Config) -> None:
                 "a portal admits one list of sources, so give a restricted target portals of its own "
                 "(portal create ADDRESS --target NAME)"
             )
+
+
+def _served(config: Config, portal: Portal) -> list[Target]:
+    # By name, not by asking every target: a node with a portal per target stays linear.
+    if not portal.targets:
+        return list(config.targets.values())
+    return [config.targets[name] for name in portal.targets if name in config.targets]
 
 
 def _summary(sources: Sequence[str]) -> str:
@@ -228,8 +234,7 @@ def filters(config: Config, resolved: Resolved) -> dict[str, PortalFilter]:
     """One filter per portal whose targets have an allow-list; other portals stay open."""
     found = {}
     for portal in config.portals:
-        served = [t for t in config.targets.values() if portal.serves(t.name)]
-        sources = next((t.allowed_sources for t in served if t.allowed_sources), ())
+        sources = next((t.allowed_sources for t in _served(config, portal) if t.allowed_sources), ())
         if not sources:
             continue
         networks = _networks(sources, resolved)
