@@ -713,8 +713,7 @@ class Appliance:
                 cut = sorted(
                     {
                         f"{s.initiator} ({address})"
-                        for s in await self.sessions()
-                        if s.target_iqn == target.iqn
+                        for s in (await self.sessions(target.iqn)).sessions
                         for address in s.addresses
                         if address and not firewall.admits(entries, resolved, address)
                     }

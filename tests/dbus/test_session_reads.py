@@ -18,6 +18,7 @@ from applianced.constants import BUS_NAME, ROOT_PATH
 from applianced.engine import EXPORT_FORMAT, Appliance
 from applianced.kernel.model import Session
 from applianced.state import Acl, Config, StateStore, Target
+from tests.support.fake_firewall import FakeFirewall
 from tests.support.fake_kernel import FakeKernel
 
 TARGETS = 30
@@ -34,7 +35,7 @@ def test_each_target_reads_only_its_own_sessions(bus, tmp_path, monkeypatch):
     kernel.session_list = [Session(t.iqn, t.acls[0].initiator, "LOGGED_IN", ()) for t in targets.values()]
 
     async def scenario():
-        engine = Appliance(kernel, StateStore(tmp_path, "state.json"), lambda: set())
+        engine = Appliance(kernel, StateStore(tmp_path, "state.json"), lambda: set(), FakeFirewall())
         server = await MessageBus(bus_type=BusType.SYSTEM).connect()
         client = await MessageBus(bus_address=bus.address).connect()
         try:
