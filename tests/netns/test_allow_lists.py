@@ -229,7 +229,7 @@ ROUND_TRIP = textwrap.dedent(
 )
 
 
-def test_every_kind_of_rule_reads_back_equal(tmp_path):
+def test_every_kind_of_rule_reads_back_equal():
     """The table nft lists is compared with the rendered one: for each kind of portal and
     source they must be equal, or every apply would replace the table again."""
     node = Namespace("nft")

@@ -206,6 +206,11 @@ def test_admits_judges_addresses_by_networks_and_names():
 # -- the engine --------------------------------------------------------------------------------
 
 
+def everything(engine, fw):
+    """What a failed operation must leave as it was: configuration, kernel, rules, state file."""
+    return engine.config, engine.kernel.snapshot(), fw.ruleset, engine.store.path.read_bytes()
+
+
 async def restricted(engine, *sources):
     """The first slice, with t1 on a portal of its own and a list set."""
     await populate(engine)
@@ -278,14 +283,10 @@ def test_bad_lists_get_a_named_error_and_change_nothing(tmp_path, sources, error
     async def scenario():
         engine = await started(make_engine(tmp_path, firewall=fw))
         await restricted(engine, "10.1.0.21")
-        config, kernel, rules = engine.config, engine.kernel.snapshot(), fw.ruleset
-        state_bytes = engine.store.path.read_bytes()
+        before = everything(engine, fw)
         with pytest.raises(error, match=message):
             await engine.set_allowed_sources("t1", sources)
-        assert engine.config == config
-        assert engine.kernel.snapshot() == kernel
-        assert fw.ruleset == rules
-        assert engine.store.path.read_bytes() == state_bytes
+        assert everything(engine, fw) == before
 
     run(scenario())
 
@@ -357,15 +358,13 @@ def test_a_firewall_failure_rolls_back_kernel_state_and_rules(tmp_path):
     async def scenario():
         engine = await started(make_engine(tmp_path, firewall=fw))
         await restricted(engine, "10.1.0.21")
-        config, kernel, rules = engine.config, engine.kernel.snapshot(), fw.ruleset
-        state_bytes = engine.store.path.read_bytes()
+        before = everything(engine, fw)
         fw.fail = True
         with pytest.raises(KernelError, match="injected firewall failure"):
             await engine.set_allowed_sources("t1", ["10.1.0.22"])
         with pytest.raises(KernelError):
             await engine.create_portal("fd00::5", 3260, ["t1"])
-        assert (engine.config, engine.kernel.snapshot(), fw.ruleset) == (config, kernel, rules)
-        assert engine.store.path.read_bytes() == state_bytes
+        assert everything(engine, fw) == before
 
     run(scenario())
 
