@@ -61,6 +61,7 @@ async def serve(engine: Appliance) -> None:
         ObjectTree(bus, engine)
         changes = await engine.start()
         log.info("kernel reconciled at start-up with %d change(s)", changes)
+        await asyncio.to_thread(engine.seen.load)
         reply = await bus.request_name(BUS_NAME)
         if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
             raise RuntimeError(f"{BUS_NAME} is owned by another process; is applianced running already?")
@@ -70,11 +71,13 @@ async def serve(engine: Appliance) -> None:
         loop.add_signal_handler(signal.SIGINT, stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(_reload(engine)))
         watchdog = asyncio.ensure_future(_watchdog())
+        sampler = asyncio.ensure_future(engine.seen.run())
         systemd.notify(f"READY=1\nSTATUS=serving {len(engine.config.targets)} target(s)")
         log.info("applianced %s ready on %s", __version__, BUS_NAME)
         await stop.wait()
         systemd.notify("STOPPING=1")
         watchdog.cancel()
+        sampler.cancel()
         log.info("stopping; LIO configuration and sessions are left as they are")
     finally:
         bus.disconnect()

@@ -25,6 +25,8 @@ from typing import Any, Protocol
 from applianced import bootprofile, devices, diskfile, firewall, names, targetcli, validation
 from applianced.constants import DISKS_DIR_NAME
 from applianced.errors import AlreadyExists, Busy, InvalidArgument, KernelError, NotFound, NotSupported, StateError
+from applianced.initiators import FILE_NAME as SEEN_FILE_NAME
+from applianced.initiators import LoginSource, SeenInitiators
 from applianced.kernel.model import KernelConfig, TargetSessions, render
 from applianced.kernel.plan import Action, plan
 from applianced.state import Acl, BootClient, Chap, Config, Disk, Lun, Portal, StateStore, Target
@@ -35,7 +37,7 @@ log = logging.getLogger(__name__)
 EXPORT_FORMAT = "applianced-configuration"
 
 
-class Kernel(Protocol):
+class Kernel(LoginSource, Protocol):
     """What the engine needs from the kernel; ``LioKernel`` is the real one."""
 
     def open(self) -> None: ...
@@ -75,6 +77,8 @@ class Appliance:
         self.config = Config.new()
         self._lock = asyncio.Lock()
         self._listeners: list[Callable[[Config], None]] = []
+        # Recently seen initiators, sampled by a task the daemon starts (``seen.run()``).
+        self.seen = SeenInitiators(kernel, store.directory / SEEN_FILE_NAME, lambda: self.config)
 
     @property
     def disks_dir(self) -> Path:

@@ -261,24 +261,30 @@ class StateStore:
         return Config.from_json(data)
 
     def save(self, config: Config) -> None:
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         payload = json.dumps(config.to_json(), indent=2, sort_keys=True).encode() + b"\n"
         try:
-            # mkstemp creates the file 0600 from the start, so no secret is ever readable.
-            fd, tmp_name = tempfile.mkstemp(dir=self.directory, prefix=".state-", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "wb") as tmp:
-                    tmp.write(payload)
-                    tmp.flush()
-                    os.fsync(tmp.fileno())
-                os.rename(tmp_name, self.path)
-            except BaseException:
-                Path(tmp_name).unlink(missing_ok=True)
-                raise
-            dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            write_private_file(self.path, payload)
         except OSError as exc:
             raise StateError(f"cannot write {self.path}: {exc.strerror}") from exc
+
+
+def write_private_file(path: Path, payload: bytes) -> None:
+    """Replace ``path`` atomically with a file of mode 0600 (temporary file, fsync, rename, fsync)."""
+    directory = path.parent
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # mkstemp creates the file 0600 from the start, so no secret is ever readable.
+    fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{path.stem}-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as tmp:
+            tmp.write(payload)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.rename(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

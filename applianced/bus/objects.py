@@ -204,6 +204,25 @@ class ManagerInterface(EntityInterface):
         portal = await self.engine.create_portal(address, port, targets)
         return paths.portal_path(portal.key)
 
+    @dbus_method()
+    @translate_errors
+    async def ListSeenInitiators(self, options: "a{sv}") -> "aa{sv}":
+        Options("ListSeenInitiators", options, {})
+        return [
+            {
+                "Node": Variant("s", seen.node),
+                "Target": Variant("s", seen.target),
+                "Initiator": Variant("s", seen.initiator),
+                "Address": Variant("s", seen.address),
+                "Outcome": Variant("s", seen.outcome),
+                "Reason": Variant("s", seen.reason),
+                "Count": Variant("t", seen.count),
+                "FirstSeen": Variant("t", int(seen.first_seen)),
+                "LastSeen": Variant("t", int(seen.last_seen)),
+            }
+            for seen in self.engine.seen.recent()
+        ]
+
 
 class DiskInterface(EntityInterface):
     INTERFACE = DISK_INTERFACE

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import getpass
 import json
 import os
@@ -12,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dbus_fast import DBusError, Variant
+from dbus_fast import DBusError, Variant, unpack_variants
 
 from applianced import __version__
 from applianced.cli.client import Client
@@ -145,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("target")
     remove.add_argument("initiator")
     remove.add_argument("--force", action="store_true", help="even if it is logged in")
+    initiator = groups.add_parser("initiator", help="initiators seen by this node").add_subparsers(
+        dest="action", required=True
+    )
+    initiator.add_parser("seen", help="logins and refused logins of the last 7 days, newest first")
     boot = groups.add_parser("boot", help="iSCSI boot profiles and their DHCP settings").add_subparsers(
         dest="action", required=True
     )
@@ -563,6 +568,37 @@ class Commands:
         target = await self.find(TARGET_INTERFACE, "target", Name=args.target)
         path = await self.find(ACL_INTERFACE, "ACL", Target=target, Initiator=args.initiator.strip().lower())
         await self.client.call(path, ACL_INTERFACE, "Delete", "a{sv}", [{"force": Variant("b", args.force)}])
+
+    # -- initiators --------------------------------------------------------------------
+
+    async def initiator_seen(self, args: argparse.Namespace) -> list[dict[str, Any]]:
+        (seen,) = await self.client.call(ROOT_PATH, MANAGER_INTERFACE, "ListSeenInitiators", "a{sv}", [{}])
+        targets = {p["Iqn"]: p["Name"] for _, p in await self.of(TARGET_INTERFACE)}
+        return [
+            {
+                "last_seen": _local_time(s["LastSeen"]),
+                "initiator": s["Initiator"] or "(unnamed)",
+                "address": s["Address"] or "-",
+                "target": targets.get(s["Target"], s["Target"]),
+                "outcome": OUTCOMES.get((s["Outcome"], s["Reason"]), f"{s['Outcome']}: {s['Reason']}"),
+                "count": s["Count"],
+                "first_seen": _local_time(s["FirstSeen"]),
+            }
+            for s in unpack_variants(seen)
+        ]
+
+
+OUTCOMES = {
+    ("logged-in", ""): "logged in",
+    ("refused", "not-in-acl"): "refused: not in ACL",
+    ("refused", "chap"): "refused: CHAP authentication failed",
+    ("refused", "negotiation"): "refused: negotiation failed",
+    ("refused", "other"): "refused: other",
+}
+
+
+def _local_time(seconds: int) -> str:
+    return datetime.datetime.fromtimestamp(seconds).astimezone().isoformat(sep=" ", timespec="seconds")
 
 
 def _read_document(path: str) -> str:

@@ -27,6 +27,9 @@ from applianced.kernel.model import (
     TPG_PARAMETERS,
     KernelConfig,
     KernelTarget,
+    LoginActivity,
+    LoginCounters,
+    LogPosition,
     MappedLun,
     NodeAcl,
     StorageObject,
@@ -38,6 +41,8 @@ log = logging.getLogger(__name__)
 
 CONFIGFS = Path("/sys/kernel/config")
 ISCSI_CONFIGFS = CONFIGFS / "target" / "iscsi"
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+KMSG = "/dev/kmsg"
 TPG_TAG = 1
 # Modules loaded up front: configfs is not always auto-mounted, and the fileio backend is
 # not requested by the kernel when its HBA directory is made.
@@ -50,6 +55,7 @@ class LioKernel:
     def __init__(self) -> None:
         self._root: rtslib_fb.RTSRoot | None = None
         self._iscsi: rtslib_fb.FabricModule | None = None
+        self._kernel_log = KernelLog()
 
     def open(self) -> None:
         try:
@@ -138,6 +144,21 @@ class LioKernel:
             return TargetSessions()
         connections = sessions.established_connections(sessions.portal_ports([tpg_dir]))
         return sessions.read_target_sessions(tpg_dir, target_iqn, connections)
+
+    def login_activity(self, targets: Iterable[str], position: LogPosition | None) -> LoginActivity:
+        """The login statistics of ``targets`` and the kernel's iSCSI log lines after ``position``.
+
+        Read straight from a few configfs files per target, not through rtslib objects,
+        because this runs every few seconds for as long as the daemon does. Targets missing
+        from LIO are left out.
+        """
+        boot_id = BOOT_ID.read_text().strip()
+        lines, read_to = self._kernel_log.read(boot_id, position)
+        counters = {}
+        for iqn in targets:
+            with contextlib.suppress(FileNotFoundError):
+                counters[iqn] = _read_login_counters(f"{ISCSI_CONFIGFS}/{iqn}/fabric_statistics")
+        return LoginActivity(boot_id, counters, lines, read_to)
 
     # -- changing ------------------------------------------------------------------------
 
@@ -286,6 +307,76 @@ class LioKernel:
             rtslib_fb.MappedLUN(acl, action.mapped_lun).delete()
         except RTSLibNotInCFSError:
             pass
+
+
+class KernelLog:
+    """New records of the kernel log (/dev/kmsg) that come from the iSCSI target, read without blocking."""
+
+    def __init__(self) -> None:
+        self._fd: int | None = None
+        self._unreadable = False
+        self._position: LogPosition | None = None
+
+    def read(self, boot_id: str, position: LogPosition | None) -> tuple[tuple[str, ...], LogPosition | None]:
+        """Messages after ``position`` (None: from now on; another boot's: from this boot's start).
+
+        Returns them with the position reached, which is None when the log is unreadable.
+        """
+        if self._fd is None:
+            if self._unreadable:
+                return (), None
+            try:
+                self._fd = os.open(KMSG, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError as exc:
+                self._unreadable = True
+                log.warning("cannot read the kernel log (%s): refused initiators outside an ACL stay unnamed", exc)
+                return (), None
+        elif position != self._position:
+            # The caller dropped the last reading (its sample failed): read it again.
+            os.lseek(self._fd, 0, os.SEEK_SET)
+        after = -1 if position is not None and position.boot_id != boot_id else position.seq if position else None
+        last = self._position.seq if self._position and self._position.boot_id == boot_id else -1
+        lines = []
+        while True:
+            try:
+                record = os.read(self._fd, 8192)
+            except BlockingIOError:
+                break
+            except BrokenPipeError:
+                # Records were overwritten before they were read; carry on with the oldest left.
+                continue
+            header, _, text = record.decode(errors="replace").partition(";")
+            seq = int(header.split(",")[1])
+            last = max(last, seq)
+            message = text.split("\n", 1)[0]
+            if after is not None and seq > after and message.startswith("iSCSI "):
+                lines.append(message)
+        self._position = LogPosition(boot_id, last)
+        return tuple(lines), self._position
+
+
+def _read_login_counters(statistics: str) -> LoginCounters:
+    def read(name: str) -> str:
+        fd = os.open(f"{statistics}/{name}", os.O_RDONLY)
+        try:
+            return os.read(fd, 4096).decode(errors="replace").strip()
+        finally:
+            os.close(fd)
+
+    def known(value: str) -> str:
+        # LIO shows "None" before the first failure, "Unknown" for a name it never read,
+        # "(einval)" for an address it never had.
+        return "" if value in ("None", "Unknown", "(einval)") else value
+
+    return LoginCounters(
+        accepts=int(read("iscsi_login_stats/accepts")),
+        authorize_fails=int(read("iscsi_login_stats/authorize_fails")),
+        authenticate_fails=int(read("iscsi_login_stats/authenticate_fails")),
+        negotiate_fails=int(read("iscsi_login_stats/negotiate_fails")),
+        other_fails=int(read("iscsi_login_stats/other_fails")),
+        last_fail_name=known(read("iscsi_tgt_attr/fail_intr_name")),
+        last_fail_address=known(read("iscsi_tgt_attr/fail_intr_addr")),
+    )
 
 
 def _lookup_storage_object(name: str) -> rtslib_fb.StorageObject | None:

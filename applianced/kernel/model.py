@@ -140,6 +140,46 @@ class TargetSessions:
     connections: tuple[Connection, ...] = ()
 
 
+@dataclass(frozen=True)
+class LoginCounters:
+    """A target's login statistics as LIO keeps them (counting since the target was made).
+
+    ``last_fail_name`` and ``last_fail_address`` describe the target's most recent failed
+    login of any kind; they are empty when LIO has none (it has no name for a login it
+    refused before reading the initiator's parameters, such as one outside the ACL).
+    """
+
+    accepts: int = 0
+    authorize_fails: int = 0
+    authenticate_fails: int = 0
+    negotiate_fails: int = 0
+    other_fails: int = 0
+    last_fail_name: str = ""
+    last_fail_address: str = ""
+
+
+@dataclass(frozen=True)
+class LogPosition:
+    """Where reading the kernel log stopped: a record's sequence number within one boot."""
+
+    boot_id: str
+    seq: int
+
+
+@dataclass(frozen=True)
+class LoginActivity:
+    """One reading of the login statistics and of the new iSCSI lines of the kernel log.
+
+    The log is read before the counters, so every login a log line tells of is already
+    counted. ``log_position`` is None when the kernel log cannot be read on this node.
+    """
+
+    boot_id: str
+    counters: Mapping[str, LoginCounters]
+    log: tuple[str, ...] = ()
+    log_position: LogPosition | None = None
+
+
 def render(config: Config) -> KernelConfig:
     """Return the LIO configuration that realises ``config``."""
     storage_objects = {

@@ -5,6 +5,10 @@ missing backstore, a mapping to a missing LUN), and can be told to fail on one k
 action to exercise roll-back. With a file it outlives the daemon process, as the kernel
 does, and logs every action so that tests can count what a restart changed. It proves
 logic only; what LIO really does is proven in the VM tier.
+
+Login activity (counters, kernel log lines, sessions, boot id) is set by tests directly,
+or, for a daemon in another process, written to ``<kernel file>.activity.json``, which
+is read again on every sample.
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ from applianced.kernel import plan
 from applianced.kernel.model import (
     KernelConfig,
     KernelTarget,
+    LoginActivity,
+    LoginCounters,
+    LogPosition,
     MappedLun,
     NodeAcl,
     Session,
@@ -46,6 +53,10 @@ class FakeKernel:
         # The target each sessions() call read, so that tests can count the reads.
         self.session_reads: list[str] = []
         self.opened = False
+        self.boot_id = "boot-1"
+        self.login_counters: dict[str, LoginCounters] = {}
+        # Kernel log messages; a message's sequence number is its index.
+        self.kernel_log: list[str] = []
 
     def open(self) -> None:
         self.opened = True
@@ -65,9 +76,33 @@ class FakeKernel:
         return KernelConfig(dict(self.storage_objects), dict(self.targets), self.discovery_auth)
 
     def sessions(self, target_iqn: str) -> TargetSessions:
+        self._load_activity()
         self.session_reads.append(target_iqn)
         sessions = tuple(s for s in self.session_list if s.target_iqn == target_iqn)
         return TargetSessions(sessions, len(sessions))
+
+    def login_activity(self, targets: Iterable[str], position: LogPosition | None) -> LoginActivity:
+        self._load_activity()
+        counters = {iqn: self.login_counters.get(iqn, LoginCounters()) for iqn in targets if iqn in self.targets}
+        if position is None:
+            start = len(self.kernel_log)
+        else:
+            start = position.seq + 1 if position.boot_id == self.boot_id else 0
+        lines = tuple(m for m in self.kernel_log[start:] if m.startswith("iSCSI "))
+        return LoginActivity(self.boot_id, counters, lines, LogPosition(self.boot_id, len(self.kernel_log) - 1))
+
+    def _load_activity(self) -> None:
+        path = self.path.with_suffix(".activity.json") if self.path else None
+        if path is None or not path.exists():
+            return
+        data = json.loads(path.read_text())
+        self.boot_id = data.get("boot_id", self.boot_id)
+        self.login_counters = {iqn: LoginCounters(**c) for iqn, c in data.get("counters", {}).items()}
+        self.kernel_log = data.get("log", [])
+        self.session_list = [
+            Session(s["target_iqn"], s["initiator"], "LOGGED_IN", tuple(s["addresses"]))
+            for s in data.get("sessions", [])
+        ]
 
     def apply(self, actions: Sequence[plan.Action]) -> None:
         try:

@@ -34,5 +34,7 @@ def test_policy_is_fail_closed():
         ("org.freedesktop.DBus.ObjectManager", "GetManagedObjects"),
         ("org.freedesktop.DBus.Properties", "Get"),
         ("org.freedesktop.DBus.Properties", "GetAll"),
+        # A read of the recently seen initiators, no change.
+        ("org.applianced.Appliance1.Manager", "ListSeenInitiators"),
     }
     assert all(rule.get("send_destination") == BUS_NAME for rule in default.iter("allow"))
