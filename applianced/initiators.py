@@ -54,9 +54,15 @@ LOGIN_FAILED = "iSCSI Login negotiation failed."
 
 
 class LoginSource(Protocol):
-    """The part of the kernel adapter the sampler reads."""
+    """The part of the kernel adapter the sampler reads.
 
-    def login_activity(self, targets: Iterable[str], position: LogPosition | None) -> LoginActivity: ...
+    ``login_activity`` may return ``known`` (the counters it returned with ``position``)
+    again for targets whose login totals did not move, to keep a sample cheap.
+    """
+
+    def login_activity(
+        self, targets: Iterable[str], position: LogPosition | None, known: Mapping[str, LoginCounters]
+    ) -> LoginActivity: ...
 
     def sessions(self, target_iqn: str) -> TargetSessions: ...
 
@@ -268,14 +274,16 @@ class SeenInitiators:
             self.load()
         config = self._config()
         targets = sorted(target.iqn for target in config.targets.values())
-        activity = self.kernel.login_activity(targets, self._log_position)
+        activity = self.kernel.login_activity(targets, self._log_position, self._counters)
         baseline = self._counters
         if activity.boot_id != self._boot_id:
             # LIO and the kernel log began anew with this boot, and its sessions are gone;
             # without any earlier reading, what LIO counted so far is history, not news.
             baseline = dict(activity.counters) if self._boot_id is None else {}
             self._sessions = {}
-        increases = {iqn: increase(baseline.get(iqn), now) for iqn, now in activity.counters.items()}
+        increases = {
+            iqn: increase(baseline.get(iqn), now) for iqn, now in activity.counters.items() if now != baseline.get(iqn)
+        }
         kernel_log = activity.log if activity.log_position is not None else None
         sightings = refusals(increases, kernel_log)
         accepts = {iqn: d.accepts for iqn, d in increases.items() if d.accepts}

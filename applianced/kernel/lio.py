@@ -13,7 +13,7 @@ import ipaddress
 import logging
 import os
 import subprocess
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from functools import singledispatchmethod
 from pathlib import Path
 
@@ -145,19 +145,28 @@ class LioKernel:
         connections = sessions.established_connections(sessions.portal_ports([tpg_dir]))
         return sessions.read_target_sessions(tpg_dir, target_iqn, connections)
 
-    def login_activity(self, targets: Iterable[str], position: LogPosition | None) -> LoginActivity:
+    def login_activity(
+        self, targets: Iterable[str], position: LogPosition | None, known: Mapping[str, LoginCounters]
+    ) -> LoginActivity:
         """The login statistics of ``targets`` and the kernel's iSCSI log lines after ``position``.
 
-        Read straight from a few configfs files per target, not through rtslib objects,
-        because this runs every few seconds for as long as the daemon does. Targets missing
-        from LIO are left out.
+        Read straight from configfs, not through rtslib objects, because this runs every few
+        seconds for as long as the daemon does: two files per target whose totals still
+        match ``known`` (the counters read together with ``position``), seven for the
+        others. Targets missing from LIO are left out.
         """
         boot_id = BOOT_ID.read_text().strip()
+        if position is None or position.boot_id != boot_id:
+            known = {}  # another boot's counters, or of unknown age
         lines, read_to = self._kernel_log.read(boot_id, position)
         counters = {}
         for iqn in targets:
+            statistics = f"{ISCSI_CONFIGFS}/{iqn}/fabric_statistics"
             with contextlib.suppress(FileNotFoundError):
-                counters[iqn] = _read_login_counters(f"{ISCSI_CONFIGFS}/{iqn}/fabric_statistics")
+                last = known.get(iqn)
+                counters[iqn] = (
+                    last if last and _totals_unchanged(statistics, last) else _read_login_counters(statistics)
+                )
         return LoginActivity(boot_id, counters, lines, read_to)
 
     # -- changing ------------------------------------------------------------------------
@@ -355,13 +364,27 @@ class KernelLog:
         return tuple(lines), self._position
 
 
+def _read_statistic(statistics: str, name: str) -> str:
+    fd = os.open(f"{statistics}/{name}", os.O_RDONLY)
+    try:
+        return os.read(fd, 4096).decode(errors="replace").strip()
+    finally:
+        os.close(fd)
+
+
+def _totals_unchanged(statistics: str, last: LoginCounters) -> bool:
+    # login_fails is LIO's sum of the failure counters (and of redirects, which applianced
+    # never configures): counters only grow, so equal totals mean nothing happened.
+    fails = last.authorize_fails + last.authenticate_fails + last.negotiate_fails + last.other_fails
+    return (
+        int(_read_statistic(statistics, "iscsi_login_stats/accepts")) == last.accepts
+        and int(_read_statistic(statistics, "iscsi_tgt_attr/login_fails")) == fails
+    )
+
+
 def _read_login_counters(statistics: str) -> LoginCounters:
     def read(name: str) -> str:
-        fd = os.open(f"{statistics}/{name}", os.O_RDONLY)
-        try:
-            return os.read(fd, 4096).decode(errors="replace").strip()
-        finally:
-            os.close(fd)
+        return _read_statistic(statistics, name)
 
     def known(value: str) -> str:
         # LIO shows "None" before the first failure, "Unknown" for a name it never read,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +81,9 @@ class FakeKernel:
         sessions = tuple(s for s in self.session_list if s.target_iqn == target_iqn)
         return TargetSessions(sessions, len(sessions))
 
-    def login_activity(self, targets: Iterable[str], position: LogPosition | None) -> LoginActivity:
+    def login_activity(
+        self, targets: Iterable[str], position: LogPosition | None, known: Mapping[str, LoginCounters]
+    ) -> LoginActivity:
         self._load_activity()
         counters = {iqn: self.login_counters.get(iqn, LoginCounters()) for iqn in targets if iqn in self.targets}
         if position is None:
