@@ -35,9 +35,9 @@ FILE_NAME = "initiators.json"
 FORMAT_VERSION = 1
 WINDOW = 7 * 24 * 3600.0
 SAMPLE_INTERVAL = 5.0
-# Sessions are read through rtslib, which is slower than the counters: on every new login,
-# and now and then to show that logged-in initiators are still there.
-SESSION_REFRESH = 60.0
+# Sessions are read through rtslib, which costs far more than the counters (bench/seen_sample.py):
+# on every new login, and every few minutes to show that logged-in initiators are still there.
+SESSION_REFRESH = 300.0
 
 LOGGED_IN = "logged-in"
 REFUSED = "refused"
@@ -133,10 +133,10 @@ def refusals(increases: Mapping[str, LoginCounters], kernel_log: Sequence[str] |
     answered = sum(counts[NOT_IN_ACL] + counts[CHAP] + counts[OTHER] for counts in reasons.values())
     for iqn in unsettled:
         left = reasons[iqn][NEGOTIATION]
-        fewest = (left + 1) // 2
+        count = (left + 1) // 2  # the fewest failed logins that explain the counters
         if kernel_log is not None and len(unsettled) == 1:
-            fewest = min(left, max(fewest, kernel_log.count(LOGIN_FAILED) - answered))
-        reasons[iqn][NEGOTIATION] = fewest
+            count = min(left, max(count, kernel_log.count(LOGIN_FAILED) - answered))
+        reasons[iqn][NEGOTIATION] = count
 
     # A refusal outside the ACL is the one LIO logs with the initiator's name, and the one
     # its statistics leave unnamed. The log does not say which target, so names are only

@@ -13,6 +13,7 @@ from applianced.initiators import (
     NEGOTIATION,
     NOT_IN_ACL,
     REFUSED,
+    SESSION_REFRESH,
     WINDOW,
     SeenInitiators,
     Sighting,
@@ -154,13 +155,24 @@ def make_kernel(*iqns):
     return kernel
 
 
-def make_seen(kernel, tmp_path, clock, *names):
-    config = Config(
-        node_id="node-a", targets={n: Target(n, f"iqn.2003-01.org.linux-iscsi.applianced:{n}") for n in names}
-    )
-    # A monotonic clock that jumps by a minute per reading makes every sample read sessions.
-    ticks = iter(range(0, 10**6, 60))
-    return SeenInitiators(kernel, tmp_path / "initiators.json", lambda: config, clock, lambda: float(next(ticks)))
+def make_seen(kernel, tmp_path, clock, names=("t1",)):
+    """A sampler of node-a's targets ``names`` (a list the test may extend)."""
+
+    def config():
+        targets = {n: Target(n, f"iqn.2003-01.org.linux-iscsi.applianced:{n}") for n in names}
+        return Config(node_id="node-a", targets=targets)
+
+    # A monotonic clock that jumps by an hour per reading makes every sample read sessions.
+    ticks = iter(range(0, 10**8, 3600))
+    return SeenInitiators(kernel, tmp_path / "initiators.json", config, clock, lambda: float(next(ticks)))
+
+
+def seen_one_chap_failure(kernel, tmp_path, clock):
+    seen = make_seen(kernel, tmp_path, clock)
+    seen.sample()
+    kernel.login_counters[T1] = counters(authenticate=1, negotiate=1, name=BOB, address="10.0.0.8")
+    seen.sample()
+    return seen
 
 
 def table(seen):
@@ -171,7 +183,7 @@ def test_what_lio_counted_before_the_first_sample_is_history(tmp_path):
     kernel = make_kernel(T1)
     kernel.login_counters[T1] = counters(accepts=5, authenticate=2, negotiate=2, name=BOB, address="10.0.0.8")
     kernel.session_list = [Session(T1, ALICE, "LOGGED_IN", ("10.0.0.7",))]
-    seen = make_seen(kernel, tmp_path, Clock(), "t1")
+    seen = make_seen(kernel, tmp_path, Clock())
     seen.sample()
     assert table(seen) == [(T1, ALICE, "10.0.0.7", LOGGED_IN, "", 0)]
 
@@ -179,7 +191,7 @@ def test_what_lio_counted_before_the_first_sample_is_history(tmp_path):
 def test_logins_and_refusals_are_recorded_with_their_times(tmp_path):
     clock = Clock()
     kernel = make_kernel(T1)
-    seen = make_seen(kernel, tmp_path, clock, "t1")
+    seen = make_seen(kernel, tmp_path, clock)
     seen.sample()
     first = clock.now
     clock.now += 5
@@ -205,18 +217,14 @@ def test_logins_and_refusals_are_recorded_with_their_times(tmp_path):
 def test_a_restart_counts_nothing_twice_and_misses_nothing(tmp_path):
     clock = Clock()
     kernel = make_kernel(T1)
-    seen = make_seen(kernel, tmp_path, clock, "t1")
-    seen.sample()
-    kernel.login_counters[T1] = counters(authenticate=1, negotiate=1, name=BOB, address="10.0.0.8")
-    seen.sample()
-    before = table(seen)
-    again = make_seen(kernel, tmp_path, clock, "t1")
+    before = table(seen_one_chap_failure(kernel, tmp_path, clock))
+    again = make_seen(kernel, tmp_path, clock)
     again.sample()
     assert table(again) == before == [(T1, BOB, "10.0.0.8", REFUSED, CHAP, 1)]
     # What happens while the daemon is down is counted, and named from the log, at the next start.
     kernel.login_counters[T1] = counters(authorize=1, authenticate=1, negotiate=2, address="10.0.0.9")
     kernel.kernel_log += [not_authorized(ALICE), LOGIN_FAILED]
-    third = make_seen(kernel, tmp_path, clock, "t1")
+    third = make_seen(kernel, tmp_path, clock)
     third.sample()
     assert table(third) == [
         (T1, ALICE, "10.0.0.9", REFUSED, NOT_IN_ACL, 1),
@@ -228,33 +236,30 @@ def test_after_a_reboot_everything_lio_counted_is_news(tmp_path):
     clock = Clock()
     kernel = make_kernel(T1)
     kernel.login_counters[T1] = counters(accepts=9)
-    make_seen(kernel, tmp_path, clock, "t1").sample()
+    make_seen(kernel, tmp_path, clock).sample()
     kernel.boot_id = "boot-2"
     kernel.kernel_log = [not_authorized(ALICE), LOGIN_FAILED]
     kernel.login_counters[T1] = counters(authorize=1, negotiate=1, address="10.0.0.9")
-    seen = make_seen(kernel, tmp_path, clock, "t1")
+    seen = make_seen(kernel, tmp_path, clock)
     seen.sample()
     assert table(seen) == [(T1, ALICE, "10.0.0.9", REFUSED, NOT_IN_ACL, 1)]
 
 
 def test_a_target_made_after_the_first_sample_is_counted_from_zero(tmp_path):
     kernel = make_kernel(T1)
-    seen = make_seen(kernel, tmp_path, Clock(), "t1")
+    names = ["t1"]
+    seen = make_seen(kernel, tmp_path, Clock(), names)
     seen.sample()
     kernel.targets[T2] = None
     kernel.login_counters[T2] = counters(authenticate=1, negotiate=1, name=BOB, address="10.0.0.8")
-    seen._config = lambda: Config(node_id="node-a", targets={"t1": Target("t1", T1), "t2": Target("t2", T2)})
+    names.append("t2")
     seen.sample()
     assert table(seen) == [(T2, BOB, "10.0.0.8", REFUSED, CHAP, 1)]
 
 
 def test_sightings_older_than_seven_days_are_dropped(tmp_path):
     clock = Clock()
-    kernel = make_kernel(T1)
-    seen = make_seen(kernel, tmp_path, clock, "t1")
-    seen.sample()
-    kernel.login_counters[T1] = counters(authenticate=1, negotiate=1, name=BOB, address="10.0.0.8")
-    seen.sample()
+    seen = seen_one_chap_failure(make_kernel(T1), tmp_path, clock)
     clock.now += WINDOW - 1
     assert len(seen.recent()) == 1
     clock.now += 2
@@ -267,7 +272,7 @@ def test_the_file_is_private_and_a_broken_one_is_replaced(tmp_path, caplog):
     kernel = make_kernel(T1)
     path = tmp_path / "initiators.json"
     path.write_text("{not json")
-    seen = make_seen(kernel, tmp_path, Clock(), "t1")
+    seen = make_seen(kernel, tmp_path, Clock())
     seen.sample()
     assert "cannot be read" in caplog.text
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
@@ -288,3 +293,23 @@ def test_the_engine_samples_its_own_targets_for_its_node(tmp_path):
     (record,) = engine.seen.recent()
     assert (record.node, record.target, record.initiator) == (engine.config.node_id, T1, BOB)
     assert (tmp_path / "state" / "initiators.json").exists()
+
+
+def test_sessions_are_read_after_new_logins_and_otherwise_only_every_few_minutes(tmp_path):
+    kernel = make_kernel(T1)
+    reads = []
+    kernel.sessions = lambda: reads.append(1) or []
+    now = [0.0]
+    config = Config(node_id="node-a", targets={"t1": Target("t1", T1)})
+    seen = SeenInitiators(kernel, tmp_path / "initiators.json", lambda: config, Clock(), lambda: now[0])
+    seen.sample()
+    now[0] += 5
+    seen.sample()
+    assert len(reads) == 1, "the first sample reads them, a quiet one does not"
+    kernel.login_counters[T1] = counters(accepts=1)
+    now[0] += 5
+    seen.sample()
+    assert len(reads) == 2, "a new login is looked up at once"
+    now[0] += SESSION_REFRESH
+    seen.sample()
+    assert len(reads) == 3
