@@ -35,8 +35,9 @@ FILE_NAME = "initiators.json"
 FORMAT_VERSION = 1
 WINDOW = 7 * 24 * 3600.0
 SAMPLE_INTERVAL = 5.0
-# Sessions are read through rtslib, which costs far more than the counters (bench/seen_sample.py):
-# on every new login, and every few minutes to show that logged-in initiators are still there.
+# Reading a target's sessions costs more than its counters (bench/seen_sample.py): they are
+# read for the targets with new logins, and every few minutes for all, to show that
+# logged-in initiators are still there.
 SESSION_REFRESH = 300.0
 
 LOGGED_IN = "logged-in"

@@ -295,21 +295,19 @@ def test_the_engine_samples_its_own_targets_for_its_node(tmp_path):
     assert (tmp_path / "state" / "initiators.json").exists()
 
 
-def test_sessions_are_read_after_new_logins_and_otherwise_only_every_few_minutes(tmp_path):
-    kernel = make_kernel(T1)
-    reads = []
-    kernel.sessions = lambda: reads.append(1) or []
+def test_sessions_are_read_for_targets_with_new_logins_and_otherwise_every_few_minutes(tmp_path):
+    kernel = make_kernel(T1, T2)
     now = [0.0]
-    config = Config(node_id="node-a", targets={"t1": Target("t1", T1)})
+    config = Config(node_id="node-a", targets={"t1": Target("t1", T1), "t2": Target("t2", T2)})
     seen = SeenInitiators(kernel, tmp_path / "initiators.json", lambda: config, Clock(), lambda: now[0])
     seen.sample()
     now[0] += 5
     seen.sample()
-    assert len(reads) == 1, "the first sample reads them, a quiet one does not"
-    kernel.login_counters[T1] = counters(accepts=1)
+    assert kernel.session_reads == [T1, T2], "the first sample reads them all, a quiet one none"
+    kernel.login_counters[T2] = counters(accepts=1)
     now[0] += 5
     seen.sample()
-    assert len(reads) == 2, "a new login is looked up at once"
+    assert kernel.session_reads[2:] == [T2], "a new login is looked up at once, on its target only"
     now[0] += SESSION_REFRESH
     seen.sample()
-    assert len(reads) == 3
+    assert kernel.session_reads[3:] == [T1, T2]
