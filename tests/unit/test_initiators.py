@@ -5,7 +5,6 @@ import json
 import stat
 from collections import Counter
 
-from applianced.engine import Appliance
 from applianced.initiators import (
     CHAP,
     LOGGED_IN,
@@ -22,8 +21,9 @@ from applianced.initiators import (
     refusals,
 )
 from applianced.kernel.model import LoginCounters, Session
-from applianced.state import Config, StateStore, Target
+from applianced.state import Config, Target
 from tests.support.fake_kernel import FakeKernel
+from tests.unit.test_engine import make_engine
 
 T1 = "iqn.2003-01.org.linux-iscsi.applianced:t1"
 T2 = "iqn.2003-01.org.linux-iscsi.applianced:t2"
@@ -281,7 +281,7 @@ def test_the_file_is_private_and_a_broken_one_is_replaced(tmp_path, caplog):
 
 def test_the_engine_samples_its_own_targets_for_its_node(tmp_path):
     async def scenario():
-        engine = Appliance(FakeKernel(), StateStore(tmp_path / "state", "state.json"), lambda: {"127.0.0.1"})
+        engine = make_engine(tmp_path)
         await engine.start()
         await engine.create_target("t1")
         engine.seen.sample()
