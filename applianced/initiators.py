@@ -9,6 +9,10 @@ and kernel log position, so a daemon restart counts nothing twice.
 
 Names are only ever taken from what the kernel reports: when several logins fall into
 one sample and the kernel named only the last, the others are counted without a name.
+
+The same kernel log records what each login negotiated (kernel/negotiation.py): the
+sampler keeps the newest values of every initiator that still has a session, in the
+same file, for the target's ``Sessions``.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from applianced.kernel import negotiation
 from applianced.kernel.model import LoginActivity, LoginCounters, LogPosition, Session, TargetSessions
 from applianced.state import Config, write_private_file
 
@@ -247,6 +252,12 @@ class SeenInitiators:
         self._sessions: dict[str, Counter[tuple[str, str]]] = {}
         self._log_position: LogPosition | None = None
         self._sessions_read: float | None = None
+        self._negotiated: dict[tuple[str, str], dict[str, str]] = {}  # under _lock
+
+    def negotiated(self, target_iqn: str, initiator: str) -> dict[str, str]:
+        """What the initiator's newest session with the target negotiated at login (empty: unknown)."""
+        with self._lock:
+            return dict(self._negotiated.get((target_iqn, initiator), {}))
 
     def recent(self) -> list[SeenInitiator]:
         """The sightings of the last seven days, most recent first."""
@@ -282,6 +293,8 @@ class SeenInitiators:
             # without any earlier reading, what LIO counted so far is history, not news.
             baseline = dict(activity.counters) if self._boot_id is None else {}
             self._sessions = {}
+            with self._lock:
+                self._negotiated = {}
         increases = {
             iqn: increase(baseline.get(iqn), now) for iqn, now in activity.counters.items() if now != baseline.get(iqn)
         }
@@ -298,7 +311,8 @@ class SeenInitiators:
             self._sessions = kept | sessions
             if refresh:
                 self._sessions_read = now
-        changed = self._record(config.node_id, sightings, self._clock())
+        changed = self._keep_negotiated(negotiation.parse(activity.log), read)
+        changed |= self._record(config.node_id, sightings, self._clock())
         changed |= activity.boot_id != self._boot_id or dict(activity.counters) != self._counters
         self._boot_id, self._counters, self._log_position = (
             activity.boot_id,
@@ -307,6 +321,19 @@ class SeenInitiators:
         )
         if changed:
             self._save()
+
+    def _keep_negotiated(self, learnt: Mapping[tuple[str, str], dict[str, str]], read: Sequence[str]) -> bool:
+        """Take up what logins negotiated; forget it for initiators left without a session.
+
+        Sessions are only known for the targets just ``read``, and what was learnt in this
+        sample is kept even so: LIO logs it a moment before it lists the new session.
+        """
+        with self._lock:
+            before = self._negotiated
+            present = {(iqn, initiator) for iqn in read for initiator, _ in self._sessions.get(iqn, ())}
+            kept = {key: values for key, values in before.items() if key[0] not in read or key in present}
+            self._negotiated = kept | dict(learnt)
+            return self._negotiated != before
 
     def _record(self, node: str, sightings: Sequence[Sighting], when: float) -> bool:
         changed = False
@@ -342,6 +369,7 @@ class SeenInitiators:
             sessions = {iqn: Counter({(i, a): n for i, a, n in items}) for iqn, items in data["sessions"].items()}
             position = LogPosition(**data["log_position"]) if data["log_position"] else None
             boot_id = data["boot_id"]
+            negotiated = {(t, i): dict(values) for t, i, values in data.get("negotiated", [])}
         except FileNotFoundError:
             return
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -349,11 +377,13 @@ class SeenInitiators:
             return
         with self._lock:
             self._records = {r.key: r for r in records}
+            self._negotiated = negotiated
         self._counters, self._sessions, self._log_position, self._boot_id = counters, sessions, position, boot_id
 
     def _save(self) -> None:
         with self._lock:
             records = [dataclasses.asdict(r) for r in self._records.values()]
+            negotiated = [[t, i, values] for (t, i), values in sorted(self._negotiated.items())]
         data: dict[str, Any] = {
             "version": FORMAT_VERSION,
             "boot_id": self._boot_id,
@@ -361,6 +391,7 @@ class SeenInitiators:
             "counters": {iqn: dataclasses.asdict(c) for iqn, c in self._counters.items()},
             "sessions": {iqn: [[i, a, n] for (i, a), n in c.items()] for iqn, c in self._sessions.items()},
             "records": records,
+            "negotiated": negotiated,
         }
         try:
             write_private_file(self.path, json.dumps(data, indent=1, sort_keys=True).encode() + b"\n")

@@ -327,6 +327,7 @@ class TargetInterface(EntityInterface):
                 # LIO enforces the ACL's CHAP at login, so a logged-in session has passed it.
                 "Authentication": Variant("s", describe_chap(_acl_chap(target, session.initiator))),
                 "Luns": Variant("au", [lun.number for lun in target.luns]),
+                "Negotiated": Variant("a{ss}", self.engine.seen.negotiated(target.iqn, session.initiator)),
             }
             for session in (await self.engine.sessions(target.iqn)).sessions
         ]

@@ -383,6 +383,10 @@ class Commands:
                 "authentication": s["Authentication"],
                 "luns": ",".join(str(n) for n in s["Luns"]),
                 "isid": s["Isid"],
+                # Unknown ("-") when LIO's debug messages are off or the login predates them.
+                "header-digest": s["Negotiated"].get("HeaderDigest", "-"),
+                "data-digest": s["Negotiated"].get("DataDigest", "-"),
+                **({"negotiated": dict(s["Negotiated"])} if args.json else {}),
             }
             for s in sessions
         ]

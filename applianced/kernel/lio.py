@@ -21,7 +21,7 @@ import rtslib_fb
 from rtslib_fb.utils import RTSLibError, RTSLibNotInCFSError, fwrite, modprobe
 
 from applianced.errors import KernelError
-from applianced.kernel import plan, sessions
+from applianced.kernel import negotiation, plan, sessions
 from applianced.kernel.model import (
     TPG_ATTRIBUTES,
     TPG_PARAMETERS,
@@ -43,6 +43,7 @@ CONFIGFS = Path("/sys/kernel/config")
 ISCSI_CONFIGFS = CONFIGFS / "target" / "iscsi"
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 KMSG = "/dev/kmsg"
+DYNAMIC_DEBUG = (Path("/proc/dynamic_debug/control"), Path("/sys/kernel/debug/dynamic_debug/control"))
 TPG_TAG = 1
 # Modules loaded up front: configfs is not always auto-mounted, and the fileio backend is
 # not requested by the kernel when its HBA directory is made.
@@ -69,6 +70,7 @@ class LioKernel:
             self._iscsi = rtslib_fb.FabricModule("iscsi")
         except (RTSLibError, OSError, subprocess.CalledProcessError) as exc:
             raise KernelError(f"LIO is not available on this node: {exc}") from exc
+        _enable_negotiation_log()
 
     @property
     def fabric(self) -> rtslib_fb.FabricModule:
@@ -358,10 +360,23 @@ class KernelLog:
             seq = int(header.split(",")[1])
             last = max(last, seq)
             message = text.split("\n", 1)[0]
-            if after is not None and seq > after and message.startswith("iSCSI "):
+            relevant = message.startswith("iSCSI ") or negotiation.is_negotiation_line(message)
+            if after is not None and seq > after and relevant:
                 lines.append(message)
         self._position = LogPosition(boot_id, last)
         return tuple(lines), self._position
+
+
+def _enable_negotiation_log() -> None:
+    """Have LIO log what each login negotiated (see kernel/negotiation.py); without it, sessions just lack it."""
+    control = next((path for path in DYNAMIC_DEBUG if path.exists()), None)
+    try:
+        if control is None:
+            raise OSError("no dynamic debug control file")
+        for query in negotiation.DEBUG_QUERIES:
+            control.write_text(query + "\n")
+    except OSError as exc:
+        log.warning("cannot enable LIO's login parameter messages (%s): negotiated values stay unknown", exc)
 
 
 def _read_statistic(statistics: str, name: str) -> str:

@@ -225,6 +225,10 @@ def test_sessions_show_portal_authentication_and_luns(daemon):
             "authentication": "chap",
             "luns": "0",
             "isid": "00023d000002",
+            # Nothing was logged about its login (the fake kernel's log is empty).
+            "header-digest": "-",
+            "data-digest": "-",
+            "negotiated": {},
         }
     ]
     assert daemon.cli("--json", "target", "list").json()[0]["status"] == "logged in (1)"

@@ -34,6 +34,7 @@ from applianced.kernel.model import (
     StorageObject,
     TargetSessions,
 )
+from applianced.kernel.negotiation import is_negotiation_line
 from applianced.state import Chap
 
 # Set in the daemon's environment to make the fake refuse one action type ("AddAcl"), or
@@ -90,7 +91,7 @@ class FakeKernel:
             start = len(self.kernel_log)
         else:
             start = position.seq + 1 if position.boot_id == self.boot_id else 0
-        lines = tuple(m for m in self.kernel_log[start:] if m.startswith("iSCSI "))
+        lines = tuple(m for m in self.kernel_log[start:] if m.startswith("iSCSI ") or is_negotiation_line(m))
         return LoginActivity(self.boot_id, counters, lines, LogPosition(self.boot_id, len(self.kernel_log) - 1))
 
     def _load_activity(self) -> None:
