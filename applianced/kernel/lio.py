@@ -340,7 +340,11 @@ class KernelLog:
                 self._fd = os.open(KMSG, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
             except OSError as exc:
                 self._unreadable = True
-                log.warning("cannot read the kernel log (%s): refused initiators outside an ACL stay unnamed", exc)
+                log.warning(
+                    "cannot read the kernel log (%s): refused initiators outside an ACL stay unnamed, "
+                    "negotiated values unknown",
+                    exc,
+                )
                 return (), None
         elif position != self._position:
             # The caller dropped the last reading (its sample failed): read it again.
