@@ -1,2 +1,3 @@
 """The kernel side of the engine: a model of LIO configuration, the plan that moves the
-kernel from one configuration to another, and the rtslib-fb backend that carries it out."""
+kernel from one configuration to another, the plain configfs reads that observe it, and
+the rtslib-fb backend that carries the plan out."""

@@ -1,41 +1,36 @@
-"""The rtslib-fb backend: the only module that touches LIO.
+"""applianced's ``Kernel`` on LIO: read through configfs, changed through rtslib-fb.
 
-It reads the part of LIO that applianced manages into a ``KernelConfig``, carries out plan
-actions one by one (each idempotent, so a plan interrupted by a crash can simply be run
-again), and lists sessions. rtslib's constructors have side effects (module loading,
-configfs mounts), so they are kept behind this one adapter.
+It reads the part of LIO that applianced manages into a ``KernelConfig`` (``configfs.py``),
+sessions (``sessions.py``) and login activity with plain file reads, and carries out plan
+actions through rtslib-fb (``rtslib_actions.py``). rtslib is imported on the first change:
+a daemon that restarts over an intact kernel changes nothing, and starts without rtslib
+and pyudev (a good part of its imports under emulation; see bench/README.md).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import logging
 import os
 import subprocess
 from collections.abc import Iterable, Mapping, Sequence
-from functools import singledispatchmethod
 from pathlib import Path
-
-import rtslib_fb
-from rtslib_fb.utils import RTSLibError, RTSLibNotInCFSError, fwrite, modprobe
+from typing import TYPE_CHECKING
 
 from applianced.errors import KernelError
-from applianced.kernel import negotiation, plan, sessions
+from applianced.kernel import configfs, negotiation, plan, sessions
 from applianced.kernel.model import (
     TPG_ATTRIBUTES,
     TPG_PARAMETERS,
     KernelConfig,
-    KernelTarget,
     LoginActivity,
     LoginCounters,
     LogPosition,
-    MappedLun,
-    NodeAcl,
-    StorageObject,
     TargetSessions,
 )
-from applianced.state import Chap
+
+if TYPE_CHECKING:
+    from applianced.kernel.rtslib_actions import RtslibActions
 
 log = logging.getLogger(__name__)
 
@@ -44,100 +39,50 @@ ISCSI_CONFIGFS = CONFIGFS / "target" / "iscsi"
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 KMSG = "/dev/kmsg"
 DYNAMIC_DEBUG = (Path("/proc/dynamic_debug/control"), Path("/sys/kernel/debug/dynamic_debug/control"))
-TPG_TAG = 1
+TPG_TAG = configfs.TPG_TAG
 # Modules loaded up front: configfs is not always auto-mounted, and the fileio backend is
 # not requested by the kernel when its HBA directory is made.
 MODULES = ("configfs", "target_core_mod", "target_core_file", "iscsi_target_mod")
 
 
 class LioKernel:
-    """LIO through rtslib-fb. ``open()`` must succeed before anything else is called."""
+    """LIO. ``open()`` must succeed before anything else is called."""
 
     def __init__(self) -> None:
-        self._root: rtslib_fb.RTSRoot | None = None
-        self._iscsi: rtslib_fb.FabricModule | None = None
+        self._actions: RtslibActions | None = None
         self._kernel_log = KernelLog()
 
     def open(self) -> None:
         try:
-            for module in MODULES:
-                modprobe(module)
+            loaded = {line.split()[0] for line in Path("/proc/modules").read_text().splitlines() if line}
+            missing = [module for module in MODULES if module not in loaded]
+            if missing:
+                subprocess.run(["modprobe", "-a", *missing], check=True, capture_output=True, text=True)
             if not os.path.ismount(CONFIGFS):
                 subprocess.run(["mount", "-t", "configfs", "configfs", str(CONFIGFS)], check=True, capture_output=True)
             # rtslib refuses to start without its database directory.
             Path("/etc/target").mkdir(mode=0o700, exist_ok=True)
-            self._root = rtslib_fb.RTSRoot()
-            self._iscsi = rtslib_fb.FabricModule("iscsi")
-        except (RTSLibError, OSError, subprocess.CalledProcessError) as exc:
+        except subprocess.CalledProcessError as exc:
+            raise KernelError(f"LIO is not available on this node: {exc.stderr or exc}") from exc
+        except OSError as exc:
             raise KernelError(f"LIO is not available on this node: {exc}") from exc
         _enable_negotiation_log()
-
-    @property
-    def fabric(self) -> rtslib_fb.FabricModule:
-        assert self._iscsi is not None, "LioKernel.open() was not called"
-        return self._iscsi
 
     # -- reading -------------------------------------------------------------------------
 
     def observe(self, storage_objects: Iterable[str], targets: Iterable[str]) -> KernelConfig:
         """Read the named backstores and targets; the ones missing from LIO are left out."""
         try:
-            objects = {so.name: so for so in (self._find_storage_object(n) for n in storage_objects) if so}
-            found = {t.iqn: t for t in (self._read_target(iqn) for iqn in targets) if t}
-            discovery = self._read_discovery_auth()
-        except RTSLibError as exc:
+            objects = configfs.storage_objects(storage_objects)
+            found = {}
+            for iqn in targets:
+                target = configfs.target(iqn, TPG_TAG, TPG_ATTRIBUTES, TPG_PARAMETERS)
+                if target is not None:
+                    found[iqn] = target
+            discovery = configfs.discovery_auth()
+        except (OSError, ValueError) as exc:
             raise KernelError(f"cannot read the LIO configuration: {exc}") from exc
         return KernelConfig(storage_objects=objects, targets=found, discovery_auth=discovery)
-
-    def _read_discovery_auth(self) -> Chap | None:
-        fabric = self.fabric
-        if not fabric.discovery_enable_auth:
-            return None
-        return Chap(
-            fabric.discovery_userid,
-            fabric.discovery_password,
-            fabric.discovery_mutual_userid,
-            fabric.discovery_mutual_password,
-        )
-
-    def _find_storage_object(self, name: str) -> StorageObject | None:
-        so = _lookup_storage_object(name)
-        if so is None:
-            return None
-        if isinstance(so, rtslib_fb.BlockStorageObject):
-            return StorageObject(so.name, so.udev_path, 0, so.wwn, plugin="block")
-        return StorageObject(so.name, so.udev_path, so.size, so.wwn, so.write_back)
-
-    def _read_target(self, iqn: str) -> KernelTarget | None:
-        tpg = self._find_tpg(iqn)
-        if tpg is None:
-            return None
-        acls = {}
-        for acl in tpg.node_acls:
-            mapped = frozenset(MappedLun(m.mapped_lun, m.tpg_lun.lun, bool(m.write_protect)) for m in acl.mapped_luns)
-            acls[acl.node_wwn] = NodeAcl(acl.node_wwn, mapped, _read_acl_auth(acl))
-        return KernelTarget(
-            iqn=iqn,
-            enabled=bool(tpg.enable),
-            attributes={name: tpg.get_attribute(name) for name in TPG_ATTRIBUTES},
-            parameters={name: tpg.get_parameter(name) for name in TPG_PARAMETERS},
-            portals=frozenset((_unbracket(np.ip_address), int(np.port)) for np in tpg.network_portals),
-            luns={lun.lun: lun.storage_object.name for lun in tpg.luns},
-            acls=acls,
-        )
-
-    def _find_tpg(self, iqn: str) -> rtslib_fb.TPG | None:
-        try:
-            target = rtslib_fb.Target(self.fabric, iqn, mode="lookup")
-            return rtslib_fb.TPG(target, TPG_TAG, mode="lookup")
-        except RTSLibNotInCFSError:
-            return None
-
-    def _tpg(self, iqn: str) -> rtslib_fb.TPG:
-        tpg = self._find_tpg(iqn)
-        if tpg is None:
-            raise RTSLibError(f"target {iqn} does not exist")
-        return tpg
 
     def sessions(self, target_iqn: str) -> TargetSessions:
         """What is logged in to one target, read from configfs and the TCP table."""
@@ -174,150 +119,13 @@ class LioKernel:
     # -- changing ------------------------------------------------------------------------
 
     def apply(self, actions: Sequence[plan.Action]) -> None:
-        for action in actions:
-            try:
-                self._apply(action)
-            except (RTSLibError, OSError) as exc:
-                raise KernelError(f"LIO refused {_describe(action)}: {exc}") from exc
-            log.debug("applied %s", _describe(action))
-
-    @singledispatchmethod
-    def _apply(self, action: plan.Action) -> None:
-        raise TypeError(f"no handler for {action!r}")
-
-    @_apply.register
-    def _(self, action: plan.CreateStorageObject) -> None:
-        want = action.storage_object
-        have = self._find_storage_object(want.name)
-        if have == want:
+        if not actions:
             return
-        if have is not None:
-            raise RTSLibError(f"backstore {want.name} exists with other settings")
-        if want.plugin == "block":
-            rtslib_fb.BlockStorageObject(want.name, dev=want.path, wwn=want.serial)
-        else:
-            rtslib_fb.FileIOStorageObject(
-                want.name, dev=want.path, size=want.size, wwn=want.serial, write_back=want.write_back
-            )
+        if self._actions is None:
+            from applianced.kernel.rtslib_actions import RtslibActions  # imported late: see the module docstring
 
-    @_apply.register
-    def _(self, action: plan.GrowStorageObject) -> None:
-        so = rtslib_fb.FileIOStorageObject(action.name)
-        if so.size < action.size:
-            # fileio reads its size from fd_dev_size on every READ CAPACITY, and the control
-            # file accepts a new value on a live device.
-            fwrite(f"{so.path}/control", f"fd_dev_size={action.size}")
-
-    @_apply.register
-    def _(self, action: plan.DeleteStorageObject) -> None:
-        so = _lookup_storage_object(action.name)
-        if so is not None:
-            so.delete()
-
-    @_apply.register
-    def _(self, action: plan.CreateTarget) -> None:
-        target = rtslib_fb.Target(self.fabric, action.iqn, mode="any")
-        rtslib_fb.TPG(target, TPG_TAG, mode="any")
-
-    @_apply.register
-    def _(self, action: plan.DeleteTarget) -> None:
-        with contextlib.suppress(RTSLibNotInCFSError):
-            rtslib_fb.Target(self.fabric, action.iqn, mode="lookup").delete()
-
-    @_apply.register
-    def _(self, action: plan.SetTpgAttributes) -> None:
-        tpg = self._tpg(action.iqn)
-        for name, value in action.attributes:
-            tpg.set_attribute(name, value)
-
-    @_apply.register
-    def _(self, action: plan.SetTpgParameters) -> None:
-        tpg = self._tpg(action.iqn)
-        for name, value in action.parameters:
-            tpg.set_parameter(name, value)
-
-    @_apply.register
-    def _(self, action: plan.SetTpgEnabled) -> None:
-        self._tpg(action.iqn).enable = action.enabled
-
-    @_apply.register
-    def _(self, action: plan.AddPortal) -> None:
-        rtslib_fb.NetworkPortal(self._tpg(action.iqn), _bracket(action.address), action.port, mode="any")
-
-    @_apply.register
-    def _(self, action: plan.RemovePortal) -> None:
-        with contextlib.suppress(RTSLibNotInCFSError):
-            rtslib_fb.NetworkPortal(
-                self._tpg(action.iqn), _bracket(action.address), action.port, mode="lookup"
-            ).delete()
-
-    @_apply.register
-    def _(self, action: plan.AddLun) -> None:
-        tpg = self._tpg(action.iqn)
-        existing = next((lun for lun in tpg.luns if lun.lun == action.lun), None)
-        if existing is not None:
-            if existing.storage_object.name == action.storage_object:
-                return
-            raise RTSLibError(f"LUN {action.lun} exists with backstore {existing.storage_object.name}")
-        so = _lookup_storage_object(action.storage_object)
-        if so is None:
-            raise RTSLibError(f"backstore {action.storage_object} does not exist")
-        rtslib_fb.LUN(tpg, lun=action.lun, storage_object=so)
-
-    @_apply.register
-    def _(self, action: plan.RemoveLun) -> None:
-        with contextlib.suppress(RTSLibNotInCFSError):
-            rtslib_fb.LUN(self._tpg(action.iqn), lun=action.lun).delete()
-
-    @_apply.register
-    def _(self, action: plan.AddAcl) -> None:
-        rtslib_fb.NodeACL(self._tpg(action.iqn), action.initiator, mode="any")
-
-    @_apply.register
-    def _(self, action: plan.RemoveAcl) -> None:
-        with contextlib.suppress(RTSLibNotInCFSError):
-            rtslib_fb.NodeACL(self._tpg(action.iqn), action.initiator, mode="lookup").delete()
-
-    @_apply.register
-    def _(self, action: plan.SetAclAuth) -> None:
-        acl = rtslib_fb.NodeACL(self._tpg(action.iqn), action.initiator, mode="lookup")
-        auth = action.auth or Chap()
-        acl.chap_userid = auth.user
-        acl.chap_password = auth.secret
-        acl.chap_mutual_userid = auth.mutual_user
-        acl.chap_mutual_password = auth.mutual_secret
-        # Per-ACL enforcement (Linux ≥ 5.19): the TPG-wide switch would also force CHAP on
-        # the target's other initiators.
-        acl.set_attribute("authentication", "1" if action.auth else "0")
-
-    @_apply.register
-    def _(self, action: plan.SetDiscoveryAuth) -> None:
-        fabric = self.fabric
-        auth = action.auth or Chap()
-        fabric.discovery_userid = auth.user
-        fabric.discovery_password = auth.secret
-        fabric.discovery_mutual_userid = auth.mutual_user
-        fabric.discovery_mutual_password = auth.mutual_secret
-        fabric.discovery_enable_auth = action.auth is not None
-
-    @_apply.register
-    def _(self, action: plan.MapLun) -> None:
-        acl = rtslib_fb.NodeACL(self._tpg(action.iqn), action.initiator, mode="lookup")
-        want = action.mapped_lun
-        for existing in acl.mapped_luns:
-            if existing.mapped_lun == want.mapped_lun:
-                if existing.tpg_lun.lun == want.tpg_lun and bool(existing.write_protect) == want.write_protect:
-                    return
-                raise RTSLibError(f"mapped LUN {want.mapped_lun} exists with other settings")
-        rtslib_fb.MappedLUN(acl, want.mapped_lun, want.tpg_lun, want.write_protect)
-
-    @_apply.register
-    def _(self, action: plan.UnmapLun) -> None:
-        try:
-            acl = rtslib_fb.NodeACL(self._tpg(action.iqn), action.initiator, mode="lookup")
-            rtslib_fb.MappedLUN(acl, action.mapped_lun).delete()
-        except RTSLibNotInCFSError:
-            pass
+            self._actions = RtslibActions()
+        self._actions.apply(actions)
 
 
 class KernelLog:
@@ -419,34 +227,3 @@ def _read_login_counters(statistics: str) -> LoginCounters:
         last_fail_name=known(read("iscsi_tgt_attr/fail_intr_name")),
         last_fail_address=known(read("iscsi_tgt_attr/fail_intr_addr")),
     )
-
-
-def _lookup_storage_object(name: str) -> rtslib_fb.StorageObject | None:
-    # Disk names are unique across kinds, so a name is looked up in both backends.
-    for backstore in (rtslib_fb.FileIOStorageObject, rtslib_fb.BlockStorageObject):
-        try:
-            return backstore(name)
-        except RTSLibNotInCFSError:
-            continue
-    return None
-
-
-def _read_acl_auth(acl: rtslib_fb.NodeACL) -> Chap | None:
-    if acl.get_attribute("authentication") != "1":
-        return None
-    return Chap(acl.chap_userid, acl.chap_password, acl.chap_mutual_userid, acl.chap_mutual_password)
-
-
-def _bracket(address: str) -> str:
-    # rtslib wants IPv6 portal addresses in brackets, as configfs names them.
-    return f"[{address}]" if ipaddress.ip_address(address).version == 6 else address
-
-
-def _unbracket(address: str) -> str:
-    return address[1:-1] if address.startswith("[") else address
-
-
-def _describe(action: plan.Action) -> str:
-    # repr() of a dataclass leaves out CHAP secrets (field(repr=False)), so the description
-    # is safe to log and to send to the caller.
-    return repr(action)
