@@ -11,9 +11,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
-import pyudev
-
 from applianced.errors import Busy, InvalidArgument
 
 
@@ -26,6 +23,10 @@ class BlockDevice:
 
 def resolve(path: str) -> BlockDevice:
     """The block device at ``path`` (any of its names), or InvalidArgument."""
+    # Imported here, as psutil below: the daemon starts without them (about a second of
+    # its start-up under emulation), and only block disks need them.
+    import pyudev
+
     context = pyudev.Context()
     try:
         device = pyudev.Devices.from_device_file(context, path)
@@ -55,6 +56,8 @@ def refuse_file_if_in_use(path: str) -> None:
 
 def refuse_if_in_use(device: BlockDevice) -> None:
     """Busy if this node mounts, swaps on or stacks something on the device or its parts."""
+    import psutil
+
     name = Path(device.node).name
     sys_dir = Path("/sys/class/block") / name
     parts = {name} | {child.name for child in sys_dir.iterdir() if (child / "partition").exists()}
