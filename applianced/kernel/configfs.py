@@ -110,13 +110,14 @@ def target(iqn: str, tag: int, attributes: Iterable[str], parameters: Iterable[s
         enabled=enabled,
         attributes=tpg_values(path, "attrib", attributes),
         parameters=tpg_values(path, "param", parameters),
-        portals=frozenset(_portal(name) for name in os.listdir(f"{path}/np")),
+        portals=frozenset(portal(name) for name in os.listdir(f"{path}/np")),
         luns=luns(path),
         acls={name: _acl(f"{path}/acls/{name}", name) for name in os.listdir(f"{path}/acls")},
     )
 
 
-def _portal(name: str) -> tuple[str, int]:
+def portal(name: str) -> tuple[str, int]:
+    """A portal's np/ directory name, ``10.0.0.1:3260`` or ``[fd00::1]:3260``, as (address, port)."""
     address, _, port = name.rpartition(":")
     return (address[1:-1] if address.startswith("[") else address, int(port))
 

@@ -21,6 +21,7 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
+from applianced.kernel import configfs
 from applianced.kernel.model import Connection, Session, TargetSessions
 
 _SESSION_LINE = re.compile(r"ISID: 0x([0-9a-f ]+?)\s+TSIH: (\d+)\s+SessionType: (\w+)")
@@ -93,9 +94,8 @@ def _reaches(connection: Connection, portals: set[tuple[str, int]]) -> bool:
 
 
 def _portal_endpoint(name: str) -> tuple[str, int]:
-    """``10.0.0.1:3260`` or ``[fd00::1]:3260`` (LIO's np/ names) as (address, port)."""
-    address, _, port = name.rpartition(":")
-    return _plain_address(address.strip("[]")), int(port)
+    address, port = configfs.portal(name)
+    return _plain_address(address), port
 
 
 def _endpoint(address: str, port: int) -> str:
