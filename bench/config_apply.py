@@ -210,8 +210,8 @@ sys.exit(proc.wait())
 """
 
 # venv python: the daemon's engine alone; times start() after the imports. rtslib, which
-# the daemon imports on its first change, is imported here up front, so that start() is
-# timed without imports, as before.
+# the daemon imports on its first removal, is imported here up front, so that start() is
+# timed without imports (a restore or a no-op removes nothing).
 RECONCILE = (
     SINCE_START
     + r"""
@@ -219,7 +219,7 @@ import asyncio, collections, json, sys, time
 from pathlib import Path
 from applianced import firewall, network
 from applianced.engine import Appliance
-from applianced.kernel import rtslib_actions
+from applianced.kernel import configfs_actions, rtslib_actions
 from applianced.kernel.lio import LioKernel
 from applianced.state import StateStore
 imported = since_start()
@@ -242,18 +242,21 @@ class TimedKernel(LioKernel):
     def apply(self, plan):
         return timed("apply", super().apply, plan)
 
-class TimedActions(rtslib_actions.RtslibActions):
-    # Each action, timed by kind, inside the one apply() call the engine makes.
-    def _apply(self, action, found):
+def timed_actions(backend):
+    # Each action, timed by kind, inside the apply() call the engine makes.
+    dispatch = backend.__dict__["_apply"]  # the singledispatchmethod itself
+    def _apply(self, action):
         kind = type(action).__name__
         actions[kind] += 1
         t = time.monotonic()
         try:
-            return super()._apply(action, found)
+            return dispatch.__get__(self, type(self))(action)
         finally:
             per_action[kind] += time.monotonic() - t
+    backend._apply = _apply
 
-rtslib_actions.RtslibActions = TimedActions
+timed_actions(configfs_actions.ConfigfsActions)
+timed_actions(rtslib_actions.RtslibActions)
 
 class TimedStore(StateStore):
     def load(self):

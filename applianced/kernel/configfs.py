@@ -5,7 +5,7 @@ property it reads, so reading back a target through it took about 37 ms under em
 most of it Python overhead (bench/README.md). Here each managed value is one read of its
 file, and directories are listed once: a target costs about 20 reads. The values are
 interpreted as rtslib interprets them, so that the ``KernelConfig`` is the same. Changes
-still go through rtslib (``rtslib_actions.py``).
+are made by ``configfs_actions.py`` (building) and ``rtslib_actions.py`` (removing).
 
 A half-made object (a crash between ``mkdir`` and its configuration) reads as an object
 with other settings, never as an error, so that the plan replaces it and a re-run converges.
@@ -37,6 +37,15 @@ def read(path: str) -> str:
     try:
         # configfs hands out an attribute (at most a page) in one read.
         return os.read(fd, 8192).decode().strip()
+    finally:
+        os.close(fd)
+
+
+def write(path: str, value: str) -> None:
+    """Set one configfs attribute: LIO takes a value in a single write."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.write(fd, value.encode())
     finally:
         os.close(fd)
 
@@ -122,6 +131,11 @@ def portal(name: str) -> tuple[str, int]:
     return (address[1:-1] if address.startswith("[") else address, int(port))
 
 
+def portal_name(address: str, port: int) -> str:
+    """The np/ directory name of a portal: IPv6 addresses in brackets."""
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
 def luns(tpg: str) -> dict[int, str]:
     """TPG LUN number -> backstore name."""
     return {int(name[4:]): lun(f"{tpg}/lun/{name}") for name in os.listdir(f"{tpg}/lun") if name.startswith("lun_")}
@@ -170,5 +184,5 @@ def discovery_auth() -> Chap | None:
     try:
         enforced = read(f"{path}/enforce_discovery_auth") == "1"
     except FileNotFoundError:
-        return None  # the iSCSI fabric is not registered yet: rtslib does that on its first change
+        return None  # the iSCSI fabric is not registered yet: the first target or discovery setting does it
     return _chap(path) if enforced else None

@@ -1,15 +1,18 @@
-"""applianced's ``Kernel`` on LIO: read through configfs, changed through rtslib-fb.
+"""applianced's ``Kernel`` on LIO: read and built through configfs, torn down through rtslib-fb.
 
 It reads the part of LIO that applianced manages into a ``KernelConfig`` (``configfs.py``),
-sessions (``sessions.py``) and login activity with plain file reads, and carries out plan
-actions through rtslib-fb (``rtslib_actions.py``). rtslib is imported on the first change:
-a daemon that restarts over an intact kernel changes nothing, and starts without rtslib
-and pyudev (a good part of its imports under emulation; see bench/README.md).
+sessions (``sessions.py``) and login activity with plain file reads. Of a plan's actions,
+the ones that build and configure objects write configfs (``configfs_actions.py``): they
+are all a restore at boot does, and their speed is the restore's. Removals go through
+rtslib-fb (``rtslib_actions.py``), which is imported on the first one: a daemon that starts
+over an intact or an empty kernel never loads rtslib and pyudev (a good part of its imports
+under emulation; see bench/README.md).
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import subprocess
@@ -19,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from applianced.errors import KernelError
 from applianced.kernel import configfs, negotiation, plan, sessions
+from applianced.kernel.configfs_actions import ConfigfsActions
 from applianced.kernel.model import (
     TPG_ATTRIBUTES,
     TPG_PARAMETERS,
@@ -36,6 +40,8 @@ log = logging.getLogger(__name__)
 
 CONFIGFS = Path("/sys/kernel/config")
 ISCSI_CONFIGFS = CONFIGFS / "target" / "iscsi"
+# Where LIO keeps persistent reservations and ALUA state: rtslib's and targetcli's choice.
+DBROOT = "/etc/target"
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 KMSG = "/dev/kmsg"
 DYNAMIC_DEBUG = (Path("/proc/dynamic_debug/control"), Path("/sys/kernel/debug/dynamic_debug/control"))
@@ -49,7 +55,7 @@ class LioKernel:
     """LIO. ``open()`` must succeed before anything else is called."""
 
     def __init__(self) -> None:
-        self._actions: RtslibActions | None = None
+        self._removals: RtslibActions | None = None
         self._kernel_log = KernelLog()
 
     def open(self) -> None:
@@ -60,12 +66,12 @@ class LioKernel:
                 subprocess.run(["modprobe", "-a", *missing], check=True, capture_output=True, text=True)
             if not os.path.ismount(CONFIGFS):
                 subprocess.run(["mount", "-t", "configfs", "configfs", str(CONFIGFS)], check=True, capture_output=True)
-            # rtslib refuses to start without its database directory.
-            Path("/etc/target").mkdir(mode=0o700, exist_ok=True)
+            Path(DBROOT).mkdir(mode=0o700, exist_ok=True)
         except subprocess.CalledProcessError as exc:
             raise KernelError(f"LIO is not available on this node: {exc.stderr or exc}") from exc
         except OSError as exc:
             raise KernelError(f"LIO is not available on this node: {exc}") from exc
+        _set_dbroot()
         _enable_negotiation_log()
 
     # -- reading -------------------------------------------------------------------------
@@ -119,13 +125,20 @@ class LioKernel:
     # -- changing ------------------------------------------------------------------------
 
     def apply(self, actions: Sequence[plan.Action]) -> None:
-        if not actions:
-            return
-        if self._actions is None:
+        """Carry out ``actions`` in order, each run of removals through rtslib, the rest through configfs."""
+        for removals, run in itertools.groupby(actions, key=lambda action: isinstance(action, plan.REMOVALS)):
+            if removals:
+                self._rtslib().apply(list(run))
+            else:
+                # Made per run: what it caches of LIO is stale after rtslib's removals.
+                ConfigfsActions().apply(list(run))
+
+    def _rtslib(self) -> RtslibActions:
+        if self._removals is None:
             from applianced.kernel.rtslib_actions import RtslibActions  # imported late: see the module docstring
 
-            self._actions = RtslibActions()
-        self._actions.apply(actions)
+            self._removals = RtslibActions()
+        return self._removals
 
 
 class KernelLog:
@@ -177,6 +190,23 @@ class KernelLog:
                 lines.append(message)
         self._position = LogPosition(boot_id, last)
         return tuple(lines), self._position
+
+
+def _set_dbroot() -> None:
+    """Point LIO's database directory at /etc/target, as rtslib does, so that reservations
+    made persistent by initiators (APTPL) are kept where targetcli also finds them.
+
+    LIO accepts this only before its first backstore; later it keeps what it has (the
+    default /var/target, or what another tool set), which still works, so this only warns.
+    """
+    path = f"{configfs.TARGET_ROOT}/dbroot"
+    with contextlib.suppress(FileNotFoundError):
+        if configfs.read(path) == DBROOT:
+            return
+        try:
+            configfs.write(path, DBROOT)
+        except OSError as exc:
+            log.warning("LIO keeps persistent reservations in %s, not %s: %s", configfs.read(path), DBROOT, exc)
 
 
 def _enable_negotiation_log() -> None:

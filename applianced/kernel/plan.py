@@ -155,6 +155,16 @@ Action = (
 )
 
 
+# What rtslib-fb carries out (rtslib_actions.py); configfs_actions.py does the rest.
+REMOVALS = (DeleteStorageObject, DeleteTarget, RemovePortal, RemoveLun, RemoveAcl, UnmapLun)
+
+
+def describe(action: Action) -> str:
+    """The action in words, safe to log and to send to a caller: repr() of these dataclasses
+    leaves out CHAP secrets (field(repr=False))."""
+    return repr(action)
+
+
 def plan(current: KernelConfig, desired: KernelConfig) -> list[Action]:
     """Return the actions that make ``current`` equal to ``desired``."""
     grown = {

@@ -1,5 +1,7 @@
-"""The LIO backend on a real kernel: its plain configfs reads against rtslib's view, and
-plans interrupted at every step (and inside a step) converging when run again.
+"""The LIO backend on a real kernel: what it builds through configfs, read back by rtslib
+and carried through targetcli's save and restore; its plain configfs reads against
+rtslib's view; and plans interrupted at every step (and inside a step) converging when run
+again.
 
 Each check runs as one Python program in the guest (the venv's, as the daemon runs), which
 prints what it found; the assertions are made here.
@@ -119,15 +121,30 @@ def clear():
 READS = (
     COMMON
     + r"""
+import subprocess
 clear()
+# A backstore of another tool's, made first: applianced's must take other HBA indexes.
+open("/var/lib/applianced/foreign.img", "w").truncate(16 << 20)
+foreign = rtslib_fb.FileIOStorageObject("foreign", "/var/lib/applianced/foreign.img", 16 << 20)
 kernel.apply(plan(observe(), DESIRED))
+built = observe()
+# rtslib and targetctl (targetcli's save and restore) handle what applianced built.
+subprocess.run(["targetctl", "save", "/tmp/built.json"], check=True)
+subprocess.run(["targetctl", "clear"], check=True)
+subprocess.run(["targetctl", "restore", "/tmp/built.json"], check=True)
+saved = json.load(open("/tmp/built.json"))
+restored = observe()
+rtslib_fb.tcm.bs_cache.clear()  # rtslib's index of backstore names, stale after targetctl's changes
 # LUN 7 of T3, made by another tool, and not mapped; settings that differ from applianced's.
 tpg = rtslib_fb.TPG(rtslib_fb.Target(rtslib_fb.FabricModule("iscsi"), T3, mode="lookup"), 1, mode="lookup")
 rtslib_fb.LUN(tpg, 7, rtslib_fb.FileIOStorageObject("f1"))
 tpg.set_attribute("demo_mode_discovery", "1")
 tpg.set_parameter("MaxBurstLength", "1048576")
 mine, theirs = observe(), rtslib_view()
-print(json.dumps({"same": mine == theirs, "mine": repr(mine), "theirs": repr(theirs),
+print(json.dumps({"built_as_wanted": built == DESIRED, "restored_as_built": restored == built,
+                  "foreign_kept": rtslib_fb.FileIOStorageObject("foreign").udev_path.endswith("foreign.img"),
+                  "saved_objects": sorted(so["name"] for so in saved["storage_objects"]),
+                  "same": mine == theirs, "mine": repr(mine), "theirs": repr(theirs),
                   "t3_luns": mine.targets[T3].luns, "t1_as_wanted": mine.targets[T1] == DESIRED.targets[T1],
                   "objects_as_wanted": mine.storage_objects == DESIRED.storage_objects,
                   "discovery_as_wanted": mine.discovery_auth == DESIRED.discovery_auth}))
@@ -163,8 +180,7 @@ for done in range(len(steps) + 1):
 
 # A crash inside an action: its directory made, the rest not.
 half_made = {
-    # While this process's rtslib already knows other backstores, so that it looks names up
-    # in its own index rather than in configfs.
+    # After the other backstores, so that the half-made one is not the only one.
     "backstore without its configuration": lambda: (
         kernel.apply([a for a in steps if type(a).__name__ == "CreateStorageObject"][1:]),
         os.makedirs(f"{CORE}/fileio_77/f1"),
@@ -204,8 +220,21 @@ def program(node, name, *args):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def test_configfs_reads_equal_rtslib_properties(node):
-    found = program(node, "reads")
+@pytest.fixture(scope="module")
+def reads(node):
+    return program(node, "reads")
+
+
+def test_what_configfs_builds_is_lios_and_targetclis(reads):
+    found = reads
+    assert found["built_as_wanted"]
+    assert found["saved_objects"] == ["b1", "f1", "f2", "f3", "foreign"]
+    assert found["restored_as_built"]
+    assert found["foreign_kept"]
+
+
+def test_configfs_reads_equal_rtslib_properties(reads):
+    found = reads
     assert found["same"], f"configfs: {found['mine']}\nrtslib: {found['theirs']}"
     assert found["t3_luns"] == {"1": "f3", "7": "f1"}
     assert found["t1_as_wanted"] and found["objects_as_wanted"] and found["discovery_as_wanted"]
