@@ -66,7 +66,10 @@ class LioKernel:
                 subprocess.run(["modprobe", "-a", *missing], check=True, capture_output=True, text=True)
             if not os.path.ismount(CONFIGFS):
                 subprocess.run(["mount", "-t", "configfs", "configfs", str(CONFIGFS)], check=True, capture_output=True)
-            Path(DBROOT).mkdir(mode=0o700, exist_ok=True)
+            # LIO writes the reservations that initiators make persistent (APTPL) under
+            # <dbroot>/pr, and fails their PERSISTENT RESERVE OUT without it.
+            for directory in (DBROOT, f"{DBROOT}/pr"):
+                Path(directory).mkdir(mode=0o700, exist_ok=True)
         except subprocess.CalledProcessError as exc:
             raise KernelError(f"LIO is not available on this node: {exc.stderr or exc}") from exc
         except OSError as exc:

@@ -16,6 +16,7 @@ STRANGER = "iqn.2026-11.org.applianced.test:stranger"
 PORTAL = "127.0.0.1"
 DATA = "/tmp/data.bin"
 SIZE_MIB = 32
+RESERVATION_KEY = "0xa5a5f00d"
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +96,15 @@ def test_initiator_outside_the_acl_is_refused(node):
 def test_reboot_restore_after_kernel_wipe(node):
     (disk,) = node.ctl_json("disk", "list")
     (target,) = node.ctl_json("target", "list")
+    # A registration and a reservation that the initiator asks to persist (APTPL): LIO
+    # writes them under its dbroot, and the restore must hand them back to the new LUN.
+    node.login(target["iqn"], PORTAL)
+    device = node.device_for_serial(disk["serial"])
+    node.guest.run(["sg_persist", "--out", "--register", f"--param-sark={RESERVATION_KEY}", "--param-aptpl", device])
+    node.guest.run(
+        ["sg_persist", "--out", "--reserve", f"--param-rk={RESERVATION_KEY}", "--prout-type=5", "--param-aptpl", device]
+    )
+    node.logout(target["iqn"], PORTAL)
     assert node.stop() == 0
     node.wipe_lio()
     assert node.lio_targets() == []
@@ -106,7 +116,12 @@ def test_reboot_restore_after_kernel_wipe(node):
         # Found by the same unit serial as before the wipe: the disk kept its identity.
         device = node.device_for_serial(disk["serial"])
         assert read_back(node, device).returncode == 0, "the restored LUN serves the same bytes"
+        keys = node.guest.run(["sg_persist", "--in", "--read-keys", device]).stdout
+        assert RESERVATION_KEY in keys, keys
+        reservation = node.guest.run(["sg_persist", "--in", "--read-reservation", device]).stdout
+        assert RESERVATION_KEY in reservation and "Write Exclusive, registrants only" in reservation, reservation
     finally:
+        node.guest.run(["sg_persist", "--out", "--clear", f"--param-rk={RESERVATION_KEY}", device], check=False)
         node.logout(target["iqn"], PORTAL)
 
 
