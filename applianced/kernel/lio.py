@@ -207,7 +207,9 @@ def _set_dbroot() -> None:
         if configfs.read(path) == DBROOT:
             return
         try:
-            configfs.write(path, DBROOT)
+            # With its newline: LIO 6.1 copies only the bytes written, so a shorter value
+            # without one keeps the tail of the old path.
+            configfs.write(path, f"{DBROOT}\n")
         except OSError as exc:
             log.warning("LIO keeps persistent reservations in %s, not %s: %s", configfs.read(path), DBROOT, exc)
 
