@@ -27,6 +27,9 @@ from applianced.kernel.lio import LioKernel
 from applianced.state import StateStore
 
 log = logging.getLogger("applianced")
+# Seconds that calls in progress get to finish at SIGTERM: well inside systemd's
+# TimeoutStopSec (30 s), and far longer than any read; a change runs to its end anyway.
+CALLS_FINISH_TIMEOUT = 10.0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -79,8 +82,22 @@ async def serve(engine: Appliance) -> None:
         watchdog.cancel()
         sampler.cancel()
         log.info("stopping; LIO configuration and sessions are left as they are")
+        await bus.release_name(BUS_NAME)
+        await _finish_calls_in_progress()
     finally:
         bus.disconnect()
+
+
+async def _finish_calls_in_progress() -> None:
+    """Let the method calls and property reads already running finish and reply.
+
+    Cancelled instead, their tasks would leave callers without an answer, and dbus-fast
+    would log each one as an error (it does not expect CancelledError). New calls no longer
+    arrive: the bus name is released first.
+    """
+    running = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    if running:
+        await asyncio.wait(running, timeout=CALLS_FINISH_TIMEOUT)
 
 
 async def _reload(engine: Appliance) -> None:

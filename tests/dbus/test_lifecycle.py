@@ -3,9 +3,13 @@
 import json
 import signal
 import stat
+import subprocess
+import time
 
+from applianced.bus.paths import target_path
 from applianced.constants import BUS_NAME
 from tests.support.daemon import INITIATOR, Daemon
+from tests.support.fake_kernel import SLOW_SESSIONS_ENV
 
 
 def test_sigterm_stops_cleanly_and_leaves_the_kernel_alone(daemon):
@@ -13,6 +17,24 @@ def test_sigterm_stops_cleanly_and_leaves_the_kernel_alone(daemon):
     kernel = daemon.kernel_file.read_bytes()
     assert daemon.stop(signal.SIGTERM) == 0
     assert daemon.kernel_file.read_bytes() == kernel
+
+
+def test_sigterm_lets_a_read_in_progress_answer(bus, tmp_path):
+    daemon = Daemon(bus.address, tmp_path, extra_env={SLOW_SESSIONS_ENV: "2"})
+    daemon.start()
+    daemon.configure_first_slice()
+    # One property read, which now takes 2 s in the kernel; SIGTERM comes in the middle.
+    read = [
+        "dbus-send", f"--bus={bus.address}", "--print-reply", f"--dest={BUS_NAME}", target_path("t1"),
+        "org.freedesktop.DBus.Properties.Get", f"string:{BUS_NAME}.Target", "string:SessionCount",
+    ]  # fmt: skip
+    reader = subprocess.Popen(read, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1)
+    assert daemon.stop(signal.SIGTERM) == 0
+    out, err = reader.communicate(timeout=30)
+    assert reader.returncode == 0, err
+    assert "uint32 0" in out
+    assert "Traceback" not in daemon.log_text()
 
 
 def test_restart_over_an_intact_kernel_makes_no_change(daemon):

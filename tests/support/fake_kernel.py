@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,12 +41,16 @@ from applianced.state import Chap
 # Set in the daemon's environment to make the fake refuse one action type ("AddAcl"), or
 # crash on it with an unforeseen exception ("crash:AddAcl").
 FAIL_ENV = "APPLIANCED_FAKE_KERNEL_FAIL"
+# Set to a number of seconds that each sessions() read takes, so that a test can act while
+# a property read is in progress.
+SLOW_SESSIONS_ENV = "APPLIANCED_FAKE_KERNEL_SLOW_SESSIONS"
 
 
 class FakeKernel:
-    def __init__(self, path: Path | None = None, fail_on: str | None = None) -> None:
+    def __init__(self, path: Path | None = None, fail_on: str | None = None, sessions_delay: float = 0.0) -> None:
         self.path = path
         self.fail_on = fail_on
+        self.sessions_delay = sessions_delay
         self.storage_objects: dict[str, StorageObject] = {}
         self.targets: dict[str, KernelTarget] = {}
         self.session_list: list[Session] = []
@@ -77,6 +82,7 @@ class FakeKernel:
         return KernelConfig(dict(self.storage_objects), dict(self.targets), self.discovery_auth)
 
     def sessions(self, target_iqn: str) -> TargetSessions:
+        time.sleep(self.sessions_delay)
         self._load_activity()
         self.session_reads.append(target_iqn)
         sessions = tuple(s for s in self.session_list if s.target_iqn == target_iqn)

@@ -19,7 +19,7 @@ from pathlib import Path
 from applianced.daemon import main
 from applianced.firewall import NftFirewall
 from tests.support.fake_firewall import FakeFirewall
-from tests.support.fake_kernel import FAIL_ENV, FakeKernel
+from tests.support.fake_kernel import FAIL_ENV, SLOW_SESSIONS_ENV, FakeKernel
 
 FIREWALL_ENV = "APPLIANCED_TEST_FIREWALL"
 HOSTS_ENV = "APPLIANCED_TEST_HOSTS"
@@ -39,7 +39,7 @@ if __name__ == "__main__":
     raise SystemExit(
         main(
             sys.argv[2:],
-            lambda: FakeKernel(kernel_file, os.environ.get(FAIL_ENV)),
+            lambda: FakeKernel(kernel_file, os.environ.get(FAIL_ENV), float(os.environ.get(SLOW_SESSIONS_ENV, "0"))),
             NftFirewall if real_firewall else lambda: FakeFirewall(kernel_file.with_name("firewall.json")),
             resolve,
         )
