@@ -76,6 +76,10 @@ class ConfigfsActions:
             if configfs.storage_object(want.name, *found) == want:
                 return
             raise Conflict(f"backstore {want.name} exists with other settings")
+        if want.plugin == "fileio" and not os.path.isfile(want.path):
+            # LIO would create the file, empty, and initiators would read zeros where their
+            # data was (a disk directory whose file system did not mount, say).
+            raise Conflict(f"the disk file {want.path} is missing or not a regular file")
         hba = _make_hba(HBA_PREFIXES[want.plugin])
         path = f"{hba}/{want.name}"
         os.mkdir(path)
@@ -175,8 +179,6 @@ def _configure_storage_object(path: str, want: StorageObject) -> None:
         # iblock opens the device exclusively: a mounted or held device is refused.
         configfs.write(f"{path}/control", f"udev_path={want.path},readonly=0")
     else:
-        if os.path.exists(want.path) and not os.path.isfile(want.path):
-            raise Conflict(f"{want.path} is not a regular file")
         configfs.write(f"{path}/control", f"fd_dev_name={want.path},fd_dev_size={want.size}")
         if want.write_back:
             configfs.write(f"{path}/attrib/emulate_write_cache", "1")

@@ -204,12 +204,32 @@ print(json.dumps({"steps": len(steps), "failures": failures}))
 )
 
 
+MISSING_FILE = (
+    COMMON
+    + r"""
+import os
+from applianced.errors import KernelError
+clear()
+os.rename("/var/lib/applianced/f3.img", "/var/lib/applianced/f3.moved")
+try:
+    kernel.apply(plan(observe(), DESIRED))
+    error = ""
+except KernelError as exc:
+    error = str(exc)
+created = os.path.exists("/var/lib/applianced/f3.img")
+os.rename("/var/lib/applianced/f3.moved", "/var/lib/applianced/f3.img")
+kernel.apply(plan(observe(), DESIRED))
+print(json.dumps({"error": error, "created": created, "converged": observe() == DESIRED}))
+"""
+)
+
+
 @pytest.fixture(scope="module")
 def node(module_guest_factory):
     guest = module_guest_factory("backend", disks=[Disk("blk", "16M")])
     appliance = ApplianceNode(guest).prepare()
     guest.run("ip link set lo up")
-    for name, text in (("reads", READS), ("converge", CONVERGE)):
+    for name, text in (("reads", READS), ("converge", CONVERGE), ("missing", MISSING_FILE)):
         guest.write_file(f"/tmp/{name}.py", text, mode=0o644)
     return appliance
 
@@ -244,3 +264,10 @@ def test_interrupted_plans_converge(node):
     found = program(node, "converge")
     assert found["steps"] > 20
     assert found["failures"] == []
+
+
+def test_a_missing_disk_file_is_refused_not_created_empty(node):
+    found = program(node, "missing")
+    assert "the disk file /var/lib/applianced/f3.img is missing" in found["error"]
+    assert not found["created"], "LIO must never be handed a path it would create empty"
+    assert found["converged"], "once the file is back, the same plan completes"
