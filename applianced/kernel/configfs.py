@@ -35,8 +35,9 @@ def read(path: str) -> str:
     several more system calls (fstat, ioctl, lseek), which are slow under emulation."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        # configfs hands out an attribute (at most a page) in one read.
-        return os.read(fd, 8192).decode().strip()
+        # configfs hands out an attribute (at most a page) in one read. Initiator names in
+        # the login statistics come from the network: never fail on their bytes.
+        return os.read(fd, 8192).decode(errors="replace").strip()
     finally:
         os.close(fd)
 

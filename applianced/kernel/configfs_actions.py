@@ -49,6 +49,8 @@ class ConfigfsActions:
     def __init__(self) -> None:
         # Backstore name -> (plugin, directory), listed on first need.
         self._backstores: dict[str, tuple[str, str]] | None = None
+        # Indexes of the HBA directories in core/, listed on first need.
+        self._hba_indexes: set[int] | None = None
 
     def apply(self, actions: Sequence[plan.Action]) -> None:
         for action in actions:
@@ -59,7 +61,7 @@ class ConfigfsActions:
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("applied %s", plan.describe(action))
 
-    def backstores(self) -> dict[str, tuple[str, str]]:
+    def _known_backstores(self) -> dict[str, tuple[str, str]]:
         if self._backstores is None:
             self._backstores = configfs.backstores()
         return self._backstores
@@ -71,7 +73,7 @@ class ConfigfsActions:
     @_apply.register
     def _(self, action: plan.CreateStorageObject) -> None:
         want = action.storage_object
-        found = self.backstores().get(want.name)
+        found = self._known_backstores().get(want.name)
         if found is not None:
             if configfs.storage_object(want.name, *found) == want:
                 return
@@ -80,10 +82,10 @@ class ConfigfsActions:
             # LIO would create the file, empty, and initiators would read zeros where their
             # data was (a disk directory whose file system did not mount, say).
             raise Conflict(f"the disk file {want.path} is missing or not a regular file")
-        hba = _make_hba(HBA_PREFIXES[want.plugin])
+        hba = self._make_hba(HBA_PREFIXES[want.plugin])
         path = f"{hba}/{want.name}"
         os.mkdir(path)
-        self.backstores()[want.name] = (want.plugin, path)
+        self._known_backstores()[want.name] = (want.plugin, path)
         _configure_storage_object(path, want)
 
     @_apply.register
@@ -166,8 +168,32 @@ class ConfigfsActions:
         os.symlink(lun, f"{path}/{_link_name()}")
         configfs.write(f"{path}/write_protect", "1" if want.write_protect else "0")
 
+    def _make_hba(self, prefix: str) -> str:
+        """Make a new HBA directory (``core/fileio_7``) at the lowest index no HBA uses.
+
+        core/ is listed once per run, not once per backstore (a restore makes hundreds), and
+        again only when the directory turns out to exist: another tool made it meanwhile.
+        An index another tool took under the other prefix may then be used twice (fileio_3
+        and iblock_3), which LIO and rtslib accept: the directory names differ.
+        """
+        with Path(HBA_INDEX_LOCK).open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            for _ in range(2):
+                if self._hba_indexes is None:
+                    self._hba_indexes = _hba_indexes()
+                index = min(set(range(len(self._hba_indexes) + 1)) - self._hba_indexes)
+                path = f"{configfs.CORE}/{prefix}_{index}"
+                try:
+                    os.mkdir(path)
+                except FileExistsError:
+                    self._hba_indexes = None
+                    continue
+                self._hba_indexes.add(index)
+                return path
+            raise Conflict(f"{path} appeared twice while it was being made")
+
     def _backstore(self, name: str) -> tuple[str, str]:
-        found = self.backstores().get(name)
+        found = self._known_backstores().get(name)
         if found is None:
             raise Conflict(f"backstore {name} does not exist")
         return found
@@ -212,15 +238,10 @@ def _restore_persistent_reservations(path: str, serial: str) -> None:
             registration.append(word)
 
 
-def _make_hba(prefix: str) -> str:
-    """Make a new HBA directory (``core/fileio_7``) at the lowest index no HBA uses."""
-    with Path(HBA_INDEX_LOCK).open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        used = {int(name.rpartition("_")[2]) for name in os.listdir(configfs.CORE) if name.rpartition("_")[2].isdigit()}
-        index = min(set(range(len(used) + 1)) - used)
-        path = f"{configfs.CORE}/{prefix}_{index}"
-        os.mkdir(path)
-        return path
+def _hba_indexes() -> set[int]:
+    # Every HBA counts, of any plugin and empty or not: rtslib takes one index space too.
+    suffixes = (name.rpartition("_")[2] for name in os.listdir(configfs.CORE))
+    return {int(suffix) for suffix in suffixes if suffix.isdigit()}
 
 
 def _tpg(iqn: str) -> str:

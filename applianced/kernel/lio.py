@@ -226,27 +226,19 @@ def _enable_negotiation_log() -> None:
         log.warning("cannot enable LIO's login parameter messages (%s): negotiated values stay unknown", exc)
 
 
-def _read_statistic(statistics: str, name: str) -> str:
-    fd = os.open(f"{statistics}/{name}", os.O_RDONLY)
-    try:
-        return os.read(fd, 4096).decode(errors="replace").strip()
-    finally:
-        os.close(fd)
-
-
 def _totals_unchanged(statistics: str, last: LoginCounters) -> bool:
     # login_fails is LIO's sum of the failure counters (and of redirects, which applianced
     # never configures): counters only grow, so equal totals mean nothing happened.
     fails = last.authorize_fails + last.authenticate_fails + last.negotiate_fails + last.other_fails
     return (
-        int(_read_statistic(statistics, "iscsi_login_stats/accepts")) == last.accepts
-        and int(_read_statistic(statistics, "iscsi_tgt_attr/login_fails")) == fails
+        int(configfs.read(f"{statistics}/iscsi_login_stats/accepts")) == last.accepts
+        and int(configfs.read(f"{statistics}/iscsi_tgt_attr/login_fails")) == fails
     )
 
 
 def _read_login_counters(statistics: str) -> LoginCounters:
     def read(name: str) -> str:
-        return _read_statistic(statistics, name)
+        return configfs.read(f"{statistics}/{name}")
 
     def known(value: str) -> str:
         # LIO shows "None" before the first failure, "Unknown" for a name it never read,
