@@ -93,7 +93,7 @@ class BootProfile:
     vendor_id: str = DEFAULT_VENDOR_ID
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not _PROFILE_NAME_RE.match(self.name):
+        if not isinstance(self.name, str) or not _PROFILE_NAME_RE.fullmatch(self.name):
             raise InvalidArgument(
                 f"boot profile name {self.name!r} is invalid: use 1 to 63 letters, digits or '-', "
                 "not starting or ending with '-'"
@@ -274,7 +274,7 @@ def _normalize_address(address: object) -> str:
 
 
 def _normalize_mac(mac: object) -> str:
-    if not isinstance(mac, str) or not _MAC_RE.match(mac.strip()):
+    if not isinstance(mac, str) or not _MAC_RE.fullmatch(mac.strip()):
         raise InvalidArgument(f"MAC address {mac!r} is invalid: use six hex pairs such as 00:11:22:33:44:55")
     normalized = mac.strip().lower().replace("-", ":")
     if int(normalized[:2], 16) & 1:

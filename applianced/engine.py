@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from applianced import bootprofile, devices, diskfile, firewall, names, targetcli, validation
+from applianced import bootprofile, decoding, devices, diskfile, firewall, names, targetcli, validation
 from applianced.constants import DISKS_DIR_NAME
 from applianced.errors import AlreadyExists, Busy, InvalidArgument, KernelError, NotFound, NotSupported, StateError
 from applianced.initiators import FILE_NAME as SEEN_FILE_NAME
@@ -35,6 +35,13 @@ log = logging.getLogger(__name__)
 
 # Marks an export made by ExportConfiguration, so that other JSON is refused at once.
 EXPORT_FORMAT = "applianced-configuration"
+
+
+@dataclasses.dataclass(frozen=True)
+class _ExportHeader:
+    """Read before the rest of an import, so that any other JSON is refused by name."""
+
+    format: object = None
 
 
 class Kernel(LoginSource, Protocol):
@@ -148,7 +155,8 @@ class Appliance:
             self.kernel.apply(plan(current, render(new)))
             self._apply_firewall(wanted)
             self.store.save(new)
-        except (KernelError, StateError):
+        except Exception:
+            # An unforeseen error (a bug) must not leave the kernel half-changed either.
             self._roll_back(old, new)
             raise
 
@@ -169,7 +177,7 @@ class Appliance:
             observed = self._observe(old, new)
             self.kernel.apply(plan(observed, render(old)))
             self._apply_firewall(firewall.filters(old, self._resolve(old)))
-        except KernelError:
+        except Exception:
             # Nothing more can be done safely here; the next start reconciles again.
             log.critical("could not restore the previous kernel configuration", exc_info=True)
 
@@ -267,7 +275,7 @@ class Appliance:
         """Take over a disk file made by applianced (here or on another node), keeping its serial."""
         async with self._lock:
             file_path = validation.check_path(path)
-            marker = await asyncio.to_thread(diskfile.read_marker, file_path)
+            marker = validation.check_marker(await asyncio.to_thread(diskfile.read_marker, file_path))
             await asyncio.to_thread(devices.refuse_file_if_in_use, str(file_path))
             name = names.validate_object_name("disk", name or marker.name)
             if name in self.config.disks:
@@ -278,7 +286,16 @@ class Appliance:
                 if disk.serial == marker.serial:
                     raise AlreadyExists(f"disk {disk.name!r} already has serial {marker.serial} (a copy of this file?)")
             disk = Disk(name, str(file_path), marker.size, marker.serial, validation.check_description(description))
-            await self._commit("import-disk", name, self.config.with_disk(disk))
+            # The trailer carries the disk's name, so that the file imports again as the same disk.
+            renamed = validation.marker_of(disk)
+            if renamed != marker:
+                await asyncio.to_thread(diskfile.rename, file_path, renamed)
+            try:
+                await self._commit("import-disk", name, self.config.with_disk(disk))
+            except BaseException:
+                if renamed != marker:
+                    await asyncio.to_thread(diskfile.rename, file_path, marker)
+                raise
             return disk
 
     def _disk_path(self, name: str, path: str) -> Path:
@@ -312,6 +329,7 @@ class Appliance:
             try:
                 await asyncio.to_thread(diskfile.grow, path, validation.marker_of(disk), validation.marker_of(grown))
             except OSError as exc:
+                await asyncio.to_thread(diskfile.shrink_back, path, validation.marker_of(disk))
                 raise InvalidArgument(f"cannot grow {path}: {exc.strerror}") from exc
             try:
                 await self._commit("extend-disk", name, self.config.with_disk(grown))
@@ -626,32 +644,36 @@ class Appliance:
         """The configuration as versioned JSON, secrets included (callers are root)."""
         return {"format": EXPORT_FORMAT, **self.config.to_json()}
 
-    async def import_configuration(self, data: Mapping[str, Any], force: bool = False) -> None:
+    async def import_configuration(self, document: str | bytes, force: bool = False) -> None:
         """Replace the whole configuration with an export (this node keeps its own id)."""
         async with self._lock:
-            if not isinstance(data, Mapping) or data.get("format") != EXPORT_FORMAT:
+            header = decoding.decode(document, _ExportHeader, "configuration")
+            if header.format != EXPORT_FORMAT:
                 raise InvalidArgument("this is not an applianced configuration export")
-            try:
-                imported = Config.from_json({k: v for k, v in data.items() if k != "format"})
-            except StateError as exc:
-                raise InvalidArgument(str(exc).replace("state file", "configuration")) from None
+            imported = Config.decode(document, "configuration")
             imported = dataclasses.replace(imported, node_id=self.config.node_id)
             await self._check_replacement(imported, force)
             await self._commit("import-configuration", "node", imported, from_kernel=True)
 
-    async def import_targetcli(self, data: Mapping[str, Any]) -> Config:
+    async def import_targetcli(self, document: str | bytes) -> Config:
         """Add what a targetcli saveconfig.json describes; returns the imported part."""
         async with self._lock:
-            part = targetcli.convert(data, self.config.iqn_prefix)
+            part = targetcli.convert(document, self.config.iqn_prefix)
             merged = validation.merge(self.config, part)
             adopted = [disk for disk in part.disks.values() if not diskfile.has_marker(Path(disk.path))]
             await self._check_replacement(merged, force=True, skip_markers={d.name for d in adopted})
+            # Every file is checked before the first one gets its trailer, and every trailer
+            # added is taken off again if anything after it fails.
             for disk in adopted:
-                await asyncio.to_thread(diskfile.adopt, Path(disk.path), validation.marker_of(disk))
+                await asyncio.to_thread(diskfile.check_adoptable, Path(disk.path), validation.marker_of(disk))
+            done: list[Disk] = []
             try:
+                for disk in adopted:
+                    await asyncio.to_thread(diskfile.adopt, Path(disk.path), validation.marker_of(disk))
+                    done.append(disk)
                 await self._commit("import-targetcli", "node", merged, from_kernel=True)
             except BaseException:
-                for disk in adopted:
+                for disk in done:
                     await asyncio.to_thread(diskfile.unadopt, Path(disk.path), disk.size)
                 raise
             return part

@@ -50,8 +50,8 @@ Ruleset = tuple[NftObject, ...]
 # Name -> addresses; a name that did not resolve maps to nothing (it admits no one).
 Resolved = Mapping[str, frozenset[str]]
 
-_MAC = re.compile(r"^[0-9a-f]{2}([:-])[0-9a-f]{2}(\1[0-9a-f]{2}){4}$")
-_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+_MAC = re.compile(r"[0-9a-f]{2}([:-])[0-9a-f]{2}(\1[0-9a-f]{2}){4}")
+_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
 _UNKNOWN = "{text!r} is not an IP address or network, a MAC address or a DNS name"
 
 
@@ -77,7 +77,7 @@ def normalize_sources(sources: Iterable[str]) -> tuple[str, ...]:
 def normalize_source(text: str) -> str:
     """``10.0.0.0/24``, ``10.0.0.7``, ``fd00::/64``, ``52:54:00:12:34:56`` or a DNS name."""
     entry = text.strip().lower()
-    if _MAC.match(entry):
+    if _MAC.fullmatch(entry):
         mac = entry.replace("-", ":")
         if int(mac[:2], 16) & 1 or mac == "00:00:00:00:00:00":
             raise InvalidArgument(f"{text!r} is a multicast or empty MAC address, never a sender's")
@@ -103,14 +103,14 @@ def normalize_source(text: str) -> str:
 def _normalize_name(text: str, entry: str) -> str:
     name = entry.removesuffix(".")
     labels = name.split(".")
-    if len(name) > 253 or not all(_LABEL.match(label) for label in labels):
+    if len(name) > 253 or not all(_LABEL.fullmatch(label) for label in labels):
         raise InvalidArgument(_UNKNOWN.format(text=text))
     return name
 
 
 def kind(entry: str) -> str:
     """``network``, ``mac`` or ``name`` for a normalised entry."""
-    if _MAC.match(entry):
+    if _MAC.fullmatch(entry):
         return "mac"
     try:
         ipaddress.ip_network(entry)

@@ -12,22 +12,23 @@ from applianced.errors import InvalidArgument
 
 ISCSI_NAME_MAX_BYTES = 223
 
+# Patterns are used with fullmatch: ``$`` would also match before a trailing newline.
 # Object names end up in configfs directory names, file names and generated IQNs, so
 # they are kept to characters that are safe in all three.
-_OBJECT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_OBJECT_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 _IQN_RE = re.compile(
-    r"^iqn\.(?P<year>\d{4})-(?P<month>\d{2})"
+    r"iqn\.(?P<year>[0-9]{4})-(?P<month>[0-9]{2})"
     r"\.(?P<authority>[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*)"
-    r"(?::(?P<unique>[a-z0-9.:-]+))?$"
+    r"(?::(?P<unique>[a-z0-9.:-]+))?"
 )
-_EUI_RE = re.compile(r"^eui\.[0-9a-f]{16}$")
-_NAA_RE = re.compile(r"^naa\.(?:[0-9a-f]{16}|[0-9a-f]{32})$")
+_EUI_RE = re.compile(r"eui\.[0-9a-f]{16}")
+_NAA_RE = re.compile(r"naa\.(?:[0-9a-f]{16}|[0-9a-f]{32})")
 
 
 def validate_object_name(kind: str, name: str) -> str:
     """Return ``name`` if it is a valid name for a disk or target, else raise."""
-    if not _OBJECT_NAME_RE.match(name):
+    if not _OBJECT_NAME_RE.fullmatch(name):
         raise InvalidArgument(
             f"{kind} name {name!r} is invalid: use 1 to 64 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
@@ -43,7 +44,7 @@ def normalize_iscsi_name(name: str, what: str = "iSCSI name") -> str:
     if len(canonical.encode()) > ISCSI_NAME_MAX_BYTES:
         raise InvalidArgument(f"{what} {name!r} is longer than {ISCSI_NAME_MAX_BYTES} bytes")
     if canonical.startswith("iqn."):
-        match = _IQN_RE.match(canonical)
+        match = _IQN_RE.fullmatch(canonical)
         if not match:
             raise InvalidArgument(
                 f"{what} {name!r} is not of the form iqn.YYYY-MM.reversed.domain[:unique] "
@@ -53,11 +54,11 @@ def normalize_iscsi_name(name: str, what: str = "iSCSI name") -> str:
             raise InvalidArgument(f"{what} {name!r} has an invalid month in its date")
         return canonical
     if canonical.startswith("eui."):
-        if not _EUI_RE.match(canonical):
+        if not _EUI_RE.fullmatch(canonical):
             raise InvalidArgument(f"{what} {name!r} must be 'eui.' followed by 16 hex digits")
         return canonical
     if canonical.startswith("naa."):
-        if not _NAA_RE.match(canonical):
+        if not _NAA_RE.fullmatch(canonical):
             raise InvalidArgument(f"{what} {name!r} must be 'naa.' followed by 16 or 32 hex digits")
         return canonical
     raise InvalidArgument(f"{what} {name!r} must start with 'iqn.', 'eui.' or 'naa.'")

@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from applianced import decoding
 from applianced.constants import DEFAULT_IQN_PREFIX
-from applianced.errors import StateError
+from applianced.errors import InvalidArgument, StateError
 
 STATE_FORMAT_VERSION = 1
 
@@ -196,47 +197,77 @@ class Config:
         }
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Config:
-        version = data.get("version")
-        if version != STATE_FORMAT_VERSION:
-            raise StateError(f"state format version {version!r} is not supported (expected {STATE_FORMAT_VERSION})")
-        try:
-            disks = [Disk(**item) for item in data.get("disks", [])]
-            targets = [
-                Target(
-                    **{
-                        **item,
-                        "luns": tuple(Lun(**lun) for lun in item.get("luns", [])),
-                        "acls": tuple(
-                            Acl(**{**acl, "chap": _chap_from_json(acl.get("chap"))}) for acl in item.get("acls", [])
-                        ),
-                        "chap": _chap_from_json(item.get("chap")),
-                        "allowed_sources": tuple(item.get("allowed_sources", ())),
-                    }
-                )
-                for item in data.get("targets", [])
-            ]
-            return cls(
-                node_id=data["node"]["id"],
-                iqn_prefix=data.get("settings", {}).get("iqn_prefix", DEFAULT_IQN_PREFIX),
-                disks={disk.name: disk for disk in disks},
-                targets={target.name: target for target in targets},
-                portals=tuple(
-                    Portal(**{**item, "targets": tuple(item.get("targets", ()))}) for item in data.get("portals", [])
-                ),
-                discovery_chap=_chap_from_json(data.get("discovery_chap")),
-                boot_clients={item["name"]: BootClient(**item) for item in data.get("boot_clients", [])},
-            )
-        except (KeyError, TypeError) as exc:
-            raise StateError(f"state file is malformed: {exc}") from exc
+    def from_json(cls, data: Mapping[str, Any], what: str = "state file") -> Config:
+        """A configuration from parsed JSON (the state file's or an export's content)."""
+        _check_version(decoding.convert(data, _Versioned, what), what)
+        return decoding.convert(data, ConfigDocument, what).to_config(what)
+
+    @classmethod
+    def decode(cls, document: str | bytes, what: str = "state file") -> Config:
+        """A configuration from JSON text, every value's type checked before it is used."""
+        _check_version(decoding.decode(document, _Versioned, what), what)
+        return decoding.decode(document, ConfigDocument, what).to_config(what)
+
+
+@dataclass(frozen=True)
+class _Versioned:
+    """The one field read before the rest: a document of another version has other fields."""
+
+    version: object = None
+
+
+def _check_version(header: _Versioned, what: str) -> None:
+    if header.version != STATE_FORMAT_VERSION or isinstance(header.version, bool):
+        raise InvalidArgument(
+            f"{what}: format version {header.version!r} is not supported (expected {STATE_FORMAT_VERSION})"
+        )
+
+
+@dataclass(frozen=True)
+class NodeIdentity:
+    id: str
+
+
+@dataclass(frozen=True)
+class Settings:
+    iqn_prefix: str = DEFAULT_IQN_PREFIX
+
+
+@dataclass(frozen=True)
+class ConfigDocument:
+    """The JSON shape of a ``Config``: what ``to_json`` writes and the decoder checks."""
+
+    version: int
+    node: NodeIdentity
+    settings: Settings = Settings()
+    disks: tuple[Disk, ...] = ()
+    targets: tuple[Target, ...] = ()
+    portals: tuple[Portal, ...] = ()
+    discovery_chap: Chap | None = None
+    boot_clients: tuple[BootClient, ...] = ()
+
+    def to_config(self, what: str) -> Config:
+        return Config(
+            node_id=self.node.id,
+            iqn_prefix=self.settings.iqn_prefix,
+            disks=_by_name(self.disks, "disk", what),
+            targets=_by_name(self.targets, "target", what),
+            portals=self.portals,
+            discovery_chap=self.discovery_chap,
+            boot_clients=_by_name(self.boot_clients, "boot profile", what),
+        )
+
+
+def _by_name(items: tuple[Any, ...], kind: str, what: str) -> dict[str, Any]:
+    by_name = {item.name: item for item in items}
+    if len(by_name) != len(items):
+        repeated = sorted({item.name for item in items if sum(other.name == item.name for other in items) > 1})
+        raise InvalidArgument(f"{what} lists {kind} {', '.join(map(repr, repeated))} more than once")
+    return by_name
 
 
 def _chap_to_json(chap: Chap | None) -> dict[str, str] | None:
     return dataclasses.asdict(chap) if chap else None
-
-
-def _chap_from_json(data: Mapping[str, str] | None) -> Chap | None:
-    return Chap(**data) if data else None
 
 
 class StateStore:
@@ -249,16 +280,15 @@ class StateStore:
     def load(self) -> Config | None:
         """Return the stored configuration, or None when the node was never configured."""
         try:
-            text = self.path.read_text()
+            text = self.path.read_bytes()
         except FileNotFoundError:
             return None
         except OSError as exc:
             raise StateError(f"cannot read {self.path}: {exc.strerror}") from exc
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise StateError(f"{self.path} is not valid JSON: {exc}") from exc
-        return Config.from_json(data)
+            return Config.decode(text, str(self.path))
+        except InvalidArgument as exc:
+            raise StateError(str(exc)) from None
 
     def save(self, config: Config) -> None:
         payload = json.dumps(config.to_json(), indent=2, sort_keys=True).encode() + b"\n"

@@ -21,7 +21,14 @@ from applianced.state import Chap, Config, Disk, Portal
 from applianced.units import SECTOR_SIZE, format_size
 
 MIN_DISK_SIZE = 1024 * 1024
-MAX_DISK_SIZE = 2**63 - SECTOR_SIZE
+# The file, trailer included, must stay below 2**63 bytes (off_t); larger files fail
+# earlier anyway, with the file system's own limit (EFBIG), before anything is kept.
+MAX_DISK_SIZE = 2**63 - diskfile.TRAILER_SIZE - SECTOR_SIZE
+# Linux's NAME_MAX and PATH_MAX, in bytes.
+MAX_NAME_BYTES = 255
+MAX_PATH_BYTES = 4095
+# The longest T10 unit serial LIO stores (INQUIRY_VPD_SERIAL_LEN less its NUL).
+MAX_SERIAL_BYTES = 253
 MAX_LUN = 255
 MAX_DESCRIPTION = 256
 MAX_ALIAS_BYTES = 255
@@ -37,7 +44,26 @@ def check_path(path: str) -> Path:
     # LIO's control string is comma-separated, and configfs values are one line.
     if any(ch in path for ch in ",\n\t") or not path.isprintable():
         raise InvalidArgument(f"path {path!r} contains a comma or a control character")
+    if len(path.encode()) > MAX_PATH_BYTES or any(len(part.encode()) > MAX_NAME_BYTES for part in file_path.parts):
+        raise InvalidArgument(
+            f"path {path!r} is too long: at most {MAX_PATH_BYTES} bytes, {MAX_NAME_BYTES} bytes per component"
+        )
     return file_path
+
+
+def check_serial(serial: str) -> str:
+    """A unit serial that LIO stores and VPD page 0x80 carries: printable ASCII."""
+    if not 1 <= len(serial) <= MAX_SERIAL_BYTES or not _is_token(serial):
+        raise InvalidArgument(f"serial {serial!r} must be 1 to {MAX_SERIAL_BYTES} printable ASCII characters")
+    return serial
+
+
+def check_marker(marker: diskfile.Marker) -> diskfile.Marker:
+    """Refuse a trailer whose content no disk of applianced could have written."""
+    names.validate_object_name("disk", marker.name)
+    check_serial(marker.serial)
+    check_size(marker.size)
+    return marker
 
 
 def marker_of(disk: Disk) -> diskfile.Marker:
@@ -46,7 +72,9 @@ def marker_of(disk: Disk) -> diskfile.Marker:
 
 def check_size(size: int) -> None:
     if not MIN_DISK_SIZE <= size <= MAX_DISK_SIZE:
-        raise InvalidArgument(f"size {size} is out of range: at least {format_size(MIN_DISK_SIZE)}")
+        raise InvalidArgument(
+            f"size {size} is out of range: at least {format_size(MIN_DISK_SIZE)}, at most {format_size(MAX_DISK_SIZE)}"
+        )
     if size % SECTOR_SIZE:
         raise InvalidArgument(f"size {size} is not a multiple of {SECTOR_SIZE} bytes")
 
@@ -67,6 +95,7 @@ def validate_config(config: Config, local_addresses: set[str], skip_markers: Ite
         check_size(disk.size)
         check_description(disk.description)
         path = check_path(disk.path)
+        check_serial(disk.serial)
         if disk.path in paths or disk.serial in serials:
             raise AlreadyExists(f"disk {disk.name!r} shares its file or serial with another disk")
         paths.add(disk.path)
@@ -180,7 +209,7 @@ def parse_portal(text: str) -> tuple[str, int]:
 
 
 def _port_number(text: str, portal: str) -> int:
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):
         raise InvalidArgument(f"portal {portal!r} has no valid port number")
     return int(text)
 

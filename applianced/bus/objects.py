@@ -185,13 +185,13 @@ class ManagerInterface(EntityInterface):
     @translate_errors
     async def ImportConfiguration(self, configuration: "s", options: "a{sv}") -> None:
         opts = Options("ImportConfiguration", options, {"force": "b"})
-        await self.engine.import_configuration(_json_document(configuration), opts.get("force", False))
+        await self.engine.import_configuration(configuration, opts.get("force", False))
 
     @dbus_method()
     @translate_errors
     async def ImportTargetcli(self, saveconfig: "s", options: "a{sv}") -> None:
         Options("ImportTargetcli", options, {})
-        await self.engine.import_targetcli(_json_document(saveconfig))
+        await self.engine.import_targetcli(saveconfig)
 
     @dbus_method()
     @translate_errors
@@ -485,13 +485,6 @@ class PortalInterface(EntityInterface):
     async def Delete(self, options: "a{sv}") -> None:
         Options("Delete", options, {})
         await self.engine.delete_portal(self.value.key)
-
-
-def _json_document(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InvalidArgument(f"the document is not valid JSON: {exc}") from None
 
 
 def _name_from_path(path: str, to_path: Any, entities: dict[str, Any], kind: str) -> str:

@@ -8,6 +8,7 @@ in-memory kernel counting which targets each session read covers.
 """
 
 import asyncio
+import json
 
 from dbus_fast import BusType, Message
 from dbus_fast.aio import MessageBus
@@ -43,7 +44,7 @@ def test_each_target_reads_only_its_own_sessions(bus, tmp_path, monkeypatch):
             await engine.start()
             # The import exports one object per target, as a start over a stored state does.
             imported = Config(node_id=engine.config.node_id, targets=targets)
-            await engine.import_configuration({"format": EXPORT_FORMAT, **imported.to_json()})
+            await engine.import_configuration(json.dumps({"format": EXPORT_FORMAT, **imported.to_json()}))
             await server.request_name(BUS_NAME)
             reply = await client.call(
                 Message(

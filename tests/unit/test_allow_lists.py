@@ -406,14 +406,14 @@ def test_old_state_files_load_and_exports_carry_the_lists(tmp_path):
         assert Config.from_json(old).targets["t1"].allowed_sources == ()
         exported = engine.export_configuration()
         await engine.set_allowed_sources("t1", [])
-        await engine.import_configuration(exported, force=True)
+        await engine.import_configuration(json.dumps(exported), force=True)
         assert engine.config.targets["t1"].allowed_sources == ("10.1.0.21", "client1.example")
         # An import is held to the same rules: names must resolve, lists must be canonical.
         for sources, message in ((["gone.example"], "does not resolve"), (["10.1.0.0/16", "10.0.0.0/8"], "unsorted")):
             bad = json.loads(json.dumps(exported))
             bad["targets"][0]["allowed_sources"] = sources
             with pytest.raises(InvalidArgument, match=message):
-                await engine.import_configuration(bad, force=True)
+                await engine.import_configuration(json.dumps(bad), force=True)
         assert StateStore(tmp_path / "state", "state.json").load() == engine.config
 
     run(scenario())

@@ -524,7 +524,7 @@ def test_export_wipe_import_round_trip(tmp_path):
         kernel.wipe()
         (tmp_path / "state" / "state.json").unlink()
         fresh = await started(make_engine(tmp_path, kernel))
-        await fresh.import_configuration(exported)
+        await fresh.import_configuration(json.dumps(exported))
         assert kernel.snapshot() == before_kernel
         assert fresh.config == dataclasses.replace(before_config, node_id=fresh.config.node_id)
 
@@ -551,7 +551,7 @@ def test_bad_imports_change_nothing(tmp_path, mutate, error, message):
         mutate(document)
         before, kernel = engine.config, engine.kernel.snapshot()
         with pytest.raises(error, match=message):
-            await engine.import_configuration(document)
+            await engine.import_configuration(json.dumps(document))
         assert (engine.config, engine.kernel.snapshot(), engine.store.load()) == (before, kernel, before)
 
     run(scenario())
@@ -567,8 +567,8 @@ def test_import_that_drops_a_target_in_use_needs_force(tmp_path):
         document["targets"] = []
         kernel.session_list = [Session(engine.config.targets["t1"].iqn, INITIATOR, "LOGGED_IN", ())]
         with pytest.raises(Busy):
-            await engine.import_configuration(document)
-        await engine.import_configuration(document, force=True)
+            await engine.import_configuration(json.dumps(document))
+        await engine.import_configuration(json.dumps(document), force=True)
         assert engine.config.targets == {}
 
     run(scenario())
@@ -622,7 +622,7 @@ def test_targetcli_import_adopts_files_and_keeps_identity(tmp_path):
         engine = await started(make_engine(tmp_path))
         legacy = tmp_path / "legacy.img"
         legacy.write_bytes(b"data" * 1024 + bytes((1 << 20) - 4096))
-        part = await engine.import_targetcli(saveconfig(legacy, 1 << 20))
+        part = await engine.import_targetcli(json.dumps(saveconfig(legacy, 1 << 20)))
         (target,) = part.targets.values()
         assert target.name == "sn.1234567890ab"
         assert target.acls[0].chap == Chap("legacy-user", "legacy-secret")
@@ -656,7 +656,7 @@ def test_targetcli_import_refuses_what_it_cannot_represent(tmp_path, mutate, err
         document = saveconfig(legacy, 1 << 20)
         mutate(document)
         with pytest.raises(error, match=message):
-            await engine.import_targetcli(document)
+            await engine.import_targetcli(json.dumps(document))
         assert engine.config.targets == {} and engine.config.disks == {}
         assert legacy.stat().st_size == 1 << 20, "a refused import leaves the file alone"
 
