@@ -18,7 +18,7 @@ from pathlib import Path
 from dbus_fast import BusType, RequestNameReply
 from dbus_fast.aio import MessageBus
 
-from applianced import __version__, firewall, network, systemd
+from applianced import __version__, firewall, network, presence, systemd
 from applianced.bus.objects import ObjectTree
 from applianced.constants import BUS_NAME, DEFAULT_STATE_DIR, STATE_FILE_NAME
 from applianced.engine import Appliance, Kernel
@@ -77,10 +77,15 @@ async def serve(engine: Appliance) -> None:
         sampler = asyncio.ensure_future(engine.seen.run())
         systemd.notify(f"READY=1\nSTATUS=serving {len(engine.config.targets)} target(s)")
         log.info("applianced %s ready on %s", __version__, BUS_NAME)
+        # Watching devices starts after READY: its imports would only delay the start.
+        events = presence.BackingEvents()
+        await events.start()
+        watcher = asyncio.ensure_future(engine.watch_disks(events))
         await stop.wait()
         systemd.notify("STOPPING=1")
-        watchdog.cancel()
-        sampler.cancel()
+        for task in (watchdog, sampler, watcher):
+            task.cancel()
+        events.close()
         log.info("stopping; LIO configuration and sessions are left as they are")
         await bus.release_name(BUS_NAME)
         await _finish_calls_in_progress()

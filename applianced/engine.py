@@ -18,11 +18,11 @@ import ipaddress
 import logging
 import os
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from applianced import bootprofile, decoding, devices, diskfile, firewall, names, targetcli, validation
+from applianced import bootprofile, decoding, devices, diskfile, firewall, names, presence, targetcli, validation
 from applianced.constants import DISKS_DIR_NAME
 from applianced.errors import AlreadyExists, Busy, InvalidArgument, KernelError, NotFound, NotSupported, StateError
 from applianced.initiators import FILE_NAME as SEEN_FILE_NAME
@@ -33,6 +33,8 @@ from applianced.state import Acl, BootClient, Chap, Config, Disk, Lun, Portal, S
 
 log = logging.getLogger(__name__)
 
+# How often a missing disk's path is looked at again: a file copied back brings no event.
+MISSING_RECHECK_SECONDS = 5.0
 # Marks an export made by ExportConfiguration, so that other JSON is refused at once.
 EXPORT_FORMAT = "applianced-configuration"
 
@@ -84,6 +86,8 @@ class Appliance:
         self.config = Config.new()
         self._lock = asyncio.Lock()
         self._listeners: list[Callable[[Config], None]] = []
+        # Disks whose backing is absent now, with the reason: the kernel does not have them.
+        self.missing: dict[str, str] = {}
         # Recently seen initiators, sampled by a task the daemon starts (``seen.run()``).
         self.seen = SeenInitiators(kernel, store.directory / SEEN_FILE_NAME, lambda: self.config)
 
@@ -105,9 +109,7 @@ class Appliance:
             if stored is None:
                 stored = self.config
                 await asyncio.to_thread(self.store.save, stored)
-            count = await asyncio.to_thread(self._reconcile, stored, self.config)
-            self._set_config(stored)
-            return count
+            return await self._reconcile_stored(stored)
 
     async def reload(self) -> int:
         """Re-read the state file (SIGHUP) and reconcile; a bad file changes nothing."""
@@ -115,14 +117,25 @@ class Appliance:
             stored = await asyncio.to_thread(self.store.load)
             if stored is None:
                 raise StateError(f"{self.store.path} is missing; keeping the running configuration")
+            return await self._reconcile_stored(stored)
+
+    async def _reconcile_stored(self, stored: Config) -> int:
+        """Serve ``stored``: every disk whose backing is there, and what does not need the others."""
+        before = self.missing
+        self.missing = await asyncio.to_thread(presence.absent, stored.disks.values(), True)
+        try:
             count = await asyncio.to_thread(self._reconcile, stored, self.config)
-            self._set_config(stored)
-            return count
+        except BaseException:
+            self.missing = before
+            raise
+        self._report_presence(before, self.missing)
+        self._set_config(stored)
+        return count
 
     def _reconcile(self, desired: Config, previous: Config) -> int:
         """Make the kernel match ``desired``, also removing what only ``previous`` had."""
         observed = self._observe(desired, previous)
-        actions = plan(observed, render(desired))
+        actions = plan(observed, self._render(desired))
         self.kernel.apply(actions)
         changes = len(actions) + self._apply_firewall(firewall.filters(desired, self._resolve(desired)))
         audit("reconcile", "node", "ok", f"reconciled the kernel with {changes} change(s)")
@@ -133,8 +146,12 @@ class Appliance:
         iqns = {target.iqn for config in configs for target in config.targets.values()}
         return self.kernel.observe(sorted(disks), sorted(iqns))
 
+    def _render(self, config: Config) -> KernelConfig:
+        return render(config, self.missing.keys())
+
     def _set_config(self, config: Config) -> None:
         self.config = config
+        self.missing = {name: reason for name, reason in self.missing.items() if name in config.disks}
         for listener in self._listeners:
             listener(config)
 
@@ -151,8 +168,8 @@ class Appliance:
             self._apply_firewall(bridge)
             # Whole-configuration changes plan from what the kernel really holds, so that
             # objects made by other tools are adopted or corrected, not assumed.
-            current = self._observe(old, new) if from_kernel else render(old)
-            self.kernel.apply(plan(current, render(new)))
+            current = self._observe(old, new) if from_kernel else self._render(old)
+            self.kernel.apply(plan(current, self._render(new)))
             self._apply_firewall(wanted)
             self.store.save(new)
         except Exception:
@@ -175,7 +192,7 @@ class Appliance:
     def _roll_back(self, old: Config, new: Config) -> None:
         try:
             observed = self._observe(old, new)
-            self.kernel.apply(plan(observed, render(old)))
+            self.kernel.apply(plan(observed, self._render(old)))
             self._apply_firewall(firewall.filters(old, self._resolve(old)))
         except Exception:
             # Nothing more can be done safely here; the next start reconciles again.
@@ -192,6 +209,53 @@ class Appliance:
             raise
         self._set_config(new)
         audit(operation, obj, "ok", f"{operation} {obj}")
+
+    # -- disks whose backing comes and goes -------------------------------------------------
+
+    async def watch_disks(self, events: presence.BackingEvents) -> None:
+        """Follow device and mount events; look again every few seconds while a disk is missing."""
+        while True:
+            await events.wait(MISSING_RECHECK_SECONDS if self.missing else None)
+            await self.refresh_disks()
+
+    async def refresh_disks(self) -> bool:
+        """Take disks whose backing went away out of the kernel, and serve those that came back.
+
+        Returns whether the kernel changed. A failure is logged and tried again at the next
+        event or look.
+        """
+        async with self._lock:
+            config, before = self.config, self.missing
+            now = await asyncio.to_thread(presence.absent, config.disks.values(), before.keys())
+            if now.keys() == before.keys():
+                self.missing = now
+                return False
+            self.missing = now
+            try:
+                await asyncio.to_thread(self._reconcile, config, config)
+            except KernelError as exc:
+                self.missing = before
+                audit("refresh-disks", "node", "failed", f"could not follow a disk's backing: {exc}", logging.ERROR)
+                return False
+            self._report_presence(before, now)
+            self._set_config(config)
+            return True
+
+    def _report_presence(self, before: Mapping[str, str], now: Mapping[str, str]) -> None:
+        for name in sorted(now.keys() - before.keys()):
+            audit(
+                "disk-missing",
+                name,
+                "missing",
+                f"disk {name} is missing, its LUNs are not exported: {now[name]}",
+                logging.WARNING,
+            )
+        for name in sorted(before.keys() - now.keys()):
+            audit("disk-back", name, "ok", f"disk {name} is back: its LUNs are exported again")
+
+    def _refuse_if_missing(self, name: str, change: str) -> None:
+        if name in self.missing:
+            raise NotSupported(f"disk {name!r} is missing ({self.missing[name]}); {change} needs its backing")
 
     # -- disks -----------------------------------------------------------------------------
 
@@ -323,6 +387,7 @@ class Appliance:
             if size == disk.size:
                 return disk
             validation.check_size(size)
+            self._refuse_if_missing(name, "extending it")
             grown = dataclasses.replace(disk, size=size)
             path = Path(disk.path)
             # The file grows first so that LIO never exports more than the file holds.
@@ -462,6 +527,7 @@ class Appliance:
         async with self._lock:
             target = self._target(target_name)
             disk = self._disk(disk_name)
+            self._refuse_if_missing(disk_name, "exporting it")
             exporters = self._exporters(disk_name)
             if target_name in exporters:
                 raise AlreadyExists(f"target {target_name!r} exports disk {disk_name!r} already")
@@ -536,8 +602,8 @@ class Appliance:
             if not any(s.initiator == initiator for s in (await self.sessions(target.iqn)).sessions):
                 raise NotFound(f"initiator {initiator} has no session on target {target_name!r}")
             acls = tuple(acl for acl in target.acls if acl.initiator != initiator)
-            without = render(self.config.with_target(dataclasses.replace(target, acls=acls)))
-            desired = render(self.config)
+            without = self._render(self.config.with_target(dataclasses.replace(target, acls=acls)))
+            desired = self._render(self.config)
 
             def bounce() -> None:
                 try:
@@ -652,7 +718,9 @@ class Appliance:
                 raise InvalidArgument("this is not an applianced configuration export")
             imported = Config.decode(document, "configuration")
             imported = dataclasses.replace(imported, node_id=self.config.node_id)
-            await self._check_replacement(imported, force)
+            # A missing disk that the import keeps as it is stays missing, as it would without the import.
+            kept = {name for name in self.missing if imported.disks.get(name) == self.config.disks.get(name)}
+            await self._check_replacement(imported, force, unchecked=kept)
             await self._commit("import-configuration", "node", imported, from_kernel=True)
 
     async def import_targetcli(self, document: str | bytes) -> Config:
@@ -661,7 +729,7 @@ class Appliance:
             part = targetcli.convert(document, self.config.iqn_prefix)
             merged = validation.merge(self.config, part)
             adopted = [disk for disk in part.disks.values() if not diskfile.has_marker(Path(disk.path))]
-            await self._check_replacement(merged, force=True, skip_markers={d.name for d in adopted})
+            await self._check_replacement(merged, force=True, unchecked={d.name for d in adopted})
             # Every file is checked before the first one gets its trailer, and every trailer
             # added is taken off again if anything after it fails.
             for disk in adopted:
@@ -678,9 +746,9 @@ class Appliance:
                 raise
             return part
 
-    async def _check_replacement(self, new: Config, force: bool, skip_markers: Iterable[str] = ()) -> None:
+    async def _check_replacement(self, new: Config, force: bool, unchecked: Collection[str] = ()) -> None:
         local = await asyncio.to_thread(self.local_addresses)
-        await asyncio.to_thread(validation.validate_config, new, local, skip_markers)
+        await asyncio.to_thread(validation.validate_config, new, local, unchecked)
         await asyncio.to_thread(firewall.resolve, firewall.names_of(new), self.resolver, True)
         if force:
             return

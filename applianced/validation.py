@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from pathlib import Path
 
 from applianced import bootprofile, devices, diskfile, firewall, names
@@ -85,8 +85,12 @@ def check_description(description: str) -> str:
     return description
 
 
-def validate_config(config: Config, local_addresses: set[str], skip_markers: Iterable[str] = ()) -> None:
-    """Check a whole configuration with the same rules as the operations that build one."""
+def validate_config(config: Config, local_addresses: set[str], unchecked: Collection[str] = ()) -> None:
+    """Check a whole configuration with the same rules as the operations that build one.
+
+    The backing of the disks named in ``unchecked`` is not looked at: files about to be
+    adopted, and disks that are missing now and stay as they are.
+    """
     names.generate_target_iqn(config.iqn_prefix, "check")
     paths: set[str] = set()
     serials: set[str] = set()
@@ -100,12 +104,13 @@ def validate_config(config: Config, local_addresses: set[str], skip_markers: Ite
             raise AlreadyExists(f"disk {disk.name!r} shares its file or serial with another disk")
         paths.add(disk.path)
         serials.add(disk.serial)
+        if disk.kind not in ("file", "block"):
+            raise InvalidArgument(f"disk {disk.name!r} has an unknown kind {disk.kind!r}")
+        if disk.name in unchecked:
+            continue
         if disk.kind == "block":
             devices.resolve(disk.path)
-            continue
-        if disk.kind != "file":
-            raise InvalidArgument(f"disk {disk.name!r} has an unknown kind {disk.kind!r}")
-        if disk.name not in skip_markers and diskfile.read_marker(path) != marker_of(disk):
+        elif diskfile.read_marker(path) != marker_of(disk):
             marker = diskfile.read_marker(path)
             raise InvalidArgument(
                 f"disk {disk.name!r}: {path} holds disk {marker.name!r} (serial {marker.serial}, "

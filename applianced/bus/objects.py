@@ -226,58 +226,71 @@ class ManagerInterface(EntityInterface):
 
 class DiskInterface(EntityInterface):
     INTERFACE = DISK_INTERFACE
-    value: Disk
+    # The disk, and why its backing is absent ("" while it is there).
+    value: tuple[Disk, str]
+
+    @property
+    def disk(self) -> Disk:
+        return self.value[0]
 
     @dbus_property(access=READ)
     def Name(self) -> "s":
-        return self.value.name
+        return self.disk.name
 
     @dbus_property(access=READ)
     def Path(self) -> "s":
-        return self.value.path
+        return self.disk.path
 
     @dbus_property(access=READ)
     def Size(self) -> "t":
-        return self.value.size
+        return self.disk.size
 
     @dbus_property(access=READ)
     def Serial(self) -> "s":
-        return self.value.serial
+        return self.disk.serial
 
     @dbus_property(access=READ)
     def Description(self) -> "s":
-        return self.value.description
+        return self.disk.description
 
     @dbus_property(access=READ)
     def WriteBack(self) -> "b":
-        return self.value.write_back
+        return self.disk.write_back
 
     @dbus_property(access=READ)
     def Kind(self) -> "s":
-        return self.value.kind
+        return self.disk.kind
 
     @dbus_property(access=READ)
     def Shared(self) -> "b":
-        return self.value.shared
+        return self.disk.shared
+
+    @dbus_property(access=READ)
+    def Status(self) -> "s":
+        return "missing" if self.value[1] else "online"
+
+    @dbus_property(access=READ)
+    def StatusReason(self) -> "s":
+        return self.value[1]
 
     @dbus_method()
     @translate_errors
     async def Modify(self, changes: "a{sv}", options: "a{sv}") -> None:
         settings = Options("Modify", changes, {"description": "s", "shared": "b"})
         Options("Modify", options, {})
-        await self.engine.modify_disk(self.value.name, **settings.values())
+        await self.engine.modify_disk(self.disk.name, **settings.values())
 
     @dbus_method()
     @translate_errors
     async def Extend(self, size: "t", options: "a{sv}") -> None:
         Options("Extend", options, {})
-        await self.engine.extend_disk(self.value.name, size)
+        await self.engine.extend_disk(self.disk.name, size)
 
     @dbus_method()
     @translate_errors
     async def Delete(self, options: "a{sv}") -> None:
         opts = Options("Delete", options, {"remove_file": "b"})
-        await self.engine.delete_disk(self.value.name, opts.get("remove_file", False))
+        await self.engine.delete_disk(self.disk.name, opts.get("remove_file", False))
 
 
 class TargetInterface(EntityInterface):
@@ -557,10 +570,9 @@ class ObjectTree:
             elif exported.value != value:
                 exported.refresh(value)
 
-    @staticmethod
-    def _entities(config: Config) -> Iterator[tuple[str, type[EntityInterface], Any]]:
+    def _entities(self, config: Config) -> Iterator[tuple[str, type[EntityInterface], Any]]:
         for disk in config.disks.values():
-            yield paths.disk_path(disk.name), DiskInterface, disk
+            yield paths.disk_path(disk.name), DiskInterface, (disk, self.engine.missing.get(disk.name, ""))
         for portal in config.portals:
             yield paths.portal_path(portal.key), PortalInterface, portal
         for target in config.targets.values():

@@ -258,11 +258,13 @@ class Commands:
             {
                 "name": p["Name"],
                 "kind": p["Kind"],
+                "status": p["Status"],
                 "size": p["Size"],
                 "path": p["Path"],
                 "serial": p["Serial"],
                 "shared": p["Shared"],
                 "description": p["Description"],
+                "reason": p["StatusReason"],
             }
             for _, p in await self.of(DISK_INTERFACE)
         ]

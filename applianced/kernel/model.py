@@ -8,6 +8,7 @@ manage (counters, sessions, attributes left at the kernel's default).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
 from applianced.state import Acl, Chap, Config, Target
@@ -180,18 +181,25 @@ class LoginActivity:
     log_position: LogPosition | None = None
 
 
-def render(config: Config) -> KernelConfig:
-    """Return the LIO configuration that realises ``config``."""
+def render(config: Config, missing: AbstractSet[str] = frozenset()) -> KernelConfig:
+    """Return the LIO configuration that realises ``config``.
+
+    Disks named in ``missing`` have no backing now (a file system that is not mounted, a
+    drive that is gone): they get no backstore and their LUNs are not exported, so that
+    initiators never read zeros in place of their data, and every other LUN is served.
+    """
     storage_objects = {
         disk.name: StorageObject(disk.name, disk.path, disk.size, disk.serial, disk.write_back)
         if disk.kind == "file"
         else StorageObject(disk.name, disk.path, 0, disk.serial, plugin="block")
         for disk in config.disks.values()
+        if disk.name not in missing
     }
     targets = {}
     for target in config.targets.values():
+        luns = [lun for lun in target.luns if lun.disk not in missing]
         # Every allowed initiator sees every LUN of the target under the same number.
-        mapped = frozenset(MappedLun(lun.number, lun.number, lun.read_only) for lun in target.luns)
+        mapped = frozenset(MappedLun(lun.number, lun.number, lun.read_only) for lun in luns)
         targets[target.iqn] = KernelTarget(
             iqn=target.iqn,
             enabled=target.enabled,
@@ -203,7 +211,7 @@ def render(config: Config) -> KernelConfig:
                 **NEGOTIATION_PROFILE,
             },
             portals=frozenset((p.address, p.port) for p in config.portals if p.serves(target.name)),
-            luns={lun.number: lun.disk for lun in target.luns},
+            luns={lun.number: lun.disk for lun in luns},
             acls={
                 acl.initiator: NodeAcl(acl.initiator, mapped, resolve_chap(acl.chap or target.chap, acl, target))
                 for acl in target.acls

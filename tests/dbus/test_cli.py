@@ -22,6 +22,8 @@ def test_first_slice_through_the_cli(daemon, tmp_path):
     assert disks[0] | {"serial": None} == {
         "name": "d1",
         "kind": "file",
+        "status": "online",
+        "reason": "",
         "size": 1536 * 1024**2,
         "path": str(backing),
         "serial": None,
@@ -43,8 +45,8 @@ def test_first_slice_through_the_cli(daemon, tmp_path):
     ]
 
     table = daemon.cli("disk", "list").stdout.splitlines()
-    assert table[0].split() == ["NAME", "KIND", "SIZE", "PATH", "SERIAL", "SHARED", "DESCRIPTION"]
-    assert table[1].split()[:4] == ["d1", "file", "1.50", "GiB"]
+    assert table[0].split() == ["NAME", "KIND", "STATUS", "SIZE", "PATH", "SERIAL", "SHARED", "DESCRIPTION", "REASON"]
+    assert table[1].split()[:5] == ["d1", "file", "online", "1.50", "GiB"]
 
     for args in (
         ("acl", "remove", "t1", INITIATOR),
