@@ -514,13 +514,15 @@ class Guest:
             self._disk_paths[disk.name] = path
             drive = f"hd-{disk.name}"
             opts += ["-drive", f"if=none,id={drive},file={path},format=raw,cache=writeback"]
+            # The device id lets unplug_disk() pull it out through QMP.
+            device = f"id=disk-{disk.name},drive={drive},serial={disk.name}"
             if disk.bus == "virtio":
-                opts += ["-device", f"virtio-blk-pci,drive={drive},serial={disk.name}"]
+                opts += ["-device", f"virtio-blk-pci,{device}"]
             else:
                 if not scsi_added:
                     opts += ["-device", "virtio-scsi-pci,id=hscsi"]
                     scsi_added = True
-                opts += ["-device", f"scsi-hd,bus=hscsi.0,drive={drive},serial={disk.name}"]
+                opts += ["-device", f"scsi-hd,bus=hscsi.0,{device}"]
         return opts
 
     def _prepare_nics(self) -> list[str]:
@@ -552,6 +554,9 @@ class Guest:
             "virtio-serial-pci,id=hserial",
             "-device",
             f"virtserialport,bus=hserial.0,chardev=hagent,name={AGENT_PORT_NAME}",
+            # QEMU's machine protocol, for what happens to the hardware (unplug_disk).
+            "-qmp",
+            f"unix:{self._sock_dir / 'qmp.sock'},server=on,wait=off",
         ]
         qemu_opts += self._prepare_disks()
         qemu_opts += self._prepare_nics()
@@ -1034,6 +1039,42 @@ class Guest:
         # after the device appears.
         self.wait_until(f"test -b {shlex.quote(link)}", timeout=30)
         return self.run(["readlink", "-f", link]).stdout.strip()
+
+    def unplug_disk(self, name: str, timeout: float = 30.0) -> None:
+        """Hot-unplug extra disk ``name`` through QMP, as pulling a drive out does.
+
+        Returns once QEMU reports the device deleted. A SCSI disk goes at once; a
+        virtio-blk (PCI) disk waits for the guest to acknowledge the ACPI eject.
+        """
+        disk = next((d for d in self.disks if d.name == name), None)
+        if disk is None or self._sock_dir is None:
+            raise HarnessError(f"guest {self.name} has no disk {name!r} plugged in")
+        device = f"disk-{name}"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as qmp:
+            qmp.settimeout(timeout)
+            qmp.connect(str(self._sock_dir / "qmp.sock"))
+            stream = qmp.makefile("rwb")
+
+            def until(done: Any) -> dict[str, Any]:
+                for line in stream:
+                    message = json.loads(line)
+                    if "error" in message:
+                        raise HarnessError(f"QMP refused unplugging {device}: {message['error']}")
+                    if done(message):
+                        return message
+                raise HarnessError(f"QMP closed while unplugging {device}")
+
+            def execute(command: str, **arguments: Any) -> None:
+                stream.write(json.dumps({"execute": command, "arguments": arguments}).encode() + b"\n")
+                stream.flush()
+                until(lambda message: "return" in message)
+
+            until(lambda message: "QMP" in message)  # the greeting
+            execute("qmp_capabilities")
+            execute("device_del", id=device)
+            until(lambda m: m.get("event") == "DEVICE_DELETED" and m.get("data", {}).get("device") == device)
+        self.disks.remove(disk)
+        self._note(f"unplugged disk {name}")
 
     def disk_image(self, name: str) -> Path:
         """Host path of the image behind extra disk ``name``."""
