@@ -9,8 +9,9 @@ references between objects) stay with the operations in ``validation``.
 
 The decoder is msgspec: it fills plain dataclasses from their annotations (the engine's
 values need no base class of a library), it is strict (``"1"`` is not 1, ``true`` is not
-1), and it is a small C extension whose import costs about 20 ms on the host, against
-several hundred for pydantic; the daemon's start under emulation is import-bound.
+1), and it is a small C extension: importing it took 13-22 ms on the host (7 ms of the
+daemon's 245 ms import), against 90-110 ms for pydantic 2.14 with its core, and the
+daemon's start under emulation is import-bound.
 Deeply nested input never reaches Python's recursion limit on the way in: the schema
 refuses an array where an object belongs at the first level that differs, and a nesting
 that does reach msgspec's own recursion guard is refused like any malformed document.
