@@ -72,28 +72,6 @@ def test_deeply_nested_documents_are_refused(tmp_path, importer):
     run(scenario())
 
 
-@pytest.mark.parametrize(
-    "mutate",
-    [
-        lambda d: d["storage_objects"][0].update(size="1M"),
-        lambda d: d["targets"][0].update(tpgs="tpg1"),
-        lambda d: d["targets"][0]["tpgs"][0]["node_acls"][0].pop("node_wwn"),
-        lambda d: d["targets"][0]["tpgs"][0]["luns"][0].update(index=None),
-        lambda d: d["targets"][0]["tpgs"][0]["attributes"].update(authentication="yes"),
-    ],
-)
-def test_import_targetcli_names_a_wrong_typed_field(tmp_path, mutate):
-    async def scenario():
-        engine = await started(make_engine(tmp_path))
-        legacy = tmp_path / "legacy.img"
-        legacy.write_bytes(bytes(1 << 20))
-        document = saveconfig(legacy, 1 << 20)
-        mutate(document)
-        await refused(engine, engine.import_targetcli(json.dumps(document)), files=[legacy])
-
-    run(scenario())
-
-
 def test_a_refused_targetcli_import_leaves_every_file_as_it_was(tmp_path):
     async def scenario():
         engine = await started(make_engine(tmp_path))

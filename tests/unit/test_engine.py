@@ -646,6 +646,12 @@ def test_targetcli_import_adopts_files_and_keeps_identity(tmp_path):
         (lambda d: d["targets"][0].update(fabric="loopback"), NotSupported, "loopback"),
         (lambda d: d["storage_objects"][0].update(size=2 << 20), InvalidArgument, "not adopting"),
         (lambda d: d.clear(), InvalidArgument, "not a targetcli"),
+        # Wrong types are named by their field, before any file is touched.
+        (lambda d: d["storage_objects"][0].update(size="1M"), InvalidArgument, r"\$\.storage_objects\[0\]\.size"),
+        (lambda d: d["targets"][0].update(tpgs="tpg1"), InvalidArgument, r"\$\.targets\[0\]\.tpgs"),
+        (lambda d: d["targets"][0]["tpgs"][0]["node_acls"][0].pop("node_wwn"), InvalidArgument, "node_wwn"),
+        (lambda d: d["targets"][0]["tpgs"][0]["luns"][0].update(index=None), InvalidArgument, "index"),
+        (lambda d: d["targets"][0]["tpgs"][0]["attributes"].update(authentication="yes"), InvalidArgument, "'yes'"),
     ],
 )
 def test_targetcli_import_refuses_what_it_cannot_represent(tmp_path, mutate, error, message):
@@ -658,7 +664,7 @@ def test_targetcli_import_refuses_what_it_cannot_represent(tmp_path, mutate, err
         with pytest.raises(error, match=message):
             await engine.import_targetcli(json.dumps(document))
         assert engine.config.targets == {} and engine.config.disks == {}
-        assert legacy.stat().st_size == 1 << 20, "a refused import leaves the file alone"
+        assert legacy.read_bytes() == bytes(1 << 20), "a refused import leaves the file alone"
 
     run(scenario())
 

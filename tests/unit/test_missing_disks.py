@@ -16,25 +16,27 @@ T1 = "iqn.2003-01.org.linux-iscsi.applianced:t1"
 T2 = "iqn.2003-01.org.linux-iscsi.applianced:t2"
 
 
-async def two_targets(engine, tmp_path):
-    """t1 exports d1 and t2 exports d2, each a file in tmp_path."""
+async def rebooted_without_d2(tmp_path, lose_d2):
+    """t1 exports d1 and t2 exports d2 (files in tmp_path); after ``lose_d2(tmp_path)``, a
+    reboot (LIO wiped) and a new start of the engine, which it returns."""
+    engine = await started(make_engine(tmp_path))
     for n in ("1", "2"):
         await engine.create_disk(f"d{n}", 1 << 20, path=str(tmp_path / f"d{n}.img"))
         await engine.create_target(f"t{n}")
         await engine.add_lun(f"t{n}", f"d{n}")
         await engine.add_acl(f"t{n}", INITIATOR)
     await engine.create_portal("10.1.0.5", 3260)
+    lose_d2(tmp_path)
+    engine.kernel.wipe()
+    return await started(make_engine(tmp_path, engine.kernel))
 
 
 def test_a_start_with_one_disk_missing_serves_the_other_and_brings_it_back(tmp_path, caplog):
     async def scenario():
-        engine = await started(make_engine(tmp_path))
-        await two_targets(engine, tmp_path)
-        kernel = engine.kernel
-        (tmp_path / "d2.img").rename(tmp_path / "away.img")
-        kernel.wipe()  # a reboot: the disk's file system did not mount
         with caplog.at_level(logging.WARNING):
-            engine = await started(make_engine(tmp_path, kernel))
+            # The disk's file system did not mount.
+            engine = await rebooted_without_d2(tmp_path, lambda d: (d / "d2.img").rename(d / "away.img"))
+        kernel = engine.kernel
         assert set(engine.missing) == {"d2"} and "does not exist" in engine.missing["d2"]
         assert "disk d2 is missing" in caplog.text
         snapshot = kernel.snapshot()
@@ -54,12 +56,8 @@ def test_a_start_with_one_disk_missing_serves_the_other_and_brings_it_back(tmp_p
 
 def test_changes_that_do_not_need_a_missing_disk_work(tmp_path):
     async def scenario():
-        engine = await started(make_engine(tmp_path))
-        await two_targets(engine, tmp_path)
+        engine = await rebooted_without_d2(tmp_path, lambda d: (d / "d2.img").unlink())
         kernel = engine.kernel
-        (tmp_path / "d2.img").unlink()
-        kernel.wipe()
-        engine = await started(make_engine(tmp_path, kernel))
         # What needs the disk is refused by name, and changes nothing.
         await engine.create_target("t3")
         with pytest.raises(NotSupported, match=r"d2.*missing"):
@@ -83,15 +81,13 @@ def test_changes_that_do_not_need_a_missing_disk_work(tmp_path):
 
 def test_a_file_of_another_disk_at_the_path_is_not_served(tmp_path):
     async def scenario():
-        engine = await started(make_engine(tmp_path))
-        await two_targets(engine, tmp_path)
-        kernel = engine.kernel
-        (tmp_path / "d2.img").rename(tmp_path / "away.img")
-        (tmp_path / "d2.img").hardlink_to(tmp_path / "d1.img")
-        kernel.wipe()
-        engine = await started(make_engine(tmp_path, kernel))
+        def replace_by_d1(directory):
+            (directory / "d2.img").unlink()
+            (directory / "d2.img").hardlink_to(directory / "d1.img")
+
+        engine = await rebooted_without_d2(tmp_path, replace_by_d1)
         assert "holds disk 'd1'" in engine.missing["d2"]
-        assert "d2" not in kernel.snapshot().storage_objects
+        assert "d2" not in engine.kernel.snapshot().storage_objects
 
     run(scenario())
 
