@@ -5,11 +5,9 @@ appliancectl) and the initiators, over loopback. Every check reads the kernel or
 initiator, never applianced's own view.
 """
 
-import time
-
 import pytest
 
-from tests.vm.appliance import DAEMON, VENV_BIN, ApplianceNode
+from tests.vm.appliance import ApplianceNode
 
 pytestmark = pytest.mark.vm
 
@@ -141,23 +139,3 @@ def test_a_portal_can_serve_only_some_targets(node):
     other = node.guest.run(["iscsi-inq", "-i", INITIATOR, f"iscsi://{PORTAL}:3261/{t1['iqn']}/0"], check=False)
     assert other.rc != 0
     assert node.guest.run(["iscsi-inq", "-i", INITIATOR, f"iscsi://{PORTAL}/{t1['iqn']}/0"], check=False).rc == 0
-
-
-def test_a_missing_disk_file_stops_the_start_and_is_never_recreated(node):
-    disk = next(d for d in node.ctl_json("disk", "list") if d["name"] == "d1")
-    iqns = node.lio_targets()
-    assert node.stop() == 0
-    node.wipe_lio()
-    # As after a reboot whose disk file system did not mount.
-    node.guest.run(["mv", disk["path"], f"{disk['path']}.away"])
-    node.guest.spawn(DAEMON, [str(VENV_BIN / "python"), "-m", "applianced"], cwd="/")
-    deadline = time.monotonic() + 120
-    while (code := node.guest.status(DAEMON)) is None and time.monotonic() < deadline:
-        time.sleep(1)
-    assert code == 1, node.log()
-    assert f"the disk file {disk['path']} is missing" in node.log()
-    assert node.guest.run(["test", "-e", disk["path"]], check=False).rc != 0, "LIO must not create it empty"
-    assert node.lio_targets() == [], "no target serves while a disk is missing"
-    node.guest.run(["mv", f"{disk['path']}.away", disk["path"]])
-    node.start()
-    assert node.lio_targets() == iqns
