@@ -202,6 +202,9 @@ class Appliance:
         # Any change (a new target, a portal) may put targets with different allow-lists
         # behind one portal, where no rule could tell them apart.
         firewall.check_portals(new)
+        if not from_kernel:
+            # A CHAP user or target IQN change may make a boot profile's options too long.
+            bootprofile.check_all(new)
         try:
             await asyncio.to_thread(self._transition, new, from_kernel)
         except (KernelError, StateError) as exc:
@@ -657,6 +660,7 @@ class Appliance:
         mac: str = "",
         portal: str = "",
         secondary_portal: str = "",
+        firmware: str = bootprofile.FIRMWARE_ALL,
     ) -> BootClient:
         async with self._lock:
             if name in self.config.boot_clients:
@@ -674,10 +678,10 @@ class Appliance:
                 validation.parse_portal(secondary_portal) if secondary_portal else ("", 0)
             )
             client = BootClient(
-                name, target_name, initiator, lun, address, port, mac, secondary_address, secondary_port
+                name, target_name, initiator, lun, address, port, mac, secondary_address, secondary_port, firmware
             )
-            # Building the profile validates it all (LUN 0-254, MAC, addresses, option sizes).
-            bootprofile.render_all(bootprofile.profile_for(client, target))
+            # The commit renders every profile, which validates this one (LUN 0-254, MAC,
+            # addresses, firmware, option sizes) before anything changes.
             new = dataclasses.replace(self.config, boot_clients={**self.config.boot_clients, name: client})
             await self._commit("create-boot-profile", name, new)
             return client

@@ -150,6 +150,10 @@ class BootClient:
     mac: str = ""
     secondary_address: str = ""
     secondary_port: int = 0
+    # The firmware families served (applianced/bootprofile.py): "all", "ipxe", "uefi" or
+    # "broadcom". Profiles made before there was a choice served Broadcom's firmware, which
+    # "all" still includes.
+    firmware: str = "all"
 
 
 @dataclass(frozen=True)

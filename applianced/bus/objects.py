@@ -170,7 +170,11 @@ class ManagerInterface(EntityInterface):
     @dbus_method()
     @translate_errors
     async def CreateBootProfile(self, name: "s", target: "o", initiator: "s", options: "a{sv}") -> "o":
-        opts = Options("CreateBootProfile", options, {"lun": "u", "mac": "s", "portal": "s", "secondary_portal": "s"})
+        opts = Options(
+            "CreateBootProfile",
+            options,
+            {"lun": "u", "mac": "s", "portal": "s", "secondary_portal": "s", "firmware": "s"},
+        )
         target_name = _name_from_path(target, paths.target_path, self.engine.config.targets, "target")
         client = await self.engine.create_boot_client(name, target_name, initiator, **opts.values())
         return paths.boot_profile_path(client.name)
@@ -536,8 +540,19 @@ class BootProfileInterface(EntityInterface):
         return bootprofile.root_path(self.value[1].primary)
 
     @dbus_property(access=READ)
+    def Firmware(self) -> "s":
+        return self.value[1].firmware
+
+    @dbus_property(access=READ)
     def DhcpConfigs(self) -> "a{ss}":
         return bootprofile.render_all(self.value[1])
+
+    @dbus_method()
+    @translate_errors
+    async def DhcpConfigsWithSecrets(self, options: "a{sv}") -> "a{ss}":
+        # Only root may call it (bus policy): the snippets carry the CHAP secrets.
+        Options("DhcpConfigsWithSecrets", options, {})
+        return bootprofile.render_all(self.value[1], secrets=True)
 
     @dbus_method()
     @translate_errors

@@ -162,9 +162,16 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--mac", default="", help="the client's MAC, to bind its DHCP entry")
     create.add_argument("--portal", default="", help="ADDRESS[:PORT] the firmware connects to (default: a portal)")
     create.add_argument("--secondary-portal", default="", help="ADDRESS[:PORT] of the second target (standby node)")
+    create.add_argument(
+        "--firmware",
+        choices=["all", "ipxe", "uefi", "broadcom"],
+        default="all",
+        help="serve only this boot firmware family (default: all; uefi needs --mac)",
+    )
     show = boot.add_parser("show", help="print the DHCP settings of a boot profile")
     show.add_argument("name")
     show.add_argument("--format", choices=["root-path", "isc-dhcpd", "kea", "dnsmasq"], help="only this one")
+    show.add_argument("--secrets", action="store_true", help="include the CHAP credentials iPXE reads (root only)")
     delete = boot.add_parser("delete", help="delete a boot profile")
     delete.add_argument("name")
 
@@ -431,6 +438,7 @@ class Commands:
                 "target": await self.name_of(p["Target"], TARGET_INTERFACE),
                 "initiator": p["Initiator"],
                 "lun": p["Lun"],
+                "firmware": p["Firmware"],
                 "root_path": p["RootPath"],
             }
             for _, p in await self.of(BOOT_PROFILE_INTERFACE)
@@ -440,7 +448,7 @@ class Commands:
         if not 0 <= args.lun <= 255:
             raise UsageError(f"invalid argument: LUN {args.lun} is out of range 0-254", EXIT_INVALID)
         target = await self.find(TARGET_INTERFACE, "target", Name=args.target)
-        options = {"lun": Variant("u", args.lun)}
+        options = {"lun": Variant("u", args.lun), "firmware": Variant("s", args.firmware)}
         for key, value in (("mac", args.mac), ("portal", args.portal), ("secondary_portal", args.secondary_portal)):
             if value:
                 options[key] = Variant("s", value)
@@ -450,7 +458,10 @@ class Commands:
 
     async def boot_show(self, args: argparse.Namespace) -> None:
         path = await self.find(BOOT_PROFILE_INTERFACE, "boot profile", Name=args.name)
-        configs = (await self.client.properties(path, BOOT_PROFILE_INTERFACE))["DhcpConfigs"]
+        if args.secrets:
+            (configs,) = await self.client.call(path, BOOT_PROFILE_INTERFACE, "DhcpConfigsWithSecrets", "a{sv}", [{}])
+        else:
+            configs = (await self.client.properties(path, BOOT_PROFILE_INTERFACE))["DhcpConfigs"]
         if args.format and args.format not in configs:
             raise UsageError(f"not supported: {args.format} cannot carry this profile's IPv6 portal", EXIT_INVALID)
         if args.json:

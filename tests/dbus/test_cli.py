@@ -171,6 +171,38 @@ def test_boot_profile_prints_dhcp_settings(daemon):
     assert daemon.cli("--json", "boot", "list").json() == []
 
 
+def test_boot_profile_chap_is_shown_only_to_root(daemon):
+    daemon.configure_first_slice()
+    secret = "b00t-s3cret-1"
+    assert daemon.cli("chap", "acl", "t1", INITIATOR, input=f"{secret}\n").returncode == 0
+    refused = daemon.cli("boot", "create", "pc1", "t1", INITIATOR, "--firmware", "uefi", "--portal", "192.0.2.10")
+    assert (refused.returncode, "MAC" in refused.stderr) == (5, True)
+    created = daemon.cli(
+        "boot",
+        "create",
+        "pc1",
+        "t1",
+        INITIATOR,
+        "--firmware",
+        "ipxe",
+        "--mac",
+        "52:54:00:12:34:56",
+        "--portal",
+        "192.0.2.10",
+    )
+    assert created.returncode == 0, created.stderr
+    assert daemon.cli("--json", "boot", "list").json()[0]["firmware"] == "ipxe"
+    for user in (None, "65534"):
+        public = daemon.cli("boot", "show", "pc1", "--format", "dnsmasq", user=user)
+        assert public.returncode == 0 and "dhcp-userclass=" in public.stdout and ",203," in public.stdout
+        assert secret not in public.stdout and "--secrets" in public.stdout
+    full = daemon.cli("boot", "show", "pc1", "--format", "dnsmasq", "--secrets")
+    assert full.returncode == 0 and f'encap:175,191,"{secret}"' in full.stdout
+    denied = daemon.cli("boot", "show", "pc1", "--secrets", user="65534")
+    assert (denied.returncode, secret in denied.stdout + denied.stderr) == (11, False)
+    assert secret not in daemon.log_text()
+
+
 def test_config_export_is_private_and_imports_back(daemon, tmp_path):
     daemon.configure_first_slice()
     assert daemon.cli("chap", "target", "t1", input="s3cret-s3cret\n").returncode == 0

@@ -10,6 +10,7 @@ import pytest
 from applianced.bootprofile import (
     BootProfile,
     BootTarget,
+    client_groups,
     dnsmasq,
     isc_dhcpd,
     kea,
@@ -17,12 +18,15 @@ from applianced.bootprofile import (
     vendor_suboptions,
 )
 from applianced.errors import InvalidArgument
+from applianced.state import Chap
 
 TARGET_IQN = "iqn.2003-01.org.example.san:boot-client1"
 INITIATOR_IQN = "iqn.1995-05.com.broadcom.00.11.22.33.44.55.iscsiboot"
 MAC = "00:11:22:33:44:55"
 PRIMARY_PATH = f"iscsi:192.0.2.10:6:3260:40:{TARGET_IQN}"
 SECONDARY_PATH = f"iscsi:192.0.2.11:6:3260:40:{TARGET_IQN}"
+# The secret has every character the snippets must escape or keep inside quotes.
+CHAP = Chap(INITIATOR_IQN, 's3cret"s#3,c\\', TARGET_IQN, "mutual-s3cret!")
 
 
 def one_target(**overrides):
@@ -212,78 +216,179 @@ def test_options_longer_than_255_bytes_are_refused(render):
         render(profile)
 
 
+# Firmware families and the groups of options each one reads
+
+
+def option_codes(group):
+    return [(option.space, option.code) for option in group.options]
+
+
+def test_every_firmware_is_served_to_the_mac_by_default():
+    main, broadcom = client_groups(one_target(chap=CHAP))
+    assert (main.family, main.vendor_class, main.user_class) == ("", "", "")
+    # Option 17 for every firmware, 203 and the option 175 credentials for iPXE.
+    assert option_codes(main) == [(0, 17), (0, 203), (175, 190), (175, 191), (175, 192), (175, 193)]
+    assert [option.value for option in main.options] == [
+        PRIMARY_PATH,
+        INITIATOR_IQN,
+        CHAP.user,
+        CHAP.secret,
+        CHAP.mutual_user,
+        CHAP.mutual_secret,
+    ]
+    assert [option.credential for option in main.options] == [False, False, True, True, True, True]
+    # Option 43 means something else to every vendor: Broadcom's only for its class.
+    assert (broadcom.family, broadcom.vendor_class) == ("broadcom", "BRCM ISAN")
+    assert option_codes(broadcom) == [(43, 201), (43, 203)]
+
+
+def test_one_way_chap_sends_no_reverse_credentials():
+    (main, _) = client_groups(one_target(chap=Chap(INITIATOR_IQN, "s3cret-s3cret")))
+    assert option_codes(main) == [(0, 17), (0, 203), (175, 190), (175, 191)]
+
+
+def test_without_a_mac_each_family_is_told_by_its_class():
+    ipxe, broadcom = client_groups(two_targets(mac=None))
+    assert (ipxe.family, ipxe.user_class, ipxe.vendor_class) == ("ipxe", "iPXE", "")
+    assert option_codes(ipxe) == [(0, 17), (0, 203)]
+    assert option_codes(broadcom) == [(0, 17), (43, 201), (43, 202), (43, 203)]
+
+
+@pytest.mark.parametrize(
+    ("firmware", "expected"),
+    [
+        ("ipxe", [("ipxe", "iPXE", "", [(0, 17), (0, 203)])]),
+        ("uefi", [("", "", "", [(0, 17)])]),
+        ("broadcom", [("broadcom", "", "BRCM ISAN", [(0, 17), (43, 201), (43, 203)])]),
+    ],
+)
+def test_a_profile_limited_to_one_firmware(firmware, expected):
+    groups = client_groups(one_target(firmware=firmware))
+    assert [(g.family, g.user_class, g.vendor_class, option_codes(g)) for g in groups] == expected
+
+
+def test_uefi_needs_a_mac():
+    with pytest.raises(InvalidArgument, match="MAC"):
+        one_target(firmware="uefi", mac=None)
+
+
+@pytest.mark.parametrize("firmware", ["", "UEFI", "bios", None, "ipxe "])
+def test_unknown_firmware_is_refused(firmware):
+    with pytest.raises(InvalidArgument, match="firmware"):
+        one_target(firmware=firmware)
+
+
+def test_credentials_are_left_out_unless_asked_for():
+    profile = one_target(chap=CHAP)
+    for render in RENDERERS:
+        hidden, shown = render(profile), render(profile, secrets=True)
+        for value in (CHAP.secret, CHAP.mutual_secret):
+            assert value not in hidden and "\\" not in hidden
+        assert "--secrets" in hidden and "--secrets" not in shown
+        assert "mutual-s3cret!" in shown
+    assert "--secrets" not in dnsmasq(one_target())
+
+
+def test_ipxe_credentials_must_fit_option_175():
+    long_user = Chap("u" * 200, "s3cret-s3cret", "m" * 40, "mutual-s3cret!")
+    with pytest.raises(InvalidArgument, match="option 175"):
+        isc_dhcpd(one_target(chap=long_user))
+
+
 # ISC dhcpd
 
 
 def test_isc_dhcpd_one_target():
-    text = isc_dhcpd(one_target())
+    text = isc_dhcpd(one_target(chap=CHAP), secrets=True)
     assert "option space iscsi-boot;" in text
     assert "option iscsi-boot.first-target code 201 = text;" in text
     assert "option iscsi-boot.second-target code 202 = text;" in text
     assert "option iscsi-boot.initiator-name code 203 = text;" in text
+    assert "option iscsi-initiator-iqn code 203 = string;" in text
+    assert "option space ipxe;" in text
+    assert "option ipxe.username code 190 = string;" in text
+    assert "option ipxe.reverse-password code 193 = string;" in text
+    assert "option ipxe-encap-opts code 175 = encapsulate ipxe;" in text
     assert 'class "iscsi-boot-client1" {' in text
-    assert f'match if option vendor-class-identifier = "BRCM ISAN" and hardware = 1:{MAC};' in text
+    assert f"match if hardware = 1:{MAC};" in text
+    assert "concat(option dhcp-parameter-request-list, 11, af, cb)" in text
     assert f'option root-path "{PRIMARY_PATH}";' in text
+    assert f'option iscsi-initiator-iqn "{INITIATOR_IQN}";' in text
+    assert 'option ipxe.password "s3cret\\"s#3,c\\\\";' in text
+    assert f'option ipxe.reverse-username "{CHAP.mutual_user}";' in text
+    assert 'class "iscsi-boot-client1-broadcom" {' in text
+    assert f'match if option vendor-class-identifier = "BRCM ISAN" and hardware = 1:{MAC};' in text
+    assert "concat(option dhcp-parameter-request-list, 2b)" in text
     assert "vendor-option-space iscsi-boot;" in text
     assert f'option iscsi-boot.first-target "{PRIMARY_PATH}";' in text
     assert f'option iscsi-boot.initiator-name "{INITIATOR_IQN}";' in text
     assert 'option iscsi-boot.second-target "' not in text
-    assert "concat(option dhcp-parameter-request-list, 11, 2b)" in text
     assert text.count("{") == text.count("}")
 
 
 def test_isc_dhcpd_two_targets_and_no_mac():
     text = isc_dhcpd(two_targets(mac=None, vendor_id="ACME BOOT"))
     assert 'match if option vendor-class-identifier = "ACME BOOT";' in text
+    assert 'match if option user-class = "iPXE";' in text
     assert "hardware" not in text
     assert f'option iscsi-boot.first-target "{PRIMARY_PATH}";' in text
     assert f'option iscsi-boot.second-target "{SECONDARY_PATH}";' in text
+    assert text.count(f'option root-path "{PRIMARY_PATH}";') == 2
 
 
 def test_isc_dhcpd_without_definitions():
     text = isc_dhcpd(one_target(), definitions=False)
     assert "option space" not in text
-    assert " code 20" not in text
+    assert " code " not in text
     assert f'option iscsi-boot.first-target "{PRIMARY_PATH}";' in text
 
 
 def test_every_isc_dhcpd_value_is_quoted():
-    for line in isc_dhcpd(two_targets()).splitlines():
-        if re.match(r"\s*option (root-path|iscsi-boot\.\S+) (?!code)", line):
-            assert re.search(r' "[^"\\]+";$', line), line
+    for line in isc_dhcpd(two_targets(chap=CHAP), secrets=True).splitlines():
+        if re.match(r"\s*option (root-path|iscsi-\S+|ipxe\.\S+) (?!code)", line):
+            assert re.search(r' "([^"\\]|\\.)+";$', line), line
 
 
 # Kea
 
 
 def test_kea_one_target():
-    fragment = json.loads(kea(one_target()))
+    fragment = json.loads(kea(one_target(chap=CHAP), secrets=True))
     assert set(fragment) == {"option-def", "client-classes"}
-    assert fragment["option-def"] == [
-        {
-            "name": "iscsi-boot-first-target",
-            "code": 201,
-            "space": "vendor-encapsulated-options-space",
-            "type": "string",
-        },
-        {
-            "name": "iscsi-boot-second-target",
-            "code": 202,
-            "space": "vendor-encapsulated-options-space",
-            "type": "string",
-        },
-        {
-            "name": "iscsi-boot-initiator-name",
-            "code": 203,
-            "space": "vendor-encapsulated-options-space",
-            "type": "string",
-        },
-    ]
-    (client_class,) = fragment["client-classes"]
-    assert client_class["name"] == "iscsi-boot-client1"
-    assert client_class["test"] == "option[60].text == 'BRCM ISAN' and pkt4.mac == 0x001122334455"
-    assert client_class["option-data"] == [
+    definitions = {(item.get("space", "dhcp4"), item["code"]): item for item in fragment["option-def"]}
+    assert definitions[("dhcp4", 203)] == {"name": "iscsi-initiator-iqn", "code": 203, "type": "string"}
+    assert definitions[("dhcp4", 175)] == {
+        "name": "ipxe-encap-opts",
+        "code": 175,
+        "type": "empty",
+        "encapsulate": "ipxe",
+    }
+    assert {code: item["name"] for (space, code), item in definitions.items() if space == "ipxe"} == {
+        190: "username",
+        191: "password",
+        192: "reverse-username",
+        193: "reverse-password",
+    }
+    assert definitions[("vendor-encapsulated-options-space", 201)] == {
+        "name": "iscsi-boot-first-target",
+        "code": 201,
+        "space": "vendor-encapsulated-options-space",
+        "type": "string",
+    }
+    main, broadcom = fragment["client-classes"]
+    assert main["name"] == "iscsi-boot-client1"
+    assert main["test"] == "pkt4.mac == 0x001122334455"
+    assert main["option-data"][:3] == [
         {"name": "root-path", "code": 17, "data": PRIMARY_PATH, "always-send": True},
+        {"name": "iscsi-initiator-iqn", "code": 203, "data": INITIATOR_IQN, "always-send": True},
+        {"name": "ipxe-encap-opts", "code": 175, "always-send": True},
+    ]
+    credentials = {item["code"]: item["data"] for item in main["option-data"] if item.get("space") == "ipxe"}
+    # Kea splits data at unescaped commas.
+    assert credentials == {190: CHAP.user, 191: 's3cret"s#3\\,c\\', 192: CHAP.mutual_user, 193: CHAP.mutual_secret}
+    assert broadcom["name"] == "iscsi-boot-client1-broadcom"
+    assert broadcom["test"] == "option[60].text == 'BRCM ISAN' and pkt4.mac == 0x001122334455"
+    assert broadcom["option-data"] == [
         {"name": "vendor-encapsulated-options", "code": 43, "always-send": True},
         {
             "name": "iscsi-boot-first-target",
@@ -302,9 +407,10 @@ def test_kea_one_target():
 
 def test_kea_two_targets_and_no_mac():
     fragment = json.loads(kea(two_targets(mac=None)))
-    (client_class,) = fragment["client-classes"]
-    assert client_class["test"] == "option[60].text == 'BRCM ISAN'"
-    suboptions = {item["code"]: item["data"] for item in client_class["option-data"] if "space" in item}
+    ipxe, broadcom = fragment["client-classes"]
+    assert ipxe["test"] == "option[77].hex == 'iPXE'"
+    assert broadcom["test"] == "option[60].text == 'BRCM ISAN'"
+    suboptions = {item["code"]: item["data"] for item in broadcom["option-data"] if "space" in item}
     assert suboptions == {201: PRIMARY_PATH, 202: SECONDARY_PATH, 203: INITIATOR_IQN}
 
 
@@ -312,18 +418,28 @@ def test_kea_without_definitions():
     assert set(json.loads(kea(one_target(), definitions=False))) == {"client-classes"}
 
 
+def test_kea_says_which_class_left_credentials_out():
+    main, broadcom = json.loads(kea(one_target(chap=CHAP)))["client-classes"]
+    assert "--secrets" in main["comment"] and "comment" not in broadcom
+
+
 # dnsmasq
 
 
 def test_dnsmasq_one_target():
-    lines = dnsmasq(one_target()).splitlines()
-    tags = "tag:iscsi-boot-client1-vendor,tag:iscsi-boot-client1-mac"
+    lines = dnsmasq(one_target(chap=CHAP), secrets=True).splitlines()
+    mac_tag = "tag:iscsi-boot-client1-mac"
     assert lines[1:] == [
-        "dhcp-vendorclass=set:iscsi-boot-client1-vendor,BRCM ISAN",
         f"dhcp-mac=set:iscsi-boot-client1-mac,{MAC}",
-        f'dhcp-option-force={tags},17,"{PRIMARY_PATH}"',
-        f'dhcp-option-force={tags},vendor:BRCM ISAN,201,"{PRIMARY_PATH}"',
-        f'dhcp-option-force={tags},vendor:BRCM ISAN,203,"{INITIATOR_IQN}"',
+        f'dhcp-option-force={mac_tag},17,"{PRIMARY_PATH}"',
+        f'dhcp-option-force={mac_tag},203,"{INITIATOR_IQN}"',
+        f'dhcp-option-force={mac_tag},encap:175,190,"{CHAP.user}"',
+        f'dhcp-option-force={mac_tag},encap:175,191,"s3cret\\"s#3,c\\\\"',
+        f'dhcp-option-force={mac_tag},encap:175,192,"{CHAP.mutual_user}"',
+        f'dhcp-option-force={mac_tag},encap:175,193,"{CHAP.mutual_secret}"',
+        "dhcp-vendorclass=set:iscsi-boot-client1-broadcom,BRCM ISAN",
+        f'dhcp-option-force={mac_tag},tag:iscsi-boot-client1-broadcom,vendor:BRCM ISAN,201,"{PRIMARY_PATH}"',
+        f'dhcp-option-force={mac_tag},tag:iscsi-boot-client1-broadcom,vendor:BRCM ISAN,203,"{INITIATOR_IQN}"',
     ]
     assert lines[0].startswith("#")
 
@@ -331,8 +447,19 @@ def test_dnsmasq_one_target():
 def test_dnsmasq_two_targets_and_no_mac():
     text = dnsmasq(two_targets(mac=None))
     assert "dhcp-mac" not in text
-    assert f'dhcp-option-force=tag:iscsi-boot-client1-vendor,vendor:BRCM ISAN,202,"{SECONDARY_PATH}"' in text
-    assert len([line for line in text.splitlines() if line.startswith("dhcp-option-force=")]) == 4
+    assert "dhcp-userclass=set:iscsi-boot-client1-ipxe,iPXE" in text
+    assert f'dhcp-option-force=tag:iscsi-boot-client1-ipxe,17,"{PRIMARY_PATH}"' in text
+    assert f'dhcp-option-force=tag:iscsi-boot-client1-broadcom,17,"{PRIMARY_PATH}"' in text
+    assert f'dhcp-option-force=tag:iscsi-boot-client1-broadcom,vendor:BRCM ISAN,202,"{SECONDARY_PATH}"' in text
+    assert len([line for line in text.splitlines() if line.startswith("dhcp-option-force=")]) == 6
+
+
+def test_dnsmasq_uefi_profile_is_the_root_path_for_the_mac():
+    lines = dnsmasq(one_target(firmware="uefi")).splitlines()
+    assert lines[1:] == [
+        f"dhcp-mac=set:iscsi-boot-client1-mac,{MAC}",
+        f'dhcp-option-force=tag:iscsi-boot-client1-mac,17,"{PRIMARY_PATH}"',
+    ]
 
 
 # The real servers' configuration checks. They only parse the file: no server is started and
@@ -359,17 +486,21 @@ def run_check(argv):
 
 
 PROFILES = [
-    one_target(),
+    one_target(chap=CHAP),
     two_targets(name="client2", mac="00:11:22:33:44:56"),
-    two_targets(name="client3", mac=None, vendor_id="ACME BOOT"),
+    two_targets(name="client3", mac=None, vendor_id="ACME BOOT", chap=CHAP),
+    one_target(name="client4", firmware="ipxe", chap=Chap(INITIATOR_IQN, "s3cret-s3cret")),
+    one_target(name="client5", firmware="uefi"),
+    one_target(name="client6", firmware="broadcom"),
 ]
 
 
-def test_dhcpd_accepts_the_snippets(tmp_path):
+@pytest.mark.parametrize("secrets", [False, True])
+def test_dhcpd_accepts_the_snippets(tmp_path, secrets):
     dhcpd = require_tool("dhcpd")
     config = tmp_path / "dhcpd.conf"
     # Definitions are repeated on purpose: pasted snippets must stay valid together.
-    config.write_text("".join(isc_dhcpd(profile) for profile in PROFILES))
+    config.write_text("".join(isc_dhcpd(profile, secrets=secrets) for profile in PROFILES))
     run_check([dhcpd, "-t", "-4", "-cf", str(config), "-lf", str(tmp_path / "leases")])
 
 
@@ -381,7 +512,8 @@ def test_dhcpd_check_rejects_a_broken_snippet(tmp_path):
     assert result.returncode != 0
 
 
-def test_kea_accepts_the_snippets(tmp_path):
+@pytest.mark.parametrize("secrets", [False, True])
+def test_kea_accepts_the_snippets(tmp_path, secrets):
     kea_dhcp4 = require_tool("kea-dhcp4")
     dhcp4 = {
         "interfaces-config": {"interfaces": []},
@@ -390,7 +522,7 @@ def test_kea_accepts_the_snippets(tmp_path):
         "client-classes": [],
     }
     for index, profile in enumerate(PROFILES):
-        fragment = json.loads(kea(profile, definitions=index == 0))
+        fragment = json.loads(kea(profile, definitions=index == 0, secrets=secrets))
         dhcp4["option-def"] += fragment.get("option-def", [])
         dhcp4["client-classes"] += fragment["client-classes"]
     config = tmp_path / "kea-dhcp4.json"
@@ -413,9 +545,10 @@ def test_kea_check_rejects_repeated_definitions(tmp_path):
     assert result.returncode != 0
 
 
-def test_dnsmasq_accepts_the_snippets(tmp_path):
+@pytest.mark.parametrize("secrets", [False, True])
+def test_dnsmasq_accepts_the_snippets(tmp_path, secrets):
     dnsmasq_bin = require_tool("dnsmasq")
     config = tmp_path / "dnsmasq.conf"
-    config.write_text("".join(dnsmasq(profile) for profile in PROFILES))
+    config.write_text("".join(dnsmasq(profile, secrets=secrets) for profile in PROFILES))
     result = run_check([dnsmasq_bin, "--test", f"--conf-file={config}"])
     assert "syntax check OK" in result.stdout + result.stderr

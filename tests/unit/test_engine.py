@@ -511,6 +511,31 @@ def test_boot_profiles_render_dhcp_settings_and_protect_what_they_use(tmp_path):
     run(scenario())
 
 
+def test_boot_profiles_serve_chosen_firmware_and_follow_the_acl_chap(tmp_path):
+    async def scenario():
+        engine = await started(make_engine(tmp_path))
+        await populate(engine)
+        for firmware, mac, match in (("bios", "", "firmware"), ("uefi", "", "MAC")):
+            with pytest.raises(InvalidArgument, match=match):
+                await engine.create_boot_client("pc1", "t1", INITIATOR, firmware=firmware, mac=mac)
+        assert engine.config.boot_clients == {} and engine.store.load() == engine.config
+        client = await engine.create_boot_client("pc1", "t1", INITIATOR, mac="52:54:00:12:34:56", firmware="ipxe")
+        assert client.firmware == "ipxe" and engine.store.load().boot_clients["pc1"] == client
+        await engine.set_acl_chap("t1", INITIATOR, Chap(secret=SECRET, mutual_secret=MUTUAL))
+        profile = bootprofile.profile_for(client, engine.config.targets["t1"])
+        # The default user names, as the kernel's ACL has them.
+        assert profile.chap == Chap(INITIATOR, SECRET, engine.config.targets["t1"].iqn, MUTUAL)
+        assert SECRET in bootprofile.dnsmasq(profile, secrets=True)
+        assert SECRET not in bootprofile.dnsmasq(profile)
+        # Long CHAP user names would no longer fit iPXE's option 175: refused, nothing changes.
+        before = engine.config
+        with pytest.raises(InvalidArgument, match="option 175"):
+            await engine.set_acl_chap("t1", INITIATOR, Chap("u" * 128, SECRET, "m" * 100, MUTUAL))
+        assert engine.config == before and engine.store.load() == before
+
+    run(scenario())
+
+
 def test_export_wipe_import_round_trip(tmp_path):
     kernel = FakeKernel()
 
