@@ -1,0 +1,94 @@
+"""iSCSI boot with real firmware: a PC's stock iPXE ROM boots from an applianced LUN.
+
+A storage node guest and a diskless QEMU PC (``-boot n``, the iPXE ROM of Debian's
+ipxe-qemu) on the lab's LAN. dnsmasq in the lab's namespace serves exactly what
+``appliancectl boot show pc1 --format dnsmasq`` printed, plus the interface and range
+lines any site adds. The LUN's first sector prints a random marker on the PC's serial
+port: the marker shows that the firmware found the LUN, logged in and booted from it,
+and the node shows the profile's initiator IQN logged in.
+"""
+
+import secrets
+import time
+
+import pytest
+
+from tests.vm.appliance import VENV_BIN, ApplianceNode
+from tests.vm.harness import HarnessError, Nic
+from tests.vm.netboot import Dnsmasq, NetbootPc, boot_sector
+
+pytestmark = pytest.mark.vm
+
+NODE = "10.99.0.5"
+DHCP_SERVER = "10.99.0.1/24"
+DHCP_RANGE = "10.99.0.100,10.99.0.150,255.255.255.0"
+PC_MAC = "52:54:00:99:00:42"
+INITIATOR = "iqn.2026-11.org.applianced.test:pc1"
+# Characters a DHCP server's configuration must quote or escape: the secret arrives intact
+# only if the printed snippet did that right.
+SECRET, MUTUAL = 'b0ot"s#3,cr\\t', "mutual-s3cret!"
+# SeaBIOS, iPXE's DHCP, the iSCSI login and the boot under TCG take about half a minute.
+BOOT_TIMEOUT = 240
+
+
+@pytest.fixture(scope="module")
+def node(module_guest_factory, module_lab):
+    guest = module_guest_factory("node", lab=module_lab, nics=[Nic("lan", f"{NODE}/24")])
+    appliance = ApplianceNode(guest).prepare()
+    appliance.start()
+    appliance.serve("8M", INITIATOR, NODE)
+    # Only what a new user types: the profile of the PC, bound to its MAC.
+    appliance.ctl("boot", "create", "pc1", "t1", INITIATOR, "--mac", PC_MAC)
+    # The DHCP server's address, on the lab's bridge inside the lab's namespace.
+    module_lab.add_address("lan", DHCP_SERVER)
+    return appliance
+
+
+def netboot(node, lab, log_dir, snippet):
+    """Boot the PC with dnsmasq serving ``snippet``; the node's sessions while it runs."""
+    marker = f"APPLIANCED-ISCSI-BOOT-{secrets.token_hex(6)}"
+    (disk,) = node.ctl_json("disk", "list")
+    node.guest.write_file("/tmp/boot-sector", boot_sector(marker))
+    node.guest.run(["dd", "if=/tmp/boot-sector", f"of={disk['path']}", "conv=notrunc,fsync", "status=none"])
+    with Dnsmasq(lab, "lan", DHCP_RANGE, snippet, log_dir), NetbootPc(lab, "lan", PC_MAC, log_dir) as pc:
+        try:
+            seconds = pc.wait_for(marker, BOOT_TIMEOUT)
+        except HarnessError as exc:
+            seen = node.ctl("initiator", "seen").stdout
+            pytest.fail(f"{exc}\ninitiator seen:\n{seen}", pytrace=False)
+        print(f"the PC booted from the LUN in {seconds:.0f} s")
+        # The PC has halted in the boot sector with its session still open.
+        return node.ctl_json("target", "sessions", "t1")
+
+
+def wait_for_login(node, timeout=60):
+    """The node's row for the PC's login (the sampler runs every 5 s)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = node.ctl_json("initiator", "seen")
+        row = next((r for r in rows if r["initiator"] == INITIATOR and r["outcome"] == "logged in"), None)
+        if row:
+            return row
+        assert time.monotonic() < deadline, f"no login of {INITIATOR} seen: {rows}"
+        time.sleep(1)
+
+
+def test_ipxe_boots_from_the_printed_snippet(node, module_lab, module_guest_factory):
+    snippet = node.ctl("boot", "show", "pc1", "--format", "dnsmasq").stdout
+    sessions = netboot(node, module_lab, module_guest_factory.log_dir / "pc-plain", snippet)
+    assert [(s["initiator"], s["luns"], s["authentication"]) for s in sessions] == [(INITIATOR, "0", "none")]
+    row = wait_for_login(node)
+    assert row["target"] == "t1" and row["address"].startswith("10.99.0.1")
+
+
+def test_ipxe_boots_with_mutual_chap_from_the_root_only_snippet(node, module_lab, module_guest_factory):
+    node.guest.run(
+        [str(VENV_BIN / "appliancectl"), "chap", "acl", "t1", INITIATOR, "--mutual"], input=f"{SECRET}\n{MUTUAL}\n"
+    )
+    public = node.ctl("boot", "show", "pc1", "--format", "dnsmasq").stdout
+    assert SECRET not in public and MUTUAL not in public and "--secrets" in public
+    snippet = node.ctl("boot", "show", "pc1", "--format", "dnsmasq", "--secrets").stdout
+    assert "encap:175,191," in snippet and "encap:175,193," in snippet
+    sessions = netboot(node, module_lab, module_guest_factory.log_dir / "pc-chap", snippet)
+    assert [(s["initiator"], s["luns"], s["authentication"]) for s in sessions] == [(INITIATOR, "0", "mutual-chap")]
+    assert SECRET not in node.log()
