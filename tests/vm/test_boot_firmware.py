@@ -1,11 +1,13 @@
-"""iSCSI boot with real firmware: a PC's stock iPXE ROM boots from an applianced LUN.
+"""iSCSI boot with real firmware: iPXE and UEFI PCs boot from applianced LUNs.
 
-A storage node guest and a diskless QEMU PC (``-boot n``, the iPXE ROM of Debian's
-ipxe-qemu) on the lab's LAN. dnsmasq in the lab's namespace serves exactly what
-``appliancectl boot show pc1 --format dnsmasq`` printed, plus the interface and range
-lines any site adds. The LUN's first sector prints a random marker on the PC's serial
-port: the marker shows that the firmware found the LUN, logged in and booted from it,
-and the node shows the profile's initiator IQN logged in.
+A storage node guest and diskless QEMU PCs on the lab's LAN: one with SeaBIOS and the
+stock iPXE ROM of Debian's ipxe-qemu (``-boot n``), one with Debian's OVMF and its iSCSI
+driver. dnsmasq in the lab's namespace serves exactly what ``appliancectl boot show NAME
+--format dnsmasq`` printed, plus the interface and range lines any site adds. The LUN
+holds what prints a random marker on the PC's serial port (a boot sector for iPXE, a
+startup.nsh that OVMF's shell runs from the LUN for UEFI): the marker shows that the
+firmware found the LUN, logged in and booted from it, and the node shows the profile's
+initiator IQN logged in.
 """
 
 import secrets
@@ -15,7 +17,7 @@ import pytest
 
 from tests.vm.appliance import VENV_BIN, ApplianceNode
 from tests.vm.harness import HarnessError, Nic
-from tests.vm.netboot import Dnsmasq, NetbootPc, boot_sector
+from tests.vm.netboot import Dnsmasq, NetbootPc, boot_sector, fat_image, seed_uefi_attempt
 
 pytestmark = pytest.mark.vm
 
@@ -24,6 +26,8 @@ DHCP_SERVER = "10.99.0.1/24"
 DHCP_RANGE = "10.99.0.100,10.99.0.150,255.255.255.0"
 PC_MAC = "52:54:00:99:00:42"
 INITIATOR = "iqn.2026-11.org.applianced.test:pc1"
+UEFI_MAC = "52:54:00:99:00:43"
+UEFI_INITIATOR = "iqn.2026-11.org.applianced.test:uefi-pc"
 # Characters a DHCP server's configuration must quote or escape: the secret arrives intact
 # only if the printed snippet did that right.
 SECRET, MUTUAL = 'b0ot"s#3,cr\\t', "mutual-s3cret!"
@@ -44,21 +48,30 @@ def node(module_guest_factory, module_lab):
     return appliance
 
 
-def netboot(node, lab, log_dir, snippet):
-    """Boot the PC with dnsmasq serving ``snippet``; the node's sessions while it runs."""
-    marker = f"APPLIANCED-ISCSI-BOOT-{secrets.token_hex(6)}"
-    (disk,) = node.ctl_json("disk", "list")
-    node.guest.write_file("/tmp/boot-sector", boot_sector(marker))
-    node.guest.run(["dd", "if=/tmp/boot-sector", f"of={disk['path']}", "conv=notrunc,fsync", "status=none"])
-    with Dnsmasq(lab, "lan", DHCP_RANGE, snippet, log_dir), NetbootPc(lab, "lan", PC_MAC, log_dir) as pc:
+def write_disk(node, name, data):
+    """Put ``data`` at the start of disk ``name``, as an installer would."""
+    (path,) = [disk["path"] for disk in node.ctl_json("disk", "list") if disk["name"] == name]
+    node.guest.write_file("/tmp/disk-start", data)
+    node.guest.run(["dd", "if=/tmp/disk-start", f"of={path}", "conv=notrunc,fsync", "status=none"])
+
+
+def netboot(node, lab, snippet, pc, marker, target):
+    """Boot ``pc`` with dnsmasq serving ``snippet``; ``target``'s sessions while it runs."""
+    with Dnsmasq(lab, "lan", DHCP_RANGE, snippet, pc.log_dir), pc:
         try:
             seconds = pc.wait_for(marker, BOOT_TIMEOUT)
         except HarnessError as exc:
             seen = node.ctl("initiator", "seen").stdout
             pytest.fail(f"{exc}\ninitiator seen:\n{seen}", pytrace=False)
         print(f"the PC booted from the LUN in {seconds:.0f} s")
-        # The PC has halted in the boot sector with its session still open.
-        return node.ctl_json("target", "sessions", "t1")
+        # The PC waits in its boot code, its session still open.
+        return node.ctl_json("target", "sessions", target)
+
+
+def ipxe_boot(node, lab, log_dir, snippet):
+    marker = f"APPLIANCED-ISCSI-BOOT-{secrets.token_hex(6)}"
+    write_disk(node, "d1", boot_sector(marker))
+    return netboot(node, lab, snippet, NetbootPc(lab, "lan", PC_MAC, log_dir), marker, "t1")
 
 
 def wait_for_login(node, timeout=60):
@@ -75,7 +88,7 @@ def wait_for_login(node, timeout=60):
 
 def test_ipxe_boots_from_the_printed_snippet(node, module_lab, module_guest_factory):
     snippet = node.ctl("boot", "show", "pc1", "--format", "dnsmasq").stdout
-    sessions = netboot(node, module_lab, module_guest_factory.log_dir / "pc-plain", snippet)
+    sessions = ipxe_boot(node, module_lab, module_guest_factory.log_dir / "pc-plain", snippet)
     assert [(s["initiator"], s["luns"], s["authentication"]) for s in sessions] == [(INITIATOR, "0", "none")]
     row = wait_for_login(node)
     assert row["target"] == "t1" and row["address"].startswith("10.99.0.1")
@@ -89,6 +102,27 @@ def test_ipxe_boots_with_mutual_chap_from_the_root_only_snippet(node, module_lab
     assert SECRET not in public and MUTUAL not in public and "--secrets" in public
     snippet = node.ctl("boot", "show", "pc1", "--format", "dnsmasq", "--secrets").stdout
     assert "encap:175,191," in snippet and "encap:175,193," in snippet
-    sessions = netboot(node, module_lab, module_guest_factory.log_dir / "pc-chap", snippet)
+    sessions = ipxe_boot(node, module_lab, module_guest_factory.log_dir / "pc-chap", snippet)
     assert [(s["initiator"], s["luns"], s["authentication"]) for s in sessions] == [(INITIATOR, "0", "mutual-chap")]
     assert SECRET not in node.log()
+
+
+def test_uefi_boots_from_the_printed_snippet(node, module_lab, module_guest_factory):
+    for args in (
+        ("disk", "create", "d2", "2M"),
+        ("target", "create", "t2"),
+        ("lun", "add", "t2", "d2"),
+        ("acl", "add", "t2", UEFI_INITIATOR),
+        ("boot", "create", "pc2", "t2", UEFI_INITIATOR, "--mac", UEFI_MAC, "--firmware", "uefi"),
+    ):
+        node.ctl(*args)
+    snippet = node.ctl("boot", "show", "pc2", "--format", "dnsmasq").stdout
+    log_dir = module_guest_factory.log_dir / "pc-uefi"
+    # What the administrator types in the firmware's iSCSI setup: DHCP gives the rest.
+    uefi_vars = log_dir / "OVMF_VARS.fd"
+    seed_uefi_attempt(uefi_vars, UEFI_MAC, UEFI_INITIATOR, log_dir)
+    marker = f"APPLIANCED-UEFI-BOOT-{secrets.token_hex(6)}"
+    write_disk(node, "d2", fat_image({"startup.nsh": f"echo {marker}\r\n"}))
+    pc = NetbootPc(module_lab, "lan", UEFI_MAC, log_dir, uefi_vars=uefi_vars)
+    sessions = netboot(node, module_lab, snippet, pc, marker, "t2")
+    assert [(s["initiator"], s["luns"]) for s in sessions] == [(UEFI_INITIATOR, "0")]
