@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import IO
 
+from applianced.state import Chap
 from tests.vm.harness import HarnessError, Lab
 
 DNSMASQ = "/usr/sbin/dnsmasq"
@@ -77,10 +78,11 @@ def fat_image(files: dict[str, str]) -> bytes:
         return image.read_bytes()
 
 
-def _uefi_attempt(mac: str) -> bytes:
+def _uefi_attempt(mac: str, chap: Chap | None) -> bytes:
     """IScsiDxe's ISCSI_ATTEMPT_CONFIG_NVDATA (IScsiConfig.h, packed) for attempt 1 on ``mac``.
 
-    What the setup menu saves for: enabled, IPv4, initiator and target from DHCP, no CHAP.
+    What the setup menu saves for: enabled, IPv4, initiator and target from DHCP, and
+    ``chap`` (user names filled in) if given.
     """
 
     def text(value: str, size: int) -> bytes:
@@ -98,7 +100,17 @@ def _uefi_attempt(mac: str) -> bytes:
             bytes(1 + 2) + address + bytes(1 + 255),  # RedirectFlag, OriginalTarget*, DnsMode, TargetUrl
         ]
     )
-    chap = bytes(1 + 127 + 17 + 127 + 17)  # CHAPType, CHAPName, CHAPSecret, reverse ones
+    credentials = bytes(1 + 127 + 17 + 127 + 17)  # CHAPType, CHAPName, CHAPSecret, reverse ones
+    if chap is not None:
+        credentials = b"".join(
+            [
+                bytes([1 if chap.mutual else 0]),  # ISCSI_CHAP_MUTUAL or ISCSI_CHAP_UNI
+                text(chap.user, 127),
+                text(chap.secret, 17),
+                text(chap.mutual_user, 127),
+                text(chap.mutual_secret, 17),
+            ]
+        )
     return b"".join(
         [
             bytes(16),  # LIST_ENTRY Link
@@ -108,23 +120,23 @@ def _uefi_attempt(mac: str) -> bytes:
             text(mac.upper(), 96),  # as IScsiMacAddrToStr writes it
             address * 3,  # PrimaryDns, SecondaryDns, DhcpServer
             session,
-            bytes(1),  # AuthenticationType: none
-            chap,
+            bytes([0 if chap is None else 1]),  # AuthenticationType: none or CHAP
+            credentials,
             bytes([0, 1]),  # AutoConfigureSuccess, Actived (ISCSI_ACTIVE_ENABLED)
         ]
     )
 
 
-def seed_uefi_attempt(vars_path: Path, mac: str, initiator: str, log_dir: Path) -> None:
+def seed_uefi_attempt(vars_path: Path, mac: str, initiator: str, chap: Chap | None, log_dir: Path) -> None:
     """Copy OVMF's variable store to ``vars_path`` with an iSCSI attempt for ``mac``.
 
     The attempt is what an administrator sets in the firmware's iSCSI setup: the initiator
-    name and an attempt on the NIC taking everything else from DHCP. OVMF's own shell
+    name, CHAP, and an attempt on the NIC taking the rest from DHCP. OVMF's own shell
     writes the variables (setvar, from a startup.nsh), so the store's format stays OVMF's.
     """
     log_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(OVMF_VARS, vars_path)
-    attempt = _uefi_attempt(mac).hex().upper()
+    attempt = _uefi_attempt(mac, chap).hex().upper()
     name = (initiator.encode("ascii") + bytes(1)).hex().upper()
     # The shell takes the data in several =H pieces: one command line stays short.
     pieces = " ".join("=H" + attempt[i : i + 256] for i in range(0, len(attempt), 256))

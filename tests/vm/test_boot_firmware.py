@@ -7,7 +7,7 @@ driver. dnsmasq in the lab's namespace serves exactly what ``appliancectl boot s
 holds what prints a random marker on the PC's serial port (a boot sector for iPXE, a
 startup.nsh that OVMF's shell runs from the LUN for UEFI): the marker shows that the
 firmware found the LUN, logged in and booted from it, and the node shows the profile's
-initiator IQN logged in.
+initiator IQN logged in. iPXE takes CHAP from the root-only snippet; UEFI from its setup.
 """
 
 import secrets
@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+from applianced.state import Chap
 from tests.vm.appliance import VENV_BIN, ApplianceNode
 from tests.vm.harness import HarnessError, Nic
 from tests.vm.netboot import Dnsmasq, NetbootPc, boot_sector, fat_image, seed_uefi_attempt
@@ -31,6 +32,7 @@ UEFI_INITIATOR = "iqn.2026-11.org.applianced.test:uefi-pc"
 # Characters a DHCP server's configuration must quote or escape: the secret arrives intact
 # only if the printed snippet did that right.
 SECRET, MUTUAL = 'b0ot"s#3,cr\\t', "mutual-s3cret!"
+UEFI_SECRET = "uefi-s3cret-1"
 # SeaBIOS, iPXE's DHCP, the iSCSI login and the boot under TCG take about half a minute.
 BOOT_TIMEOUT = 240
 
@@ -107,7 +109,7 @@ def test_ipxe_boots_with_mutual_chap_from_the_root_only_snippet(node, module_lab
     assert SECRET not in node.log()
 
 
-def test_uefi_boots_from_the_printed_snippet(node, module_lab, module_guest_factory):
+def test_uefi_boots_with_mutual_chap_typed_in_its_setup(node, module_lab, module_guest_factory):
     for args in (
         ("disk", "create", "d2", "2M"),
         ("target", "create", "t2"),
@@ -116,13 +118,23 @@ def test_uefi_boots_from_the_printed_snippet(node, module_lab, module_guest_fact
         ("boot", "create", "pc2", "t2", UEFI_INITIATOR, "--mac", UEFI_MAC, "--firmware", "uefi"),
     ):
         node.ctl(*args)
+    node.guest.run(
+        [str(VENV_BIN / "appliancectl"), "chap", "acl", "t2", UEFI_INITIATOR, "--mutual"],
+        input=f"{UEFI_SECRET}\n{MUTUAL}\n",
+    )
+    # UEFI takes no credentials from DHCP: the snippet every user may print is complete.
     snippet = node.ctl("boot", "show", "pc2", "--format", "dnsmasq").stdout
+    assert "--secrets" not in snippet and ",17," in snippet and ",203," not in snippet
     log_dir = module_guest_factory.log_dir / "pc-uefi"
-    # What the administrator types in the firmware's iSCSI setup: DHCP gives the rest.
+    # What the administrator types in the firmware's iSCSI setup; DHCP gives the rest.
+    t2_iqn = next(t["iqn"] for t in node.ctl_json("target", "list") if t["name"] == "t2")
     uefi_vars = log_dir / "OVMF_VARS.fd"
-    seed_uefi_attempt(uefi_vars, UEFI_MAC, UEFI_INITIATOR, log_dir)
+    chap = Chap(UEFI_INITIATOR, UEFI_SECRET, t2_iqn, MUTUAL)
+    seed_uefi_attempt(uefi_vars, UEFI_MAC, UEFI_INITIATOR, chap, log_dir)
     marker = f"APPLIANCED-UEFI-BOOT-{secrets.token_hex(6)}"
     write_disk(node, "d2", fat_image({"startup.nsh": f"echo {marker}\r\n"}))
     pc = NetbootPc(module_lab, "lan", UEFI_MAC, log_dir, uefi_vars=uefi_vars)
     sessions = netboot(node, module_lab, snippet, pc, marker, "t2")
-    assert [(s["initiator"], s["luns"]) for s in sessions] == [(UEFI_INITIATOR, "0")]
+    assert [(s["initiator"], s["luns"], s["authentication"]) for s in sessions] == [
+        (UEFI_INITIATOR, "0", "mutual-chap")
+    ]
