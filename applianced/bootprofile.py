@@ -122,7 +122,7 @@ class BootTarget:
         if not _is_int(self.lun) or not 0 <= self.lun <= MAX_BOOT_LUN:
             raise InvalidArgument(
                 f"boot LUN {self.lun!r} is out of range: use 0 to {MAX_BOOT_LUN} "
-                "(LUN 255 crashes the Microsoft initiator)"
+                "(LUN 255 crashes the Microsoft initiator at boot)"
             )
 
     @property

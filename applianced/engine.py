@@ -204,6 +204,7 @@ class Appliance:
         firewall.check_portals(new)
         if not from_kernel:
             # A CHAP user or target IQN change may make a boot profile's options too long.
+            # (Imports, the whole-configuration changes, are checked by validate_config.)
             bootprofile.check_all(new)
         try:
             await asyncio.to_thread(self._transition, new, from_kernel)
