@@ -1,7 +1,8 @@
 """Typed decoding of every document that enters the daemon from outside.
 
-Imported configurations, targetcli files, disk trailers and the state file (possibly
-written by an older version) are decoded here, straight from their bytes into the
+Imported configurations, targetcli files, disk trailers, the state file (possibly
+written by an older version) and the payloads of the peer link (MessagePack, after their
+authentication tag was checked) are decoded here, straight from their bytes into the
 engine's own frozen dataclasses, before anything is touched. A value of the wrong type, a
 missing field or malformed JSON becomes one ``InvalidArgument`` that names the field by
 its path (``$.targets[0].luns[1].number``); the rules that go beyond types (names, sizes,
@@ -19,7 +20,7 @@ that does reach msgspec's own recursion guard is refused like any malformed docu
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -30,12 +31,21 @@ T = TypeVar("T")
 
 def decode(document: str | bytes, schema: type[T], what: str) -> T:
     """``document`` (JSON) as a ``schema`` value, or InvalidArgument naming ``what`` and the field."""
+    return _decode(msgspec.json.decode, "JSON", document, schema, what)
+
+
+def unpack(message: bytes, schema: type[T], what: str) -> T:
+    """``message`` (MessagePack, the peer link's payloads) as a ``schema`` value, same errors."""
+    return _decode(msgspec.msgpack.decode, "MessagePack", message, schema, what)
+
+
+def _decode(decoder: Any, format_name: str, document: str | bytes, schema: type[T], what: str) -> T:
     try:
-        return msgspec.json.decode(document, type=schema, strict=True)
+        return decoder(document, type=schema, strict=True)
     except msgspec.ValidationError as exc:
         raise InvalidArgument(f"{what} is malformed: {exc}") from None
     except msgspec.DecodeError as exc:
-        raise InvalidArgument(f"{what} is not valid JSON: {exc}") from None
+        raise InvalidArgument(f"{what} is not valid {format_name}: {exc}") from None
     except UnicodeError:
         raise InvalidArgument(f"{what} is not valid UTF-8") from None
     except RecursionError:

@@ -1,0 +1,170 @@
+"""Two peer-link endpoints in one process over loopback (127.0.0.1 and 127.0.0.2)."""
+
+import asyncio
+import socket
+
+from applianced.peer import protocol
+from applianced.peer.link import PeerLink, PeerRefused, PeerUnreachable
+from applianced.peer.pairing import PairRecord
+
+KEY = bytes(range(32))
+WAIT = 15.0
+
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Node:
+    def __init__(self, node_id, own, peer, port, key=KEY, peer_node=""):
+        self.identified = []
+        record = PairRecord(peer, port, key, local_addresses=(own,), peer_node=peer_node)
+        self.link = PeerLink(record, node_id, lambda: None, self.identified.append)
+
+    async def __aenter__(self):
+        await self.link.start()
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.link.close()
+
+
+async def until(condition, timeout=WAIT):
+    """Wait for ``condition()`` to hold; a bounded wait for an event, not a speed check."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)
+
+
+def test_two_links_connect_answer_requests_and_learn_each_other():
+    async def scenario():
+        port = free_port()
+        async with (
+            Node("node-a", "127.0.0.1", "127.0.0.2", port) as a,
+            Node("node-b", "127.0.0.2", "127.0.0.1", port) as b,
+        ):
+            calls = []
+
+            async def echo(body):
+                calls.append(body)
+                return body[::-1]
+
+            async def broken(body):
+                raise RuntimeError("boom")
+
+            b.link.handle("echo", echo)
+            b.link.handle("broken", broken)
+            await until(lambda: a.link.status().connected and b.link.status().connected)
+            assert a.identified == ["node-b"] and b.identified == ["node-a"]
+            assert await a.link.request("echo", b"abc") == b"cba"
+            assert calls == [b"abc"]
+            try:
+                await a.link.request("broken", b"")
+                raise AssertionError("a failing handler must be an error")
+            except PeerRefused as refused:
+                assert "boom" not in str(refused)
+            await until(lambda: a.link.status().paths[0].rtt is not None)
+            status = a.link.status()
+            assert status.peer_node == "node-b" and status.paths[0].up
+            # One clock on both ends: the estimate is near zero.
+            assert status.clock_offset is not None and abs(status.clock_offset) < 0.5
+            assert sum(status.drops.values()) == 0
+
+    asyncio.run(scenario())
+
+
+def test_captured_datagrams_replayed_are_counted_and_ignored():
+    async def scenario():
+        port = free_port()
+        async with (
+            Node("node-a", "127.0.0.1", "127.0.0.2", port) as a,
+            Node("node-b", "127.0.0.2", "127.0.0.1", port) as b,
+        ):
+            captured = []
+            receive = b.link.received
+
+            def tap(datagram, source):
+                captured.append(datagram)
+                receive(datagram, source)
+
+            b.link.received = tap
+            executed = []
+
+            async def count(body):
+                executed.append(body)
+                return b""
+
+            b.link.handle("count", count)
+            await until(lambda: a.link.status().connected and b.link.status().connected)
+            await a.link.request("count", b"once")
+            before = b.link.status()
+            for datagram in captured:
+                receive(datagram, "127.0.0.1")
+            after = b.link.status()
+            assert executed == [b"once"]
+            assert after.drops["replayed"] == before.drops["replayed"] + len(captured)
+            assert after.session_started == before.session_started
+
+    asyncio.run(scenario())
+
+
+def test_a_wrong_key_or_a_node_paired_elsewhere_never_connects():
+    async def scenario():
+        port = free_port()
+        async with (
+            Node("node-a", "127.0.0.1", "127.0.0.2", port) as a,
+            Node("node-c", "127.0.0.2", "127.0.0.1", port, key=bytes(32)) as c,
+        ):
+            await until(lambda: a.link.status().drops["forged"] >= 2 and c.link.status().drops["forged"] >= 2)
+            assert not a.link.status().connected and a.identified == []
+        # Paired to node-b: node-c is refused though it has the key, and it refuses node-a.
+        async with (
+            Node("node-a", "127.0.0.1", "127.0.0.2", port, peer_node="node-b") as a,
+            Node("node-c", "127.0.0.2", "127.0.0.1", port) as c,
+        ):
+            await until(
+                lambda: a.link.status().drops["unknown-peer"] >= 2 and c.link.status().drops["unknown-peer"] >= 2
+            )
+            assert not a.link.status().connected and not c.link.status().connected
+            assert c.identified == []
+            try:
+                await c.link.request("anything", b"")
+                raise AssertionError("no request goes out unconnected")
+            except PeerUnreachable:
+                pass
+
+    asyncio.run(scenario())
+
+
+def test_a_restarted_endpoint_gets_a_new_session_by_itself():
+    async def scenario():
+        port = free_port()
+        async with Node("node-a", "127.0.0.1", "127.0.0.2", port) as a:
+            async with Node("node-b", "127.0.0.2", "127.0.0.1", port) as b:
+                await until(lambda: a.link.status().connected and b.link.status().connected)
+                first = a.link.status().session_started
+            async with Node("node-b", "127.0.0.2", "127.0.0.1", port, peer_node="node-a") as b:
+                await until(lambda: b.link.status().connected and a.link.status().session_started != first)
+                await until(lambda: a.link.status().connected)
+
+    asyncio.run(scenario())
+
+
+def test_oversized_requests_are_refused_before_sending():
+    async def scenario():
+        port = free_port()
+        async with (
+            Node("node-a", "127.0.0.1", "127.0.0.2", port) as a,
+            Node("node-b", "127.0.0.2", "127.0.0.1", port),
+        ):
+            await until(lambda: a.link.status().connected)
+            try:
+                await a.link.request("bitmap", b"\x00" * protocol.MAX_PAYLOAD)
+                raise AssertionError("a payload larger than a datagram must be refused")
+            except ValueError:
+                pass
+
+    asyncio.run(scenario())
