@@ -17,12 +17,15 @@ PORTAL_INTERFACE = "org.applianced.Appliance1.Portal"
 LUN_INTERFACE = "org.applianced.Appliance1.Lun"
 ACL_INTERFACE = "org.applianced.Appliance1.Acl"
 BOOT_PROFILE_INTERFACE = "org.applianced.Appliance1.BootProfile"
+PEER_INTERFACE = "org.applianced.Appliance1.Peer"
 
 # Lowercase plural collections below the root, as udisks2 does.
 DISKS_PATH = f"{ROOT_PATH}/disks"
 TARGETS_PATH = f"{ROOT_PATH}/targets"
 PORTALS_PATH = f"{ROOT_PATH}/portals"
 BOOT_PROFILES_PATH = f"{ROOT_PATH}/boot_profiles"
+# A node has at most one pair: one object, present while paired.
+PEER_PATH = f"{ROOT_PATH}/peer"
 
 ERROR_PREFIX = "org.applianced.Appliance1.Error"
 
@@ -31,6 +34,10 @@ STATE_FILE_NAME = "state.json"
 DISKS_DIR_NAME = "disks"
 
 ISCSI_DEFAULT_PORT = 3260
+# UDP port of the peer link on the replication/heartbeat network (DRBD uses 7788 and up).
+PEER_DEFAULT_PORT = 7790
+# The reference requires agreeing clocks; status warns above this offset (seconds).
+CLOCK_OFFSET_WARNING = 1.0
 # Naming authority used to generate target IQNs; not the host name, because a target
 # keeps its IQN when it fails over to the peer node.
 DEFAULT_IQN_PREFIX = "iqn.2003-01.org.linux-iscsi.applianced"

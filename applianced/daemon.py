@@ -24,6 +24,7 @@ from applianced.constants import BUS_NAME, DEFAULT_STATE_DIR, STATE_FILE_NAME
 from applianced.engine import Appliance, Kernel
 from applianced.errors import ApplianceError
 from applianced.kernel.lio import LioKernel
+from applianced.peer.service import Peer
 from applianced.state import StateStore
 
 log = logging.getLogger("applianced")
@@ -50,21 +51,24 @@ def main(
     systemd.setup_logging("applianced", getattr(logging, args.log_level))
     store = StateStore(args.state_dir, STATE_FILE_NAME)
     engine = Appliance(kernel_factory(), store, network.local_addresses, firewall_factory(), resolver)
+    peer = Peer(args.state_dir, network.local_addresses)
     try:
-        asyncio.run(serve(engine))
+        asyncio.run(serve(engine, peer))
     except ApplianceError as exc:
         log.error("applianced cannot start: %s", exc)
         return 1
     return 0
 
 
-async def serve(engine: Appliance) -> None:
+async def serve(engine: Appliance, peer: Peer) -> None:
     bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
     try:
-        ObjectTree(bus, engine)
+        ObjectTree(bus, engine, peer)
         changes = await engine.start()
         log.info("kernel reconciled at start-up with %d change(s)", changes)
         await asyncio.to_thread(engine.seen.load)
+        # The link needs the node id, which the state file holds.
+        await peer.start(engine.config.node_id)
         reply = await bus.request_name(BUS_NAME)
         if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
             raise RuntimeError(f"{BUS_NAME} is owned by another process; is applianced running already?")
@@ -86,6 +90,7 @@ async def serve(engine: Appliance) -> None:
         for task in (watchdog, sampler, watcher):
             task.cancel()
         events.close()
+        await peer.close()
         log.info("stopping; LIO configuration and sessions are left as they are")
         await bus.release_name(BUS_NAME)
         await _finish_calls_in_progress()

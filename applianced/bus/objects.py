@@ -18,43 +18,26 @@ from dbus_fast.service import ServiceInterface, dbus_method, dbus_property
 from applianced import __version__, bootprofile
 from applianced.bus import paths
 from applianced.bus.errors import translate_errors
+from applianced.bus.options import Options
+from applianced.bus.peer import PeerInterface
 from applianced.constants import (
     ACL_INTERFACE,
     BOOT_PROFILE_INTERFACE,
     DISK_INTERFACE,
     LUN_INTERFACE,
     MANAGER_INTERFACE,
+    PEER_DEFAULT_PORT,
+    PEER_PATH,
     PORTAL_INTERFACE,
     ROOT_PATH,
     TARGET_INTERFACE,
 )
 from applianced.engine import Appliance
 from applianced.errors import InvalidArgument
+from applianced.peer.service import Peer
 from applianced.state import Acl, BootClient, Chap, Config, Disk, Lun, Portal, Target
 
 READ = PropertyAccess.READ
-
-
-class Options:
-    """The ``a{sv}`` options argument: known keys with checked types, unknown keys refused."""
-
-    def __init__(self, method: str, options: dict[str, Variant], allowed: dict[str, str]) -> None:
-        unknown = sorted(set(options) - set(allowed))
-        if unknown:
-            raise InvalidArgument(f"{method} does not take option(s) {', '.join(unknown)}")
-        for key, variant in options.items():
-            if variant.signature != allowed[key]:
-                raise InvalidArgument(
-                    f"option {key} of {method} must have type '{allowed[key]}', not '{variant.signature}'"
-                )
-        self._values = {key: variant.value for key, variant in options.items()}
-
-    def get(self, key: str, default: Any) -> Any:
-        return self._values.get(key, default)
-
-    def values(self) -> dict[str, Any]:
-        """The options that were given, by name."""
-        return dict(self._values)
 
 
 CHAP_KEYS = {"user": "s", "secret": "s", "mutual_user": "s", "mutual_secret": "s"}
@@ -112,6 +95,10 @@ class ManagerInterface(EntityInterface):
 
     INTERFACE = MANAGER_INTERFACE
     value: Config
+
+    def __init__(self, engine: Appliance, value: Config, peer: Peer) -> None:
+        super().__init__(engine, value)
+        self.peer = peer
 
     @dbus_property(access=READ)
     def Version(self) -> "s":
@@ -207,6 +194,21 @@ class ManagerInterface(EntityInterface):
         ]
         portal = await self.engine.create_portal(address, port, targets)
         return paths.portal_path(portal.key)
+
+    @dbus_method()
+    @translate_errors
+    async def CreatePair(self, peer_address: "s", key: "ay", options: "a{sv}") -> "o":
+        # The key is an argument of this one call: it is never logged, stored only in the
+        # 0600 pair file, and no property or error gives it back.
+        opts = Options("CreatePair", options, {"aux_address": "s", "port": "q", "local_addresses": "as"})
+        await self.peer.pair(
+            peer_address,
+            bytes(key),
+            opts.get("port", PEER_DEFAULT_PORT),
+            opts.get("aux_address", ""),
+            opts.get("local_addresses", []),
+        )
+        return PEER_PATH
 
     @dbus_method()
     @translate_errors
@@ -564,13 +566,28 @@ class BootProfileInterface(EntityInterface):
 class ObjectTree:
     """Keeps the exported entity objects equal to the engine's configuration."""
 
-    def __init__(self, bus: MessageBus, engine: Appliance) -> None:
+    def __init__(self, bus: MessageBus, engine: Appliance, peer: Peer) -> None:
         self.bus = bus
         self.engine = engine
+        self.peer = peer
         self._exported: dict[str, EntityInterface] = {}
-        self.manager = ManagerInterface(engine, engine.config)
+        self._peer_object: PeerInterface | None = None
+        self.manager = ManagerInterface(engine, engine.config, peer)
         bus.export(ROOT_PATH, self.manager)
         engine.add_listener(self.sync)
+        peer.add_listener(self.sync_peer)
+
+    def sync_peer(self) -> None:
+        """Export the pair's object while paired, and announce its connectivity."""
+        if self.peer.record is None:
+            if self._peer_object is not None:
+                self.bus.unexport(PEER_PATH, self._peer_object)
+                self._peer_object = None
+        elif self._peer_object is None:
+            self._peer_object = PeerInterface(self.peer)
+            self.bus.export(PEER_PATH, self._peer_object)
+        else:
+            self._peer_object.refresh()
 
     def sync(self, config: Config) -> None:
         self.manager.refresh(config)

@@ -8,6 +8,7 @@ import datetime
 import getpass
 import json
 import os
+import stat
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,10 +22,14 @@ from applianced.cli.messages import NO_BUS, UsageError, describe
 from applianced.constants import (
     ACL_INTERFACE,
     BOOT_PROFILE_INTERFACE,
+    CLOCK_OFFSET_WARNING,
     DISK_INTERFACE,
     ISCSI_DEFAULT_PORT,
     LUN_INTERFACE,
     MANAGER_INTERFACE,
+    PEER_DEFAULT_PORT,
+    PEER_INTERFACE,
+    PEER_PATH,
     PORTAL_INTERFACE,
     ROOT_PATH,
     TARGET_INTERFACE,
@@ -202,6 +207,20 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--mutual", action="store_true", help="also authenticate the target (mutual CHAP)")
         sub.add_argument("--mutual-user", default="", help="user of the target (default: the target's IQN)")
         sub.add_argument("--off", action="store_true", help="turn CHAP off")
+
+    pair = groups.add_parser(
+        "pair", help="the pair of nodes (the key is read from a file, standard input or a prompt, never from arguments)"
+    ).add_subparsers(dest="action", required=True)
+    create = pair.add_parser("create", help="pair with the node at PEER_ADDRESS (run it on both nodes, same key)")
+    create.add_argument("peer_address", help="the peer's address on the replication/heartbeat network")
+    create.add_argument("--aux-address", default="", help="the peer's second address: an auxiliary path")
+    create.add_argument("--port", type=int, default=PEER_DEFAULT_PORT, help=f"UDP port (default {PEER_DEFAULT_PORT})")
+    create.add_argument(
+        "--local-address", action="append", default=[], help="use only this address of this node (repeatable)"
+    )
+    create.add_argument("--key-file", help="file holding the shared key (at least 32 bytes)")
+    pair.add_parser("status", help="the peer link: connected, paths, round trip, clock offset, dropped datagrams")
+    pair.add_parser("delete", help="unpair this node (do it on both nodes)")
     return parser
 
 
@@ -214,6 +233,27 @@ def read_secrets(mutual: bool) -> tuple[str, str]:
     if len(lines) < (2 if mutual else 1):
         raise UsageError("invalid argument: expected the secret(s) on standard input, one per line", EXIT_INVALID)
     return lines[0], lines[1] if mutual else ""
+
+
+def read_key(key_file: str | None) -> bytes:
+    """The shared key: a regular file's bytes, else standard input or a prompt; one final newline is dropped."""
+    if key_file:
+        try:
+            fd = os.open(key_file, os.O_PATH)
+            try:
+                regular = stat.S_ISREG(os.fstat(fd).st_mode)
+            finally:
+                os.close(fd)
+            if not regular:
+                raise UsageError(f"invalid argument: {key_file} is not a regular file", EXIT_INVALID)
+            key = Path(key_file).read_bytes()
+        except OSError as exc:
+            raise UsageError(f"invalid argument: cannot read {key_file}: {exc.strerror}", EXIT_INVALID) from None
+    elif sys.stdin.isatty():
+        key = getpass.getpass("pair key: ").encode()
+    else:
+        key = sys.stdin.buffer.read()
+    return key.removesuffix(b"\n")
 
 
 class Commands:
@@ -505,6 +545,63 @@ class Commands:
         path = await self.find(ACL_INTERFACE, "ACL", Target=target, Initiator=args.initiator.strip().lower())
         await self.client.call(path, ACL_INTERFACE, "Logout", "a{sv}", [{}])
 
+    # -- the pair ----------------------------------------------------------------------
+
+    async def pair_create(self, args: argparse.Namespace) -> None:
+        if not 0 < args.port < 65536:
+            raise UsageError(f"invalid argument: port {args.port} is out of range 1-65535", EXIT_INVALID)
+        options = {
+            "aux_address": Variant("s", args.aux_address),
+            "port": Variant("q", args.port),
+            "local_addresses": Variant("as", args.local_address),
+        }
+        key = read_key(args.key_file)
+        await self.client.call(
+            ROOT_PATH, MANAGER_INTERFACE, "CreatePair", "saya{sv}", [args.peer_address, key, options]
+        )
+
+    async def _peer_path(self) -> str:
+        if PEER_PATH not in await self.objects():
+            raise UsageError("not found: this node is not paired", EXIT_NOT_FOUND)
+        return PEER_PATH
+
+    async def pair_status(self, args: argparse.Namespace) -> None:
+        p = await self.client.properties(await self._peer_path(), PEER_INTERFACE)
+        status = {
+            "peer_address": p["PeerAddress"],
+            "aux_address": p["AuxAddress"],
+            "port": p["Port"],
+            "local_addresses": p["LocalAddresses"],
+            "peer_node_id": p["PeerNodeId"],
+            "connected": p["Connected"],
+            "session_started": p["SessionStarted"] or None,
+            "paths": [
+                {
+                    "address": address,
+                    "role": role,
+                    "up": up,
+                    "rtt": None if rtt < 0 else rtt,
+                    "last_received": last or None,
+                }
+                for address, role, up, rtt, last in p["Paths"]
+            ],
+            "last_message": p["LastMessage"] or None,
+            "last_message_kind": p["LastMessageKind"],
+            "clock_offset": p["ClockOffset"] if p["ClockOffsetKnown"] else None,
+            "drops": p["Drops"],
+        }
+        offset = status["clock_offset"]
+        if offset is not None and abs(offset) > CLOCK_OFFSET_WARNING:
+            print(
+                f"appliancectl: warning: the nodes' clocks differ by {offset:+.3f} s; "
+                "keep them synchronised (NTP) on both nodes",
+                file=sys.stderr,
+            )
+        print(json.dumps(status, indent=2) if args.json else _pair_text(status))
+
+    async def pair_delete(self, args: argparse.Namespace) -> None:
+        await self.client.call(await self._peer_path(), PEER_INTERFACE, "Delete", "a{sv}", [{}])
+
     # -- portals -----------------------------------------------------------------------
 
     async def portal_list(self, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -612,6 +709,30 @@ OUTCOMES = {
     ("refused", "negotiation"): "refused: negotiation failed",
     ("refused", "other"): "refused: other",
 }
+
+
+def _pair_text(status: dict[str, Any]) -> str:
+    """``pair status`` for people: one line per item, times local, durations in ms."""
+
+    def when(seconds: float | None) -> str:
+        return _local_time(int(seconds)) if seconds else "never"
+
+    paths = [
+        f"{path['role']} {path['address']}: {'up' if path['up'] else 'down'}"
+        + (f", rtt {path['rtt'] * 1000:.2f} ms" if path["rtt"] is not None and path["up"] else "")
+        for path in status["paths"]
+    ]
+    offset = status["clock_offset"]
+    lines = [
+        ("peer", f"{status['peer_address']} port {status['port']} (node {status['peer_node_id'] or 'not yet seen'})"),
+        ("connected", "yes" if status["connected"] else "no"),
+        ("session since", when(status["session_started"])),
+        ("paths", "; ".join(paths)),
+        ("last message", f"{when(status['last_message'])} ({status['last_message_kind'] or '-'})"),
+        ("clock offset", "unknown" if offset is None else f"{offset * 1000:+.1f} ms"),
+        ("dropped", ", ".join(f"{reason} {count}" for reason, count in sorted(status["drops"].items()))),
+    ]
+    return "\n".join(f"{label + ':':<15}{value}" for label, value in lines)
 
 
 def _local_time(seconds: int) -> str:

@@ -9,7 +9,7 @@ from dbus_fast.aio import MessageBus
 
 from applianced.cli.client import Client
 from applianced.constants import ROOT_PATH
-from tests.support.daemon import INITIATOR, REPO, Daemon
+from tests.support.daemon import INITIATOR, REPO, Daemon, free_udp_port
 from tests.support.fake_kernel import FAIL_ENV
 
 DOCUMENTED = REPO / "dbus" / "org.applianced.Appliance1.xml"
@@ -46,6 +46,9 @@ def interfaces_of(xml_text):
 def test_introspection_matches_the_documented_api(daemon, bus):
     daemon.configure_first_slice()
     assert daemon.cli("boot", "create", "pc1", "t1", INITIATOR, "--portal", "192.0.2.10").returncode == 0
+    # Paired over loopback only, so that the Peer object exists.
+    pair = ("pair", "create", "127.0.0.2", "--local-address", "127.0.0.1", "--port", str(free_udp_port()))
+    assert daemon.cli(*pair, input="k" * 32).returncode == 0
     (objects,) = dbus(bus.address, ROOT_PATH, "org.freedesktop.DBus.ObjectManager", "GetManagedObjects")
     live = {}
     for path in [ROOT_PATH, *objects]:

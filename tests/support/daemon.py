@@ -29,6 +29,13 @@ FIRST_SLICE = (
 )
 
 
+def free_udp_port() -> int:
+    """A UDP port that nothing on loopback uses now, for a peer link kept on loopback."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @dataclass
 class Result:
     returncode: int

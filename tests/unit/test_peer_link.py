@@ -1,20 +1,14 @@
 """Two peer-link endpoints in one process over loopback (127.0.0.1 and 127.0.0.2)."""
 
 import asyncio
-import socket
 
 from applianced.peer import protocol
 from applianced.peer.link import PeerLink, PeerRefused, PeerUnreachable
 from applianced.peer.pairing import PairRecord
+from tests.support.daemon import free_udp_port
 
 KEY = bytes(range(32))
 WAIT = 15.0
-
-
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class Node:
@@ -41,7 +35,7 @@ async def until(condition, timeout=WAIT):
 
 def test_two_links_connect_answer_requests_and_learn_each_other():
     async def scenario():
-        port = free_port()
+        port = free_udp_port()
         async with (
             Node("node-a", "127.0.0.1", "127.0.0.2", port) as a,
             Node("node-b", "127.0.0.2", "127.0.0.1", port) as b,
@@ -78,7 +72,7 @@ def test_two_links_connect_answer_requests_and_learn_each_other():
 
 def test_captured_datagrams_replayed_are_counted_and_ignored():
     async def scenario():
-        port = free_port()
+        port = free_udp_port()
         async with (
             Node("node-a", "127.0.0.1", "127.0.0.2", port) as a,
             Node("node-b", "127.0.0.2", "127.0.0.1", port) as b,
@@ -113,7 +107,7 @@ def test_captured_datagrams_replayed_are_counted_and_ignored():
 
 def test_a_wrong_key_or_a_node_paired_elsewhere_never_connects():
     async def scenario():
-        port = free_port()
+        port = free_udp_port()
         async with (
             Node("node-a", "127.0.0.1", "127.0.0.2", port) as a,
             Node("node-c", "127.0.0.2", "127.0.0.1", port, key=bytes(32)) as c,
@@ -141,7 +135,7 @@ def test_a_wrong_key_or_a_node_paired_elsewhere_never_connects():
 
 def test_a_restarted_endpoint_gets_a_new_session_by_itself():
     async def scenario():
-        port = free_port()
+        port = free_udp_port()
         async with Node("node-a", "127.0.0.1", "127.0.0.2", port) as a:
             async with Node("node-b", "127.0.0.2", "127.0.0.1", port) as b:
                 await until(lambda: a.link.status().connected and b.link.status().connected)
@@ -155,7 +149,7 @@ def test_a_restarted_endpoint_gets_a_new_session_by_itself():
 
 def test_oversized_requests_are_refused_before_sending():
     async def scenario():
-        port = free_port()
+        port = free_udp_port()
         async with (
             Node("node-a", "127.0.0.1", "127.0.0.2", port) as a,
             Node("node-b", "127.0.0.2", "127.0.0.1", port),
