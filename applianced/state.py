@@ -283,23 +283,34 @@ class StateStore:
 
     def load(self) -> Config | None:
         """Return the stored configuration, or None when the node was never configured."""
-        try:
-            text = self.path.read_bytes()
-        except FileNotFoundError:
+        text = read_state_file(self.path)
+        if text is None:
             return None
-        except OSError as exc:
-            raise StateError(f"cannot read {self.path}: {exc.strerror}") from exc
         try:
             return Config.decode(text, str(self.path))
         except InvalidArgument as exc:
             raise StateError(str(exc)) from None
 
     def save(self, config: Config) -> None:
-        payload = json.dumps(config.to_json(), indent=2, sort_keys=True).encode() + b"\n"
-        try:
-            write_private_file(self.path, payload)
-        except OSError as exc:
-            raise StateError(f"cannot write {self.path}: {exc.strerror}") from exc
+        write_state_file(self.path, json.dumps(config.to_json(), indent=2, sort_keys=True).encode() + b"\n")
+
+
+def read_state_file(path: Path) -> bytes | None:
+    """The content of a file of the state directory, None if absent; StateError if unreadable."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StateError(f"cannot read {path}: {exc.strerror}") from exc
+
+
+def write_state_file(path: Path, payload: bytes) -> None:
+    """``write_private_file``, failing with StateError."""
+    try:
+        write_private_file(path, payload)
+    except OSError as exc:
+        raise StateError(f"cannot write {path}: {exc.strerror}") from exc
 
 
 def write_private_file(path: Path, payload: bytes) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from applianced import decoding
 from applianced.errors import InvalidArgument, StateError
-from applianced.state import write_private_file
+from applianced.state import read_state_file, write_state_file
 from applianced.validation import canonical_address, check_port
 
 FILE_NAME = "pair.json"
@@ -95,12 +95,9 @@ class PairStore:
         self.path = directory / FILE_NAME
 
     def load(self) -> PairRecord | None:
-        try:
-            text = self.path.read_bytes()
-        except FileNotFoundError:
+        text = read_state_file(self.path)
+        if text is None:
             return None
-        except OSError as exc:
-            raise StateError(f"cannot read {self.path}: {exc.strerror}") from exc
         try:
             document = decoding.decode(text, _Document, str(self.path))
             if document.version != FORMAT_VERSION:
@@ -115,10 +112,7 @@ class PairStore:
 
     def save(self, record: PairRecord) -> None:
         document = {**dataclasses.asdict(record), "key": record.key.hex(), "version": FORMAT_VERSION}
-        try:
-            write_private_file(self.path, json.dumps(document, indent=2, sort_keys=True).encode() + b"\n")
-        except OSError as exc:
-            raise StateError(f"cannot write {self.path}: {exc.strerror}") from exc
+        write_state_file(self.path, json.dumps(document, indent=2, sort_keys=True).encode() + b"\n")
 
     def delete(self) -> None:
         try:

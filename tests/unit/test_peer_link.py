@@ -25,6 +25,14 @@ class Node:
         await self.link.close()
 
 
+def pair_of_links(port, a_options=None, b_options=None):
+    """node-a on 127.0.0.1 and node-b on 127.0.0.2, each the other's peer."""
+    return (
+        Node("node-a", "127.0.0.1", "127.0.0.2", port, **(a_options or {})),
+        Node("node-b", "127.0.0.2", "127.0.0.1", port, **(b_options or {})),
+    )
+
+
 async def until(condition, timeout=WAIT):
     """Wait for ``condition()`` to hold; a bounded wait for an event, not a speed check."""
     deadline = asyncio.get_running_loop().time() + timeout
@@ -36,10 +44,8 @@ async def until(condition, timeout=WAIT):
 def test_two_links_connect_answer_requests_and_learn_each_other():
     async def scenario():
         port = free_udp_port()
-        async with (
-            Node("node-a", "127.0.0.1", "127.0.0.2", port) as a,
-            Node("node-b", "127.0.0.2", "127.0.0.1", port) as b,
-        ):
+        first, second = pair_of_links(port)
+        async with first as a, second as b:
             calls = []
 
             async def echo(body):
@@ -73,10 +79,8 @@ def test_two_links_connect_answer_requests_and_learn_each_other():
 def test_captured_datagrams_replayed_are_counted_and_ignored():
     async def scenario():
         port = free_udp_port()
-        async with (
-            Node("node-a", "127.0.0.1", "127.0.0.2", port) as a,
-            Node("node-b", "127.0.0.2", "127.0.0.1", port) as b,
-        ):
+        first, second = pair_of_links(port)
+        async with first as a, second as b:
             captured = []
             receive = b.link.received
 
@@ -150,10 +154,8 @@ def test_a_restarted_endpoint_gets_a_new_session_by_itself():
 def test_oversized_requests_are_refused_before_sending():
     async def scenario():
         port = free_udp_port()
-        async with (
-            Node("node-a", "127.0.0.1", "127.0.0.2", port) as a,
-            Node("node-b", "127.0.0.2", "127.0.0.1", port),
-        ):
+        first, second = pair_of_links(port)
+        async with first as a, second:
             await until(lambda: a.link.status().connected)
             try:
                 await a.link.request("bitmap", b"\x00" * protocol.MAX_PAYLOAD)
