@@ -4,13 +4,14 @@ import asyncio
 import xml.etree.ElementTree as ET
 
 import pytest
-from dbus_fast import DBusError, Message, Variant
+from dbus_fast import DBusError, Variant
 from dbus_fast.aio import MessageBus
 
 from applianced.cli.client import Client
 from applianced.constants import ROOT_PATH
 from tests.support.daemon import INITIATOR, REPO, Daemon, free_udp_port
 from tests.support.fake_kernel import FAIL_ENV
+from tests.support.signals import watch_properties
 
 DOCUMENTED = REPO / "dbus" / "org.applianced.Appliance1.xml"
 
@@ -141,17 +142,7 @@ def test_changes_are_announced_with_properties_changed(daemon, bus):
                 seen.set_result(message.body)
 
         watcher.add_message_handler(on_message)
-        rule = f"type='signal',interface='org.freedesktop.DBus.Properties',path='{path}'"
-        await watcher.call(
-            Message(
-                destination="org.freedesktop.DBus",
-                path="/org/freedesktop/DBus",
-                interface="org.freedesktop.DBus",
-                member="AddMatch",
-                signature="s",
-                body=[rule],
-            )
-        )
+        await watch_properties(watcher, path)
         await call(
             bus.address,
             path,

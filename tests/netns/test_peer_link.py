@@ -16,7 +16,6 @@ import textwrap
 import time
 
 import pytest
-from dbus_fast import Message
 from dbus_fast.aio import MessageBus
 
 from applianced.constants import PEER_INTERFACE, PEER_PATH
@@ -25,6 +24,7 @@ from tests.conftest import POLICY
 from tests.support.daemon import Daemon
 from tests.support.netns import Namespace, ip, link
 from tests.support.private_bus import PrivateBus
+from tests.support.signals import watch_properties
 
 pytestmark = pytest.mark.netns
 
@@ -160,17 +160,7 @@ def announced_connected(bus_address, action, connected):
                     seen.set_result({name: value.value for name, value in changed.items()})
 
         watcher.add_message_handler(on_message)
-        rule = f"type='signal',interface='org.freedesktop.DBus.Properties',path='{PEER_PATH}'"
-        await watcher.call(
-            Message(
-                destination="org.freedesktop.DBus",
-                path="/org/freedesktop/DBus",
-                interface="org.freedesktop.DBus",
-                member="AddMatch",
-                signature="s",
-                body=[rule],
-            )
-        )
+        await watch_properties(watcher, PEER_PATH)
         await asyncio.to_thread(action)
         try:
             return await asyncio.wait_for(seen, WAIT)
