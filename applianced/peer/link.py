@@ -63,6 +63,8 @@ REQUEST_TIMEOUT = 1.0
 REQUEST_ATTEMPTS = 3
 
 Handler = Callable[[bytes], Awaitable[bytes]]
+# The paths' roles, in the order of ``PairRecord.peer_addresses``.
+ROLES = ("main", "aux")
 
 
 class PeerUnreachable(Exception):
@@ -94,6 +96,23 @@ class LinkStatus:
     last_message_kind: str
     clock_offset: float | None
     drops: dict[str, int]
+
+
+def idle_status(record: PairRecord) -> LinkStatus:
+    """The status of a link that is not running: never connected, every path down."""
+    return LinkStatus(
+        connected=False,
+        peer_node=record.peer_node,
+        session_started=0.0,
+        paths=tuple(
+            PathStatus(address, role, False, None, 0.0)
+            for address, role in zip(record.peer_addresses, ROLES, strict=False)
+        ),
+        last_message=0.0,
+        last_message_kind="",
+        clock_offset=None,
+        drops=dict.fromkeys((reason.value for reason in Reason), 0),
+    )
 
 
 @dataclass
@@ -161,8 +180,7 @@ class PeerLink:
         self._handshake_key = protocol.handshake_key(record.key)
         self._on_change = on_change
         self._on_peer_identified = on_peer_identified
-        roles = ("main", "aux")
-        self._paths = [_Path(address, role) for address, role in zip(record.peer_addresses, roles, strict=False)]
+        self._paths = [_Path(address, role) for address, role in zip(record.peer_addresses, ROLES, strict=False)]
         self._by_address = {path.address: index for index, path in enumerate(self._paths)}
         self._session: Session | None = None
         self._session_started = 0.0
@@ -202,8 +220,8 @@ class PeerLink:
         """Stop, and return once the sockets are closed (the port can be bound again)."""
         if self._task:
             self._task.cancel()
-        for waiting in self._waiting.values():
-            waiting.cancel()
+        for pending in (*self._waiting.values(), *self._responses.values()):
+            pending.cancel()
         for transport, _ in self._transports:
             transport.close()
         for _, endpoint in self._transports:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from applianced.engine import audit
 from applianced.errors import AlreadyExists, InvalidArgument, NotFound, StateError
-from applianced.peer.link import LinkStatus, PeerLink
+from applianced.peer.link import LinkStatus, PeerLink, idle_status
 from applianced.peer.pairing import PairRecord, PairStore, new_record
 
 log = logging.getLogger(__name__)
@@ -46,10 +46,14 @@ class Peer:
         """Load the pair record, if any, and start the link; a bad record is a StateError."""
         self.node_id = node_id
         async with self._lock:
-            record = await asyncio.to_thread(self.store.load)
-            if record is not None:
-                self.link = await self._open(record)
-                self.record = record
+            self.record = await asyncio.to_thread(self.store.load)
+            if self.record is not None:
+                try:
+                    self.link = await self._open(self.record)
+                except InvalidArgument as exc:
+                    # The node still serves its targets; the pair shows disconnected until
+                    # the port is free and the daemon restarts, or the pair is deleted.
+                    log.error("the peer link is not running: %s", exc)
         self._notify()
 
     async def close(self) -> None:
@@ -57,7 +61,10 @@ class Peer:
             await self.link.close()
 
     def status(self) -> LinkStatus | None:
-        return self.link.status() if self.link else None
+        """The link's status while paired, None otherwise."""
+        if self.record is None:
+            return None
+        return self.link.status() if self.link else idle_status(self.record)
 
     async def pair(self, peer_address: str, key: bytes, port: int, aux_address: str, local: list[str]) -> PairRecord:
         """Pair with the node at ``peer_address``; the same call is made on the peer."""
@@ -79,10 +86,11 @@ class Peer:
 
     async def unpair(self) -> None:
         async with self._lock:
-            if self.record is None or self.link is None:
+            if self.record is None:
                 raise NotFound("this node is not paired")
             await asyncio.to_thread(self.store.delete)
-            await self.link.close()
+            if self.link:
+                await self.link.close()
             address, self.record, self.link = self.record.peer_address, None, None
         audit("pair-delete", address, "ok", f"unpaired from {address}")
         self._notify()

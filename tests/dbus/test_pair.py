@@ -4,6 +4,7 @@ The peer is absent here (its link is tested in tests/unit/test_peer_link.py and 
 two daemons in tests/netns/test_peer_link.py): the link stays on loopback.
 """
 
+import socket
 import stat
 
 from tests.support.daemon import free_udp_port
@@ -75,3 +76,19 @@ def test_the_pair_survives_a_restart(daemon):
     shown = daemon.cli("--json", "pair", "status").json()
     assert [p["address"] for p in shown["paths"]] == ["127.0.0.2", "127.0.0.3"]
     assert shown["port"] == port
+
+
+def test_a_port_taken_by_another_program_does_not_stop_the_node(daemon):
+    port = free_udp_port()
+    assert daemon.cli(*pair_args(port), input=KEY).returncode == 0
+    daemon.stop()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as squatter:
+        squatter.bind(("127.0.0.1", port))
+        daemon.start()
+        assert "the peer link is not running" in daemon.log_text()
+        shown = daemon.cli("--json", "pair", "status").json()
+        assert shown["connected"] is False and [p["up"] for p in shown["paths"]] == [False]
+        # Everything else is served, and the pair can still be deleted.
+        assert daemon.cli("target", "create", "t1").returncode == 0
+        assert daemon.cli("pair", "delete").returncode == 0
+    assert not (daemon.state_dir / "pair.json").exists()
