@@ -281,16 +281,22 @@ class PeerLink:
 
     async def _run(self) -> None:
         while True:
-            now = time.monotonic()
-            self._expire(now)
-            self._update(now)
-            if self._session is not None:
-                for index in range(len(self._paths)):
-                    counter = self._send(index, MessageType.PING, protocol.Ping())
-                    self._pings[counter] = (index, now)
-            if not self._connected:
-                self._initiate(now)
+            try:
+                self._tick(time.monotonic())
+            except Exception:
+                # A bug in one round must not end the pings and handshakes of every later one.
+                log.exception("peer link: a round of pings and handshakes failed")
             await asyncio.sleep(TICK)
+
+    def _tick(self, now: float) -> None:
+        self._expire(now)
+        self._update(now)
+        if self._session is not None:
+            for index in range(len(self._paths)):
+                counter = self._send(index, MessageType.PING, protocol.Ping())
+                self._pings[counter] = (index, now)
+        if not self._connected:
+            self._initiate(now)
 
     def _expire(self, now: float) -> None:
         for table in (self._initiations, self._answered):
@@ -323,10 +329,9 @@ class PeerLink:
 
     # -- sending -----------------------------------------------------------------------
 
-    def _send(self, index: int, message_type: MessageType, message: Any, session: Session | None = None) -> int:
-        session = session or self._session
-        assert session is not None
-        counter, datagram = session.seal(message_type, message)
+    def _send(self, index: int, message_type: MessageType, message: Any) -> int:
+        assert self._session is not None
+        counter, datagram = self._session.seal(message_type, message)
         self._transmit(index, datagram)
         return counter
 
@@ -346,6 +351,9 @@ class PeerLink:
             self._receive(datagram, source)
         except Drop as drop:
             self._count(drop, source)
+        except Exception:
+            # Raised into asyncio, it would close the socket and with it the link.
+            log.exception("peer link: a datagram from %s could not be handled", source)
 
     def _receive(self, datagram: bytes, source: str) -> None:
         index = self._by_address.get(_canonical(source))

@@ -164,3 +164,32 @@ def test_oversized_requests_are_refused_before_sending():
                 pass
 
     asyncio.run(scenario())
+
+
+def test_a_retried_request_runs_its_handler_once():
+    async def scenario():
+        first, second = pair_of_links(free_udp_port())
+        async with first as a, second as b:
+            runs = []
+
+            async def setup(body):
+                runs.append(body)
+                return b"done"
+
+            b.link.handle("volume-setup", setup)
+            await until(lambda: a.link.status().connected and b.link.status().connected)
+            # b's first answer is lost on the way: a retries, b answers from its cache.
+            transmit = b.link._transmit
+            lost = []
+
+            def lose_first_response(index, datagram):
+                if protocol.read_header(datagram).type is protocol.MessageType.RESPONSE and not lost:
+                    lost.append(datagram)
+                    return
+                transmit(index, datagram)
+
+            b.link._transmit = lose_first_response
+            assert await a.link.request("volume-setup", b"vol1", timeout=0.5) == b"done"
+            assert lost and runs == [b"vol1"]
+
+    asyncio.run(scenario())
