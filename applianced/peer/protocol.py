@@ -32,7 +32,7 @@ import itertools
 import struct
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
@@ -44,6 +44,8 @@ VERSION = 1
 HEADER = struct.Struct("!4sBB16sQQQ")
 TAG_SIZE = hashlib.sha256().digest_size
 NONCE_SIZE = 32
+# A nonce of any other length is refused when the payload is decoded.
+Nonce = Annotated[bytes, msgspec.Meta(min_length=NONCE_SIZE, max_length=NONCE_SIZE)]
 # Below the 64 KiB UDP limit with room for IPv6 extension headers; larger payloads (the
 # replication bitmaps) are sent as several requests, each naming its offset.
 MAX_DATAGRAM = 60_000
@@ -93,7 +95,7 @@ class Drop(Exception):
 class Hello:
     """Opens a session: the initiator's fresh nonce, its node id and the node it is paired to."""
 
-    nonce: bytes
+    nonce: Nonce
     node: str
     # The node id the sender recorded for its pair ("" before its first handshake): a node
     # paired to someone else is refused by both sides.
@@ -104,8 +106,8 @@ class Hello:
 class Welcome:
     """Answers a HELLO: its nonce echoed (so it is fresh) and the responder's own."""
 
-    initiator_nonce: bytes
-    nonce: bytes
+    initiator_nonce: Nonce
+    nonce: Nonce
     node: str
     peer: str
 

@@ -1,9 +1,13 @@
 """appliancectl's output for people: tables and one-sentence errors."""
 
+import argparse
+import asyncio
+
 from dbus_fast import DBusError
 
-from applianced.cli.main import render_table
+from applianced.cli.main import Commands, render_table
 from applianced.cli.messages import describe
+from applianced.constants import PEER_INTERFACE, PEER_PATH
 
 
 def test_table_aligns_columns_and_formats_sizes_and_booleans():
@@ -34,3 +38,42 @@ def test_each_named_error_becomes_a_sentence_and_an_exit_code():
     message, code = describe(DBusError("org.freedesktop.DBus.Error.AccessDenied", "rejected send message"))
     assert (code, "only root" in message) == (11, True)
     assert describe(DBusError("com.example.Other", "odd"))[1] == 1
+
+
+class PeerProperties:
+    """A client that answers only the Peer object's GetAll, with a clock 2.5 s off."""
+
+    def __init__(self, offset):
+        self.offset = offset
+
+    async def objects(self):
+        return {PEER_PATH: {PEER_INTERFACE: {}}}
+
+    async def properties(self, path, interface):
+        assert (path, interface) == (PEER_PATH, PEER_INTERFACE)
+        return {
+            "PeerAddress": "10.0.1.2",
+            "AuxAddress": "",
+            "Port": 7790,
+            "LocalAddresses": [],
+            "PeerNodeId": "node-b",
+            "Connected": True,
+            "SessionStarted": 1.0,
+            "Paths": [["10.0.1.2", "main", True, 0.0005, 2.0]],
+            "LastMessage": 2.0,
+            "LastMessageKind": "pong",
+            "ClockOffset": self.offset,
+            "ClockOffsetKnown": True,
+            "Drops": {"forged": 3},
+        }
+
+
+def test_pair_status_warns_when_the_clocks_differ(capsys):
+    args = argparse.Namespace(json=False)
+    asyncio.run(Commands(PeerProperties(2.5)).pair_status(args))
+    out, err = capsys.readouterr()
+    assert "warning: the nodes' clocks differ by +2.500 s" in err
+    assert "clock offset:  +2500.0 ms" in out and "main 10.0.1.2: up, rtt 0.50 ms" in out
+    assert "dropped:       forged 3" in out
+    asyncio.run(Commands(PeerProperties(0.2)).pair_status(args))
+    assert capsys.readouterr().err == ""

@@ -163,3 +163,12 @@ def test_payloads_too_large_for_a_datagram_are_refused():
     initiator, _ = session_pair()
     with pytest.raises(ValueError, match="send it in parts"):
         initiator.seal(MessageType.REQUEST, protocol.Request(1, "bitmap", b"\x00" * protocol.MAX_DATAGRAM))
+
+
+def test_a_handshake_nonce_of_another_length_is_malformed():
+    header = Header(MessageType.HELLO, A, 9, 0, 0)
+    datagram = protocol.seal(protocol.handshake_key(KEY), header, protocol.Hello(b"short", "node-a", ""))
+    protocol.verify(protocol.handshake_key(KEY), datagram)
+    with pytest.raises(Drop) as dropped:
+        protocol.payload(protocol.read_header(datagram), datagram)
+    assert dropped.value.reason is Reason.MALFORMED
