@@ -2,6 +2,8 @@
 
 import asyncio
 
+import pytest
+
 from applianced.peer import protocol
 from applianced.peer.link import PeerLink, PeerRefused, PeerUnreachable
 from applianced.peer.pairing import PairRecord
@@ -33,6 +35,18 @@ def pair_of_links(port, a_options=None, b_options=None):
     )
 
 
+def run_connected(scenario):
+    """Run ``scenario(a, b)`` once node-a and node-b are connected over loopback."""
+
+    async def run():
+        first, second = pair_of_links(free_udp_port())
+        async with first as a, second as b:
+            await until(lambda: a.link.status().connected and b.link.status().connected)
+            await scenario(a, b)
+
+    asyncio.run(run())
+
+
 async def until(condition, timeout=WAIT):
     """Wait for ``condition()`` to hold; a bounded wait for an event, not a speed check."""
     deadline = asyncio.get_running_loop().time() + timeout
@@ -42,71 +56,61 @@ async def until(condition, timeout=WAIT):
 
 
 def test_two_links_connect_answer_requests_and_learn_each_other():
-    async def scenario():
-        port = free_udp_port()
-        first, second = pair_of_links(port)
-        async with first as a, second as b:
-            calls = []
+    async def scenario(a, b):
+        calls = []
 
-            async def echo(body):
-                calls.append(body)
-                return body[::-1]
+        async def echo(body):
+            calls.append(body)
+            return body[::-1]
 
-            async def broken(body):
-                raise RuntimeError("boom")
+        async def broken(body):
+            raise RuntimeError("boom")
 
-            b.link.handle("echo", echo)
-            b.link.handle("broken", broken)
-            await until(lambda: a.link.status().connected and b.link.status().connected)
-            assert a.identified == ["node-b"] and b.identified == ["node-a"]
-            assert await a.link.request("echo", b"abc") == b"cba"
-            assert calls == [b"abc"]
-            try:
-                await a.link.request("broken", b"")
-                raise AssertionError("a failing handler must be an error")
-            except PeerRefused as refused:
-                assert "boom" not in str(refused)
-            await until(lambda: a.link.status().paths[0].rtt is not None)
-            status = a.link.status()
-            assert status.peer_node == "node-b" and status.paths[0].up
-            # One clock on both ends: the estimate is near zero.
-            assert status.clock_offset is not None and abs(status.clock_offset) < 0.5
-            assert sum(status.drops.values()) == 0
+        b.link.handle("echo", echo)
+        b.link.handle("broken", broken)
+        assert a.identified == ["node-b"] and b.identified == ["node-a"]
+        assert await a.link.request("echo", b"abc") == b"cba"
+        assert calls == [b"abc"]
+        with pytest.raises(PeerRefused) as refused:
+            await a.link.request("broken", b"")
+        assert "boom" not in str(refused.value)
+        await until(lambda: a.link.status().paths[0].rtt is not None)
+        status = a.link.status()
+        assert status.peer_node == "node-b" and status.paths[0].up
+        # One clock on both ends: the estimate is near zero.
+        assert status.clock_offset is not None and abs(status.clock_offset) < 0.5
+        assert sum(status.drops.values()) == 0
 
-    asyncio.run(scenario())
+    run_connected(scenario)
 
 
 def test_captured_datagrams_replayed_are_counted_and_ignored():
-    async def scenario():
-        port = free_udp_port()
-        first, second = pair_of_links(port)
-        async with first as a, second as b:
-            captured = []
-            receive = b.link.received
+    async def scenario(a, b):
+        captured = []
+        receive = b.link.received
 
-            def tap(datagram, source):
-                captured.append(datagram)
-                receive(datagram, source)
+        def tap(datagram, source):
+            captured.append(datagram)
+            receive(datagram, source)
 
-            b.link.received = tap
-            executed = []
+        b.link.received = tap
+        executed = []
 
-            async def count(body):
-                executed.append(body)
-                return b""
+        async def count(body):
+            executed.append(body)
+            return b""
 
-            b.link.handle("count", count)
-            await until(lambda: a.link.status().connected and b.link.status().connected)
-            await a.link.request("count", b"once")
-            before = b.link.status()
-            for datagram in captured:
-                receive(datagram, "127.0.0.1")
-            after = b.link.status()
-            assert executed == [b"once"]
-            assert after.drops["replayed"] == before.drops["replayed"] + len(captured)
-            assert after.session_started == before.session_started
+        b.link.handle("count", count)
+        await a.link.request("count", b"once")
+        before = b.link.status()
+        for datagram in captured:
+            receive(datagram, "127.0.0.1")
+        after = b.link.status()
+        assert executed == [b"once"]
+        assert after.drops["replayed"] == before.drops["replayed"] + len(captured)
+        assert after.session_started == before.session_started
 
-    asyncio.run(scenario())
+    run_connected(scenario)
 
 
 def test_a_wrong_key_or_a_node_paired_elsewhere_never_connects():
@@ -128,11 +132,8 @@ def test_a_wrong_key_or_a_node_paired_elsewhere_never_connects():
             )
             assert not a.link.status().connected and not c.link.status().connected
             assert c.identified == []
-            try:
+            with pytest.raises(PeerUnreachable):
                 await c.link.request("anything", b"")
-                raise AssertionError("no request goes out unconnected")
-            except PeerUnreachable:
-                pass
 
     asyncio.run(scenario())
 
@@ -152,44 +153,34 @@ def test_a_restarted_endpoint_gets_a_new_session_by_itself():
 
 
 def test_oversized_requests_are_refused_before_sending():
-    async def scenario():
-        port = free_udp_port()
-        first, second = pair_of_links(port)
-        async with first as a, second:
-            await until(lambda: a.link.status().connected)
-            try:
-                await a.link.request("bitmap", b"\x00" * protocol.MAX_PAYLOAD)
-                raise AssertionError("a payload larger than a datagram must be refused")
-            except ValueError:
-                pass
+    async def scenario(a, b):
+        with pytest.raises(ValueError, match="send it in parts"):
+            await a.link.request("bitmap", b"\x00" * protocol.MAX_PAYLOAD)
 
-    asyncio.run(scenario())
+    run_connected(scenario)
 
 
 def test_a_retried_request_runs_its_handler_once():
-    async def scenario():
-        first, second = pair_of_links(free_udp_port())
-        async with first as a, second as b:
-            runs = []
+    async def scenario(a, b):
+        runs = []
 
-            async def setup(body):
-                runs.append(body)
-                return b"done"
+        async def setup(body):
+            runs.append(body)
+            return b"done"
 
-            b.link.handle("volume-setup", setup)
-            await until(lambda: a.link.status().connected and b.link.status().connected)
-            # b's first answer is lost on the way: a retries, b answers from its cache.
-            transmit = b.link._transmit
-            lost = []
+        b.link.handle("volume-setup", setup)
+        # b's first answer is lost on the way: a retries, b answers from its cache.
+        transmit = b.link._transmit
+        lost = []
 
-            def lose_first_response(index, datagram):
-                if protocol.read_header(datagram).type is protocol.MessageType.RESPONSE and not lost:
-                    lost.append(datagram)
-                    return
-                transmit(index, datagram)
+        def lose_first_response(index, datagram):
+            if protocol.read_header(datagram).type is protocol.MessageType.RESPONSE and not lost:
+                lost.append(datagram)
+                return
+            transmit(index, datagram)
 
-            b.link._transmit = lose_first_response
-            assert await a.link.request("volume-setup", b"vol1", timeout=0.5) == b"done"
-            assert lost and runs == [b"vol1"]
+        b.link._transmit = lose_first_response
+        assert await a.link.request("volume-setup", b"vol1", timeout=0.5) == b"done"
+        assert lost and runs == [b"vol1"]
 
-    asyncio.run(scenario())
+    run_connected(scenario)
