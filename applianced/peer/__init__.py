@@ -7,6 +7,13 @@
   requests with retries, drop counters.
 - ``service``: ``Peer``, which the daemon owns and hands to the bus layer.
 
+What replication and failover build on: ``PeerLink.handle(kind, handler)`` and
+``PeerLink.request(kind, body)`` (bytes in, bytes out; bodies are their own MessagePack
+dataclasses decoded with ``decoding.unpack``), retried over the up paths and run once per
+request id; ``PeerLink.status()`` for connectivity; the pings are the heartbeat's base.
+Nothing of a session survives a restart: keys, counters and windows live in memory only,
+and the stored record holds the long-term key and the peer's node id.
+
 Why UDP datagrams and not a TCP or TLS stream: the failover's heartbeats must arrive
 sub-second over either path, and a stream over two paths would block one path behind the
 other's lost segments; datagrams also make replay and reordering explicit, which the

@@ -72,6 +72,9 @@ def _peer_address(address: str, configured: set[str]) -> str:
     parsed = ipaddress.ip_address(peer)
     if parsed.is_unspecified or parsed.is_multicast or peer in configured:
         raise InvalidArgument(f"{peer} cannot be the peer's address (it is not another host's unicast address)")
+    if parsed.version == 6 and parsed.is_link_local:
+        # It would need an interface (scope) that the record does not keep.
+        raise InvalidArgument(f"{peer} is link-local; give the peer's global or unique local address")
     return peer
 
 

@@ -41,6 +41,7 @@ def test_the_key_never_shows_in_a_repr():
         (("10.0.0.2", KEY, 7790, "10.0.0.2", []), "must differ"),
         (("10.0.0.2", KEY, 7790, "", ["10.9.9.9"]), "not configured on any interface"),
         (("fd00::2", KEY, 7790, "", ["10.0.0.1"]), "same IP version"),
+        (("fe80::2", KEY, 7790, "", []), "link-local"),
     ],
 )
 def test_bad_input_is_refused_without_naming_the_key(args, message):
