@@ -30,6 +30,7 @@ pytestmark = pytest.mark.netns
 
 A_MAIN, B_MAIN = "10.233.1.1", "10.233.1.2"
 A_AUX, B_AUX = "10.233.2.1", "10.233.2.2"
+A_MAIN6, B_MAIN6 = "fd00:233:1::1", "fd00:233:1::2"
 PORT = 7790
 KEY = "the-pair-key-of-the-netns-tier-0123456789"
 # Waits for events (a handshake, a path declared down); the bound only stops a broken run.
@@ -74,7 +75,7 @@ SEND = textwrap.dedent(
 def pair_of_namespaces():
     a, b = Namespace("peer-a"), Namespace("peer-b")
     try:
-        link(a, [f"{A_MAIN}/24"], b, [f"{B_MAIN}/24"], names=("rep-a", "rep-b"))
+        link(a, [f"{A_MAIN}/24", f"{A_MAIN6}/64"], b, [f"{B_MAIN}/24", f"{B_MAIN6}/64"], names=("rep-a", "rep-b"))
         link(a, [f"{A_AUX}/24"], b, [f"{B_AUX}/24"], names=("aux-a", "aux-b"))
         yield a, b
     finally:
@@ -291,6 +292,17 @@ def test_both_nodes_report_a_path_whose_link_is_cut(pair_of_namespaces, nodes):
     changed = announced_connected(a.bus_address, lambda: ip("link", "set", "aux-b", "up", netns=ns_b.name), True)
     assert [up for _, _, up, _, _ in changed["Paths"]] == [False, True]
     wait_until(lambda: status(a)["connected"] and paths_up(a) == {"main": False, "aux": True}, "back over aux")
+
+
+def test_an_ipv6_main_path_beside_an_ipv4_auxiliary_one(nodes):
+    a, b = nodes
+    pair(a, B_MAIN6, B_AUX)
+    pair(b, A_MAIN6, A_AUX)
+    wait_until(lambda: both_paths_connected(a) and both_paths_connected(b), "connected over IPv6 and IPv4")
+    assert [path["address"] for path in status(a)["paths"]] == [B_MAIN6, B_AUX]
+    # Nothing of the other node's traffic fails authentication or framing.
+    drops = status(a)["drops"]
+    assert drops["forged"] == drops["malformed"] == drops["unknown-peer"] == 0
 
 
 def test_forged_handshakes_change_nothing_on_an_unconnected_node(pair_of_namespaces, bus, tmp_path):
