@@ -20,6 +20,10 @@ from applianced.peer.pairing import PairRecord, PairStore, new_record
 
 log = logging.getLogger(__name__)
 
+# How often a link that could not start (its address not configured yet at boot, its
+# port taken) is tried again.
+REOPEN_SECONDS = 5.0
+
 
 class Peer:
     """Pairs this node, keeps the pair record and runs the peer link while paired."""
@@ -33,6 +37,7 @@ class Peer:
         self._lock = asyncio.Lock()
         self._listeners: list[Callable[[], None]] = []
         self._remembering: asyncio.Future[None] | None = None
+        self._reopening: asyncio.Future[None] | None = None
 
     def add_listener(self, listener: Callable[[], None]) -> None:
         """Call ``listener`` after pairing, unpairing and every change of connectivity."""
@@ -51,12 +56,29 @@ class Peer:
                 try:
                     self.link = await self._open(self.record)
                 except InvalidArgument as exc:
-                    # The node still serves its targets; the pair shows disconnected until
-                    # the port is free and the daemon restarts, or the pair is deleted.
-                    log.error("the peer link is not running: %s", exc)
+                    # The node serves its targets all the same; the pair shows every path
+                    # down until the link can start.
+                    log.error("the peer link is not running: %s; trying again every %g s", exc, REOPEN_SECONDS)
+                    self._reopening = asyncio.ensure_future(self._reopen(self.record))
         self._notify()
 
+    async def _reopen(self, record: PairRecord) -> None:
+        while True:
+            await asyncio.sleep(REOPEN_SECONDS)
+            async with self._lock:
+                if self.record is not record:
+                    return
+                try:
+                    self.link = await self._open(record)
+                except InvalidArgument:
+                    continue
+            log.info("the peer link is running now")
+            self._notify()
+            return
+
     async def close(self) -> None:
+        if self._reopening:
+            self._reopening.cancel()
         if self.link:
             await self.link.close()
 

@@ -6,6 +6,7 @@ two daemons in tests/netns/test_peer_link.py): the link stays on loopback.
 
 import socket
 import stat
+import time
 
 from tests.support.daemon import free_udp_port
 
@@ -88,7 +89,24 @@ def test_a_port_taken_by_another_program_does_not_stop_the_node(daemon):
         assert "the peer link is not running" in daemon.log_text()
         shown = daemon.cli("--json", "pair", "status").json()
         assert shown["connected"] is False and [p["up"] for p in shown["paths"]] == [False]
-        # Everything else is served, and the pair can still be deleted.
+        # Everything else is served.
         assert daemon.cli("target", "create", "t1").returncode == 0
+    # The port is free again: the link starts by itself (it is tried every few seconds).
+    deadline = time.monotonic() + 30
+    while "the peer link is running now" not in daemon.log_text():
+        assert time.monotonic() < deadline, daemon.log_text()
+        time.sleep(0.5)
+    assert daemon.cli("pair", "delete").returncode == 0
+    assert not (daemon.state_dir / "pair.json").exists()
+
+
+def test_a_pair_whose_link_never_started_can_be_deleted(daemon):
+    port = free_udp_port()
+    assert daemon.cli(*pair_args(port), input=KEY).returncode == 0
+    daemon.stop()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as squatter:
+        squatter.bind(("127.0.0.1", port))
+        daemon.start()
         assert daemon.cli("pair", "delete").returncode == 0
+        assert daemon.cli("pair", "status").returncode == 3
     assert not (daemon.state_dir / "pair.json").exists()
