@@ -464,8 +464,15 @@ class PeerLink:
         task.add_done_callback(lambda done: self._reply(index, done))
 
     def _reply(self, index: int, done: asyncio.Task[protocol.Response]) -> None:
-        if self._session is not None and not done.cancelled():
-            self._send(index, MessageType.RESPONSE, done.result())
+        if self._session is None or done.cancelled():
+            return
+        response = done.result()
+        try:
+            self._send(index, MessageType.RESPONSE, response)
+        except ValueError:
+            # Better than a timeout on the asking side: its caller must ask for parts.
+            log.error("peer-link answer %d does not fit in one datagram", response.id)
+            self._send(index, MessageType.RESPONSE, protocol.Response(response.id, error="the answer is too large"))
 
     async def _run_handler(self, request: protocol.Request) -> protocol.Response:
         handler = self._handlers.get(request.kind)

@@ -152,10 +152,17 @@ def test_a_restarted_endpoint_gets_a_new_session_by_itself():
     asyncio.run(scenario())
 
 
-def test_oversized_requests_are_refused_before_sending():
+def test_oversized_requests_and_answers_are_refused():
     async def scenario(a, b):
         with pytest.raises(ValueError, match="send it in parts"):
             await a.link.request("bitmap", b"\x00" * protocol.MAX_PAYLOAD)
+
+        async def whole_bitmap(body):
+            return b"\xff" * protocol.MAX_PAYLOAD
+
+        b.link.handle("bitmap", whole_bitmap)
+        with pytest.raises(PeerRefused, match="too large"):
+            await a.link.request("bitmap", b"")
 
     run_connected(scenario)
 
