@@ -110,3 +110,14 @@ def test_a_pair_whose_link_never_started_can_be_deleted(daemon):
         assert daemon.cli("pair", "delete").returncode == 0
         assert daemon.cli("pair", "status").returncode == 3
     assert not (daemon.state_dir / "pair.json").exists()
+
+
+def test_other_users_may_read_the_pair_but_not_change_it(daemon):
+    port = free_udp_port()
+    refused = daemon.cli(*pair_args(port), input=KEY, user="65534")
+    assert refused.returncode == 11 and "permission denied" in refused.stderr
+    assert daemon.cli(*pair_args(port), input=KEY).returncode == 0
+    shown = daemon.cli("--json", "pair", "status", user="65534")
+    assert shown.returncode == 0 and shown.json()["port"] == port
+    assert daemon.cli("pair", "delete", user="65534").returncode == 11
+    assert (daemon.state_dir / "pair.json").exists()
