@@ -4,6 +4,7 @@ The peer is absent here (its link is tested in tests/unit/test_peer_link.py and 
 two daemons in tests/netns/test_peer_link.py): the link stays on loopback.
 """
 
+import contextlib
 import socket
 import stat
 import time
@@ -79,13 +80,20 @@ def test_the_pair_survives_a_restart(daemon):
     assert shown["port"] == port
 
 
-def test_a_port_taken_by_another_program_does_not_stop_the_node(daemon):
+@contextlib.contextmanager
+def restarted_with_its_port_taken(daemon):
+    """Pair, then restart the daemon while another program holds the link's port."""
     port = free_udp_port()
     assert daemon.cli(*pair_args(port), input=KEY).returncode == 0
     daemon.stop()
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as squatter:
         squatter.bind(("127.0.0.1", port))
         daemon.start()
+        yield
+
+
+def test_a_port_taken_by_another_program_does_not_stop_the_node(daemon):
+    with restarted_with_its_port_taken(daemon):
         assert "the peer link is not running" in daemon.log_text()
         shown = daemon.cli("--json", "pair", "status").json()
         assert shown["connected"] is False and [p["up"] for p in shown["paths"]] == [False]
@@ -101,12 +109,7 @@ def test_a_port_taken_by_another_program_does_not_stop_the_node(daemon):
 
 
 def test_a_pair_whose_link_never_started_can_be_deleted(daemon):
-    port = free_udp_port()
-    assert daemon.cli(*pair_args(port), input=KEY).returncode == 0
-    daemon.stop()
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as squatter:
-        squatter.bind(("127.0.0.1", port))
-        daemon.start()
+    with restarted_with_its_port_taken(daemon):
         assert daemon.cli("pair", "delete").returncode == 0
         assert daemon.cli("pair", "status").returncode == 3
     assert not (daemon.state_dir / "pair.json").exists()
