@@ -101,23 +101,32 @@ def create(path: Path, marker: Marker) -> None:
 def grow(path: Path, old: Marker, new: Marker) -> None:
     """Make room for ``new.size`` bytes; the old trailer becomes zeroed LUN space."""
     with open_regular(path, os.O_RDWR) as fd:
+        # A size the file system refuses (EFBIG) fails here, before anything changed.
         os.ftruncate(fd, file_size(new.size))
-        # The new trailer is written before the old one is wiped, so a crash in between
-        # leaves a file whose last 4 KiB are still a valid trailer. When the disk grows by
-        # less than a trailer, the new trailer covers the old one's tail: only the part
-        # below it is wiped.
-        _write_trailer(fd, new)
-        os.fsync(fd)
-        os.pwrite(fd, bytes(min(TRAILER_SIZE, new.size - old.size)), old.size)
-        os.fsync(fd)
+        try:
+            # The new trailer is written before the old one is wiped, so a crash in between
+            # leaves a file whose last 4 KiB are still a valid trailer. When the disk grows
+            # by less than a trailer, the new trailer covers the old one's tail: only the
+            # part below it is wiped.
+            _write_trailer(fd, new)
+            os.fsync(fd)
+            os.pwrite(fd, bytes(min(TRAILER_SIZE, new.size - old.size)), old.size)
+            os.fsync(fd)
+        except OSError:
+            _restore(fd, old)
+            raise
 
 
 def shrink_back(path: Path, old: Marker) -> None:
     """Undo ``grow`` when the kernel refused the new size (the grown area was never exported)."""
     with open_regular(path, os.O_RDWR) as fd:
-        os.ftruncate(fd, file_size(old.size))
-        _write_trailer(fd, old)
-        os.fsync(fd)
+        _restore(fd, old)
+
+
+def _restore(fd: int, old: Marker) -> None:
+    os.ftruncate(fd, file_size(old.size))
+    _write_trailer(fd, old)
+    os.fsync(fd)
 
 
 def has_marker(path: Path) -> bool:

@@ -398,8 +398,7 @@ class Appliance:
             try:
                 await asyncio.to_thread(diskfile.grow, path, validation.marker_of(disk), validation.marker_of(grown))
             except OSError as exc:
-                await asyncio.to_thread(diskfile.shrink_back, path, validation.marker_of(disk))
-                raise InvalidArgument(f"cannot grow {path}: {exc.strerror}") from exc
+                raise InvalidArgument(f"cannot grow {path}: {exc.strerror}") from None
             try:
                 await self._commit("extend-disk", name, self.config.with_disk(grown))
             except BaseException:

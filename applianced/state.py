@@ -221,10 +221,11 @@ class _Versioned:
 
 
 def _check_version(header: _Versioned, what: str) -> None:
-    if header.version != STATE_FORMAT_VERSION or isinstance(header.version, bool):
-        raise InvalidArgument(
-            f"{what}: format version {header.version!r} is not supported (expected {STATE_FORMAT_VERSION})"
-        )
+    version = header.version
+    if type(version) is not int:
+        raise InvalidArgument(f"{what} has no format version (a whole number, {STATE_FORMAT_VERSION} here)")
+    if version != STATE_FORMAT_VERSION:
+        raise InvalidArgument(f"{what}: format version {version} is not supported (expected {STATE_FORMAT_VERSION})")
 
 
 @dataclass(frozen=True)

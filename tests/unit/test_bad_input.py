@@ -20,8 +20,11 @@ DEEP = 100_000
 
 
 def fingerprint(*paths):
-    """Bytes and sizes of files, to compare before and after a refused call."""
-    return {str(p): (hashlib.sha256(p.read_bytes()).hexdigest() if p.exists() else None) for p in paths}
+    """Bytes and modification times of files, to compare before and after a refused call."""
+    return {
+        str(p): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns) if p.exists() else None
+        for p in paths
+    }
 
 
 async def refused(engine, call, error=InvalidArgument, match=None, files=()):
@@ -45,7 +48,9 @@ async def refused(engine, call, error=InvalidArgument, match=None, files=()):
         (lambda d: d["targets"][0]["acls"][0].update(chap="secret"), r"\$\.targets\[0\]\.acls\[0\]\.chap"),
         (lambda d: d.update(portals=[{"address": 1, "port": 3260}]), r"\$\.portals\[0\]\.address"),
         (lambda d: d.update(node=[]), r"\$\.node"),
-        (lambda d: d.update(version=True), "version"),
+        (lambda d: d.update(version=True), "has no format version"),
+        (lambda d: d.pop("version"), "has no format version"),
+        (lambda d: d.update(version=[]), "has no format version"),
         (lambda d: d.update(disks=[*d["disks"], d["disks"][0]]), "disk 'd1' more than once"),
     ],
 )
@@ -98,6 +103,17 @@ def test_extending_by_less_than_a_trailer_keeps_the_disk_importable(tmp_path):
         grown = await engine.extend_disk("d1", disk.size + 512)
         assert diskfile.read_marker(tmp_path / "state" / "disks" / "d1.img") == validation.marker_of(grown)
         await engine.import_configuration(json.dumps(engine.export_configuration()), force=True)
+
+    run(scenario())
+
+
+def test_an_extend_the_file_system_refuses_leaves_the_file_untouched(tmp_path):
+    async def scenario():
+        engine = await started(make_engine(tmp_path))
+        await populate(engine)
+        path = tmp_path / "state" / "disks" / "d1.img"
+        # ext4 refuses files of 16 TiB and more with EFBIG; the size itself is valid.
+        await refused(engine, engine.extend_disk("d1", 2**62), match="File too large", files=[path])
 
     run(scenario())
 
