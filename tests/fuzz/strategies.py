@@ -230,7 +230,8 @@ def forged_disk_files(draw: st.DrawFn, world: World) -> str:
     kind = draw(mostly(st.just("valid"), st.sampled_from(["field", "field", "nested", "long", "magic", "garbage", "short"])))
     if kind == "field":
         key = draw(st.sampled_from(sorted(fields)))
-        fields[key] = draw(json_values())
+        extremes = st.sampled_from([2**63 - 1, 2**63, 2**63 - TRAILER_SIZE - 512, 2**64, -1, 0, "1048576", 1048576.0])
+        fields[key] = draw(mostly(extremes, json_values()) if key in ("size", "version") else json_values())
     if kind == "nested":
         fields["name"] = {"a": json.loads("[" * 500 + "]" * 500)}
     end = trailer(**fields)
@@ -347,6 +348,9 @@ def json_values() -> st.SearchStrategy[Any]:
     )
 
 
+SWAPS = [[], {}, None, "1", 1, True, 1.5]
+
+
 def _locations(value: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
     found = [path]
     if isinstance(value, dict):
@@ -379,8 +383,11 @@ def forged_documents(draw: st.DrawFn, original: Any) -> str:
         parent = document
         for step in parents:
             parent = parent[step]
-        operation = draw(st.sampled_from(["replace", "replace", "replace", "delete", "duplicate", "huge", "add"]))
-        if operation == "replace":
+        operation = draw(st.sampled_from(["swap", "swap", "replace", "replace", "delete", "duplicate", "huge", "add"]))
+        if operation == "swap":
+            # A value of another JSON type than the one the field has.
+            parent[last] = draw(st.sampled_from([v for v in SWAPS if type(v) is not type(parent[last])]))
+        elif operation == "replace":
             parent[last] = draw(json_values())
         elif operation == "delete":
             del parent[last]
