@@ -41,14 +41,27 @@ def callees(world: World, interface: str) -> st.SearchStrategy[str]:
     return st.sampled_from(live * 8 + [f"{ROOT_PATH}/{missing}"])
 
 
+def fuzzed_call(world: World, data, key: str) -> None:
+    method = DOCUMENTED[key]
+    path = data.draw(callees(world, method.interface), label="object")
+    args = data.draw(METHODS[key](world), label="arguments")
+    outcome = world.call(path, method, args)
+    event(f"{key}: {outcome.error.rsplit('.', 1)[-1] if outcome.error else outcome}")
+
+
 @pytest.mark.parametrize("key", sorted(DOCUMENTED))
 @given(data=st.data())
 def test_method(world, key, data):
-    method = DOCUMENTED[key]
     world.reset()
     for _ in range(data.draw(st.integers(1, 3), label="calls")):
-        path = data.draw(callees(world, method.interface), label="object")
-        args = data.draw(METHODS[key](world), label="arguments")
-        outcome = world.call(path, method, args)
-        event(f"{outcome.error.rsplit('.', 1)[-1] if outcome.error else outcome}")
+        fuzzed_call(world, data, key)
+    world.check_round_trip()
+
+
+@given(data=st.data())
+def test_sequences_of_methods(world, data):
+    """Calls of different methods in a row: what one leaves behind is what the next gets."""
+    world.reset()
+    for _ in range(data.draw(st.integers(2, 8), label="calls")):
+        fuzzed_call(world, data, data.draw(st.sampled_from(sorted(DOCUMENTED)), label="method"))
     world.check_round_trip()
