@@ -24,7 +24,7 @@ COMMON = {
 settings.register_profile(
     "ci",
     derandomize=True,
-    max_examples=int(os.environ.get("APPLIANCED_FUZZ_EXAMPLES", "50")),
+    max_examples=int(os.environ.get("APPLIANCED_FUZZ_EXAMPLES", "40")),
     phases=[Phase.explicit, Phase.generate],
     **COMMON,
 )

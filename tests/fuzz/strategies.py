@@ -348,6 +348,7 @@ def json_values() -> st.SearchStrategy[Any]:
     )
 
 
+MAX_DOCUMENT = 4 * MIB
 SWAPS = [[], {}, None, "1", 1, True, 1.5]
 
 
@@ -394,10 +395,12 @@ def forged_documents(draw: st.DrawFn, original: Any) -> str:
         elif operation == "duplicate" and isinstance(parent, list):
             parent.append(copy.deepcopy(parent[last]))
         elif operation == "huge":
-            parent[last] = [copy.deepcopy(parent[last])] * draw(st.sampled_from([2, 300, 5000]))
+            # Many copies, within what one D-Bus message carries (a few MiB per document).
+            copies = min(draw(st.sampled_from([2, 300, 5000])), MAX_DOCUMENT // (len(_render(parent[last])) + 2))
+            parent[last] = [copy.deepcopy(parent[last]) for _ in range(max(copies, 1))]
         elif isinstance(parent, dict):
             parent[draw(st.sampled_from(["unknown", "", "x" * 300]))] = draw(json_values())
-    rendered = _render(document)
+    rendered = _render(document)[:MAX_DOCUMENT]
     ending = draw(st.sampled_from(["", "", "", "", " garbage", "}", "bom", "cut"]))
     if ending == "bom":
         return "\ufeff" + rendered

@@ -63,6 +63,7 @@ AIMS = {
 }
 
 
+@pytest.mark.filterwarnings("ignore:Generating overly large repr")
 @pytest.mark.parametrize("aim", sorted(AIMS))
 def test_strategies_reach(world, aim):
     key, predicate = AIMS[aim]
