@@ -14,11 +14,11 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from hypothesis import strategies as st
 from dbus_fast import Variant
+from hypothesis import strategies as st
 
 from applianced.constants import BOOT_PROFILES_PATH, DISKS_PATH, PORTALS_PATH, ROOT_PATH, TARGETS_PATH
-from tests.fuzz.world import MIB, TRAILER_SIZE, MAGIC, World, trailer
+from tests.fuzz.world import MAGIC, MIB, TRAILER_SIZE, World, trailer
 from tests.support.daemon import INITIATOR
 
 # -- plain values -------------------------------------------------------------------------------
@@ -97,7 +97,7 @@ def strings(*extra: str) -> st.SearchStrategy[str]:
 
 
 def descriptions() -> st.SearchStrategy[str]:
-    return mostly(st.sampled_from(["", "mail store", "Ärger: 10 € / \"quoted\""]), strings("x" * 256, "x" * 257))
+    return mostly(st.sampled_from(["", "mail store", 'Ärger: 10 € / "quoted"']), strings("x" * 256, "x" * 257))
 
 
 def names(*existing: str) -> st.SearchStrategy[str]:
@@ -118,46 +118,54 @@ def macs() -> st.SearchStrategy[str]:
 
 def portals() -> st.SearchStrategy[str]:
     usual = st.sampled_from(["192.0.2.10", "192.0.2.10:3261", "[2001:db8::1]:3260", "2001:db8::2"])
-    return mostly(usual, strings(
-        "127.0.0.1",
-        "127.0.0.1:3260",
-        "127.0.0.1:3261",
-        "192.0.2.10:²",
-        "192.0.2.10:٣٢٦٠",
-        "127.0.0.1:²",
-        "127.0.0.1:٣٢٦٠",
-        "127.0.0.1:+3260",
-        "127.0.0.1: 3260",
-        "127.0.0.1:0",
-        "127.0.0.1:65536",
-        "127.0.0.1:99999999999999999999",
-        "[::1]:3260",
-        "[::1]",
-        "[::1]:²",
-        "[::1",
-        "::1",
-        "0.0.0.0",
-        "192.0.2.10:3260",
-        "fe80::1%lo:3260",
-        "256.0.0.1",
-    ))
+    return mostly(
+        usual,
+        strings(
+            "127.0.0.1",
+            "127.0.0.1:3260",
+            "127.0.0.1:3261",
+            "192.0.2.10:²",
+            "192.0.2.10:٣٢٦٠",
+            "127.0.0.1:²",
+            "127.0.0.1:٣٢٦٠",
+            "127.0.0.1:+3260",
+            "127.0.0.1: 3260",
+            "127.0.0.1:0",
+            "127.0.0.1:65536",
+            "127.0.0.1:99999999999999999999",
+            "[::1]:3260",
+            "[::1]",
+            "[::1]:²",
+            "[::1",
+            "::1",
+            "0.0.0.0",
+            "192.0.2.10:3260",
+            "fe80::1%lo:3260",
+            "256.0.0.1",
+        ),
+    )
 
 
 def iqns() -> st.SearchStrategy[str]:
-    usual = st.sampled_from([INITIATOR, "iqn.2026-11.com.example:new", "eui.0123456789abcdef", "iqn.2026-11.com.example"])
-    return mostly(usual, strings(
-        INITIATOR,
-        INITIATOR.upper(),
-        INITIATOR + "\n",
-        " " + INITIATOR,
-        "iqn.2003-01.org.linux-iscsi.applianced:t1",
-        "iqn.2026-13.com.example:x",
-        "iqn.2026-11.com.example:" + "a" * 300,
-        "eui.0123456789abcdef",
-        "naa.0123456789abcdef",
-        "naa.0123456789ABCDEF0123456789ABCDEF",
-        "iqn.",
-    ))
+    usual = st.sampled_from(
+        [INITIATOR, "iqn.2026-11.com.example:new", "eui.0123456789abcdef", "iqn.2026-11.com.example"]
+    )
+    return mostly(
+        usual,
+        strings(
+            INITIATOR,
+            INITIATOR.upper(),
+            INITIATOR + "\n",
+            " " + INITIATOR,
+            "iqn.2003-01.org.linux-iscsi.applianced:t1",
+            "iqn.2026-13.com.example:x",
+            "iqn.2026-11.com.example:" + "a" * 300,
+            "eui.0123456789abcdef",
+            "naa.0123456789abcdef",
+            "naa.0123456789ABCDEF0123456789ABCDEF",
+            "iqn.",
+        ),
+    )
 
 
 def secrets() -> st.SearchStrategy[str]:
@@ -227,7 +235,9 @@ def forged_disk_files(draw: st.DrawFn, world: World) -> str:
         "size": data_size,
         "version": 1,
     }
-    kind = draw(mostly(st.just("valid"), st.sampled_from(["field", "field", "nested", "long", "magic", "garbage", "short"])))
+    kind = draw(
+        mostly(st.just("valid"), st.sampled_from(["field", "field", "nested", "long", "magic", "garbage", "short"]))
+    )
     if kind == "field":
         key = draw(st.sampled_from(sorted(fields)))
         extremes = st.sampled_from([2**63 - 1, 2**63, 2**63 - TRAILER_SIZE - 512, 2**64, -1, 0, "1048576", 1048576.0])
@@ -286,9 +296,11 @@ def options(known: dict[str, tuple[str, st.SearchStrategy[Any]]]) -> st.SearchSt
                 result[key] = Variant(signature, draw(values))
         if draw(st.integers(0, 7)) == 0:
             key = draw(st.sampled_from(["colour", "", "Force", "force\n", "path ", "x" * 300]))
-            result[key] = draw(st.sampled_from(sorted(SIGNATURE_VALUES)).flatmap(
-                lambda s: SIGNATURE_VALUES[s].map(lambda v: Variant(s, v))
-            ))
+            result[key] = draw(
+                st.sampled_from(sorted(SIGNATURE_VALUES)).flatmap(
+                    lambda s: SIGNATURE_VALUES[s].map(lambda v: Variant(s, v))
+                )
+            )
         return result
 
     return build()
@@ -340,8 +352,34 @@ def json_values() -> st.SearchStrategy[Any]:
     """JSON values of every type, extreme ones, and (as a placeholder) very deep nesting."""
     return st.one_of(
         st.sampled_from(
-            [None, True, False, 0, -1, 1, 2**31, 2**63 - 1, 2**63, 2**64, -(2**63) - 1, 10**400, 1.5, 1e308,
-             "", "x", "x\n", "²", "../../etc/passwd", [], {}, [1], [[]], {"a": 1}, ["x"], [None]]
+            [
+                None,
+                True,
+                False,
+                0,
+                -1,
+                1,
+                2**31,
+                2**63 - 1,
+                2**63,
+                2**64,
+                -(2**63) - 1,
+                10**400,
+                1.5,
+                1e308,
+                "",
+                "x",
+                "x\n",
+                "²",
+                "../../etc/passwd",
+                [],
+                {},
+                [1],
+                [[]],
+                {"a": 1},
+                ["x"],
+                [None],
+            ]
         ),
         st.sampled_from([f"{DEEP}{kind}{depth}" for kind in "[{" for depth in DEPTHS]),
         text,
@@ -414,7 +452,9 @@ def export_documents(world: World) -> st.SearchStrategy[str]:
     return st.one_of(
         st.just(world.baseline),
         forged_documents(baseline),
-        st.sampled_from(["", "{}", "[]", "null", "1", '"x"', "{", "[" * 100_000, '{"format": "applianced-configuration"}']),
+        st.sampled_from(
+            ["", "{}", "[]", "null", "1", '"x"', "{", "[" * 100_000, '{"format": "applianced-configuration"}']
+        ),
         strings(),
     )
 
@@ -465,7 +505,9 @@ def targetcli_documents(world: World) -> st.SearchStrategy[str]:
     return st.one_of(
         st.just(json.dumps(original)),
         forged_documents(original),
-        st.sampled_from(["", "{}", "[]", '{"targets": []}', '{"storage_objects": null, "targets": null}', "[" * 100_000]),
+        st.sampled_from(
+            ["", "{}", "[]", '{"targets": []}', '{"storage_objects": null, "targets": null}', "[" * 100_000]
+        ),
         strings(),
     )
 
@@ -483,10 +525,14 @@ METHODS: dict[str, Strategy] = {
     "Manager.CreateDisk": lambda w: args(
         names("d1", "d2"),
         mostly(st.sampled_from([MIB, 2 * MIB, MIB + 512, 2**30, 2**40]), integers(SIZES, 64)),
-        options({"path": ("s", file_paths(w)), "description": ("s", descriptions()), "write_back": ("b", st.booleans())}),
+        options(
+            {"path": ("s", file_paths(w)), "description": ("s", descriptions()), "write_back": ("b", st.booleans())}
+        ),
     ),
     "Manager.CreateBlockDisk": lambda w: args(
-        names("d1"), file_paths(w, "/dev/null", "/dev/zero", "/dev/loop-control"), options({"description": ("s", descriptions())})
+        names("d1"),
+        file_paths(w, "/dev/null", "/dev/zero", "/dev/loop-control"),
+        options({"description": ("s", descriptions())}),
     ),
     "Manager.ImportDisk": lambda w: args(
         mostly(forged_disk_files(w), file_paths(w)),
@@ -518,17 +564,28 @@ METHODS: dict[str, Strategy] = {
     ),
     "Manager.CreateTarget": lambda w: args(
         names("t1", "t2"),
-        options({"iqn": ("s", iqns()), "description": ("s", descriptions()), "alias": ("s", mostly(st.sampled_from(["Mail store", ""]), strings("a" * 255, "a" * 256)))}),
+        options(
+            {
+                "iqn": ("s", iqns()),
+                "description": ("s", descriptions()),
+                "alias": ("s", mostly(st.sampled_from(["Mail store", ""]), strings("a" * 255, "a" * 256))),
+            }
+        ),
     ),
     "Manager.SetDiscoveryChap": lambda w: args(chap_credentials(), options({})),
     "Manager.ListSeenInitiators": lambda w: args(options({})),
     "Disk.Delete": lambda w: args(options({"remove_file": ("b", st.booleans())})),
     "Disk.Extend": lambda w: args(
-        st.one_of(st.sampled_from(GROWTHS).map(lambda g: MIB + g), st.sampled_from(GROWTHS).map(lambda g: 2 * MIB + g),
-                  integers(SIZES, 64)),
+        st.one_of(
+            st.sampled_from(GROWTHS).map(lambda g: MIB + g),
+            st.sampled_from(GROWTHS).map(lambda g: 2 * MIB + g),
+            integers(SIZES, 64),
+        ),
         options({}),
     ),
-    "Disk.Modify": lambda w: args(options({"description": ("s", descriptions()), "shared": ("b", st.booleans())}), options({})),
+    "Disk.Modify": lambda w: args(
+        options({"description": ("s", descriptions()), "shared": ("b", st.booleans())}), options({})
+    ),
     "Target.AddAcl": lambda w: args(iqns(), options({})),
     "Target.AddLun": lambda w: args(
         object_paths(w, DISKS_PATH, "spare"),
@@ -538,7 +595,9 @@ METHODS: dict[str, Strategy] = {
     "Target.SetChap": lambda w: args(chap_credentials(), options({})),
     "Target.SetAllowedSources": lambda w: args(
         st.lists(
-            strings("10.0.0.0/24", "10.0.0.1/24", "fd00::/64", "52:54:00:12:34:56", "app1.example.com", "0.0.0.0/0", "::/0"),
+            strings(
+                "10.0.0.0/24", "10.0.0.1/24", "fd00::/64", "52:54:00:12:34:56", "app1.example.com", "0.0.0.0/0", "::/0"
+            ),
             max_size=5,
         ),
         options(FORCE),

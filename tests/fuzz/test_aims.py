@@ -59,7 +59,10 @@ AIMS = {
     "non-ASCII digits in a portal port": ("Manager.CreateBootProfile", lambda a: "²" in str(option(a, "portal"))),
     "a disk path naming a FIFO": ("Manager.ImportDisk", lambda a: a[0].endswith("/fifo")),
     "a new disk file under a FIFO": ("Manager.CreateDisk", lambda a: "/fifo/" in str(option(a, "path"))),
-    "a known option of the wrong type": ("Target.Modify", lambda a: "enabled" in a[0] and a[0]["enabled"].signature != "b"),
+    "a known option of the wrong type": (
+        "Target.Modify",
+        lambda a: "enabled" in a[0] and a[0]["enabled"].signature != "b",
+    ),
 }
 
 

@@ -168,13 +168,16 @@ class World:
         t2 = self._must(self.manager("CreateTarget", "sa{sv}", ["t2", {}]), "t2")[0]
         self._must(self.manager("CreatePortal", "sqa{sv}", ["127.0.0.1", 3260, {}]), "portal")
         target = "org.applianced.Appliance1.Target"
-        self._must(
-            self.client.call(t1, target, "AddLun", "oa{sv}", [f"{ROOT_PATH}/disks/d1", {}]), "lun"
-        )
+        self._must(self.client.call(t1, target, "AddLun", "oa{sv}", [f"{ROOT_PATH}/disks/d1", {}]), "lun")
         self._must(self.client.call(t1, target, "AddAcl", "sa{sv}", [INITIATOR, {}]), "acl")
         chap = {"user": Variant("s", "alice"), "secret": Variant("s", "alice-secret1")}
         self._must(self.client.call(t2, target, "SetChap", "a{sv}a{sv}", [chap, {}]), "chap")
-        self._must(self.manager("CreateBootProfile", "sosa{sv}", ["pc1", t1, INITIATOR, {"portal": Variant("s", "192.0.2.10")}]), "boot")
+        self._must(
+            self.manager(
+                "CreateBootProfile", "sosa{sv}", ["pc1", t1, INITIATOR, {"portal": Variant("s", "192.0.2.10")}]
+            ),
+            "boot",
+        )
         (self.baseline,) = self._must(self.manager("ExportConfiguration", "a{sv}", [{}]), "export")
         for disk in json.loads(self.baseline)["disks"]:
             path = Path(disk["path"])

@@ -90,7 +90,9 @@ class ApiClient:
         self.bus.disconnect()
         self.loop.close()
 
-    def call(self, path: str, interface: str, member: str, signature: str = "", body: list[Any] | None = None) -> Outcome:
+    def call(
+        self, path: str, interface: str, member: str, signature: str = "", body: list[Any] | None = None
+    ) -> Outcome:
         message = Message(
             destination=BUS_NAME, path=path, interface=interface, member=member, signature=signature, body=body or []
         )
