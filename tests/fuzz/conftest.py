@@ -2,7 +2,8 @@
 
 The "ci" profile (the default) is seeded and bounded so that the tier adds a few minutes
 to ``.ci/run``; ``APPLIANCED_FUZZ=long tools/test tests/fuzz`` runs the "long" profile,
-which draws many more examples and shrinks what fails to a minimal example.
+which draws many more examples, new ones on each run, and shrinks what fails to a minimal
+example. APPLIANCED_FUZZ_EXAMPLES sets the number of examples per test of either profile.
 """
 
 import os
@@ -28,7 +29,7 @@ settings.register_profile(
     phases=[Phase.explicit, Phase.generate],
     **COMMON,
 )
-settings.register_profile("long", max_examples=1000, **COMMON)
+settings.register_profile("long", max_examples=int(os.environ.get("APPLIANCED_FUZZ_EXAMPLES", "1000")), **COMMON)
 settings.load_profile(os.environ.get("APPLIANCED_FUZZ", "ci"))
 
 
