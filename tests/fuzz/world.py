@@ -37,7 +37,7 @@ NO_SUCH_OBJECT = frozenset({"org.freedesktop.DBus.Error.UnknownObject", "org.fre
 # Python leaking into an error text meant for people.
 PYTHON_REPR = re.compile(
     r"Traceback|<class '|<function |object at 0x|\[Errno |\b[A-Z]\w*(?:Error|Exception)\(|"
-    r"\bb'\\x|\bb\"\\x|\bb''|PosixPath\(|frozenset\(|dict_keys\(|\bNone\b"
+    r"\bb'\\x|\bb\"\\x|\bb''|PosixPath\(|frozenset\(|dict_keys\(|\bNone\b|\bTrue\b|\bFalse\b"
 )
 
 MIB = 1024 * 1024
@@ -273,7 +273,7 @@ class World:
             if disk["kind"] != "file":
                 continue
             path = Path(disk["path"])
-            assert path.lstat().st_size == disk["size"] + TRAILER_SIZE, f"{path} has the wrong size after {where}"
+            assert path.stat().st_size == disk["size"] + TRAILER_SIZE, f"{path} has the wrong size after {where}"
             with path.open("rb") as f:
                 f.seek(disk["size"])
                 end = f.read()
