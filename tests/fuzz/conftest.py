@@ -25,7 +25,7 @@ COMMON = {
 settings.register_profile(
     "ci",
     derandomize=True,
-    max_examples=int(os.environ.get("APPLIANCED_FUZZ_EXAMPLES", "40")),
+    max_examples=int(os.environ.get("APPLIANCED_FUZZ_EXAMPLES", "60")),
     phases=[Phase.explicit, Phase.generate],
     **COMMON,
 )
