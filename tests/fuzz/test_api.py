@@ -37,6 +37,7 @@ def callees(world: World, interface: str) -> st.SearchStrategy[str]:
         "Acl": "targets/t1/acls/gone",
         "BootProfile": "boot_profiles/gone",
         "Portal": "portals/gone",
+        "Peer": "peer/gone",
     }[interface.rsplit(".", 1)[-1]]
     return st.sampled_from(live * 8 + [f"{ROOT_PATH}/{missing}"])
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from dbus_fast import Variant
 
-from applianced.constants import ERROR_PREFIX, MANAGER_INTERFACE, ROOT_PATH, STATE_FILE_NAME
+from applianced.constants import ERROR_PREFIX, MANAGER_INTERFACE, PEER_INTERFACE, PEER_PATH, ROOT_PATH, STATE_FILE_NAME
 from tests.support.api_client import ApiClient, Method, Outcome
 from tests.support.daemon import INITIATOR, Daemon
 
@@ -194,6 +194,9 @@ class World:
                 os.utime(path, ns=(self.base_fingerprints[path][2],) * 2)
         outcome = self.manager("ImportConfiguration", "sa{sv}", [self.baseline, {"force": Variant("b", True)}])
         assert outcome.ok, f"the node does not take its baseline configuration back: {outcome}"
+        # A pair is not part of the configuration: an example that made one unpairs here.
+        if PEER_PATH in self.objects():
+            assert self.client.call(PEER_PATH, PEER_INTERFACE, "Delete", "a{sv}", [{}]).ok
         for stray in self.disks_dir.iterdir():
             if Path(stray) not in self.base_bytes:
                 stray.unlink()
