@@ -1040,6 +1040,12 @@ class Guest:
         self.wait_until(f"test -b {shlex.quote(link)}", timeout=30)
         return self.run(["readlink", "-f", link]).stdout.strip()
 
+    def set_link(self, up: bool, slot: int = 0) -> None:
+        """Plug or pull the cable of NIC ``slot``: its tap goes up or down in the lab."""
+        if self.lab is None or slot >= len(self._taps):
+            raise HarnessError(f"{self.name} has no NIC {slot}")
+        self.lab.run(["ip", "link", "set", "dev", self._taps[slot], "up" if up else "down"])
+
     def unplug_disk(self, name: str, timeout: float = 30.0) -> None:
         """Hot-unplug extra disk ``name`` through QMP, as pulling a drive out does.
 
