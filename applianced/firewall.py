@@ -218,12 +218,17 @@ def _summary(sources: Sequence[str]) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class PortalFilter:
-    """The sources one portal admits (networks collapsed, names already resolved)."""
+    """The sources one portal admits (networks collapsed, names already resolved).
+
+    ``what`` names the listener in the rule's comment: an iSCSI portal, or the NBD export
+    of a replicated volume, which admits only the peer node.
+    """
 
     address: str
     port: int
     networks: tuple[IPNetwork, ...]
     macs: tuple[str, ...]
+    what: str = "portal"
 
     @property
     def key(self) -> str:
@@ -303,7 +308,7 @@ def _portal_rules(portal: PortalFilter) -> list[NftObject]:
     rules.append([*to_portal, refuse])
     objects = [{"rule": {"family": FAMILY, "table": TABLE, "chain": CHAIN, "expr": expr}} for expr in rules]
     # The comment names the portal in `nft list ruleset`, for people reading it.
-    objects[-1]["rule"]["comment"] = f"applianced portal {portal.key}"
+    objects[-1]["rule"]["comment"] = f"applianced {portal.what} {portal.key}"
     return objects
 
 

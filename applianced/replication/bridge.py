@@ -36,6 +36,7 @@ Why this shape:
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import re
 import subprocess
@@ -45,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from applianced.errors import InvalidArgument, KernelError
+from applianced.firewall import PortalFilter
 from applianced.replication.states import RaidStatus
 
 SECTOR = 512
@@ -206,6 +208,35 @@ def _meta_file(state_dir: Path, volume: Volume) -> tuple[Path, bool]:
         return path, f.read(len(RAID_MAGIC)) != RAID_MAGIC
 
 
+def server_command(name: str, device: str, address: str, port: int, pid_file: Path) -> list[str]:
+    """qemu-nbd serving ``device`` as export ``name``; it forks once it listens.
+
+    ``--cache=none`` opens the device with O_DIRECT, and qemu-nbd always advertises FLUSH
+    and FUA, which it passes to the device: nothing is acknowledged from the page cache.
+    ``--shared`` admits a few connections, for a reconnection that overlaps a dying one.
+    """
+    return [
+        "qemu-nbd",
+        "--fork",
+        f"--pid-file={pid_file}",
+        "--persistent",
+        "--shared=8",
+        "--cache=none",
+        "--aio=native",
+        "--discard=unmap",
+        "--format=raw",
+        f"--bind={address}",
+        f"--port={port}",
+        f"--export-name={name}",
+        device,
+    ]
+
+
+def export_filter(address: str, port: int, peer: str) -> PortalFilter:
+    """The firewall rule of an export: only the peer's address may connect; others get a reset."""
+    return PortalFilter(address, port, (ipaddress.ip_network(peer),), (), what="replication export")
+
+
 class Export:
     """The target side: the peer's copy of ``volume`` served to the source over NBD."""
 
@@ -223,21 +254,7 @@ class Export:
             self.dm.create(self.volume.export, table)
         if self.server_pid() is None:
             self.dm.run(
-                [
-                    "qemu-nbd",
-                    "--fork",
-                    f"--pid-file={self._pid_file()}",
-                    "--persistent",
-                    "--shared=8",
-                    "--cache=none",
-                    "--aio=native",
-                    "--discard=unmap",
-                    "--format=raw",
-                    f"--bind={address}",
-                    f"--port={port}",
-                    f"--export-name={self.volume.name}",
-                    self.dm.node(self.volume.export),
-                ]
+                server_command(self.volume.name, self.dm.node(self.volume.export), address, port, self._pid_file())
             )
 
     def _pid_file(self) -> Path:
