@@ -39,6 +39,7 @@ import contextlib
 import ipaddress
 import os
 import re
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -338,6 +339,23 @@ class Mirror:
         elif not peer_live:
             # The reload revives the leg: md finds its superblock and recovers dirty regions.
             self.dm.reload(self.volume.mirror, self._table(loop, rebuild=False, nosync=False))
+
+    def resume(self, peer: PeerEndpoint, probe_timeout: float = 2.0) -> bool:
+        """Revive a dead peer leg once the peer's server answers; whether it did.
+
+        What the daemon calls every few seconds while a failure keeps a mirror paused. A
+        TCP probe comes first: the NBD client connecting to an address that does not
+        answer would wait for the kernel's SYN retries, about two minutes.
+        """
+        status = self.status()
+        if status is None or not status.peer_dead:
+            return False
+        try:
+            socket.create_connection((peer.address, peer.port), timeout=probe_timeout).close()
+        except OSError:
+            return False
+        self.assemble(peer)
+        return True
 
     def _table(self, local_meta: str, *, rebuild: bool, nosync: bool) -> str:
         region = region_size(self.volume.size, self.volume.region) // SECTOR

@@ -1,6 +1,7 @@
 """The bridge's logic without a kernel: status lines, states, region sizes, the tables it
 asks device-mapper for. That the tables work is proven in tests/vm/test_replication_bridge.py."""
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -68,13 +69,17 @@ def test_volume_sizes_are_whole_sectors(size):
 
 
 class FakeKernel:
-    """Answers the tools the mirror runs: no devices mapped, one free NBD device."""
+    """Answers the tools the mirror runs: one free NBD device, and no device mapped but
+    those given a status line."""
 
-    def __init__(self):
+    def __init__(self, statuses=None):
         self.calls = []
+        self.statuses = statuses or {}
 
     def __call__(self, argv):
         self.calls.append(list(argv))
+        if argv[:2] == ["dmsetup", "status"] and argv[2] in self.statuses:
+            return self.statuses[argv[2]]
         if argv[:2] in (["dmsetup", "table"], ["dmsetup", "status"]):
             raise KernelError("No such device")
         if argv[0] == "losetup":
@@ -121,3 +126,20 @@ def test_a_blank_pair_skips_the_initial_copy(kernel, tmp_path):
     volume = Volume("v1", "/dev/vdb", GIB)
     Mirror(volume, Path(tmp_path), DeviceMapper(kernel)).assemble(PeerEndpoint("10.99.0.2"), copy_all=False)
     assert " nosync 2 " in kernel.created("applianced-repl-v1")
+
+
+@pytest.mark.parametrize(
+    ("health", "listening", "resumed"),
+    [(None, True, False), ("AA", True, False), ("AD", False, False), ("AD", True, True)],
+)
+def test_a_dead_leg_is_resumed_only_when_the_peer_answers(kernel, tmp_path, health, listening, resumed):
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        if listening:
+            server.listen()
+        port = server.getsockname()[1]
+        if health:
+            kernel.statuses["applianced-repl-v1"] = f"0 8 raid raid1 2 {health} 8/8 idle 0 0 -"
+        mirror = Mirror(Volume("v1", "/dev/vdb", GIB), tmp_path, DeviceMapper(kernel))
+        assert mirror.resume(PeerEndpoint("127.0.0.1", port), probe_timeout=1) is resumed
+    assert any(call[0] == "nbd-client" for call in kernel.calls) is resumed
