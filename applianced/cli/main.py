@@ -8,6 +8,7 @@ import datetime
 import getpass
 import json
 import os
+import shlex
 import stat
 import sys
 from collections.abc import Sequence
@@ -221,6 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--key-file", help="file holding the shared key (at least 32 bytes)")
     pair.add_parser("status", help="the peer link: connected, paths, round trip, clock offset, dropped datagrams")
     pair.add_parser("delete", help="unpair this node (do it on both nodes)")
+
+    batch = groups.add_parser(
+        "batch", help="run commands from FILE (default: standard input), one per line, over one connection"
+    )
+    batch.add_argument("file", nargs="?", default="-", help="one command per line as typed after 'appliancectl'")
     return parser
 
 
@@ -775,31 +781,72 @@ def _cell(key: str, value: Any) -> str:
     return str(value)
 
 
-async def run(args: argparse.Namespace) -> list[dict[str, Any]] | None:
+async def dispatch(client: Client, args: argparse.Namespace) -> None:
+    """Run one parsed command and print what it returns."""
+    command = f"{args.group}_{args.action}" if hasattr(args, "action") else args.group
+    # A fresh Commands per command: its cached object tree must show what the previous
+    # command of a batch created.
+    rows = await getattr(Commands(client), command.replace("-", "_"))(args)
+    if rows is not None:
+        print(json.dumps(rows, indent=2) if args.json else render_table(rows), flush=True)
+
+
+async def run(commands: Sequence[tuple[str, argparse.Namespace]]) -> None:
+    """Run commands in order over one bus connection; the first error stops them."""
     client = await Client.connect()
     try:
-        command = f"{args.group}_{args.action}" if hasattr(args, "action") else args.group
-        handler = getattr(Commands(client), command.replace("-", "_"))
-        return await handler(args)
+        for where, args in commands:
+            try:
+                await dispatch(client, args)
+            except (DBusError, UsageError) as error:
+                error.add_note(where)
+                raise
     finally:
         client.close()
 
 
+def parse_batch(parser: argparse.ArgumentParser, path: str) -> list[tuple[str, argparse.Namespace]]:
+    """Every command of a batch, all parsed before the first one runs: a typo in line 9
+    changes nothing."""
+    commands = []
+    for number, line in enumerate(_read_document(path).splitlines(), 1):
+        try:
+            words = shlex.split(line, comments=True)
+        except ValueError as exc:
+            raise UsageError(f"invalid argument: line {number}: {exc}", EXIT_INVALID) from None
+        if not words:
+            continue
+        if words[0] == "batch":
+            raise UsageError(f"invalid argument: line {number}: a batch cannot run a batch", EXIT_INVALID)
+        try:
+            commands.append((f"line {number}", parser.parse_args(words)))
+        except SystemExit:
+            # argparse printed what is wrong with the line.
+            raise UsageError(f"invalid argument: line {number} is not a command", EXIT_INVALID) from None
+    return commands
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
-        rows = asyncio.run(run(args))
+        commands = parse_batch(parser, args.file) if args.group == "batch" else [("", args)]
+        asyncio.run(run(commands))
     except DBusError as error:
         message, code = describe(error)
-        print(f"appliancectl: {message}", file=sys.stderr)
+        print(f"appliancectl: {_located(error, message)}", file=sys.stderr)
         return code
     except UsageError as error:
-        print(f"appliancectl: {error}", file=sys.stderr)
+        print(f"appliancectl: {_located(error, str(error))}", file=sys.stderr)
         return error.exit_code
     except (FileNotFoundError, ConnectionRefusedError):
         message, code = NO_BUS
         print(f"appliancectl: {message}", file=sys.stderr)
         return code
-    if rows is not None:
-        print(json.dumps(rows, indent=2) if args.json else render_table(rows))
     return 0
+
+
+def _located(error: Exception, message: str) -> str:
+    """The message, prefixed with the batch line that failed."""
+    where = [note for note in getattr(error, "__notes__", ()) if note]
+    return f"{where[0]}: {message}" if where else message

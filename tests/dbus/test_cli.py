@@ -266,3 +266,44 @@ def test_sessions_show_portal_authentication_and_luns(daemon):
         }
     ]
     assert daemon.cli("--json", "target", "list").json()[0]["status"] == "logged in (1)"
+
+
+BATCH = f"""
+# the usual first configuration, in one start of appliancectl
+disk create d1 16M
+target create t1
+portal create 127.0.0.1 --port 3261
+lun add t1 d1
+acl add t1 {INITIATOR}   # comments may follow a command
+--json lun list t1
+"""
+
+
+def test_batch_runs_lines_in_order_over_one_connection(daemon, tmp_path):
+    script = tmp_path / "setup.txt"
+    script.write_text(BATCH)
+    done = daemon.cli("batch", str(script))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == [{"target": "t1", "lun": 0, "disk": "d1", "read_only": False}]
+    assert daemon.cli("--json", "acl", "list").json() == [{"target": "t1", "initiator": INITIATOR, "auth": "inherited"}]
+
+    # From standard input too; the first failing line stops the batch and is named.
+    done = daemon.cli("batch", input="target create t2\ntarget create t1\ntarget create t3\n")
+    assert done.returncode == 4
+    assert done.stderr == "appliancectl: line 2: already exists: target 't1' exists already\n"
+    assert sorted(t["name"] for t in daemon.cli("--json", "target", "list").json()) == ["t1", "t2"]
+
+
+@pytest.mark.parametrize(
+    ("text", "sentence"),
+    [
+        ("target create t9\ntarget crate t8\n", "line 2 is not a command"),
+        ("target create t9\ndisk create d9 'unbalanced\n", "line 2: No closing quotation"),
+        ("target create t9\nbatch other.txt\n", "line 2: a batch cannot run a batch"),
+    ],
+)
+def test_a_batch_with_a_bad_line_runs_nothing(daemon, text, sentence):
+    done = daemon.cli("batch", "-", input=text)
+    assert done.returncode == 5
+    assert sentence in done.stderr
+    assert daemon.cli("--json", "target", "list").json() == []
