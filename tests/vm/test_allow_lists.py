@@ -32,7 +32,7 @@ def san(module_guest_factory, module_lab):
     node_guest.write_file("/etc/resolv.conf", "nameserver 127.0.0.1\n")
     node_guest.run(f"echo '{CLIENT} client.san.test' >> /etc/hosts")
     node.start()
-    for args in (
+    node.ctl_batch(
         ("disk", "create", "d1", "8M"),
         ("disk", "create", "d2", "8M"),
         ("target", "create", "t1"),
@@ -43,8 +43,7 @@ def san(module_guest_factory, module_lab):
         ("acl", "add", "t2", CLIENT_IQN),
         ("portal", "create", NODE, "--target", "t1"),
         ("portal", "create", NODE, "--port", "3261", "--target", "t2"),
-    ):
-        node.ctl(*args)
+    )
     iqns = {t["name"]: t["iqn"] for t in node.ctl_json("target", "list")}
     return node, client, iqns
 

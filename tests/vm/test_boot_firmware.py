@@ -110,14 +110,13 @@ def test_ipxe_boots_with_mutual_chap_from_the_root_only_snippet(node, module_lab
 
 
 def test_uefi_boots_with_mutual_chap_typed_in_its_setup(node, module_lab, module_guest_factory):
-    for args in (
+    node.ctl_batch(
         ("disk", "create", "d2", "2M"),
         ("target", "create", "t2"),
         ("lun", "add", "t2", "d2"),
         ("acl", "add", "t2", UEFI_INITIATOR),
         ("boot", "create", "pc2", "t2", UEFI_INITIATOR, "--mac", UEFI_MAC, "--firmware", "uefi"),
-    ):
-        node.ctl(*args)
+    )
     node.guest.run(
         [str(VENV_BIN / "appliancectl"), "chap", "acl", "t2", UEFI_INITIATOR, "--mutual"],
         input=f"{UEFI_SECRET}\n{MUTUAL}\n",

@@ -40,7 +40,7 @@ def lun0(target):
 
 def test_a_file_system_missing_at_start_degrades_then_heals_on_mount(node):
     guest = node.guest
-    for args in (
+    node.ctl_batch(
         ("disk", "create", "d1", "16M"),
         ("disk", "create", "d2", "16M", "--path", f"{MOUNT}/d2.img"),
         ("target", "create", "t1"),
@@ -50,8 +50,7 @@ def test_a_file_system_missing_at_start_degrades_then_heals_on_mount(node):
         ("lun", "add", "t2", "d2"),
         ("acl", "add", "t1", INITIATOR),
         ("acl", "add", "t2", INITIATOR),
-    ):
-        node.ctl(*args)
+    )
     serials = {name: disk["serial"] for name, disk in disks(node).items()}
     node.stop()
     # A reboot whose disk file system did not mount: LIO is empty, the file is not there.
@@ -89,13 +88,12 @@ def test_a_pulled_drive_turns_its_disk_missing(node):
     guest = node.guest
     by_id = "/dev/disk/by-id/scsi-0QEMU_QEMU_HARDDISK_pull"
     guest.disk_device("pull")  # waits for udev's link
-    for args in (
+    node.ctl_batch(
         ("disk", "create-block", "d3", by_id),
         ("target", "create", "t3"),
         ("lun", "add", "t3", "d3"),
         ("acl", "add", "t3", INITIATOR),
-    ):
-        node.ctl(*args)
+    )
     assert f"{PREFIX}:t3" in node.discover(PORTAL)
     node.login(f"{PREFIX}:t3", PORTAL)
     node.device_for_serial(disks(node)["d3"]["serial"])
