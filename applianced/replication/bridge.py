@@ -48,6 +48,7 @@ from pathlib import Path
 
 from applianced.errors import InvalidArgument, KernelError
 from applianced.firewall import PortalFilter
+from applianced.replication import bitmap
 from applianced.replication.states import RaidStatus
 
 SECTOR = 512
@@ -190,23 +191,23 @@ def _linear_source(table: str | None) -> str | None:
 RAID_MAGIC = (0x64526D44).to_bytes(4, "little")
 
 
+def meta_path(state_dir: Path, volume: Volume) -> Path:
+    return state_dir / "replication" / f"{volume.name}.meta"
+
+
 def _meta_file(state_dir: Path, volume: Volume) -> tuple[Path, bool]:
     """The metadata file of ``volume`` (created zeroed if missing), and whether md has
     written a superblock to it: without one the mirror is new, whatever a crashed earlier
     run left behind."""
-    directory = state_dir / "replication"
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path = directory / f"{volume.name}.meta"
+    path = meta_path(state_dir, volume)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     if not path.exists():
         partial = path.with_suffix(".meta.new")
         with open(partial, "wb") as f:
             f.truncate(META_SECTORS * SECTOR)
             os.fsync(f.fileno())
         os.replace(partial, path)
-    with open(path, "rb") as f:
-        # md writes through a loop device with direct I/O: drop any page we cached earlier.
-        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-        return path, f.read(len(RAID_MAGIC)) != RAID_MAGIC
+    return path, not bitmap.read_metadata(path).startswith(RAID_MAGIC)
 
 
 def server_command(name: str, device: str, address: str, port: int, pid_file: Path) -> list[str]:
@@ -282,7 +283,7 @@ class Export:
                 os.kill(pid, 15)
             _wait_gone(pid)
         self.dm.remove(self.volume.export)
-        self.dm.detach_loop(self.state_dir / "replication" / f"{self.volume.name}.meta")
+        self.dm.detach_loop(meta_path(self.state_dir, self.volume))
 
 
 def _wait_gone(pid: int, timeout: float = 10.0) -> None:
@@ -339,6 +340,10 @@ class Mirror:
         elif not peer_live:
             # The reload revives the leg: md finds its superblock and recovers dirty regions.
             self.dm.reload(self.volume.mirror, self._table(loop, rebuild=False, nosync=False))
+
+    def intent_bitmap(self) -> bitmap.Bitmap:
+        """The intent bitmap as this node's metadata holds it."""
+        return bitmap.parse(bitmap.read_metadata(meta_path(self.state_dir, self.volume)))
 
     def resume(self, peer: PeerEndpoint, probe_timeout: float = 2.0) -> bool:
         """Revive a dead peer leg once the peer's server answers; whether it did.
@@ -431,4 +436,4 @@ class Mirror:
         if nbd is not None:
             with contextlib.suppress(KernelError):
                 self.dm.run(["nbd-client", "-d", nbd])
-        self.dm.detach_loop(self.state_dir / "replication" / f"{self.volume.name}.meta")
+        self.dm.detach_loop(meta_path(self.state_dir, self.volume))

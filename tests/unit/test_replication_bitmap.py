@@ -1,0 +1,58 @@
+"""The intent bitmap read from metadata bytes laid out as dm-raid and md write them.
+
+That the layout is the kernel's is proven in tests/vm/test_replication_bridge.py, which
+counts the dirty regions of a real mirror during an outage."""
+
+import struct
+
+import pytest
+
+from applianced.errors import InvalidArgument
+from applianced.replication import bitmap
+
+REGION = 64 * 1024
+
+
+def metadata(regions, dirty, *, events=7, magic=bitmap.MAGIC):
+    sync_sectors = regions * REGION // 512
+    superblock = struct.pack("<II16sQQQII", magic, 4, bytes(16), events, 0, sync_sectors, 0, REGION)
+    bits = bytearray(-(-regions // 8))
+    for region in dirty:
+        bits[region // 8] |= 1 << (region % 8)
+    head = bytes(bitmap.OFFSET) + superblock.ljust(bitmap.SUPERBLOCK_SIZE, b"\0")
+    return head + bytes(bits) + bytes(512)
+
+
+def test_dirty_regions_are_read_in_the_kernels_bit_order():
+    parsed = bitmap.parse(metadata(1024, [0, 7, 8, 100, 1023]))
+    assert (parsed.region, parsed.regions, parsed.events) == (REGION, 1024, 7)
+    assert parsed.dirty_regions() == [0, 7, 8, 100, 1023]
+    assert parsed.dirty == 5
+
+
+def test_bits_past_the_last_region_are_not_counted():
+    data = bytearray(metadata(10, [9]))
+    data[bitmap.OFFSET + bitmap.SUPERBLOCK_SIZE + 1] |= 0b1111_1100  # regions 10..15 do not exist
+    assert bitmap.parse(bytes(data)).dirty_regions() == [9]
+
+
+def test_merging_takes_regions_dirty_on_either_side():
+    ours, theirs = bitmap.parse(metadata(64, [1, 2], events=3)), bitmap.parse(metadata(64, [2, 40], events=9))
+    merged = ours.merged(theirs)
+    assert merged.dirty_regions() == [1, 2, 40] and merged.events == 9
+    with pytest.raises(InvalidArgument, match="do not match"):
+        ours.merged(bitmap.parse(metadata(128, [])))
+
+
+@pytest.mark.parametrize(
+    ("data", "sentence"),
+    [
+        (bytes(8192), "no write-intent bitmap"),
+        (metadata(64, [], magic=0x12345678), "no write-intent bitmap"),
+        (bytes(100), "too short to hold"),
+        (metadata(1 << 20, [])[: bitmap.OFFSET + bitmap.SUPERBLOCK_SIZE + 10], "too short for a bitmap"),
+    ],
+)
+def test_metadata_without_a_bitmap_is_a_named_error(data, sentence):
+    with pytest.raises(InvalidArgument, match=sentence):
+        bitmap.parse(data)
