@@ -6,4 +6,6 @@
   the daemon left running; the bitmap in the raid's metadata is the persistent intent log.
 - ``states``: the mirror states with the reference's numbers, derived from what the kernel
   reports and what the administrator asked for.
+- ``bitmap``: the intent bitmap read from a mirror's metadata: dirty regions, counted
+  and merged.
 """
