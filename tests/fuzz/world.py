@@ -40,6 +40,10 @@ PYTHON_REPR = re.compile(
     r"\bb'\\x|\bb\"\\x|\bb''|PosixPath\(|frozenset\(|dict_keys\(|\bNone\b|\bTrue\b|\bFalse\b"
 )
 
+# Files the kernel changes by itself (/proc/net/tcp6 whenever a socket opens): an argument
+# naming one, as a fuzzed CHAP secret may, says nothing about what a failed call wrote.
+KERNEL_FILES = ("/proc/", "/sys/")
+
 MIB = 1024 * 1024
 TRAILER_SIZE = 4096
 MAGIC = b"APPLIANCED-DISK\n"
@@ -239,7 +243,8 @@ class World:
         paths = {self.state_file, self.daemon.kernel_file, self.firewall_file}
         for directory in (self.base, self.files, self.disks_dir):
             paths |= set(directory.rglob("*")) if directory.exists() else set()
-        paths |= {Path(s) for s in strings_in(args) if s.startswith("/") and "\0" not in s}
+        named = (s for s in strings_in(args) if s.startswith("/") and "\0" not in s)
+        paths |= {Path(s) for s in named if not os.path.realpath(s).startswith(KERNEL_FILES)}
         return Snapshot({str(p): fingerprint(p) for p in paths})
 
     def call(self, path: str, method: Method, args: list[Any]) -> Outcome:
