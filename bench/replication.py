@@ -6,8 +6,8 @@ each variant gives (no iSCSI in between: the initiator path adds the same to eve
 variant, and this measures the replication data path itself):
 
 * ``local``: the source's disk alone, unreplicated;
-* ``bridge-1``, ``bridge-2``: applianced's bridge (dm-raid raid1 over NBD, qemu-nbd on the
-  target) with one and two NBD connections;
+* ``bridge-1``, ``bridge-2``, ``bridge-4``: applianced's bridge (dm-raid raid1 over NBD,
+  qemu-nbd on the target) with one, two and four NBD connections;
 * ``nbd-1``: the transport alone, fio on the NBD device of the peer's export (one
   connection), no raid above it: the ceiling of the bridge's peer leg;
 * ``drbd-C``, ``drbd-A``: DRBD 8.4 (the guest kernel's module, drbd-utils) with protocol C
@@ -172,6 +172,7 @@ VARIANTS = {
     "local": lambda pair: pair.local(),
     "bridge-1": lambda pair: pair.bridge(1),
     "bridge-2": lambda pair: pair.bridge(2),
+    "bridge-4": lambda pair: pair.bridge(4),
     "nbd-1": lambda pair: pair.nbd(1),
     "drbd-C": lambda pair: pair.drbd("C"),
     "drbd-A": lambda pair: pair.drbd("A"),
