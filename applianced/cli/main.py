@@ -799,7 +799,8 @@ async def run(commands: Sequence[tuple[str, argparse.Namespace]]) -> None:
             try:
                 await dispatch(client, args)
             except (DBusError, UsageError) as error:
-                error.add_note(where)
+                if where:
+                    error.add_note(where)
                 raise
     finally:
         client.close()
@@ -848,5 +849,5 @@ def main(argv: list[str] | None = None) -> int:
 
 def _located(error: Exception, message: str) -> str:
     """The message, prefixed with the batch line that failed."""
-    where = [note for note in getattr(error, "__notes__", ()) if note]
-    return f"{where[0]}: {message}" if where else message
+    notes = getattr(error, "__notes__", ())
+    return f"{notes[0]}: {message}" if notes else message

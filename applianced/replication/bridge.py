@@ -39,6 +39,7 @@ import contextlib
 import ipaddress
 import os
 import re
+import signal
 import socket
 import subprocess
 import time
@@ -58,7 +59,6 @@ MAX_REGIONS = 2**21
 DEFAULT_REGION = 64 * 1024
 DEFAULT_PORT = 10809
 PREFIX = "applianced-repl-"
-KERNEL_MODULES = ("dm_mod", "dm_raid", "loop", "nbd")
 
 Runner = Callable[[Sequence[str]], str]
 
@@ -125,14 +125,15 @@ class DeviceMapper:
         self.run = runner
 
     def table(self, name: str) -> str | None:
-        try:
-            return self.run(["dmsetup", "table", name]).strip()
-        except KernelError:
-            return None
+        return self._query("table", name)
 
     def status(self, name: str) -> str | None:
+        return self._query("status", name)
+
+    def _query(self, verb: str, name: str) -> str | None:
+        """What ``dmsetup VERB NAME`` prints, or None if no such device is mapped."""
         try:
-            return self.run(["dmsetup", "status", name]).strip()
+            return self.run(["dmsetup", verb, name]).strip()
         except KernelError:
             return None
 
@@ -157,7 +158,7 @@ class DeviceMapper:
 
     def loop(self, path: Path) -> str:
         """The loop device of ``path``: the one attached already, or a new one."""
-        attached = self.run(["losetup", "-j", str(path), "-O", "NAME", "-n"]).split()
+        attached = self._loops_of(path)
         if attached:
             return attached[0]
         try:
@@ -168,8 +169,11 @@ class DeviceMapper:
             return self.run(["losetup", "-f", "--show", str(path)]).strip()
 
     def detach_loop(self, path: Path) -> None:
-        for device in self.run(["losetup", "-j", str(path), "-O", "NAME", "-n"]).split():
+        for device in self._loops_of(path):
             self.run(["losetup", "-d", device])
+
+    def _loops_of(self, path: Path) -> list[str]:
+        return self.run(["losetup", "-j", str(path), "-O", "NAME", "-n"]).split()
 
 
 def _node_of(major_minor: str) -> str:
@@ -191,8 +195,13 @@ def _linear_source(table: str | None) -> str | None:
 RAID_MAGIC = (0x64526D44).to_bytes(4, "little")
 
 
+def state_file(state_dir: Path, volume: Volume, suffix: str) -> Path:
+    """A file of ``volume``'s mirror in the state directory (``.meta``, ``.nbd-server.pid``)."""
+    return state_dir / "replication" / f"{volume.name}{suffix}"
+
+
 def meta_path(state_dir: Path, volume: Volume) -> Path:
-    return state_dir / "replication" / f"{volume.name}.meta"
+    return state_file(state_dir, volume, ".meta")
 
 
 def _meta_file(state_dir: Path, volume: Volume) -> tuple[Path, bool]:
@@ -260,7 +269,7 @@ class Export:
             )
 
     def _pid_file(self) -> Path:
-        return self.state_dir / "replication" / f"{self.volume.name}.nbd-server.pid"
+        return state_file(self.state_dir, self.volume, ".nbd-server.pid")
 
     def server_pid(self) -> int | None:
         """The pid of the qemu-nbd serving this copy, if it runs."""
@@ -280,7 +289,7 @@ class Export:
         pid = self.server_pid()
         if pid is not None:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, 15)
+                os.kill(pid, signal.SIGTERM)
             _wait_gone(pid)
         self.dm.remove(self.volume.export)
         self.dm.detach_loop(meta_path(self.state_dir, self.volume))
@@ -334,9 +343,8 @@ class Mirror:
         peer_live = status is not None and not status.peer_dead and self._nbd_of_peer_leg() is not None
         if not peer_live:
             self._connect_peer_leg(peer)
-        table = self._table(loop, rebuild=new and copy_all, nosync=new and not copy_all)
         if status is None:
-            self.dm.create(self.volume.mirror, table)
+            self.dm.create(self.volume.mirror, self._table(loop, rebuild=new and copy_all, nosync=new and not copy_all))
         elif not peer_live:
             # The reload revives the leg: md finds its superblock and recovers dirty regions.
             self.dm.reload(self.volume.mirror, self._table(loop, rebuild=False, nosync=False))
