@@ -18,12 +18,13 @@ from pathlib import Path
 from dbus_fast import BusType, RequestNameReply
 from dbus_fast.aio import MessageBus
 
-from applianced import __version__, firewall, network, presence, systemd
+from applianced import __version__, network, systemd
 from applianced.bus.objects import ObjectTree
 from applianced.constants import BUS_NAME, DEFAULT_STATE_DIR, STATE_FILE_NAME
 from applianced.engine import Appliance, Kernel
 from applianced.errors import ApplianceError
-from applianced.kernel.lio import LioKernel
+from applianced.iscsi import firewall, presence
+from applianced.iscsi.kernel.lio import LioKernel
 from applianced.peer.service import Peer
 from applianced.state import StateStore
 

@@ -22,13 +22,14 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from applianced import bootprofile, decoding, devices, diskfile, firewall, names, presence, targetcli, validation
+from applianced import decoding, names, validation
 from applianced.constants import DISKS_DIR_NAME
 from applianced.errors import AlreadyExists, Busy, InvalidArgument, KernelError, NotFound, NotSupported, StateError
-from applianced.initiators import FILE_NAME as SEEN_FILE_NAME
-from applianced.initiators import LoginSource, SeenInitiators
-from applianced.kernel.model import KernelConfig, TargetSessions, render
-from applianced.kernel.plan import Action, plan
+from applianced.iscsi import bootprofile, devices, diskfile, firewall, presence, targetcli
+from applianced.iscsi.initiators import FILE_NAME as SEEN_FILE_NAME
+from applianced.iscsi.initiators import LoginSource, SeenInitiators
+from applianced.iscsi.kernel.model import KernelConfig, TargetSessions, render
+from applianced.iscsi.kernel.plan import Action, plan
 from applianced.state import Acl, BootClient, Chap, Config, Disk, Lun, Portal, StateStore, Target
 
 log = logging.getLogger(__name__)

@@ -99,7 +99,7 @@ class Target:
     # CRC32C digests: "allowed" (the initiator chooses), "required" or "off".
     header_digest: str = "allowed"
     data_digest: str = "allowed"
-    # Sources that may reach the target's portals (see applianced/firewall.py): IP
+    # Sources that may reach the target's portals (see applianced/iscsi/firewall.py): IP
     # networks or addresses, MAC addresses, DNS names; empty: any source.
     allowed_sources: tuple[str, ...] = ()
 
@@ -150,7 +150,7 @@ class BootClient:
     mac: str = ""
     secondary_address: str = ""
     secondary_port: int = 0
-    # The firmware families served (applianced/bootprofile.py): "all", "ipxe", "uefi" or
+    # The firmware families served (applianced/iscsi/bootprofile.py): "all", "ipxe", "uefi" or
     # "broadcom". Profiles made before there was a choice served Broadcom's firmware, which
     # "all" still includes.
     firmware: str = "all"

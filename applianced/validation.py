@@ -13,10 +13,11 @@ import os
 from collections.abc import Collection, Iterable
 from pathlib import Path
 
-from applianced import bootprofile, devices, diskfile, firewall, names
+from applianced import names
 from applianced.constants import ISCSI_DEFAULT_PORT
 from applianced.errors import AlreadyExists, InvalidArgument
-from applianced.kernel.model import DIGEST_OFFERS
+from applianced.iscsi import bootprofile, devices, diskfile, firewall
+from applianced.iscsi.kernel.model import DIGEST_OFFERS
 from applianced.state import Chap, Config, Disk, Portal
 from applianced.units import SECTOR_SIZE, format_size
 

@@ -93,9 +93,10 @@ def since_start():
 GEN = r"""
 import json, sys, uuid
 from pathlib import Path
-from applianced import diskfile, names
+from applianced import names
+from applianced.iscsi import diskfile
 from applianced.constants import DEFAULT_IQN_PREFIX
-from applianced.kernel.model import render
+from applianced.iscsi.kernel.model import render
 from applianced.state import Acl, Config, Disk, Lun, Portal, Target
 
 n, disk_dir, size = int(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
@@ -217,10 +218,11 @@ RECONCILE = (
     + r"""
 import asyncio, collections, json, sys, time
 from pathlib import Path
-from applianced import firewall, network
+from applianced import network
+from applianced.iscsi import firewall
 from applianced.engine import Appliance
-from applianced.kernel import configfs_actions, rtslib_actions
-from applianced.kernel.lio import LioKernel
+from applianced.iscsi.kernel import configfs_actions, rtslib_actions
+from applianced.iscsi.kernel.lio import LioKernel
 from applianced.state import StateStore
 imported = since_start()
 spent = collections.defaultdict(float)

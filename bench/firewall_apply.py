@@ -5,7 +5,7 @@ Usage (as root): PYTHONPATH=. .venv/bin/python bench/firewall_apply.py [--sizes 
 It makes one network namespace of its own, and inside it builds N targets, each with a
 portal of its own (10.0.x.y:3260) and an allow-list of four sources (a network, an
 address, an IPv6 network, a MAC). It then times, with the real nft of this machine:
-  * render: the pure rule set from the configuration (applianced/firewall.py);
+  * render: the pure rule set from the configuration (applianced/iscsi/firewall.py);
   * replace: NftFirewall.apply of that rule set over a table that differs (one nft -j
     list plus the nft -j -f - batch that deletes and redefines the table);
   * no-op: NftFirewall.apply of the same rule set again (one nft -j list and the
@@ -26,7 +26,7 @@ import time
 
 INNER = r"""
 import json, statistics, sys, time
-from applianced import firewall
+from applianced.iscsi import firewall
 from applianced.state import Config, Portal, Target
 
 sizes, repeat = json.loads(sys.argv[1]), int(sys.argv[2])

@@ -49,9 +49,9 @@ StateStore(Path(sys.argv[2]), "state.json").save(Config.from_json(doc))
 RECONCILE = r"""
 import cProfile, json, sys, time
 from pathlib import Path
-from applianced.kernel.lio import LioKernel
-from applianced.kernel.model import render
-from applianced.kernel.plan import plan
+from applianced.iscsi.kernel.lio import LioKernel
+from applianced.iscsi.kernel.model import render
+from applianced.iscsi.kernel.plan import plan
 from applianced.state import StateStore
 state_dir, out = Path(sys.argv[1]), sys.argv[2]
 desired = StateStore(state_dir, "state.json").load()

@@ -34,8 +34,8 @@ GUEST_SCRIPT = r"""
 import json, statistics, sys, time
 from pathlib import Path
 import rtslib_fb
-from applianced.initiators import SeenInitiators
-from applianced.kernel.lio import LioKernel
+from applianced.iscsi.initiators import SeenInitiators
+from applianced.iscsi.kernel.lio import LioKernel
 from applianced.state import Config, Target
 
 sizes, repeat = [int(n) for n in sys.argv[1].split(",")], int(sys.argv[2])

@@ -15,7 +15,7 @@ from dbus_fast import PropertyAccess, Variant
 from dbus_fast.aio import MessageBus
 from dbus_fast.service import ServiceInterface, dbus_method, dbus_property
 
-from applianced import __version__, bootprofile
+from applianced import __version__
 from applianced.bus import paths
 from applianced.bus.errors import translate_errors
 from applianced.bus.options import Options
@@ -34,6 +34,7 @@ from applianced.constants import (
 )
 from applianced.engine import Appliance
 from applianced.errors import InvalidArgument
+from applianced.iscsi import bootprofile
 from applianced.peer.service import Peer
 from applianced.state import Acl, BootClient, Chap, Config, Disk, Lun, Portal, Target
 

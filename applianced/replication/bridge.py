@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from applianced.errors import InvalidArgument, KernelError
-from applianced.firewall import PortalFilter
+from applianced.iscsi.firewall import PortalFilter
 from applianced.replication import bitmap
 from applianced.replication.states import RaidStatus
 

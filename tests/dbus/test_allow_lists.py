@@ -9,7 +9,7 @@ import json
 import pytest
 
 from applianced.constants import TARGET_INTERFACE
-from applianced.firewall import Ruleset
+from applianced.iscsi.firewall import Ruleset
 from tests.dbus.test_api import dbus
 from tests.support.daemon import Daemon
 from tests.support.run_daemon import HOSTS_ENV

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from applianced import diskfile
+from applianced.iscsi import diskfile
 from tests.support.daemon import INITIATOR
 
 

@@ -17,7 +17,7 @@ from applianced.bus import paths
 from applianced.bus.objects import ObjectTree
 from applianced.constants import BUS_NAME, ROOT_PATH
 from applianced.engine import EXPORT_FORMAT, Appliance
-from applianced.kernel.model import Session
+from applianced.iscsi.kernel.model import Session
 from applianced.peer.service import Peer
 from applianced.state import Acl, Config, StateStore, Target
 from tests.support.fake_firewall import FakeFirewall

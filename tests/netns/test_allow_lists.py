@@ -208,7 +208,7 @@ def test_allow_lists_admit_only_listed_sources(lab):
 ROUND_TRIP = textwrap.dedent(
     """
     import json
-    from applianced import firewall
+    from applianced.iscsi import firewall
     from applianced.state import Config, Portal, Target
 
     portals = (Portal("::", 3260, ("t1",)), Portal("10.0.0.1", 3260, ("t1",)), Portal("0.0.0.0", 3261, ("t1",)),

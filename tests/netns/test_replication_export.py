@@ -25,7 +25,7 @@ SIZE = 16 << 20
 APPLY_RULES = textwrap.dedent(
     """
     import sys
-    from applianced.firewall import NftFirewall, ruleset
+    from applianced.iscsi.firewall import NftFirewall, ruleset
     from applianced.replication.bridge import export_filter
     rules = ruleset([export_filter(sys.argv[1], int(sys.argv[2]), sys.argv[3])])
     print(NftFirewall().apply(rules), NftFirewall().observe() == rules)

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from applianced.errors import KernelError
-from applianced.firewall import Ruleset
+from applianced.iscsi.firewall import Ruleset
 
 
 class FakeFirewall:

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from applianced.errors import KernelError
-from applianced.kernel import plan
-from applianced.kernel.model import (
+from applianced.iscsi.kernel import plan
+from applianced.iscsi.kernel.model import (
     KernelConfig,
     KernelTarget,
     LoginActivity,
@@ -35,7 +35,7 @@ from applianced.kernel.model import (
     StorageObject,
     TargetSessions,
 )
-from applianced.kernel.negotiation import is_negotiation_line
+from applianced.iscsi.kernel.negotiation import is_negotiation_line
 from applianced.state import Chap
 
 # Set in the daemon's environment to make the fake refuse one action type ("AddAcl"), or

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from applianced.daemon import main
-from applianced.firewall import NftFirewall
+from applianced.iscsi.firewall import NftFirewall
 from tests.support.fake_firewall import FakeFirewall
 from tests.support.fake_kernel import FAIL_ENV, SLOW_SESSIONS_ENV, FakeKernel
 

@@ -12,10 +12,10 @@ import logging
 
 import pytest
 
-from applianced import firewall
 from applianced.errors import Busy, InvalidArgument, KernelError, NotFound
-from applianced.kernel import plan
-from applianced.kernel.model import Session
+from applianced.iscsi import firewall
+from applianced.iscsi.kernel import plan
+from applianced.iscsi.kernel.model import Session
 from applianced.state import Config, Portal, StateStore, Target
 from tests.support.fake_firewall import FakeFirewall
 from tests.support.fake_kernel import FakeKernel

@@ -11,8 +11,9 @@ import threading
 
 import pytest
 
-from applianced import diskfile, targetcli, validation
+from applianced import validation
 from applianced.errors import AlreadyExists, ApplianceError, InvalidArgument
+from applianced.iscsi import diskfile, targetcli
 from applianced.state import Config, StateStore
 from tests.unit.test_engine import INITIATOR, make_engine, populate, run, saveconfig, started
 

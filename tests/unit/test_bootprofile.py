@@ -7,7 +7,8 @@ import subprocess
 
 import pytest
 
-from applianced.bootprofile import (
+from applianced.errors import InvalidArgument
+from applianced.iscsi.bootprofile import (
     BootProfile,
     BootTarget,
     client_groups,
@@ -17,7 +18,6 @@ from applianced.bootprofile import (
     root_path,
     vendor_suboptions,
 )
-from applianced.errors import InvalidArgument
 from applianced.state import Chap
 
 TARGET_IQN = "iqn.2003-01.org.example.san:boot-client1"

@@ -1,7 +1,7 @@
 """HBA index choice of the configfs builder, on a plain directory standing in for core/."""
 
-from applianced.kernel import configfs, configfs_actions
-from applianced.kernel.configfs_actions import ConfigfsActions
+from applianced.iscsi.kernel import configfs, configfs_actions
+from applianced.iscsi.kernel.configfs_actions import ConfigfsActions
 
 
 def test_new_hbas_take_the_lowest_free_index_and_step_around_other_tools(tmp_path, monkeypatch):

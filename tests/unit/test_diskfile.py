@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-from applianced import diskfile
 from applianced.errors import AlreadyExists, InvalidArgument
+from applianced.iscsi import diskfile
 
 MARKER = diskfile.Marker("vol1", "0b9f2c1e-8a47-4c39-9d6e-2b9a1f6f7c11", 1 << 20)
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from applianced import bootprofile, diskfile
 from applianced.engine import Appliance
 from applianced.errors import AlreadyExists, Busy, InvalidArgument, KernelError, NotFound, NotSupported, StateError
-from applianced.kernel.model import Session
+from applianced.iscsi import bootprofile, diskfile
+from applianced.iscsi.kernel.model import Session
 from applianced.state import Chap, Portal, StateStore
 from tests.support.fake_firewall import FakeFirewall
 from tests.support.fake_kernel import FakeKernel

@@ -5,7 +5,7 @@ import json
 import stat
 from collections import Counter
 
-from applianced.initiators import (
+from applianced.iscsi.initiators import (
     CHAP,
     LOGGED_IN,
     LOGIN_FAILED,
@@ -20,7 +20,7 @@ from applianced.initiators import (
     logins,
     refusals,
 )
-from applianced.kernel.model import LoginCounters, Session
+from applianced.iscsi.kernel.model import LoginCounters, Session
 from applianced.state import Config, Target
 from tests.support.fake_kernel import FakeKernel
 from tests.unit.test_engine import make_engine

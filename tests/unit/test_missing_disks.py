@@ -7,8 +7,8 @@ import stat
 
 import pytest
 
-from applianced import presence
 from applianced.errors import NotSupported
+from applianced.iscsi import presence
 from applianced.state import Config, Disk, Lun, Target
 from tests.unit.test_engine import INITIATOR, make_engine, run, started
 

@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-from applianced.kernel.model import Session
-from applianced.kernel.negotiation import DEBUG_QUERIES, is_negotiation_line, parse
+from applianced.iscsi.kernel.model import Session
+from applianced.iscsi.kernel.negotiation import DEBUG_QUERIES, is_negotiation_line, parse
 from tests.unit.test_initiators import T1, T2, Clock, counters, make_kernel, make_seen
 
 # Messages of /dev/kmsg from a Debian 6.1 guest (tests/vm/test_negotiated.py): the end of a

@@ -2,8 +2,8 @@
 
 import random
 
-from applianced.kernel import plan as p
-from applianced.kernel.model import KernelConfig, render
+from applianced.iscsi.kernel import plan as p
+from applianced.iscsi.kernel.model import KernelConfig, render
 from applianced.state import Acl, Chap, Config, Disk, Lun, Portal, Target
 from tests.support.fake_kernel import FakeKernel
 

@@ -1,7 +1,7 @@
 """Reading sessions from LIO's files: the info text of a 6.1 kernel, counts and portals."""
 
-from applianced.kernel.model import Connection
-from applianced.kernel.sessions import established_connections, parse_acl_info, read_target_sessions
+from applianced.iscsi.kernel.model import Connection
+from applianced.iscsi.kernel.sessions import established_connections, parse_acl_info, read_target_sessions
 
 TARGET = "iqn.2003-01.org.linux-iscsi.applianced:t1"
 INITIATOR = "iqn.2026-11.org.applianced.test:mpio-client"

@@ -25,10 +25,10 @@ COMMON = r"""
 import json, sys
 import rtslib_fb
 from rtslib_fb.utils import RTSLibNotInCFSError
-from applianced.kernel.lio import LioKernel
-from applianced.kernel.model import (DIGEST_OFFERS, NEGOTIATION_PROFILE, TPG_ATTRIBUTES, TPG_PARAMETERS,
+from applianced.iscsi.kernel.lio import LioKernel
+from applianced.iscsi.kernel.model import (DIGEST_OFFERS, NEGOTIATION_PROFILE, TPG_ATTRIBUTES, TPG_PARAMETERS,
     KernelConfig, KernelTarget, MappedLun, NodeAcl, StorageObject)
-from applianced.kernel.plan import plan
+from applianced.iscsi.kernel.plan import plan
 from applianced.state import Chap
 
 block, initiator = sys.argv[1], sys.argv[2]

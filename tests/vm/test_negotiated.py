@@ -15,7 +15,7 @@ pytestmark = pytest.mark.vm
 
 INITIATOR = "iqn.2026-11.org.applianced.test:negotiated-client"
 PORTAL = "127.0.0.1"  # as in test_chap, whose set_node is used
-# The target's offer (kernel/model.py NEGOTIATION_PROFILE).
+# The target's offer (iscsi/kernel/model.py NEGOTIATION_PROFILE).
 TARGET_MAX_BURST = 262144
 SECRET = "s3cret-s3cret"
 

@@ -19,7 +19,7 @@ import rtslib_fb
 from rtslib_fb.utils import RTSLibError, RTSLibNotInCFSError
 
 from applianced.errors import KernelError
-from applianced.kernel import configfs, plan
+from applianced.iscsi.kernel import configfs, plan
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ import re
 from dataclasses import dataclass
 
 from applianced.errors import InvalidArgument
-from applianced.kernel.model import resolve_chap
+from applianced.iscsi.kernel.model import resolve_chap
 from applianced.names import normalize_iscsi_name
 from applianced.state import BootClient, Chap, Config, Target
 

@@ -17,7 +17,7 @@ import os
 import re
 from collections.abc import Iterable
 
-from applianced.kernel.model import KernelTarget, MappedLun, NodeAcl, StorageObject
+from applianced.iscsi.kernel.model import KernelTarget, MappedLun, NodeAcl, StorageObject
 from applianced.state import Chap
 
 TARGET_ROOT = "/sys/kernel/config/target"

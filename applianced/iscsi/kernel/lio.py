@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from applianced.errors import KernelError
-from applianced.kernel import configfs, negotiation, plan, sessions
-from applianced.kernel.configfs_actions import ConfigfsActions
-from applianced.kernel.model import (
+from applianced.iscsi.kernel import configfs, negotiation, plan, sessions
+from applianced.iscsi.kernel.configfs_actions import ConfigfsActions
+from applianced.iscsi.kernel.model import (
     TPG_ATTRIBUTES,
     TPG_PARAMETERS,
     KernelConfig,
@@ -34,7 +34,7 @@ from applianced.kernel.model import (
 )
 
 if TYPE_CHECKING:
-    from applianced.kernel.rtslib_actions import RtslibActions
+    from applianced.iscsi.kernel.rtslib_actions import RtslibActions
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ class LioKernel:
 
     def _rtslib(self) -> RtslibActions:
         if self._removals is None:
-            from applianced.kernel.rtslib_actions import RtslibActions  # imported late: see the module docstring
+            from applianced.iscsi.kernel.rtslib_actions import RtslibActions  # imported late: see the module docstring
 
             self._removals = RtslibActions()
         return self._removals

@@ -21,8 +21,8 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from applianced.kernel import configfs
-from applianced.kernel.model import Connection, Session, TargetSessions
+from applianced.iscsi.kernel import configfs
+from applianced.iscsi.kernel.model import Connection, Session, TargetSessions
 
 _SESSION_LINE = re.compile(r"ISID: 0x([0-9a-f ]+?)\s+TSIH: (\d+)\s+SessionType: (\w+)")
 _STATE_LINE = re.compile(r"Session State: TARG_SESS_STATE_(\w+)")

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from applianced.kernel import negotiation
-from applianced.kernel.model import LoginActivity, LoginCounters, LogPosition, Session, TargetSessions
+from applianced.iscsi.kernel import negotiation
+from applianced.iscsi.kernel.model import LoginActivity, LoginCounters, LogPosition, Session, TargetSessions
 from applianced.state import Config, write_private_file
 
 log = logging.getLogger(__name__)

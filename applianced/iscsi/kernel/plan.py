@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from applianced.kernel.model import KernelConfig, KernelTarget, MappedLun, StorageObject
+from applianced.iscsi.kernel.model import KernelConfig, KernelTarget, MappedLun, StorageObject
 from applianced.state import Chap
 
 

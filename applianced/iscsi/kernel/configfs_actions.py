@@ -24,8 +24,8 @@ from functools import singledispatchmethod
 from pathlib import Path
 
 from applianced.errors import KernelError
-from applianced.kernel import configfs, plan
-from applianced.kernel.model import StorageObject
+from applianced.iscsi.kernel import configfs, plan
+from applianced.iscsi.kernel.model import StorageObject
 from applianced.state import Chap
 
 log = logging.getLogger(__name__)

@@ -22,8 +22,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from applianced import diskfile
 from applianced.errors import InvalidArgument
+from applianced.iscsi import diskfile
 from applianced.state import Disk
 
 log = logging.getLogger(__name__)
