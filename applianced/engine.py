@@ -28,7 +28,7 @@ from applianced.errors import AlreadyExists, Busy, InvalidArgument, KernelError,
 from applianced.iscsi import bootprofile, devices, diskfile, firewall, presence, targetcli
 from applianced.iscsi.initiators import FILE_NAME as SEEN_FILE_NAME
 from applianced.iscsi.initiators import LoginSource, SeenInitiators
-from applianced.iscsi.kernel.model import KernelConfig, TargetSessions, render
+from applianced.iscsi.kernel.model import DiskDevice, KernelConfig, TargetSessions, render
 from applianced.iscsi.kernel.plan import Action, plan
 from applianced.state import Acl, BootClient, Chap, Config, Disk, Lun, Portal, StateStore, Target
 
@@ -52,7 +52,9 @@ class Kernel(LoginSource, Protocol):
 
     def open(self) -> None: ...
 
-    def observe(self, storage_objects: Iterable[str], targets: Iterable[str]) -> KernelConfig: ...
+    def observe(
+        self, storage_objects: Iterable[str], targets: Iterable[str], disk_devices: Mapping[str, DiskDevice]
+    ) -> KernelConfig: ...
 
     def apply(self, actions: Sequence[Action]) -> None: ...
 
@@ -60,6 +62,42 @@ class Kernel(LoginSource, Protocol):
         """What is logged in to one target. Callers ask per target, so that reading every
         target's sessions stays linear in the number of targets."""
         ...
+
+
+class ReplicaView(Protocol):
+    """What replication (applianced/replication) tells the target service about disks."""
+
+    def unserved(self) -> Mapping[str, str]:
+        """Disks this node must not serve now, with the reason: the peer's locked mirror copies."""
+        ...
+
+    def lowers(self) -> Mapping[str, str]:
+        """Disks served through a mirror: the device node their disk device maps."""
+        ...
+
+    def mirrored(self) -> Collection[str]:
+        """Disks that belong to a mirror, in either role."""
+        ...
+
+    def filters(self) -> Mapping[str, firewall.PortalFilter]:
+        """Firewall rules of the NBD exports this node serves to its peer."""
+        ...
+
+
+class NoReplication:
+    """The view of a node with no mirrors."""
+
+    def unserved(self) -> Mapping[str, str]:
+        return {}
+
+    def lowers(self) -> Mapping[str, str]:
+        return {}
+
+    def mirrored(self) -> Collection[str]:
+        return ()
+
+    def filters(self) -> Mapping[str, firewall.PortalFilter]:
+        return {}
 
 
 def audit(operation: str, obj: str, outcome: str, message: str, level: int = logging.INFO) -> None:
@@ -91,6 +129,8 @@ class Appliance:
         self.missing: dict[str, str] = {}
         # Recently seen initiators, sampled by a task the daemon starts (``seen.run()``).
         self.seen = SeenInitiators(kernel, store.directory / SEEN_FILE_NAME, lambda: self.config)
+        # Which disks are mirror copies or served through a mirror (set by the daemon).
+        self.replication: ReplicaView = NoReplication()
 
     @property
     def disks_dir(self) -> Path:
@@ -135,20 +175,26 @@ class Appliance:
 
     def _reconcile(self, desired: Config, previous: Config) -> int:
         """Make the kernel match ``desired``, also removing what only ``previous`` had."""
-        observed = self._observe(desired, previous)
-        actions = plan(observed, self._render(desired))
+        wanted = self._render(desired)
+        actions = plan(self._observe(wanted, desired, previous), wanted)
         self.kernel.apply(actions)
-        changes = len(actions) + self._apply_firewall(firewall.filters(desired, self._resolve(desired)))
+        changes = len(actions) + self._apply_firewall(self._filters(desired, self._resolve(desired)))
         audit("reconcile", "node", "ok", f"reconciled the kernel with {changes} change(s)")
         return changes
 
-    def _observe(self, *configs: Config) -> KernelConfig:
+    def _observe(self, wanted: KernelConfig, *configs: Config) -> KernelConfig:
+        """What the kernel holds of ``configs``' objects (``wanted``: the rendering aimed at)."""
         disks = {name for config in configs for name in config.disks}
         iqns = {target.iqn for config in configs for target in config.targets.values()}
-        return self.kernel.observe(sorted(disks), sorted(iqns))
+        return self.kernel.observe(sorted(disks), sorted(iqns), wanted.disk_devices)
 
     def _render(self, config: Config) -> KernelConfig:
-        return render(config, self.missing.keys())
+        unserved = self.missing.keys() | self.replication.unserved().keys()
+        return render(config, unserved, self.replication.lowers())
+
+    def _filters(self, config: Config, resolved: Mapping[str, frozenset[str]]) -> dict[str, firewall.PortalFilter]:
+        """The allow-lists of ``config``'s portals and the rules of replication's exports."""
+        return {**firewall.filters(config, resolved), **self.replication.filters()}
 
     def _set_config(self, config: Config) -> None:
         self.config = config
@@ -164,13 +210,14 @@ class Appliance:
             # A portal LIO is about to drop keeps its old filter until it is gone, and a new
             # portal is filtered before LIO listens on it: no moment leaves either open.
             resolved = self._resolve(old, new)
-            wanted = firewall.filters(new, resolved)
-            bridge = {**firewall.filters(old, resolved), **wanted}
+            wanted = self._filters(new, resolved)
+            bridge = {**self._filters(old, resolved), **wanted}
             self._apply_firewall(bridge)
             # Whole-configuration changes plan from what the kernel really holds, so that
             # objects made by other tools are adopted or corrected, not assumed.
-            current = self._observe(old, new) if from_kernel else self._render(old)
-            self.kernel.apply(plan(current, self._render(new)))
+            rendered = self._render(new)
+            current = self._observe(rendered, old, new) if from_kernel else self._render(old)
+            self.kernel.apply(plan(current, rendered))
             self._apply_firewall(wanted)
             self.store.save(new)
         except Exception:
@@ -192,9 +239,9 @@ class Appliance:
 
     def _roll_back(self, old: Config, new: Config) -> None:
         try:
-            observed = self._observe(old, new)
-            self.kernel.apply(plan(observed, self._render(old)))
-            self._apply_firewall(firewall.filters(old, self._resolve(old)))
+            wanted = self._render(old)
+            self.kernel.apply(plan(self._observe(wanted, old, new), wanted))
+            self._apply_firewall(self._filters(old, self._resolve(old)))
         except Exception:
             # Nothing more can be done safely here; the next start reconciles again.
             log.critical("could not restore the previous kernel configuration", exc_info=True)
@@ -222,6 +269,15 @@ class Appliance:
         while True:
             await events.wait(MISSING_RECHECK_SECONDS if self.missing else None)
             await self.refresh_disks()
+
+    async def refresh_replication(self) -> int:
+        """Bring the kernel in line after replication changed its view (a mirror came or went,
+        a copy was locked or unlocked); returns the change count."""
+        async with self._lock:
+            config = self.config
+            changes = await asyncio.to_thread(self._reconcile, config, config)
+            self._set_config(config)
+            return changes
 
     async def refresh_disks(self) -> bool:
         """Take disks whose backing went away out of the kernel, and serve those that came back.
@@ -258,6 +314,10 @@ class Appliance:
         for name in sorted(before.keys() - now.keys()):
             audit("disk-back", name, "ok", f"disk {name} is back: its LUNs are exported again")
 
+    def _refuse_if_mirrored(self, name: str, change: str) -> None:
+        if name in self.replication.mirrored():
+            raise Busy(f"disk {name!r} is mirrored to the peer node; {change} would break the mirror: delete it first")
+
     def _refuse_if_missing(self, name: str, change: str) -> None:
         if name in self.missing:
             raise NotSupported(f"disk {name!r} is missing ({self.missing[name]}); {change} needs its backing")
@@ -280,6 +340,7 @@ class Appliance:
                 serial=str(uuid.uuid4()),
                 description=validation.check_description(description),
                 write_back=write_back,
+                backstore="dm",
             )
             if write_back:
                 audit("create-disk", name, "warning", f"disk {name} uses write-back caching: a power cut loses writes")
@@ -309,6 +370,7 @@ class Appliance:
                 str(uuid.uuid4()),
                 validation.check_description(description),
                 kind="block",
+                backstore="dm",
             )
             await self._commit("create-disk", name, self.config.with_disk(disk))
             return disk
@@ -354,7 +416,14 @@ class Appliance:
                     raise AlreadyExists(f"{file_path} is already the backing file of disk {disk.name!r}")
                 if disk.serial == marker.serial:
                     raise AlreadyExists(f"disk {disk.name!r} already has serial {marker.serial} (a copy of this file?)")
-            disk = Disk(name, str(file_path), marker.size, marker.serial, validation.check_description(description))
+            disk = Disk(
+                name,
+                str(file_path),
+                marker.size,
+                marker.serial,
+                validation.check_description(description),
+                backstore="dm",
+            )
             # The trailer carries the disk's name, so that the file imports again as the same disk.
             renamed = validation.marker_of(disk)
             if renamed != marker:
@@ -393,6 +462,7 @@ class Appliance:
                 return disk
             validation.check_size(size)
             self._refuse_if_missing(name, "extending it")
+            self._refuse_if_mirrored(name, "extending it alone (grow the mirror, both halves at once)")
             grown = dataclasses.replace(disk, size=size)
             path = Path(disk.path)
             # The file grows first so that LIO never exports more than the file holds.
@@ -410,6 +480,7 @@ class Appliance:
     async def delete_disk(self, name: str, remove_file: bool = False) -> None:
         async with self._lock:
             disk = self._disk(name)
+            self._refuse_if_mirrored(name, "deleting it")
             if remove_file and disk.kind == "block":
                 raise InvalidArgument(f"disk {name!r} is a block device; applianced never removes devices")
             users = [t.name for t in self.config.targets.values() if any(lun.disk == name for lun in t.luns)]
@@ -755,6 +826,9 @@ class Appliance:
         local = await asyncio.to_thread(self.local_addresses)
         await asyncio.to_thread(validation.validate_config, new, local, unchecked)
         await asyncio.to_thread(firewall.resolve, firewall.names_of(new), self.resolver, True)
+        for name in self.replication.mirrored():
+            if new.disks.get(name) != self.config.disks.get(name):
+                self._refuse_if_mirrored(name, "replacing or dropping it")
         if force:
             return
         kept = {target.iqn for target in new.targets.values()}

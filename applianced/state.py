@@ -44,6 +44,12 @@ class Disk:
     # Exported by several targets at once: only for initiators that coordinate their
     # access themselves (cluster file systems, SCSI reservations). Off unless asked for.
     shared: bool = False
+    # How LIO reaches the data. "dm" (every disk made now): LIO's block backstore on the
+    # disk's own device-mapper device, over the file's loop device or the block device,
+    # so that replication can put a mirror under a live LUN. "direct": LIO's fileio on the
+    # file or its block backstore on the device itself, as applianced made disks before and
+    # as targetcli makes them (kept as they are by a migration, live sessions included).
+    backstore: str = "direct"
 
 
 @dataclass(frozen=True)

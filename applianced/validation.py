@@ -31,6 +31,8 @@ MAX_PATH_BYTES = 4095
 # The longest T10 unit serial LIO stores (INQUIRY_VPD_SERIAL_LEN less its NUL).
 MAX_SERIAL_BYTES = 253
 MAX_LUN = 255
+# Disk.backstore: how LIO reaches a disk (see applianced/state.py).
+BACKSTORES = ("dm", "direct")
 MAX_DESCRIPTION = 256
 MAX_ALIAS_BYTES = 255
 MAX_CHAP_USER_BYTES = 128
@@ -107,6 +109,8 @@ def validate_config(config: Config, local_addresses: set[str], unchecked: Collec
         serials.add(disk.serial)
         if disk.kind not in ("file", "block"):
             raise InvalidArgument(f"disk {disk.name!r} has an unknown kind {disk.kind!r}")
+        if disk.backstore not in BACKSTORES:
+            raise InvalidArgument(f"disk {disk.name!r} has an unknown backstore {disk.backstore!r} (dm or direct)")
         if disk.name in unchecked:
             continue
         if disk.kind == "block":

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from applianced.blockdev import dm, loop
 from applianced.errors import Busy, InvalidArgument
 
 
@@ -43,13 +44,16 @@ def resolve(path: str) -> BlockDevice:
 
 
 def refuse_file_if_in_use(path: str) -> None:
-    """Busy if a loop device of this node is backed by the disk file (a local mount)."""
-    real = os.path.realpath(path)
+    """Busy if a loop device of this node is backed by the disk file (a local mount).
+
+    The loop device applianced stacks the disk on itself, held only by its own
+    device-mapper devices, is not a use.
+    """
     users = []
-    for backing in sorted(Path("/sys/block").glob("loop*/loop/backing_file")):
-        # The kernel appends " (deleted)" to files that were unlinked while attached.
-        if os.path.realpath(backing.read_text().strip().removesuffix(" (deleted)")) == real:
-            users.append(f"/dev/{backing.parent.parent.name}")
+    for node in loop.backed_by(Path(path)):
+        ours, others = dm.applianced_holders(os.path.basename(node))
+        if others or not ours:
+            users.append(node)
     if users:
         raise Busy(f"{path} is attached to {', '.join(users)} on this node; it cannot be exported while in local use")
 
@@ -70,7 +74,7 @@ def refuse_if_in_use(device: BlockDevice) -> None:
     swaps = Path("/proc/swaps").read_text().splitlines()[1:]
     users += [f"used as swap ({line.split()[0]})" for line in swaps if os.path.realpath(line.split()[0]) in nodes]
     for part in sorted(parts):
-        holders = Path("/sys/class/block") / part / "holders"
-        users += [f"held by {holder.name}" for holder in sorted(holders.iterdir())] if holders.exists() else []
+        # The device-mapper device applianced stacks a disk on is not a use.
+        users += [f"held by {holder}" for holder in dm.applianced_holders(part)[1]]
     if users:
         raise Busy(f"{device.node} is in use on this node ({'; '.join(users)}); it cannot be exported")

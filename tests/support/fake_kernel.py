@@ -24,6 +24,9 @@ from typing import Any
 from applianced.errors import KernelError
 from applianced.iscsi.kernel import plan
 from applianced.iscsi.kernel.model import (
+    DEVICE_NODE_DIR,
+    DISK_DEVICE_PREFIX,
+    DiskDevice,
     KernelConfig,
     KernelTarget,
     LoginActivity,
@@ -52,6 +55,8 @@ class FakeKernel:
         self.fail_on = fail_on
         self.sessions_delay = sessions_delay
         self.storage_objects: dict[str, StorageObject] = {}
+        # Disk devices by disk name; only their names and tables, as device-mapper has them.
+        self.disk_devices: dict[str, DiskDevice] = {}
         self.targets: dict[str, KernelTarget] = {}
         self.session_list: list[Session] = []
         self.discovery_auth: Chap | None = None
@@ -71,15 +76,21 @@ class FakeKernel:
 
     # -- Kernel protocol --------------------------------------------------------------
 
-    def observe(self, storage_objects: Iterable[str], targets: Iterable[str]) -> KernelConfig:
+    def observe(
+        self, storage_objects: Iterable[str], targets: Iterable[str], disk_devices: Mapping[str, DiskDevice]
+    ) -> KernelConfig:
+        names = list(storage_objects)
         return KernelConfig(
-            storage_objects={n: self.storage_objects[n] for n in storage_objects if n in self.storage_objects},
+            storage_objects={n: self.storage_objects[n] for n in names if n in self.storage_objects},
             targets={iqn: self.targets[iqn] for iqn in targets if iqn in self.targets},
             discovery_auth=self.discovery_auth,
+            disk_devices={n: self.disk_devices[n] for n in names if n in self.disk_devices},
         )
 
     def snapshot(self) -> KernelConfig:
-        return KernelConfig(dict(self.storage_objects), dict(self.targets), self.discovery_auth)
+        return KernelConfig(
+            dict(self.storage_objects), dict(self.targets), self.discovery_auth, dict(self.disk_devices)
+        )
 
     def sessions(self, target_iqn: str) -> TargetSessions:
         time.sleep(self.sessions_delay)
@@ -128,9 +139,22 @@ class FakeKernel:
 
     def _apply(self, action: plan.Action) -> None:
         match action:
+            case plan.CreateDiskDevice(device=device) | plan.ReloadDiskDevice(device=device):
+                self.disk_devices[_disk_of(device.name)] = device
+            case plan.RemoveDiskDevice(name=name):
+                disk = _disk_of(name)
+                if any(so.path == self.disk_devices[disk].node for so in self.storage_objects.values()):
+                    raise KernelError(f"device {name} is in use by a backstore")
+                self.disk_devices.pop(disk, None)
             case plan.CreateStorageObject(storage_object=so):
                 if self.storage_objects.get(so.name, so) != so:
                     raise KernelError(f"backstore {so.name} exists with other settings")
+                if (
+                    so.plugin == "block"
+                    and so.path.startswith(DEVICE_NODE_DIR)
+                    and not any(d.node == so.path for d in self.disk_devices.values())
+                ):
+                    raise KernelError(f"device {so.path} does not exist")
                 self.storage_objects[so.name] = so
             case plan.GrowStorageObject(name=name, size=size):
                 so = self.storage_objects[name]
@@ -216,6 +240,7 @@ class FakeKernel:
     def wipe(self) -> None:
         """Forget everything, as a reboot does to LIO."""
         self.storage_objects.clear()
+        self.disk_devices.clear()
         self.targets.clear()
         self.discovery_auth = None
         self._save()
@@ -225,6 +250,7 @@ class FakeKernel:
             return
         data = {
             "storage_objects": [dataclasses.asdict(so) for so in self.storage_objects.values()],
+            "disk_devices": [dataclasses.asdict(d) for d in self.disk_devices.values()],
             "targets": [_target_to_json(t) for t in self.targets.values()],
             "sessions": [dataclasses.asdict(s) for s in self.session_list],
             "discovery_auth": _auth_to_json(self.discovery_auth),
@@ -240,12 +266,18 @@ class FakeKernel:
     def _load(self) -> None:
         data = json.loads(self.path.read_text())
         self.storage_objects = {so["name"]: StorageObject(**so) for so in data["storage_objects"]}
+        devices = (DiskDevice(**d) for d in data.get("disk_devices", []))
+        self.disk_devices = {_disk_of(d.name): d for d in devices}
         self.targets = {t["iqn"]: _target_from_json(t) for t in data["targets"]}
         self.session_list = [
             Session(**{**s, "addresses": tuple(s["addresses"]), "portals": tuple(s.get("portals", ()))})
             for s in data.get("sessions", [])
         ]
         self.discovery_auth = _auth_from_json(data.get("discovery_auth"))
+
+
+def _disk_of(device_name: str) -> str:
+    return device_name.removeprefix(DISK_DEVICE_PREFIX)
 
 
 def _target_to_json(target: KernelTarget) -> dict[str, Any]:

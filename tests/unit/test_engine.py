@@ -12,7 +12,7 @@ import pytest
 from applianced.engine import Appliance
 from applianced.errors import AlreadyExists, Busy, InvalidArgument, KernelError, NotFound, NotSupported, StateError
 from applianced.iscsi import bootprofile, diskfile
-from applianced.iscsi.kernel.model import Session
+from applianced.iscsi.kernel.model import Session, StorageObject
 from applianced.state import Chap, Portal, StateStore
 from tests.support.fake_firewall import FakeFirewall
 from tests.support.fake_kernel import FakeKernel
@@ -65,8 +65,13 @@ def test_full_slice_reaches_kernel_and_state(tmp_path):
     assert target.luns == {0: "d1"}
     assert set(target.acls) == {INITIATOR}
     assert target.portals == {("10.1.0.5", 3260)}
-    assert kernel.storage_objects["d1"].size == 64 << 20
     disk_file = tmp_path / "state" / "disks" / "d1.img"
+    # LIO's block backstore on the disk's own device, which maps the file (not its trailer).
+    device = kernel.disk_devices["d1"]
+    assert kernel.storage_objects["d1"] == StorageObject(
+        "d1", device.node, 0, engine.config.disks["d1"].serial, plugin="block"
+    )
+    assert (device.lower, device.lower_is_file, device.size, device.direct_io) == (str(disk_file), True, 64 << 20, True)
     assert disk_file.stat().st_size == (64 << 20) + diskfile.TRAILER_SIZE
     assert disk_file.stat().st_blocks * 512 <= diskfile.TRAILER_SIZE, "sparse: only the trailer is written"
     assert diskfile.read_marker(disk_file) == diskfile.Marker("d1", engine.config.disks["d1"].serial, 64 << 20)
@@ -413,11 +418,11 @@ def test_extend_grows_file_and_kernel_and_refuses_shrink(tmp_path):
         engine = await started(make_engine(tmp_path))
         await populate(engine)
         await engine.extend_disk("d1", 128 << 20)
-        assert engine.kernel.snapshot().storage_objects["d1"].size == 128 << 20
+        assert engine.kernel.snapshot().disk_devices["d1"].size == 128 << 20
         assert diskfile.read_marker(tmp_path / "state" / "disks" / "d1.img").size == 128 << 20
         with pytest.raises(InvalidArgument, match="shrinking"):
             await engine.extend_disk("d1", 64 << 20)
-        assert engine.kernel.snapshot().storage_objects["d1"].size == 128 << 20
+        assert engine.kernel.snapshot().disk_devices["d1"].size == 128 << 20
 
     run(scenario())
 
@@ -428,7 +433,7 @@ def test_failed_extend_shrinks_the_file_back(tmp_path):
     async def scenario():
         engine = await started(make_engine(tmp_path, kernel))
         await populate(engine)
-        kernel.fail_on = "GrowStorageObject"
+        kernel.fail_on = "ReloadDiskDevice"
         with pytest.raises(KernelError):
             await engine.extend_disk("d1", 128 << 20)
         assert diskfile.read_marker(tmp_path / "state" / "disks" / "d1.img").size == 64 << 20
@@ -444,8 +449,9 @@ def test_read_only_luns_and_write_back_disks_reach_the_kernel(tmp_path):
         await engine.create_disk("fast", 1 << 20, write_back=True)
         await engine.add_lun("t1", "fast", read_only=True)
         kernel = engine.kernel.snapshot()
-        assert kernel.storage_objects["fast"].write_back
-        assert not kernel.storage_objects["d1"].write_back
+        # Write-back: the loop device under the disk goes through this node's page cache.
+        assert not kernel.disk_devices["fast"].direct_io
+        assert kernel.disk_devices["d1"].direct_io
         mapped = kernel.targets[engine.config.targets["t1"].iqn].acls[INITIATOR].mapped_luns
         assert {(m.mapped_lun, m.write_protect) for m in mapped} == {(0, False), (1, True)}
 

@@ -23,9 +23,11 @@ from typing import TYPE_CHECKING
 from applianced.errors import KernelError
 from applianced.iscsi.kernel import configfs, negotiation, plan, sessions
 from applianced.iscsi.kernel.configfs_actions import ConfigfsActions
+from applianced.iscsi.kernel.disk_devices import DiskDevices
 from applianced.iscsi.kernel.model import (
     TPG_ATTRIBUTES,
     TPG_PARAMETERS,
+    DiskDevice,
     KernelConfig,
     LoginActivity,
     LoginCounters,
@@ -46,9 +48,18 @@ BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 KMSG = "/dev/kmsg"
 DYNAMIC_DEBUG = (Path("/proc/dynamic_debug/control"), Path("/sys/kernel/debug/dynamic_debug/control"))
 TPG_TAG = configfs.TPG_TAG
-# Modules loaded up front: configfs is not always auto-mounted, and the fileio backend is
-# not requested by the kernel when its HBA directory is made.
-MODULES = ("configfs", "target_core_mod", "target_core_file", "iscsi_target_mod")
+# Modules loaded up front: configfs is not always auto-mounted, the backends are not
+# requested by the kernel when their HBA directories are made, and a disk's device needs
+# device-mapper and, for a file, the loop driver.
+MODULES = (
+    "configfs",
+    "target_core_mod",
+    "target_core_file",
+    "target_core_iblock",
+    "iscsi_target_mod",
+    "dm_mod",
+    "loop",
+)
 
 
 class LioKernel:
@@ -57,6 +68,7 @@ class LioKernel:
     def __init__(self) -> None:
         self._removals: RtslibActions | None = None
         self._kernel_log = KernelLog()
+        self._disk_devices = DiskDevices()
 
     def open(self) -> None:
         try:
@@ -79,10 +91,14 @@ class LioKernel:
 
     # -- reading -------------------------------------------------------------------------
 
-    def observe(self, storage_objects: Iterable[str], targets: Iterable[str]) -> KernelConfig:
-        """Read the named backstores and targets; the ones missing from LIO are left out."""
+    def observe(
+        self, storage_objects: Iterable[str], targets: Iterable[str], disk_devices: Mapping[str, DiskDevice]
+    ) -> KernelConfig:
+        """Read the named backstores and targets, and the devices of the disks ``storage_objects``
+        names (``disk_devices`` are the ones wanted); what is missing is left out."""
+        names = list(storage_objects)
         try:
-            objects = configfs.storage_objects(storage_objects)
+            objects = configfs.storage_objects(names)
             found = {}
             for iqn in targets:
                 target = configfs.target(iqn, TPG_TAG, TPG_ATTRIBUTES, TPG_PARAMETERS)
@@ -91,7 +107,8 @@ class LioKernel:
             discovery = configfs.discovery_auth()
         except (OSError, ValueError) as exc:
             raise KernelError(f"cannot read the LIO configuration: {exc}") from exc
-        return KernelConfig(storage_objects=objects, targets=found, discovery_auth=discovery)
+        devices = self._disk_devices.observe(names, disk_devices)
+        return KernelConfig(storage_objects=objects, targets=found, discovery_auth=discovery, disk_devices=devices)
 
     def sessions(self, target_iqn: str) -> TargetSessions:
         """What is logged in to one target, read from configfs and the TCP table."""
@@ -128,10 +145,14 @@ class LioKernel:
     # -- changing ------------------------------------------------------------------------
 
     def apply(self, actions: Sequence[plan.Action]) -> None:
-        """Carry out ``actions`` in order, each run of removals through rtslib, the rest through configfs."""
-        for removals, run in itertools.groupby(actions, key=lambda action: isinstance(action, plan.REMOVALS)):
-            if removals:
+        """Carry out ``actions`` in order: each run of removals through rtslib, disk devices
+        through device-mapper, the rest through configfs."""
+        for backend, run in itertools.groupby(actions, key=_backend):
+            if backend == "rtslib":
                 self._rtslib().apply(list(run))
+            elif backend == "dm":
+                for action in run:
+                    self._disk_devices.apply(action)
             else:
                 # Made per run: what it caches of LIO is stale after rtslib's removals.
                 ConfigfsActions().apply(list(run))
@@ -142,6 +163,12 @@ class LioKernel:
 
             self._removals = RtslibActions()
         return self._removals
+
+
+def _backend(action: plan.Action) -> str:
+    if isinstance(action, plan.REMOVALS):
+        return "rtslib"
+    return "dm" if isinstance(action, plan.DISK_DEVICE_ACTIONS) else "configfs"
 
 
 class KernelLog:

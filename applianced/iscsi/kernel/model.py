@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
-from applianced.state import Acl, Chap, Config, Target
+from applianced.state import Acl, Chap, Config, Disk, Target
 
 # TPG attributes applianced pins on every target. ``authentication`` must be explicit
 # (logins fail otherwise); generate_node_acls=0 makes the ACL list the only way in;
@@ -59,6 +59,43 @@ class StorageObject:
 
 
 @dataclass(frozen=True)
+class DiskDevice:
+    """The device-mapper device that a "dm" disk's block backstore sits on.
+
+    It maps ``lower``: the disk's file (through a loop device of its size), the disk's
+    block device, or what replication puts there (a mirror of the disk). Changing
+    ``lower`` reloads the device under a live backstore: initiators see a pause, never a
+    LUN that goes away. ``size`` 0 follows a block device's own size.
+    """
+
+    name: str
+    lower: str
+    lower_is_file: bool
+    size: int
+    # Writes skip this node's page cache (direct I/O on the file), unless the disk is
+    # write-back. The kernel may fall back to buffered I/O, so this is not compared.
+    direct_io: bool = field(default=True, compare=False)
+
+    @property
+    def node(self) -> str:
+        """The block-device node LIO's backstore opens."""
+        return device_node(self.name)
+
+
+DISK_DEVICE_PREFIX = "applianced-disk-"
+# The nodes of applianced's device-mapper devices (applianced/blockdev/dm.py).
+DEVICE_NODE_DIR = "/run/applianced/block"
+
+
+def disk_device_name(disk: str) -> str:
+    return DISK_DEVICE_PREFIX + disk
+
+
+def device_node(device: str) -> str:
+    return f"{DEVICE_NODE_DIR}/{device}"
+
+
+@dataclass(frozen=True)
 class MappedLun:
     """A LUN as one initiator sees it."""
 
@@ -99,6 +136,8 @@ class KernelConfig:
     targets: Mapping[str, KernelTarget] = field(default_factory=dict)
     # The iSCSI fabric's discovery authentication, global to the node.
     discovery_auth: Chap | None = None
+    # The device-mapper devices of "dm" disks, by disk name.
+    disk_devices: Mapping[str, DiskDevice] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -181,23 +220,25 @@ class LoginActivity:
     log_position: LogPosition | None = None
 
 
-def render(config: Config, missing: AbstractSet[str] = frozenset()) -> KernelConfig:
+def render(
+    config: Config, unserved: AbstractSet[str] = frozenset(), lowers: Mapping[str, str] | None = None
+) -> KernelConfig:
     """Return the LIO configuration that realises ``config``.
 
-    Disks named in ``missing`` have no backing now (a file system that is not mounted, a
-    drive that is gone): they get no backstore and their LUNs are not exported, so that
-    initiators never read zeros in place of their data, and every other LUN is served.
+    Disks named in ``unserved`` are not served now: their backing is missing (a file system
+    that is not mounted, a drive that is gone), or they are the peer's locked mirror copy.
+    They get no device and no backstore, and their LUNs are not exported, so that initiators
+    never read zeros (or a copy being written) in place of their data; every other LUN is
+    served. ``lowers`` names, for some "dm" disks, the device their device-mapper device
+    maps instead of the disk itself: a mirror of it, which replication assembled.
     """
-    storage_objects = {
-        disk.name: StorageObject(disk.name, disk.path, disk.size, disk.serial, disk.write_back)
-        if disk.kind == "file"
-        else StorageObject(disk.name, disk.path, 0, disk.serial, plugin="block")
-        for disk in config.disks.values()
-        if disk.name not in missing
-    }
+    lowers = lowers or {}
+    served = [disk for disk in config.disks.values() if disk.name not in unserved]
+    storage_objects = {disk.name: _storage_object(disk) for disk in served}
+    disk_devices = {disk.name: _disk_device(disk, lowers.get(disk.name)) for disk in served if disk.backstore == "dm"}
     targets = {}
     for target in config.targets.values():
-        luns = [lun for lun in target.luns if lun.disk not in missing]
+        luns = [lun for lun in target.luns if lun.disk not in unserved]
         # Every allowed initiator sees every LUN of the target under the same number.
         mapped = frozenset(MappedLun(lun.number, lun.number, lun.read_only) for lun in luns)
         targets[target.iqn] = KernelTarget(
@@ -217,7 +258,30 @@ def render(config: Config, missing: AbstractSet[str] = frozenset()) -> KernelCon
                 for acl in target.acls
             },
         )
-    return KernelConfig(storage_objects=storage_objects, targets=targets, discovery_auth=config.discovery_chap)
+    return KernelConfig(
+        storage_objects=storage_objects,
+        targets=targets,
+        discovery_auth=config.discovery_chap,
+        disk_devices=disk_devices,
+    )
+
+
+def _storage_object(disk: Disk) -> StorageObject:
+    if disk.backstore == "dm":
+        # The block backstore follows its device's size, which grows with the disk.
+        return StorageObject(disk.name, device_node(disk_device_name(disk.name)), 0, disk.serial, plugin="block")
+    if disk.kind == "file":
+        return StorageObject(disk.name, disk.path, disk.size, disk.serial, disk.write_back)
+    return StorageObject(disk.name, disk.path, 0, disk.serial, plugin="block")
+
+
+def _disk_device(disk: Disk, lower: str | None) -> DiskDevice:
+    name = disk_device_name(disk.name)
+    if lower is not None:
+        return DiskDevice(name, lower, False, disk.size)
+    if disk.kind == "file":
+        return DiskDevice(name, disk.path, True, disk.size, direct_io=not disk.write_back)
+    return DiskDevice(name, disk.path, False, 0)
 
 
 def resolve_chap(chap: Chap | None, acl: Acl, target: Target) -> Chap | None:

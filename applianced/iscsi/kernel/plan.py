@@ -12,8 +12,29 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from applianced.iscsi.kernel.model import KernelConfig, KernelTarget, MappedLun, StorageObject
+from applianced.iscsi.kernel.model import DiskDevice, KernelConfig, KernelTarget, MappedLun, StorageObject
 from applianced.state import Chap
+
+
+@dataclass(frozen=True)
+class CreateDiskDevice:
+    """Map a "dm" disk's device (and the loop device of its file)."""
+
+    device: DiskDevice
+
+
+@dataclass(frozen=True)
+class ReloadDiskDevice:
+    """Re-point or grow a live disk device: its I/O pauses while the table is swapped."""
+
+    device: DiskDevice
+
+
+@dataclass(frozen=True)
+class RemoveDiskDevice:
+    """Remove a disk device once no backstore uses it (its file's loop device goes too)."""
+
+    name: str
 
 
 @dataclass(frozen=True)
@@ -134,7 +155,10 @@ class UnmapLun:
 
 
 Action = (
-    CreateStorageObject
+    CreateDiskDevice
+    | ReloadDiskDevice
+    | RemoveDiskDevice
+    | CreateStorageObject
     | GrowStorageObject
     | DeleteStorageObject
     | CreateTarget
@@ -155,8 +179,10 @@ Action = (
 )
 
 
-# What rtslib-fb carries out (rtslib_actions.py); configfs_actions.py does the rest.
+# What rtslib-fb carries out (rtslib_actions.py); disk_devices.py maps the disk devices,
+# configfs_actions.py does the rest.
 REMOVALS = (DeleteStorageObject, DeleteTarget, RemovePortal, RemoveLun, RemoveAcl, UnmapLun)
+DISK_DEVICE_ACTIONS = (CreateDiskDevice, ReloadDiskDevice, RemoveDiskDevice)
 
 
 def describe(action: Action) -> str:
@@ -188,7 +214,20 @@ def plan(current: KernelConfig, desired: KernelConfig) -> list[Action]:
     for name in current.storage_objects:
         if name not in desired.storage_objects or name in replaced_objects:
             removals.append(DeleteStorageObject(name))
-    backstores: list[Action] = [GrowStorageObject(name, size) for name, size in sorted(grown.items())]
+    # A disk device goes after its backstore, and comes (or changes) before one is made on it.
+    removals += [
+        RemoveDiskDevice(device.name)
+        for name, device in current.disk_devices.items()
+        if name not in desired.disk_devices
+    ]
+    backstores: list[Action] = []
+    for name, device in desired.disk_devices.items():
+        have = current.disk_devices.get(name)
+        if have is None:
+            backstores.append(CreateDiskDevice(device))
+        elif have != device:
+            backstores.append(ReloadDiskDevice(device))
+    backstores += [GrowStorageObject(name, size) for name, size in sorted(grown.items())]
     backstores += [
         CreateStorageObject(obj)
         for name, obj in desired.storage_objects.items()
