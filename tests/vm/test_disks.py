@@ -14,7 +14,7 @@ PORTAL = "127.0.0.1"
 
 @pytest.fixture(scope="module")
 def node(module_guest_factory):
-    guest = module_guest_factory("disks", disks=[Disk("blk", "64M"), Disk("busy", "16M")])
+    guest = module_guest_factory("disks", disks=[Disk("blk", "64M"), Disk("busy", "16M"), Disk("fs", "64M")])
     appliance = ApplianceNode(guest).prepare(initiator_name=INITIATOR)
     appliance.start()
     appliance.serve("32M", INITIATOR, PORTAL)
@@ -75,12 +75,21 @@ def test_read_only_lun_refuses_writes(node):
 
 
 def test_write_back_is_opt_in(node):
-    created = node.ctl("disk", "create", "wb", "8M", "--write-back")
+    # Direct I/O needs a file system that has it (the state directory is a tmpfs here).
+    node.guest.run(f"mkfs.ext4 -q {node.guest.disk_device('fs')} && mkdir -p /srv/fs")
+    node.guest.run(f"mount {node.guest.disk_device('fs')} /srv/fs")
+    created = node.ctl("disk", "create", "wb", "8M", "--write-back", "--path", "/srv/fs/wb.img")
     assert "power cut" in created.stderr
-    infos = node.guest.run("cat /sys/kernel/config/target/core/fileio_*/wb/info").stdout
-    assert "Buffered-WCE" in infos
-    infos = node.guest.run("cat /sys/kernel/config/target/core/fileio_*/d1/info").stdout
-    assert "O_DSYNC" in infos
+    node.ctl("disk", "create", "wt", "8M", "--path", "/srv/fs/wt.img")
+
+    def direct_io(path):
+        return node.guest.run(["losetup", "-j", path, "-n", "-O", "DIO"]).stdout.strip()
+
+    # A write-back disk's loop device goes through the node's page cache; others skip it.
+    assert (direct_io("/srv/fs/wb.img"), direct_io("/srv/fs/wt.img")) == ("0", "1")
+    assert node.guest.run("cat /sys/kernel/config/target/core/iblock_*/wt/udev_path").stdout.strip() == (
+        "/run/applianced/block/applianced-disk-wt"
+    )
 
 
 def test_delete_keeps_the_file_and_import_brings_it_back_with_its_identity(node):

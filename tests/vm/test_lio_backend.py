@@ -27,14 +27,16 @@ import rtslib_fb
 from rtslib_fb.utils import RTSLibNotInCFSError
 from applianced.iscsi.kernel.lio import LioKernel
 from applianced.iscsi.kernel.model import (DIGEST_OFFERS, NEGOTIATION_PROFILE, TPG_ATTRIBUTES, TPG_PARAMETERS,
-    KernelConfig, KernelTarget, MappedLun, NodeAcl, StorageObject)
+    DiskDevice, KernelConfig, KernelTarget, MappedLun, NodeAcl, StorageObject)
+from applianced.iscsi.kernel.disk_devices import DiskDevices
+from applianced.iscsi.kernel.plan import RemoveDiskDevice
 from applianced.iscsi.kernel.plan import plan
 from applianced.state import Chap
 
 block, initiator = sys.argv[1], sys.argv[2]
 T1, T2, T3 = (f"iqn.2026-11.org.applianced.test:backend-{n}" for n in ("t1", "t2", "t3"))
 OTHER = "iqn.2026-11.org.applianced.test:other"
-for name in ("f1", "f2", "f3"):
+for name in ("f1", "f2", "f3", "d1"):
     open(f"/var/lib/applianced/{name}.img", "w").truncate(16 << 20)
 
 def target(iqn, enabled=True, alias="t", digest="allowed", portals=(("127.0.0.1", 3260),), luns=None, acls=()):
@@ -51,6 +53,9 @@ DESIRED = KernelConfig(
                             write_back=True),
         "f3": StorageObject("f3", "/var/lib/applianced/f3.img", 16 << 20, "8c1b7e4e-0f3a-4d1e-9a51-5a0c2f1d0003"),
         "b1": StorageObject("b1", block, 0, "8c1b7e4e-0f3a-4d1e-9a51-5a0c2f1d0004", plugin="block"),
+        # A disk on its own device-mapper device, over its file's loop device.
+        "d1": StorageObject("d1", "/run/applianced/block/applianced-disk-d1", 0, "8c1b7e4e-0f3a-4d1e-9a51-5a0c2f1d0005",
+                            plugin="block"),
     },
     targets={
         T1: target(T1, alias="first target", digest="required",
@@ -60,9 +65,11 @@ DESIRED = KernelConfig(
                          NodeAcl(initiator, frozenset({MappedLun(0, 0)}), Chap(initiator, "secret-6543210")))),
         T2: target(T2, enabled=False, digest="off", luns={0: "f2"},
                    acls=(NodeAcl(OTHER, frozenset({MappedLun(0, 0, True)})),)),
-        T3: target(T3, luns={1: "f3"}, acls=(NodeAcl(initiator, frozenset({MappedLun(1, 1)})),)),
+        T3: target(T3, luns={1: "f3", 2: "d1"},
+                   acls=(NodeAcl(initiator, frozenset({MappedLun(1, 1), MappedLun(2, 2)})),)),
     },
     discovery_auth=Chap("disco", "disco-secret-1", "disco-target", "disco-mutual-1"),
+    disk_devices={"d1": DiskDevice("applianced-disk-d1", "/var/lib/applianced/d1.img", True, 12 << 20)},
 )
 NAMES, IQNS = sorted(DESIRED.storage_objects), sorted(DESIRED.targets)
 
@@ -112,10 +119,16 @@ kernel = LioKernel()
 kernel.open()
 
 def observe():
-    return kernel.observe(NAMES, IQNS)
+    return kernel.observe(NAMES, IQNS, DESIRED.disk_devices)
 
 def clear():
+    # LIO and the disk devices gone, as after a reboot.
     rtslib_fb.RTSRoot().clear_existing(confirm=True)
+    DiskDevices().apply(RemoveDiskDevice("applianced-disk-d1"))
+
+def without_devices(config):
+    # rtslib sees no device-mapper devices: compare the rest.
+    return KernelConfig(config.storage_objects, config.targets, config.discovery_auth)
 """
 
 READS = (
@@ -144,7 +157,7 @@ mine, theirs = observe(), rtslib_view()
 print(json.dumps({"built_as_wanted": built == DESIRED, "restored_as_built": restored == built,
                   "foreign_kept": rtslib_fb.FileIOStorageObject("foreign").udev_path.endswith("foreign.img"),
                   "saved_objects": sorted(so["name"] for so in saved["storage_objects"]),
-                  "same": mine == theirs, "mine": repr(mine), "theirs": repr(theirs),
+                  "same": without_devices(mine) == theirs, "mine": repr(mine), "theirs": repr(theirs),
                   "t3_luns": mine.targets[T3].luns, "t1_as_wanted": mine.targets[T1] == DESIRED.targets[T1],
                   "objects_as_wanted": mine.storage_objects == DESIRED.storage_objects,
                   "discovery_as_wanted": mine.discovery_auth == DESIRED.discovery_auth}))
@@ -168,6 +181,9 @@ def converge(label):
     copies = {name: len(glob.glob(f"{CORE}/*/{name}")) for name in NAMES}
     if set(copies.values()) != {1}:
         failures.append(f"{label}: backstores {copies}")
+    loops = subprocess.run(["losetup", "-j", "/var/lib/applianced/d1.img"], capture_output=True, text=True).stdout
+    if len(loops.splitlines()) != 1:
+        failures.append(f"{label}: loop devices of d1: {loops!r}")
 
 # A crash after each action of a restore from empty.
 steps = plan(KernelConfig(), DESIRED)
@@ -182,11 +198,14 @@ for done in range(len(steps) + 1):
 half_made = {
     # After the other backstores, so that the half-made one is not the only one.
     "backstore without its configuration": lambda: (
-        kernel.apply([a for a in steps if type(a).__name__ == "CreateStorageObject"][1:]),
+        kernel.apply([a for a in steps if type(a).__name__ == "CreateDiskDevice"
+                      or type(a).__name__ == "CreateStorageObject" and a.storage_object.name != "f1"]),
         os.makedirs(f"{CORE}/fileio_77/f1"),
     ),
     "target without its TPG": lambda: os.makedirs(f"/sys/kernel/config/target/iscsi/{T1}"),
     "LUN without its link": lambda: os.makedirs(f"{TPG1}/lun/lun_0"),
+    "disk device without its table": lambda: subprocess.run(
+        ["dmsetup", "create", "applianced-disk-d1", "--notable"], check=True),
     "mapped LUN without its link": lambda: os.makedirs(f"{TPG1}/acls/{OTHER}/lun_0"),
 }
 for label, make in half_made.items():
@@ -248,7 +267,7 @@ def reads(node):
 def test_what_configfs_builds_is_lios_and_targetclis(reads):
     found = reads
     assert found["built_as_wanted"]
-    assert found["saved_objects"] == ["b1", "f1", "f2", "f3", "foreign"]
+    assert found["saved_objects"] == ["b1", "d1", "f1", "f2", "f3", "foreign"]
     assert found["restored_as_built"]
     assert found["foreign_kept"]
 
@@ -256,7 +275,7 @@ def test_what_configfs_builds_is_lios_and_targetclis(reads):
 def test_configfs_reads_equal_rtslib_properties(reads):
     found = reads
     assert found["same"], f"configfs: {found['mine']}\nrtslib: {found['theirs']}"
-    assert found["t3_luns"] == {"1": "f3", "7": "f1"}
+    assert found["t3_luns"] == {"1": "f3", "2": "d1", "7": "f1"}
     assert found["t1_as_wanted"] and found["objects_as_wanted"] and found["discovery_as_wanted"]
 
 
