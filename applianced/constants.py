@@ -18,12 +18,16 @@ LUN_INTERFACE = "org.applianced.Appliance1.Lun"
 ACL_INTERFACE = "org.applianced.Appliance1.Acl"
 BOOT_PROFILE_INTERFACE = "org.applianced.Appliance1.BootProfile"
 PEER_INTERFACE = "org.applianced.Appliance1.Peer"
+MIRROR_INTERFACE = "org.applianced.Appliance1.Mirror"
+JOB_INTERFACE = "org.applianced.Appliance1.Job"
 
 # Lowercase plural collections below the root, as udisks2 does.
 DISKS_PATH = f"{ROOT_PATH}/disks"
 TARGETS_PATH = f"{ROOT_PATH}/targets"
 PORTALS_PATH = f"{ROOT_PATH}/portals"
 BOOT_PROFILES_PATH = f"{ROOT_PATH}/boot_profiles"
+MIRRORS_PATH = f"{ROOT_PATH}/mirrors"
+JOBS_PATH = f"{ROOT_PATH}/jobs"
 # A node has at most one pair: one object, present while paired.
 PEER_PATH = f"{ROOT_PATH}/peer"
 
@@ -52,6 +56,7 @@ ERROR_KINDS = (
     "NotSupported",
     "KernelError",
     "StateError",
+    "Unreachable",
     "Failed",
 )
 

@@ -26,6 +26,8 @@ from applianced.errors import ApplianceError
 from applianced.iscsi import firewall, presence
 from applianced.iscsi.kernel.lio import LioKernel
 from applianced.peer.service import Peer
+from applianced.replication.bridge import DataPath
+from applianced.replication.service import Replication
 from applianced.state import StateStore
 
 log = logging.getLogger("applianced")
@@ -47,25 +49,28 @@ def main(
     kernel_factory: Callable[[], Kernel] = LioKernel,
     firewall_factory: Callable[[], firewall.Firewall] = firewall.NftFirewall,
     resolver: Callable[[str], Iterable[str]] = firewall.resolve_name,
+    data_path_factory: Callable[[Path], DataPath] = DataPath,
 ) -> int:
     args = parse_args(argv)
     systemd.setup_logging("applianced", getattr(logging, args.log_level))
     store = StateStore(args.state_dir, STATE_FILE_NAME)
     engine = Appliance(kernel_factory(), store, network.local_addresses, firewall_factory(), resolver)
     peer = Peer(args.state_dir, network.local_addresses)
+    replication = Replication(args.state_dir, engine, peer, data_path_factory(args.state_dir))
+    engine.replication = replication
     try:
-        asyncio.run(serve(engine, peer))
+        asyncio.run(serve(engine, peer, replication))
     except ApplianceError as exc:
         log.error("applianced cannot start: %s", exc)
         return 1
     return 0
 
 
-async def serve(engine: Appliance, peer: Peer) -> None:
+async def serve(engine: Appliance, peer: Peer, replication: Replication) -> None:
     bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
     try:
-        ObjectTree(bus, engine, peer)
-        changes = await engine.start()
+        ObjectTree(bus, engine, peer, replication)
+        changes = await engine.start(replication.start)
         log.info("kernel reconciled at start-up with %d change(s)", changes)
         await asyncio.to_thread(engine.seen.load)
         # The link needs the node id, which the state file holds.
@@ -80,6 +85,7 @@ async def serve(engine: Appliance, peer: Peer) -> None:
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(_reload(engine)))
         watchdog = asyncio.ensure_future(_watchdog())
         sampler = asyncio.ensure_future(engine.seen.run())
+        monitor = asyncio.ensure_future(replication.run())
         systemd.notify(f"READY=1\nSTATUS=serving {len(engine.config.targets)} target(s)")
         log.info("applianced %s ready on %s", __version__, BUS_NAME)
         # Watching devices starts after READY: its imports would only delay the start.
@@ -88,7 +94,7 @@ async def serve(engine: Appliance, peer: Peer) -> None:
         watcher = asyncio.ensure_future(engine.watch_disks(events))
         await stop.wait()
         systemd.notify("STOPPING=1")
-        for task in (watchdog, sampler, watcher):
+        for task in (watchdog, sampler, monitor, watcher):
             task.cancel()
         events.close()
         await peer.close()

@@ -18,7 +18,7 @@ import ipaddress
 import logging
 import os
 import uuid
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -131,6 +131,9 @@ class Appliance:
         self.seen = SeenInitiators(kernel, store.directory / SEEN_FILE_NAME, lambda: self.config)
         # Which disks are mirror copies or served through a mirror (set by the daemon).
         self.replication: ReplicaView = NoReplication()
+        # The replica view the kernel was last brought in line with: a commit after the view
+        # changed plans from the kernel, not from the previous rendering.
+        self._view_applied: tuple[Any, ...] = self._replica_view()
 
     @property
     def disks_dir(self) -> Path:
@@ -142,14 +145,20 @@ class Appliance:
 
     # -- start-up and reload ---------------------------------------------------------------
 
-    async def start(self) -> int:
-        """Load the state file and bring the kernel in line with it; return the change count."""
+    async def start(self, prepare: Callable[[Config], Awaitable[None]] | None = None) -> int:
+        """Load the state file and bring the kernel in line with it; return the change count.
+
+        ``prepare`` runs between the two, with the stored configuration: replication
+        assembles its mirrors there, so that no disk is served around its mirror.
+        """
         async with self._lock:
             stored = await asyncio.to_thread(self.store.load)
             await asyncio.to_thread(self.kernel.open)
             if stored is None:
                 stored = self.config
                 await asyncio.to_thread(self.store.save, stored)
+            if prepare is not None:
+                await prepare(stored)
             return await self._reconcile_stored(stored)
 
     async def reload(self) -> int:
@@ -173,11 +182,16 @@ class Appliance:
         self._set_config(stored)
         return count
 
+    def _replica_view(self) -> tuple[Any, ...]:
+        return (frozenset(self.replication.unserved()), tuple(sorted(self.replication.lowers().items())))
+
     def _reconcile(self, desired: Config, previous: Config) -> int:
         """Make the kernel match ``desired``, also removing what only ``previous`` had."""
+        view = self._replica_view()
         wanted = self._render(desired)
         actions = plan(self._observe(wanted, desired, previous), wanted)
         self.kernel.apply(actions)
+        self._view_applied = view
         changes = len(actions) + self._apply_firewall(self._filters(desired, self._resolve(desired)))
         audit("reconcile", "node", "ok", f"reconciled the kernel with {changes} change(s)")
         return changes
@@ -206,6 +220,8 @@ class Appliance:
 
     def _transition(self, new: Config, from_kernel: bool = False) -> None:
         old = self.config
+        view = self._replica_view()
+        from_kernel = from_kernel or view != self._view_applied
         try:
             # A portal LIO is about to drop keeps its old filter until it is gone, and a new
             # portal is filtered before LIO listens on it: no moment leaves either open.
@@ -218,6 +234,7 @@ class Appliance:
             rendered = self._render(new)
             current = self._observe(rendered, old, new) if from_kernel else self._render(old)
             self.kernel.apply(plan(current, rendered))
+            self._view_applied = view
             self._apply_firewall(wanted)
             self.store.save(new)
         except Exception:
@@ -325,19 +342,29 @@ class Appliance:
     # -- disks -----------------------------------------------------------------------------
 
     async def create_disk(
-        self, name: str, size: int, path: str = "", description: str = "", write_back: bool = False
+        self,
+        name: str,
+        size: int,
+        path: str = "",
+        description: str = "",
+        write_back: bool = False,
+        serial: str = "",
     ) -> Disk:
+        """A sparse file-backed disk; ``serial`` is given only to the peer's copy of a
+        mirrored disk (replication locks it before it exists, so it is never served)."""
         async with self._lock:
             names.validate_object_name("disk", name)
             if name in self.config.disks:
                 raise AlreadyExists(f"disk {name!r} exists already")
             validation.check_size(size)
+            if serial:
+                self._refuse_serial_in_use(validation.check_serial(serial))
             file_path = self._disk_path(name, path)
             disk = Disk(
                 name=name,
                 path=str(file_path),
                 size=size,
-                serial=str(uuid.uuid4()),
+                serial=serial or str(uuid.uuid4()),
                 description=validation.check_description(description),
                 write_back=write_back,
                 backstore="dm",
@@ -392,6 +419,14 @@ class Appliance:
                 await self._commit("modify-disk", name, self.config.with_disk(modified))
             return modified
 
+    async def sessions_on_disk(self, disk_name: str) -> list[str]:
+        """The initiators logged in to targets that export ``disk_name``."""
+        who: set[str] = set()
+        for target in self.config.targets.values():
+            if any(lun.disk == disk_name for lun in target.luns):
+                who |= {s.initiator for s in (await self.sessions(target.iqn)).sessions}
+        return sorted(who)
+
     def _exporters(self, disk_name: str) -> list[str]:
         return sorted(t.name for t in self.config.targets.values() if any(lun.disk == disk_name for lun in t.luns))
 
@@ -435,6 +470,32 @@ class Appliance:
                     await asyncio.to_thread(diskfile.rename, file_path, marker)
                 raise
             return disk
+
+    def _refuse_serial_in_use(self, serial: str, but: str = "") -> None:
+        holder = next((d.name for d in self.config.disks.values() if d.serial == serial and d.name != but), None)
+        if holder is not None:
+            raise AlreadyExists(f"disk {holder!r} already has serial {serial}")
+
+    async def set_disk_serial(self, name: str, serial: str = "") -> Disk:
+        """Give a disk another unit serial (a new one if ``serial`` is empty): a disk that
+        becomes the copy of a mirrored disk takes its serial, and a former copy gets one of
+        its own, so that it never passes for the other half at a multipath initiator."""
+        async with self._lock:
+            disk = self._disk(name)
+            serial = validation.check_serial(serial) if serial else str(uuid.uuid4())
+            self._refuse_serial_in_use(serial, but=name)
+            changed = dataclasses.replace(disk, serial=serial)
+            if changed == disk:
+                return disk
+            if disk.kind == "file":
+                await asyncio.to_thread(diskfile.rename, Path(disk.path), validation.marker_of(changed))
+            try:
+                await self._commit("set-disk-serial", name, self.config.with_disk(changed))
+            except BaseException:
+                if disk.kind == "file":
+                    await asyncio.to_thread(diskfile.rename, Path(disk.path), validation.marker_of(disk))
+                raise
+            return changed
 
     def _disk_path(self, name: str, path: str) -> Path:
         if not path:

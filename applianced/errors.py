@@ -40,6 +40,10 @@ class StateError(ApplianceError):
     """The state file cannot be read or written."""
 
 
+class Unreachable(ApplianceError):
+    """The peer node did not answer: the change needs it and was not made on either node."""
+
+
 ALL_ERRORS: tuple[type[ApplianceError], ...] = (
     NotFound,
     AlreadyExists,
@@ -48,4 +52,5 @@ ALL_ERRORS: tuple[type[ApplianceError], ...] = (
     NotSupported,
     KernelError,
     StateError,
+    Unreachable,
 )

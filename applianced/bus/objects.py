@@ -18,6 +18,7 @@ from dbus_fast.service import ServiceInterface, dbus_method, dbus_property
 from applianced import __version__
 from applianced.bus import paths
 from applianced.bus.errors import translate_errors
+from applianced.bus.mirror import MirrorObjects
 from applianced.bus.options import Options
 from applianced.bus.peer import PeerInterface
 from applianced.constants import (
@@ -36,6 +37,7 @@ from applianced.engine import Appliance
 from applianced.errors import InvalidArgument
 from applianced.iscsi import bootprofile
 from applianced.peer.service import Peer
+from applianced.replication.service import Replication
 from applianced.state import Acl, BootClient, Chap, Config, Disk, Lun, Portal, Target
 
 READ = PropertyAccess.READ
@@ -97,9 +99,10 @@ class ManagerInterface(EntityInterface):
     INTERFACE = MANAGER_INTERFACE
     value: Config
 
-    def __init__(self, engine: Appliance, value: Config, peer: Peer) -> None:
+    def __init__(self, engine: Appliance, value: Config, peer: Peer, replication: Replication) -> None:
         super().__init__(engine, value)
         self.peer = peer
+        self.replication = replication
 
     @dbus_property(access=READ)
     def Version(self) -> "s":
@@ -213,6 +216,21 @@ class ManagerInterface(EntityInterface):
 
     @dbus_method()
     @translate_errors
+    async def CreateMirror(self, disk: "o", mode: "s", options: "a{sv}") -> "o":
+        opts = Options("CreateMirror", options, {"peer_disk": "s", "skip_initial_sync": "b", "region": "u"})
+        name = _name_from_path(disk, paths.disk_path, self.engine.config.disks, "disk")
+        await self.replication.create(name, mode, **opts.values())
+        return paths.mirror_path(name)
+
+    @dbus_method()
+    @translate_errors
+    async def GetVolumeState(self, disk: "s", options: "a{sv}") -> "u":
+        """The mirror state of a disk by name, as a bare number (GETVOLUMEDRVSTATE)."""
+        Options("GetVolumeState", options, {})
+        return self.replication.volume_state(disk)
+
+    @dbus_method()
+    @translate_errors
     async def ListSeenInitiators(self, options: "a{sv}") -> "aa{sv}":
         Options("ListSeenInitiators", options, {})
         return [
@@ -233,8 +251,9 @@ class ManagerInterface(EntityInterface):
 
 class DiskInterface(EntityInterface):
     INTERFACE = DISK_INTERFACE
-    # The disk, and why its backing is absent ("" while it is there).
-    value: tuple[Disk, str]
+    # The disk, its status ("online", "missing": its backing is absent, "locked": the
+    # peer's mirror copy) and why.
+    value: tuple[Disk, str, str]
 
     @property
     def disk(self) -> Disk:
@@ -274,11 +293,11 @@ class DiskInterface(EntityInterface):
 
     @dbus_property(access=READ)
     def Status(self) -> "s":
-        return "missing" if self.value[1] else "online"
+        return self.value[1]
 
     @dbus_property(access=READ)
     def StatusReason(self) -> "s":
-        return self.value[1]
+        return self.value[2]
 
     @dbus_method()
     @translate_errors
@@ -567,16 +586,20 @@ class BootProfileInterface(EntityInterface):
 class ObjectTree:
     """Keeps the exported entity objects equal to the engine's configuration."""
 
-    def __init__(self, bus: MessageBus, engine: Appliance, peer: Peer) -> None:
+    def __init__(self, bus: MessageBus, engine: Appliance, peer: Peer, replication: Replication) -> None:
         self.bus = bus
         self.engine = engine
         self.peer = peer
+        self.replication = replication
         self._exported: dict[str, EntityInterface] = {}
         self._peer_object: PeerInterface | None = None
-        self.manager = ManagerInterface(engine, engine.config, peer)
+        self.manager = ManagerInterface(engine, engine.config, peer, replication)
         bus.export(ROOT_PATH, self.manager)
+        self.mirrors = MirrorObjects(bus, replication)
         engine.add_listener(self.sync)
         peer.add_listener(self.sync_peer)
+        # A copy locked or unlocked changes its disk's status.
+        replication.add_listener(lambda disk, event: self.sync(self.engine.config))
 
     def sync_peer(self) -> None:
         """Export the pair's object while paired, and announce its connectivity."""
@@ -604,8 +627,15 @@ class ObjectTree:
                 exported.refresh(value)
 
     def _entities(self, config: Config) -> Iterator[tuple[str, type[EntityInterface], Any]]:
+        locked = self.replication.unserved()
         for disk in config.disks.values():
-            yield paths.disk_path(disk.name), DiskInterface, (disk, self.engine.missing.get(disk.name, ""))
+            if disk.name in self.engine.missing:
+                status = ("missing", self.engine.missing[disk.name])
+            elif disk.name in locked:
+                status = ("locked", locked[disk.name])
+            else:
+                status = ("online", "")
+            yield paths.disk_path(disk.name), DiskInterface, (disk, *status)
         for portal in config.portals:
             yield paths.portal_path(portal.key), PortalInterface, portal
         for target in config.targets.values():

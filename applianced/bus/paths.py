@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from applianced.constants import BOOT_PROFILES_PATH, DISKS_PATH, PORTALS_PATH, TARGETS_PATH
+from applianced.constants import BOOT_PROFILES_PATH, DISKS_PATH, JOBS_PATH, MIRRORS_PATH, PORTALS_PATH, TARGETS_PATH
 
 
 def escape(element: str) -> str:
@@ -34,3 +34,11 @@ def portal_path(key: str) -> str:
 
 def boot_profile_path(name: str) -> str:
     return f"{BOOT_PROFILES_PATH}/{escape(name)}"
+
+
+def mirror_path(disk: str) -> str:
+    return f"{MIRRORS_PATH}/{escape(disk)}"
+
+
+def job_path(number: int) -> str:
+    return f"{JOBS_PATH}/{number}"

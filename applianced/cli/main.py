@@ -11,6 +11,7 @@ import os
 import shlex
 import stat
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,10 @@ from applianced.constants import (
     CLOCK_OFFSET_WARNING,
     DISK_INTERFACE,
     ISCSI_DEFAULT_PORT,
+    JOB_INTERFACE,
     LUN_INTERFACE,
     MANAGER_INTERFACE,
+    MIRROR_INTERFACE,
     PEER_DEFAULT_PORT,
     PEER_INTERFACE,
     PEER_PATH,
@@ -222,6 +225,54 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--key-file", help="file holding the shared key (at least 32 bytes)")
     pair.add_parser("status", help="the peer link: connected, paths, round trip, clock offset, dropped datagrams")
     pair.add_parser("delete", help="unpair this node (do it on both nodes)")
+
+    mirror = groups.add_parser("mirror", help="disks replicated to the peer node").add_subparsers(
+        dest="action", required=True
+    )
+    mirror.add_parser("list", help="list mirrors, their roles and states")
+    create = mirror.add_parser("create", help="mirror a disk to the peer node (its copy is made there)")
+    create.add_argument("disk")
+    create.add_argument("mode", choices=["sync", "async"], help="sync: a write completes on both nodes")
+    create.add_argument("--peer-disk", default="", help="take this existing disk of the peer as the copy")
+    create.add_argument("--skip-initial-sync", action="store_true", help="both disks are blank: copy nothing now")
+    create.add_argument("--region", default="64K", help="bytes per bitmap bit (default 64K)")
+    for action, text in (
+        ("show", "a mirror's settings and counters"),
+        ("state", "the mirror's state as a bare number (0 none, 1 mirroring, ... 5 resync pending)"),
+        ("continue", "resume a paused or broken mirror (partial resync; full after a break)"),
+        ("break", "stop replicating; the next resync is full"),
+        ("resync", "copy the whole disk to the peer again"),
+        ("prepare-target", "after a split brain, on the node whose changes are to be overwritten"),
+        ("wait", "wait until the mirror is mirroring, with a progress bar while it resyncs"),
+    ):
+        sub = mirror.add_parser(action, help=text)
+        sub.add_argument("disk")
+    pause = mirror.add_parser("pause", help="stop replicating; every write is tracked (partial resync later)")
+    pause.add_argument("disk")
+    pause.add_argument("--unlock", action="store_true", help="also show the copy read-only on the peer (backups)")
+    delete = mirror.add_parser("delete", help="take the mirror apart; both halves become plain disks, data kept")
+    delete.add_argument("disk")
+    delete.add_argument("--local-only", action="store_true", help="release this node's half alone (peer gone)")
+    switchover = mirror.add_parser("switchover", help="make the copy the source (only while mirroring)")
+    switchover.add_argument("disk")
+    switchover.add_argument(
+        "--force", action="store_true", help="on the source: though initiators use it; on the copy: take over alone"
+    )
+    mode = mirror.add_parser("mode", help="switch between sync and async while the mirror runs")
+    mode.add_argument("disk")
+    mode.add_argument("mode", choices=["sync", "async"])
+    endpoints = mirror.add_parser("endpoints", help="move the mirror's traffic to other addresses (partial resync)")
+    endpoints.add_argument("disk")
+    endpoints.add_argument("source_address", help="this node's address")
+    endpoints.add_argument("target_address", help="the peer's address")
+    tune = mirror.add_parser("tune", help="change settings that apply live")
+    tune.add_argument("disk")
+    tune.add_argument("--high-water", type=int, help="async: queued writes before the mirror pauses")
+    tune.add_argument("--low-water", type=int, help="async: queue length the reference drains to")
+    tune.add_argument("--throttle", type=int, help="Kbit/s for the mirror's resync traffic (0: unlimited)")
+    tune.add_argument("--max-resync-passes", type=int, help="resyncs in a row before the mirror pauses")
+    wait = mirror.choices["wait"]
+    wait.add_argument("--timeout", type=float, default=0, help="give up after this many seconds (0: never)")
 
     batch = groups.add_parser(
         "batch", help="run commands from FILE (default: standard input), one per line, over one connection"
@@ -607,6 +658,155 @@ class Commands:
 
     async def pair_delete(self, args: argparse.Namespace) -> None:
         await self.client.call(await self._peer_path(), PEER_INTERFACE, "Delete", "a{sv}", [{}])
+
+    # -- mirrors -----------------------------------------------------------------------
+
+    async def _mirror_path(self, disk: str) -> str:
+        return await self.find(MIRROR_INTERFACE, "mirror", Disk=await self.find(DISK_INTERFACE, "disk", Name=disk))
+
+    async def mirror_list(self, args: argparse.Namespace) -> list[dict[str, Any]]:
+        disks = {path: p["Name"] for path, p in await self.of(DISK_INTERFACE)}
+        return [
+            {
+                "disk": disks.get(p["Disk"], p["Disk"]),
+                "role": p["Role"],
+                "mode": p["Mode"],
+                "state": f"{p['State']} {p['StateName']}",
+                "peer": p["PeerAddress"],
+                "reason": p["Reason"],
+            }
+            for _, p in await self.of(MIRROR_INTERFACE)
+        ]
+
+    async def mirror_create(self, args: argparse.Namespace) -> None:
+        disk = await self.find(DISK_INTERFACE, "disk", Name=args.disk)
+        options = {
+            "peer_disk": Variant("s", args.peer_disk),
+            "skip_initial_sync": Variant("b", args.skip_initial_sync),
+            "region": Variant("u", _size(args.region)),
+        }
+        await self.client.call(ROOT_PATH, MANAGER_INTERFACE, "CreateMirror", "osa{sv}", [disk, args.mode, options])
+
+    async def mirror_show(self, args: argparse.Namespace) -> None:
+        path = await self._mirror_path(args.disk)
+        p = await self.client.properties(path, MIRROR_INTERFACE)
+        shown = {
+            "disk": args.disk,
+            "role": p["Role"],
+            "mode": p["Mode"],
+            "state": p["State"],
+            "state_name": p["StateName"],
+            "reason": p["Reason"],
+            "source_address": p["SourceAddress"],
+            "target_address": p["TargetAddress"],
+            "port": p["Port"],
+            "size": p["Size"],
+            "region": p["Region"],
+            "split_brain": p["SplitBrain"],
+            "unlocked": p["Unlocked"],
+            "generation": dict(zip(("current", "bitmap", "history"), p["Generation"], strict=True)),
+            "tunables": p["Tunables"],
+            "counters": p["Counters"],
+        }
+        if args.json:
+            print(json.dumps(shown, indent=2))
+            return
+        for key, value in shown.items():
+            if isinstance(value, dict):
+                print(f"{key}:")
+                for name, item in value.items():
+                    print(f"  {name}: {item}")
+            else:
+                print(f"{key}: {format_size(value) if key == 'size' else _cell(key, value)}")
+
+    async def mirror_state(self, args: argparse.Namespace) -> None:
+        (state,) = await self.client.call(ROOT_PATH, MANAGER_INTERFACE, "GetVolumeState", "sa{sv}", [args.disk, {}])
+        print(state)
+
+    async def _mirror_call(self, disk: str, method: str, signature: str = "a{sv}", body: list | None = None) -> list:
+        path = await self._mirror_path(disk)
+        return await self.client.call(path, MIRROR_INTERFACE, method, signature, body if body is not None else [{}])
+
+    async def mirror_pause(self, args: argparse.Namespace) -> None:
+        (node,) = await self._mirror_call(args.disk, "Pause", body=[{"unlock": Variant("b", args.unlock)}])
+        if node:
+            print(f"the copy is readable on the peer at {node} (read-only; mount with -o ro,noload)")
+
+    async def mirror_continue(self, args: argparse.Namespace) -> None:
+        await self._mirror_call(args.disk, "Continue")
+
+    async def mirror_break(self, args: argparse.Namespace) -> None:
+        await self._mirror_call(args.disk, "Break")
+
+    async def mirror_resync(self, args: argparse.Namespace) -> None:
+        await self._mirror_call(args.disk, "Resync")
+
+    async def mirror_delete(self, args: argparse.Namespace) -> None:
+        await self._mirror_call(args.disk, "Delete", body=[{"local_only": Variant("b", args.local_only)}])
+
+    async def mirror_switchover(self, args: argparse.Namespace) -> None:
+        await self._mirror_call(args.disk, "Switchover", body=[{"force": Variant("b", args.force)}])
+
+    async def mirror_prepare_target(self, args: argparse.Namespace) -> None:
+        await self._mirror_call(args.disk, "PrepareTarget")
+
+    async def mirror_mode(self, args: argparse.Namespace) -> None:
+        await self._mirror_call(args.disk, "SetMode", "sa{sv}", [args.mode, {}])
+
+    async def mirror_endpoints(self, args: argparse.Namespace) -> None:
+        body = [args.source_address, args.target_address, {}]
+        await self._mirror_call(args.disk, "SetEndpoints", "ssa{sv}", body)
+
+    async def mirror_tune(self, args: argparse.Namespace) -> None:
+        names = ("high_water", "low_water", "throttle", "max_resync_passes")
+        settings = {name: Variant("u", getattr(args, name)) for name in names if getattr(args, name) is not None}
+        if not settings:
+            raise UsageError("invalid argument: name at least one setting to change", EXIT_INVALID)
+        for name, value in settings.items():
+            if not 0 <= value.value < 2**32:
+                raise UsageError(
+                    f"invalid argument: {name.replace('_', ' ')} {value.value} is out of range", EXIT_INVALID
+                )
+        await self._mirror_call(args.disk, "Tune", "a{sv}a{sv}", [settings, {}])
+
+    async def mirror_wait(self, args: argparse.Namespace) -> None:
+        """Until the mirror is mirroring: a bar on a terminal, a line every 10 s otherwise."""
+        path = await self._mirror_path(args.disk)
+        started = time.monotonic()
+        last_line = 0.0
+        bar = sys.stdout.isatty()
+        while True:
+            p = await self.client.properties(path, MIRROR_INTERFACE)
+            if p["State"] == 1:
+                if bar:
+                    print()
+                print(f"{args.disk}: mirroring")
+                return
+            if p["Intent"] != "mirror" or p["SplitBrain"]:
+                # Nothing will bring it back by itself.
+                raise UsageError(f"busy: {args.disk} is {p['StateName']}: {p['Reason'] or p['Intent']}", 6)
+            line = f"{args.disk}: {p['StateName']}"
+            if p["Job"] != "/":
+                job = await self.client.properties(p["Job"], JOB_INTERFACE)
+                eta = f", {job['Eta']:.0f} s left" if job["Eta"] >= 0 else ""
+                line = (
+                    f"{args.disk}: resync {job['Progress'] * 100:5.1f}% "
+                    f"({format_size(job['BytesDone'])} of {format_size(job['BytesTotal'])}, "
+                    f"{format_size(job['Rate'])}/s{eta})"
+                )
+                if bar:
+                    filled = int(job["Progress"] * 30)
+                    line = f"[{'#' * filled}{'.' * (30 - filled)}] {line}"
+            now = time.monotonic()
+            if bar:
+                print(f"\r{line:<100}", end="", flush=True)
+            elif now - last_line >= 10:
+                print(line, flush=True)
+                last_line = now
+            if args.timeout and now - started > args.timeout:
+                raise UsageError(f"busy: {args.disk} is not mirroring after {args.timeout:g} s", 6)
+            # Blocking is right here: the command has nothing else to do meanwhile.
+            time.sleep(1)
 
     # -- portals -----------------------------------------------------------------------
 

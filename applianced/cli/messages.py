@@ -19,6 +19,7 @@ EXIT_CODES = {
     "org.freedesktop.DBus.Error.AccessDenied": 11,
     "org.freedesktop.DBus.Error.ServiceUnknown": 12,
     "org.freedesktop.DBus.Error.NameHasNoOwner": 12,
+    error_name("Unreachable"): 13,
 }
 
 _PREFIXES = {
@@ -30,6 +31,7 @@ _PREFIXES = {
     error_name("KernelError"): "the kernel refused the change, nothing was changed",
     error_name("StateError"): "the state file could not be used",
     error_name("Failed"): "applianced failed",
+    error_name("Unreachable"): "the peer node did not answer, nothing was changed",
 }
 
 

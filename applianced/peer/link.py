@@ -41,6 +41,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from applianced.errors import ApplianceError
 from applianced.peer import protocol
 from applianced.peer.pairing import PairRecord
 from applianced.peer.protocol import Drop, Header, MessageType, Reason, Session
@@ -72,7 +73,12 @@ class PeerUnreachable(Exception):
 
 
 class PeerRefused(Exception):
-    """The peer answered a request with an error."""
+    """The peer answered a request with an error; ``kind`` names the engine error it
+    raised (``NotFound``, ``Busy``...), "" for a failure of its own."""
+
+    def __init__(self, message: str, kind: str = "") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass(frozen=True)
@@ -271,7 +277,7 @@ class PeerLink:
                 except TimeoutError:
                     continue
                 if response.error:
-                    raise PeerRefused(response.error)
+                    raise PeerRefused(response.error, response.kind)
                 return response.body
             raise PeerUnreachable(f"no answer to {kind} after {attempts} attempts")
         finally:
@@ -480,6 +486,9 @@ class PeerLink:
             return protocol.Response(request.id, error=f"no handler for {request.kind!r} on the peer")
         try:
             return protocol.Response(request.id, body=await handler(request.body))
+        except ApplianceError as exc:
+            # A refusal the asking node reports as its own (the disk is busy there, ...).
+            return protocol.Response(request.id, error=str(exc), kind=type(exc).__name__)
         except Exception:
             log.exception("peer-link request %r failed", request.kind)
             return protocol.Response(request.id, error=f"{request.kind} failed on the peer; see its log")

@@ -137,11 +137,13 @@ class Request:
 
 @dataclass(frozen=True)
 class Response:
-    """The answer to request ``id``: a body, or an error sentence."""
+    """The answer to request ``id``: a body, or an error sentence (``kind``: the name of
+    the engine error the handler raised, "" for any other failure)."""
 
     id: int
     body: bytes = b""
     error: str = ""
+    kind: str = ""
 
 
 PAYLOADS: dict[MessageType, type[Any]] = {

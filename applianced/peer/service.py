@@ -15,7 +15,7 @@ from pathlib import Path
 
 from applianced.engine import audit
 from applianced.errors import AlreadyExists, InvalidArgument, NotFound, StateError
-from applianced.peer.link import LinkStatus, PeerLink, idle_status
+from applianced.peer.link import REQUEST_TIMEOUT, Handler, LinkStatus, PeerLink, PeerUnreachable, idle_status
 from applianced.peer.pairing import PairRecord, PairStore, new_record
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,8 @@ class Peer:
         self._listeners: list[Callable[[], None]] = []
         self._remembering: asyncio.Future[None] | None = None
         self._reopening: asyncio.Future[None] | None = None
+        # Handlers of the peer's requests, installed on every link this node opens.
+        self._handlers: dict[str, Handler] = {}
 
     def add_listener(self, listener: Callable[[], None]) -> None:
         """Call ``listener`` after pairing, unpairing and every change of connectivity."""
@@ -82,6 +84,22 @@ class Peer:
         if self.link:
             await self.link.close()
 
+    def handle(self, kind: str, handler: Handler) -> None:
+        """Answer the peer's requests of ``kind`` with ``handler``, on this link and later ones."""
+        self._handlers[kind] = handler
+        if self.link:
+            self.link.handle(kind, handler)
+
+    async def request(self, kind: str, body: bytes, timeout: float = REQUEST_TIMEOUT, attempts: int = 3) -> bytes:
+        """The peer's answer (PeerUnreachable when not paired or not connected, PeerRefused)."""
+        if self.link is None:
+            raise PeerUnreachable("this node is not paired" if self.record is None else "the peer link is not running")
+        return await self.link.request(kind, body, timeout, attempts)
+
+    @property
+    def connected(self) -> bool:
+        return self.link is not None and self.link.status().connected
+
     def status(self) -> LinkStatus | None:
         """The link's status while paired, None otherwise."""
         if self.record is None:
@@ -119,6 +137,8 @@ class Peer:
 
     async def _open(self, record: PairRecord) -> PeerLink:
         link = PeerLink(record, self.node_id, self._notify, self._identified)
+        for kind, handler in self._handlers.items():
+            link.handle(kind, handler)
         try:
             await link.start()
         except OSError as exc:

@@ -1,36 +1,41 @@
-"""The replication data path on one node: device-mapper raid1 over the kernel's NBD client.
+"""The replication data path on one node: md raid1 over the local disk and the peer's copy.
 
 On the **source** node (the one initiators write to)::
 
-    applianced-repl-<name>         raid raid1: leg 0 = local meta + local disk,
-                                               leg 1 = peer meta + peer data (write-mostly)
-    applianced-repl-<name>-pmeta   linear: the first META_SECTORS of /dev/nbdN
-    applianced-repl-<name>-pdata   linear: the rest of /dev/nbdN
+    applianced-disk-<name>     linear over the array (the target service's disk device,
+                               re-pointed under LIO's live backstore)
+    /dev/mdN                   raid1: leg 0 = applianced-leg-<name>, leg 1 = /dev/nbdK
+                               (write-mostly: reads stay local)
+    applianced-leg-<name>      linear: 1 MiB of metadata (a file's loop device), then the disk
+    /dev/nbdK                  the kernel's NBD client, connected to the peer's export
 
-On the **target** node (the peer's copy)::
+On the **target** node (the peer's copy, locked: nothing else may open it)::
 
-    applianced-repl-<name>-export  linear: local meta, then the local disk; served by qemu-nbd
+    applianced-export-<name>   linear: its own 1 MiB of metadata, then the copy; served by
+                               qemu-nbd to the source only
 
-Why this shape:
+Why md raid1 and this shape (measured choices are in the README):
 
-- dm-raid keeps its superblock and bitmap on separate metadata devices, so the disk itself
-  is mirrored from sector 0 as it is: a disk that initiators already use keeps its content,
-  and taking the mirror away leaves a plain disk. md's own formats would put a superblock
-  on the disk (1.0 at its end, where our trailer is; 1.2 at its start).
-- The bitmap (one bit per region, 64 KiB by default) is the persistent intent log: after a
-  dead link, a dead peer or a reboot, recovery copies only dirty regions.
-- The peer's leg needs its metadata on the peer too, or a revived leg would be copied in
-  full; one export carries both, split again on the source by two linear devices.
-- Those linear devices are also where a reconnection happens: a dead NBD device cannot be
-  revived (its sockets are gone), so a new one is connected, the linear tables are swapped
-  to it under suspend, and a reload of the raid table revives the leg from its bitmap.
-- The peer's leg is write-mostly: reads are served by the local disk.
+- md's superblock (version 1.2, 4 KiB in) and its write-intent bitmap live in the first
+  MiB of each leg, which is a metadata file of its own; the data starts at 1 MiB
+  (``--data-offset``), which is sector 0 of the disk. So a disk that initiators already
+  use is mirrored as it is, keeps its content, and is a plain disk again when the mirror
+  goes. Both legs carry the bitmap, so either node can take over and resync partially.
+- md, unlike dm-raid, can be steered live through sysfs: write-behind on or off (async or
+  sync mode), the resync speed limit, and regions marked dirty by hand
+  (``bitmap_set_bits``), which is how an initial sync skips the holes of a sparse file and
+  how a switchover or split-brain recovery merges the other side's bitmap.
+- The peer's leg is added by "re-add": md copies only the regions its bitmap marks. A new
+  mirror is made with both legs declared in sync (``--assume-clean``), then its peer leg is
+  taken out, the regions to copy are marked, and the leg goes back in: the copy runs from
+  the local leg to the peer's, never the other way, and only where there is data.
+- md's bad-block log is left off both legs (``--update=no-bbl``): with it, md records
+  failed writes to a dead NBD leg sector by sector instead of failing the leg.
+- The NBD client fails the peer's leg after its I/O timeout; md goes on with the local leg
+  (writers see no error) and the bitmap records what the peer misses.
 - qemu-nbd serves with ``--cache=none`` (O_DIRECT) and advertises FLUSH and FUA, so no write
   is acknowledged from the peer's page cache; it runs detached, so the data path keeps going
-  while applianced restarts, and an assemble adopts it.
-- nbd-client configures the kernel over netlink with an I/O timeout: a dead peer fails the
-  leg after about ``connections * timeout`` seconds instead of hanging I/O, and md carries
-  on with the local leg, so initiators see no error.
+  while applianced restarts, and assembling again adopts what runs.
 """
 
 from __future__ import annotations
@@ -38,40 +43,28 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
-import re
 import signal
-import socket
-import subprocess
 import time
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from applianced.blockdev import dm, loop, md, nbd, tools
 from applianced.errors import InvalidArgument, KernelError
 from applianced.iscsi.firewall import PortalFilter
+from applianced.iscsi.kernel import disk_devices
 from applianced.replication import bitmap
-from applianced.replication.states import RaidStatus
 
 SECTOR = 512
-# Room for dm-raid's superblock (4 KiB) and a bitmap of up to 2**21 regions (256 KiB).
+# The metadata area at the front of each leg: md's superblock and a bitmap of up to
+# 2**21 regions (256 KiB), with room to spare.
 META_SECTORS = 2048
 MAX_REGIONS = 2**21
 DEFAULT_REGION = 64 * 1024
 DEFAULT_PORT = 10809
-PREFIX = "applianced-repl-"
-
-Runner = Callable[[Sequence[str]], str]
-
-
-def run(argv: Sequence[str]) -> str:
-    """Run a tool; its stdout, or KernelError with what it printed."""
-    try:
-        done = subprocess.run(list(argv), capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise KernelError(f"{argv[0]}: {exc}") from None
-    if done.returncode != 0:
-        raise KernelError(f"{' '.join(argv[:3])}: {(done.stderr or done.stdout).strip()}")
-    return done.stdout
+LEG_PREFIX = "applianced-leg-"
+EXPORT_PREFIX = "applianced-export-"
+COPY_PREFIX = "applianced-copy-"
+MIRROR_PREFIX = "applianced-mirror-"
 
 
 def region_size(size: int, wanted: int = DEFAULT_REGION) -> int:
@@ -94,129 +87,304 @@ class Volume:
     region: int = DEFAULT_REGION
 
     def __post_init__(self) -> None:
-        if self.size <= 0 or self.size % SECTOR:
-            raise InvalidArgument(f"mirror size {self.size} is not a positive multiple of {SECTOR}")
+        if self.size <= 0 or self.size % 4096:
+            raise InvalidArgument(f"a mirrored disk's size must be a multiple of 4 KiB, not {self.size} bytes")
 
     @property
     def sectors(self) -> int:
         return self.size // SECTOR
 
     @property
-    def mirror(self) -> str:
-        return PREFIX + self.name
-
-    @property
-    def export(self) -> str:
-        return f"{PREFIX}{self.name}-export"
-
-    @property
-    def peer_meta(self) -> str:
-        return f"{PREFIX}{self.name}-pmeta"
-
-    @property
-    def peer_data(self) -> str:
-        return f"{PREFIX}{self.name}-pdata"
+    def regions(self) -> int:
+        return -(-self.size // region_size(self.size, self.region))
 
 
-class DeviceMapper:
-    """dmsetup, loop and NBD devices through their tools, as a runner executes them."""
+@dataclass(frozen=True)
+class PeerEndpoint:
+    """Where the peer serves its copy, and how hard the NBD client tries."""
 
-    def __init__(self, runner: Runner = run) -> None:
-        self.run = runner
-
-    def table(self, name: str) -> str | None:
-        return self._query("table", name)
-
-    def status(self, name: str) -> str | None:
-        return self._query("status", name)
-
-    def _query(self, verb: str, name: str) -> str | None:
-        """What ``dmsetup VERB NAME`` prints, or None if no such device is mapped."""
-        try:
-            return self.run(["dmsetup", verb, name]).strip()
-        except KernelError:
-            return None
-
-    def create(self, name: str, table: str) -> None:
-        self.run(["dmsetup", "create", name, "--table", table])
-
-    def reload(self, name: str, table: str) -> None:
-        self.run(["dmsetup", "suspend", name])
-        try:
-            self.run(["dmsetup", "load", name, "--table", table])
-        finally:
-            self.run(["dmsetup", "resume", name])
-
-    def remove(self, name: str) -> None:
-        if self.table(name) is not None:
-            self.run(["dmsetup", "remove", name])
-
-    def node(self, name: str) -> str:
-        """``/dev/dm-N`` of a mapped device (no udev needed)."""
-        major_minor = self.run(["dmsetup", "info", "-c", "--noheadings", "-o", "major,minor", name]).strip()
-        return _node_of(major_minor)
-
-    def loop(self, path: Path) -> str:
-        """The loop device of ``path``: the one attached already, or a new one."""
-        attached = self._loops_of(path)
-        if attached:
-            return attached[0]
-        try:
-            return self.run(["losetup", "-f", "--show", "--direct-io=on", str(path)]).strip()
-        except KernelError:
-            # Some file systems (tmpfs) have no direct I/O; md's flushes still reach the
-            # file through the loop driver's fsync.
-            return self.run(["losetup", "-f", "--show", str(path)]).strip()
-
-    def detach_loop(self, path: Path) -> None:
-        for device in self._loops_of(path):
-            self.run(["losetup", "-d", device])
-
-    def _loops_of(self, path: Path) -> list[str]:
-        return self.run(["losetup", "-j", str(path), "-O", "NAME", "-n"]).split()
+    address: str
+    port: int = DEFAULT_PORT
+    connections: int = 1
+    timeout: int = 5  # seconds before an unanswered request fails the peer's leg
 
 
-def _node_of(major_minor: str) -> str:
-    """``/dev/<name>`` of a block device given as ``major:minor``."""
-    link = Path("/sys/dev/block") / major_minor
-    try:
-        return "/dev/" + os.path.basename(os.readlink(link))
-    except OSError:
-        raise KernelError(f"no block device {major_minor}") from None
+def meta_path(state_dir: Path, name: str) -> Path:
+    return state_dir / "replication" / f"{name}.meta"
 
 
-def _linear_source(table: str | None) -> str | None:
-    """The device (``major:minor``) under a one-segment linear table."""
-    match = re.fullmatch(r"\d+ \d+ linear (\d+:\d+) \d+", table or "")
-    return match.group(1) if match else None
-
-
-# dm-raid's superblock starts with this magic (little endian), in the first sector.
-RAID_MAGIC = (0x64526D44).to_bytes(4, "little")
-
-
-def state_file(state_dir: Path, volume: Volume, suffix: str) -> Path:
-    """A file of ``volume``'s mirror in the state directory (``.meta``, ``.nbd-server.pid``)."""
-    return state_dir / "replication" / f"{volume.name}{suffix}"
-
-
-def meta_path(state_dir: Path, volume: Volume) -> Path:
-    return state_file(state_dir, volume, ".meta")
-
-
-def _meta_file(state_dir: Path, volume: Volume) -> tuple[Path, bool]:
-    """The metadata file of ``volume`` (created zeroed if missing), and whether md has
-    written a superblock to it: without one the mirror is new, whatever a crashed earlier
-    run left behind."""
-    path = meta_path(state_dir, volume)
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if not path.exists():
+def _meta_file(state_dir: Path, name: str, fresh: bool) -> Path:
+    """The metadata file of ``name``: created zeroed if missing, or zeroed again if ``fresh``."""
+    path = meta_path(state_dir, name)
+    if fresh or not path.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         partial = path.with_suffix(".meta.new")
         with open(partial, "wb") as f:
             f.truncate(META_SECTORS * SECTOR)
             os.fsync(f.fileno())
         os.replace(partial, path)
-    return path, not bitmap.read_metadata(path).startswith(RAID_MAGIC)
+    return path
+
+
+def _stack_leg(mapper: dm.DeviceMapper, name: str, meta: Path, volume: Volume) -> str:
+    """The linear device [metadata][disk] called ``name``, made if missing; its node."""
+    if mapper.info(name) is None:
+        meta_loop = _meta_loop(meta)
+        mapper.create(
+            name,
+            [dm.linear(META_SECTORS, meta_loop), dm.linear(volume.sectors, volume.device, 0, META_SECTORS)],
+            uuid=f"APPLIANCED-{name}",
+        )
+    else:
+        dm.make_node(name, mapper.info(name).dev)
+    return str(dm.node_path(name))
+
+
+def _meta_loop(meta: Path) -> str:
+    attached = loop.backed_by(meta)
+    return attached[0] if attached else loop.attach(meta, META_SECTORS * SECTOR)
+
+
+def _remove_leg(mapper: dm.DeviceMapper, name: str, meta: Path) -> None:
+    mapper.remove(name)
+    for node in loop.backed_by(meta):
+        with contextlib.suppress(KernelError):
+            loop.detach(node)
+
+
+class Mirror:
+    """The source side: the raid1 over the local disk and the peer's copy."""
+
+    def __init__(self, volume: Volume, state_dir: Path, mapper: dm.DeviceMapper | None = None) -> None:
+        self.volume = volume
+        self.state_dir = state_dir
+        self.dm = mapper or dm.DeviceMapper()
+
+    @property
+    def leg_name(self) -> str:
+        return LEG_PREFIX + self.volume.name
+
+    @property
+    def node(self) -> str:
+        """The array's node: what the disk device maps while the disk is mirrored."""
+        return str(dm.node_path(MIRROR_PREFIX + self.volume.name))
+
+    @property
+    def meta(self) -> Path:
+        return meta_path(self.state_dir, self.volume.name)
+
+    def array(self) -> md.Array | None:
+        """The running array over the local leg, if any."""
+        if self.dm.info(self.leg_name) is None:
+            return None
+        return md.holder_array(str(dm.node_path(self.leg_name)))
+
+    def status(self) -> md.ArrayStatus | None:
+        array = self.array()
+        return array.status() if array else None
+
+    def has_metadata(self) -> bool:
+        """Whether md ever wrote this mirror's superblock (the mirror exists on disk)."""
+        return self.meta.exists() and bitmap.has_superblock(bitmap.read_metadata(self.meta))
+
+    def assemble(self) -> md.Array:
+        """Run the array from the local leg (the peer's is added by ``connect``); adopts a
+        running one. KernelError if this node holds no metadata of the mirror."""
+        if not self.has_metadata():
+            raise KernelError(f"no mirror metadata for {self.volume.name} on this node")
+        leg = _stack_leg(self.dm, self.leg_name, _meta_file(self.state_dir, self.volume.name, False), self.volume)
+        array = md.holder_array(leg)
+        if array is None:
+            device = md.free_array_name()
+            md.mdadm("--assemble", device, "--run", leg)
+            array = md.holder_array(leg)
+            if array is None:
+                raise KernelError(f"mdadm assembled no array from {leg}")
+        if array.read("array_state") in ("readonly", "read-auto"):
+            md.mdadm("--readwrite", array.node)
+        dm.make_node(MIRROR_PREFIX + self.volume.name, array.device_number)
+        self._local_reads(array)
+        return array
+
+    def create(self, peer: PeerEndpoint) -> md.Array:
+        """A new array over the local disk and the peer's copy, both declared in sync.
+
+        The caller takes the peer's leg out (``detach``) before anything writes through
+        the array when regions must be copied, and adds it back (``connect``) after
+        marking them (``mark_dirty``).
+        """
+        meta = _meta_file(self.state_dir, self.volume.name, fresh=True)
+        leg = _stack_leg(self.dm, self.leg_name, meta, self.volume)
+        device = md.free_array_name()
+        peer_leg = nbd.connect(peer.address, peer.port, self.volume.name, peer.timeout, peer.connections)
+        try:
+            region = region_size(self.volume.size, self.volume.region)
+            md.mdadm(
+                "--create",
+                device,
+                "--run",
+                "--level=1",
+                "--raid-devices=2",
+                "--metadata=1.2",
+                "--data-offset=1M",
+                f"--size={self.volume.size // 1024}",
+                "--bitmap=internal",
+                f"--bitmap-chunk={region // 1024}K",
+                "--assume-clean",
+                "--name=applianced",
+                leg,
+                "--write-mostly",
+                peer_leg,
+            )
+            # Again without md's bad-block logs (mdadm makes them at --create).
+            md.mdadm("--stop", device)
+            md.mdadm("--assemble", device, "--run", "--update=no-bbl", leg, peer_leg)
+        except BaseException:
+            with contextlib.suppress(KernelError):
+                md.mdadm("--stop", device)
+            with contextlib.suppress(KernelError):
+                nbd.disconnect(peer_leg)
+            raise
+        array = md.holder_array(leg)
+        if array is None:
+            raise KernelError(f"mdadm made no array over {leg}")
+        dm.make_node(MIRROR_PREFIX + self.volume.name, array.device_number)
+        return array
+
+    def connect(self, peer: PeerEndpoint) -> str:
+        """Add the peer's leg back: md copies the regions its bitmap marks; the NBD device."""
+        array = self.assemble()
+        live = [leg for leg in array.status().legs if leg.name.startswith("nbd") and not leg.faulty]
+        if live:
+            return f"/dev/{live[0].name}"
+        self.detach()  # a failed leg still in the array
+        peer_leg = nbd.connect(peer.address, peer.port, self.volume.name, peer.timeout, peer.connections)
+        try:
+            md.mdadm("--manage", array.node, "--re-add", peer_leg)
+        except KernelError:
+            with contextlib.suppress(KernelError):
+                nbd.disconnect(peer_leg)
+            raise
+        self._local_reads(array)
+        return peer_leg
+
+    def detach(self) -> None:
+        """Take the peer's leg out (the bitmap records what it misses from now on) and
+        disconnect it; nothing if it is out already."""
+        array = self.array()
+        if array is None:
+            return
+        for leg in array.status().legs:
+            if not leg.name.startswith("nbd"):
+                continue
+            if not leg.faulty:
+                array.write(f"dev-{leg.name}/state", "faulty")
+            _remove_leg_from(array, leg.name)
+            with contextlib.suppress(KernelError):
+                nbd.disconnect(f"/dev/{leg.name}")
+
+    def mark_dirty(self, ranges: list[tuple[int, int]]) -> None:
+        """Mark regions to copy at the next ``connect`` (the peer's leg must be out)."""
+        array = self.array()
+        if array is None:
+            raise KernelError(f"the mirror of {self.volume.name} is not assembled")
+        array.mark_dirty(ranges)
+
+    def set_write_behind(self, writes: int) -> None:
+        """Async mode with up to ``writes`` behind on the peer's leg; 0 is sync mode.
+
+        md takes it only while a write-mostly leg is in the array: while the peer's leg is
+        out this does nothing, and ``connect`` sets it again."""
+        array = self.array()
+        if array is None:
+            return
+        status = array.status()
+        wanted = min(writes, md.MAX_WRITE_BEHIND)
+        if status.write_behind != wanted and any("write_mostly" in leg.states for leg in status.legs):
+            array.write("bitmap/backlog", str(wanted))
+
+    def set_resync_limit(self, kib_per_second: int) -> None:
+        """The fastest a resync may copy (0: md's own maximum)."""
+        array = self.array()
+        if array is not None:
+            array.write("sync_speed_max", str(kib_per_second) if kib_per_second else "system")
+
+    def intent_bitmap(self) -> bitmap.Bitmap:
+        """The intent bitmap as this node's metadata holds it."""
+        return bitmap.parse(bitmap.read_metadata(self.meta))
+
+    def reset_queue_max(self) -> None:
+        """Start counting the write-behind queue's maximum again (sampled by the monitor)."""
+        array = self.array()
+        if array is not None:
+            array.reset_max_behind()
+
+    def disassemble(self) -> None:
+        """Take the peer's leg out, then stop: the local disk stays as it is, with all its
+        data; the metadata file is kept (the bitmap of a later reassembly)."""
+        self.detach()
+        self.stop()
+
+    def stop(self) -> None:
+        """Stop the array with both legs as they are: in a switchover the peer's leg stays
+        a member in sync, so the copy assembles from it and takes this leg back partially."""
+        array = self.array()
+        if array is not None:
+            peer_legs = [leg.name for leg in array.status().legs if leg.name.startswith("nbd")]
+            md.mdadm("--stop", array.node)
+            for leg in peer_legs:
+                with contextlib.suppress(KernelError):
+                    nbd.disconnect(f"/dev/{leg}")
+        self.dm.remove(MIRROR_PREFIX + self.volume.name)
+        _remove_leg(self.dm, self.leg_name, self.meta)
+        disk_devices.release_local_device(self.volume.device)
+
+    def _local_reads(self, array: md.Array) -> None:
+        """Reads from the local leg: only the peer's leg is write-mostly. After a role swap
+        the legs' flags in their superblocks are the other way round."""
+        for leg in array.status().legs:
+            if leg.faulty:
+                continue
+            peer_side = leg.name.startswith("nbd")
+            if peer_side != ("write_mostly" in leg.states):
+                array.write(f"dev-{leg.name}/state", "writemostly" if peer_side else "-writemostly")
+
+
+def _remove_leg_from(array: md.Array, leg: str) -> None:
+    # md refuses to remove a leg while I/O to it is still failing over; it takes a moment.
+    for _ in range(50):
+        try:
+            array.write(f"dev-{leg}/state", "remove")
+            return
+        except KernelError:
+            time.sleep(0.1)
+    raise KernelError(f"{array.name}: the peer's leg {leg} could not be removed")
+
+
+def allocated_ranges(path: Path, size: int, region: int) -> list[tuple[int, int]]:
+    """The regions of a sparse disk file that hold data (SEEK_DATA/SEEK_HOLE): what an
+    initial sync copies; a hole reads as zeros, as the peer's new copy does."""
+    ranges: list[tuple[int, int]] = []
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        offset = 0
+        while offset < size:
+            try:
+                data = os.lseek(fd, offset, os.SEEK_DATA)
+            except OSError:
+                break  # no data after offset (ENXIO)
+            if data >= size:
+                break
+            hole = min(os.lseek(fd, data, os.SEEK_HOLE), size)
+            start, end = data // region, -(-hole // region)
+            if ranges and ranges[-1][1] >= start:
+                ranges[-1] = (ranges[-1][0], max(ranges[-1][1], end))
+            else:
+                ranges.append((start, end))
+            offset = hole
+    finally:
+        os.close(fd)
+    return ranges
 
 
 def server_command(name: str, device: str, address: str, port: int, pid_file: Path) -> list[str]:
@@ -251,25 +419,37 @@ def export_filter(address: str, port: int, peer: str) -> PortalFilter:
 class Export:
     """The target side: the peer's copy of ``volume`` served to the source over NBD."""
 
-    def __init__(self, volume: Volume, state_dir: Path, dm: DeviceMapper) -> None:
+    def __init__(self, volume: Volume, state_dir: Path, mapper: dm.DeviceMapper | None = None) -> None:
         self.volume = volume
         self.state_dir = state_dir
-        self.dm = dm
+        self.dm = mapper or dm.DeviceMapper()
 
-    def assemble(self, address: str, port: int = DEFAULT_PORT) -> None:
-        """Serve the copy on ``address:port``; adopts a running server and existing devices."""
-        meta, _ = _meta_file(self.state_dir, self.volume)
-        loop = self.dm.loop(meta)
-        table = f"0 {META_SECTORS} linear {loop} 0\n{META_SECTORS} {self.volume.sectors} linear {self.volume.device} 0"
-        if self.dm.table(self.volume.export) is None:
-            self.dm.create(self.volume.export, table)
+    @property
+    def name(self) -> str:
+        return EXPORT_PREFIX + self.volume.name
+
+    @property
+    def copy_name(self) -> str:
+        return COPY_PREFIX + self.volume.name
+
+    @property
+    def meta(self) -> Path:
+        return meta_path(self.state_dir, self.volume.name)
+
+    def assemble(self, address: str, port: int, fresh: bool = False) -> None:
+        """Serve the copy on ``address:port``; adopts a running server and existing devices.
+        ``fresh`` zeroes the metadata first (a new mirror)."""
+        if self.dm.info(self.copy_name) is not None:
+            raise KernelError(f"the copy of {self.volume.name} is unlocked for reading; lock it first")
+        if fresh and self.server_pid() is not None:
+            self._stop_server()
+        meta = _meta_file(self.state_dir, self.volume.name, fresh)
+        node = _stack_leg(self.dm, self.name, meta, self.volume)
         if self.server_pid() is None:
-            self.dm.run(
-                server_command(self.volume.name, self.dm.node(self.volume.export), address, port, self._pid_file())
-            )
+            tools.run(server_command(self.volume.name, node, address, port, self._pid_file()))
 
     def _pid_file(self) -> Path:
-        return state_file(self.state_dir, self.volume, ".nbd-server.pid")
+        return self.state_dir / "replication" / f"{self.volume.name}.nbd-server.pid"
 
     def server_pid(self) -> int | None:
         """The pid of the qemu-nbd serving this copy, if it runs."""
@@ -284,15 +464,36 @@ class Export:
             else None
         )
 
+    def unlock_read_only(self) -> str:
+        """Stop serving and show the copy read-only (for a backup); the node of that device."""
+        self._stop_server()
+        if self.dm.info(self.copy_name) is None:
+            self.dm.create(self.copy_name, [dm.linear(self.volume.sectors, self.volume.device)], read_only=True)
+        return str(dm.node_path(self.copy_name))
+
+    def lock(self) -> None:
+        """Take the read-only view away again (Busy while something has it open)."""
+        info = self.dm.info(self.copy_name)
+        if info is not None and info.open_count:
+            raise KernelError(f"the read-only copy of {self.volume.name} is in use (unmount it first)")
+        self.dm.remove(self.copy_name)
+
+    def intent_bitmap(self) -> bitmap.Bitmap:
+        return bitmap.parse(bitmap.read_metadata(self.meta))
+
     def disassemble(self) -> None:
         """Stop serving; the disk is left as it is, the metadata file is kept."""
+        self._stop_server()
+        self.lock()
+        _remove_leg(self.dm, self.name, self.meta)
+        disk_devices.release_local_device(self.volume.device)
+
+    def _stop_server(self) -> None:
         pid = self.server_pid()
         if pid is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
             _wait_gone(pid)
-        self.dm.remove(self.volume.export)
-        self.dm.detach_loop(meta_path(self.state_dir, self.volume))
 
 
 def _wait_gone(pid: int, timeout: float = 10.0) -> None:
@@ -303,145 +504,42 @@ def _wait_gone(pid: int, timeout: float = 10.0) -> None:
         time.sleep(0.05)
 
 
-@dataclass(frozen=True)
-class PeerEndpoint:
-    """Where the peer serves its copy, and how hard the NBD client tries."""
+class DataPath:
+    """The data path of every mirror on this node, as the replication service drives it.
 
-    address: str
-    port: int = DEFAULT_PORT
-    connections: int = 1
-    timeout: int = 5  # seconds before an unanswered request fails the peer's leg
+    One object for both roles, so that a stand-in (tests/support) can replace the kernel
+    for the service's logic; each method is a blocking call, made off the event loop.
+    """
 
-
-class Mirror:
-    """The source side: the raid1 over the local disk and the peer's copy."""
-
-    def __init__(self, volume: Volume, state_dir: Path, dm: DeviceMapper) -> None:
-        self.volume = volume
+    def __init__(self, state_dir: Path, mapper: dm.DeviceMapper | None = None) -> None:
         self.state_dir = state_dir
-        self.dm = dm
+        self.dm = mapper or dm.DeviceMapper()
 
-    @property
-    def device(self) -> str:
-        """What the LIO backstore uses."""
-        return f"/dev/mapper/{self.volume.mirror}"
+    def mirror(self, volume: Volume) -> Mirror:
+        return Mirror(volume, self.state_dir, self.dm)
 
-    def status(self) -> RaidStatus | None:
-        line = self.dm.status(self.volume.mirror)
-        return RaidStatus.parse(line) if line else None
+    def export(self, volume: Volume) -> Export:
+        return Export(volume, self.state_dir, self.dm)
 
-    def assemble(self, peer: PeerEndpoint, *, copy_all: bool = True) -> None:
-        """Build, adopt or repair the mirror; safe to repeat after a crash at any step.
+    def prepare(self) -> None:
+        """What the data path needs loaded: md's raid1 and the NBD client."""
+        tools.run(["modprobe", "-a", "md_mod", "raid1", "dm_mod", "loop"])
+        nbd.load_module()
 
-        A mirror met for the first time (no metadata yet) copies the local disk to the
-        peer: all of it with ``copy_all``, or nothing (a blank pair of volumes). Afterwards
-        a dead peer leg is reconnected and revived from the bitmap: a partial copy.
-        """
-        meta, new = _meta_file(self.state_dir, self.volume)
-        loop = self.dm.loop(meta)
-        status = self.status()
-        peer_live = status is not None and not status.peer_dead and self._nbd_of_peer_leg() is not None
-        if not peer_live:
-            self._connect_peer_leg(peer)
-        if status is None:
-            self.dm.create(self.volume.mirror, self._table(loop, rebuild=new and copy_all, nosync=new and not copy_all))
-        elif not peer_live:
-            # The reload revives the leg: md finds its superblock and recovers dirty regions.
-            self.dm.reload(self.volume.mirror, self._table(loop, rebuild=False, nosync=False))
+    def peer_answers(self, endpoint: PeerEndpoint, timeout: float = 2.0) -> bool:
+        return nbd.answers(endpoint.address, endpoint.port, timeout)
 
-    def intent_bitmap(self) -> bitmap.Bitmap:
-        """The intent bitmap as this node's metadata holds it."""
-        return bitmap.parse(bitmap.read_metadata(meta_path(self.state_dir, self.volume)))
+    def allocated(self, volume: Volume, path: str) -> list[tuple[int, int]]:
+        """The regions to copy at an initial sync: a file's data, a block device's all."""
+        region = region_size(volume.size, volume.region)
+        if path and Path(path).is_file():
+            return allocated_ranges(Path(path), volume.size, region)
+        return [(0, volume.regions)]
 
-    def resume(self, peer: PeerEndpoint, probe_timeout: float = 2.0) -> bool:
-        """Revive a dead peer leg once the peer's server answers; whether it did.
+    def local_device(self, path: str, is_file: bool, size: int) -> str:
+        """The node of a disk's data on this node (its loop device for a file)."""
+        return disk_devices.local_device(path, is_file, size)
 
-        What the daemon calls every few seconds while a failure keeps a mirror paused. A
-        TCP probe comes first: the NBD client connecting to an address that does not
-        answer would wait for the kernel's SYN retries, about two minutes.
-        """
-        status = self.status()
-        if status is None or not status.peer_dead:
-            return False
-        try:
-            socket.create_connection((peer.address, peer.port), timeout=probe_timeout).close()
-        except OSError:
-            return False
-        self.assemble(peer)
-        return True
-
-    def _table(self, local_meta: str, *, rebuild: bool, nosync: bool) -> str:
-        region = region_size(self.volume.size, self.volume.region) // SECTOR
-        params = ["0", "region_size", str(region), "write_mostly", "1"]
-        if rebuild:
-            # "rebuild" (not a plain resync): md copies leg 0 over leg 1. A resync of a new
-            # array may read either leg, and the peer's blank copy would overwrite data.
-            params += ["rebuild", "1"]
-        elif nosync:
-            params.append("nosync")
-        legs = [
-            local_meta,
-            self.volume.device,
-            self._mapper(self.volume.peer_meta),
-            self._mapper(self.volume.peer_data),
-        ]
-        return f"0 {self.volume.sectors} raid raid1 {len(params)} {' '.join(params)} 2 {' '.join(legs)}"
-
-    @staticmethod
-    def _mapper(name: str) -> str:
-        return f"/dev/mapper/{name}"
-
-    def _nbd_of_peer_leg(self) -> str | None:
-        """The NBD device (``/dev/nbdN``) the peer's leg is mapped on, if any."""
-        source = _linear_source(self.dm.table(self.volume.peer_data))
-        return _node_of(source) if source else None
-
-    def _connect_peer_leg(self, peer: PeerEndpoint) -> None:
-        old = self._nbd_of_peer_leg()
-        nbd = self._free_nbd()
-        self.dm.run(
-            [
-                "nbd-client",
-                peer.address,
-                str(peer.port),
-                nbd,
-                "-N",
-                self.volume.name,
-                "-b",
-                "4096",
-                "-t",
-                str(peer.timeout),
-                "-C",
-                str(peer.connections),
-            ]
-        )
-        tables = {
-            self.volume.peer_meta: f"0 {META_SECTORS} linear {nbd} 0",
-            self.volume.peer_data: f"0 {self.volume.sectors} linear {nbd} {META_SECTORS}",
-        }
-        for name, table in tables.items():
-            if self.dm.table(name) is None:
-                self.dm.create(name, table)
-            else:
-                self.dm.reload(name, table)
-        if old is not None and old != nbd:
-            self.dm.run(["nbd-client", "-d", old])
-
-    @staticmethod
-    def _free_nbd() -> str:
-        """An NBD device with nothing connected (size 0)."""
-        for block in sorted(Path("/sys/block").glob("nbd*"), key=lambda p: int(p.name[3:])):
-            if (block / "size").read_text().strip() == "0" and not (block / "pid").exists():
-                return f"/dev/{block.name}"
-        raise KernelError("no free NBD device (load nbd with a larger nbds_max)")
-
-    def disassemble(self) -> None:
-        """Take the mirror apart: the local disk stays as it is, with all its data."""
-        nbd = self._nbd_of_peer_leg()
-        self.dm.remove(self.volume.mirror)
-        self.dm.remove(self.volume.peer_meta)
-        self.dm.remove(self.volume.peer_data)
-        if nbd is not None:
-            with contextlib.suppress(KernelError):
-                self.dm.run(["nbd-client", "-d", nbd])
-        self.dm.detach_loop(meta_path(self.state_dir, self.volume))
+    def release(self, volume: Volume) -> None:
+        """Forget this node's half of a mirror: metadata included."""
+        meta_path(self.state_dir, volume.name).unlink(missing_ok=True)

@@ -1,16 +1,16 @@
 """Mirror states, numbered as the reference reports them (GETVOLUMEDRVSTATE), and how the
-kernel's view of a raid1 over the peer's copy maps onto them.
+kernel's view of the raid1 over the peer's copy maps onto them.
 
-The kernel knows whether the peer's leg is alive and whether it is in sync; it does not know
-whether the administrator paused or broke the mirror, so that intent is an input.
+The kernel knows whether the peer's leg is in the array, failed, being copied or in sync;
+it does not know whether the administrator paused or broke the mirror, nor whether a
+resync was asked for and waits for the peer: those are inputs.
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
 
-from applianced.errors import KernelError
+from applianced.blockdev.md import ArrayStatus
 
 
 class MirrorState(enum.IntEnum):
@@ -30,65 +30,18 @@ class Intent(enum.Enum):
     BREAK = "break"
 
 
-# md's sync actions that copy blocks to a leg that is not in sync.
-_COPYING = frozenset({"recover", "resync"})
-
-
-@dataclass(frozen=True)
-class RaidStatus:
-    """One line of ``dmsetup status`` for a dm-raid raid1 target.
-
-    ``health`` has one character per leg: ``A`` alive and in sync, ``a`` alive and not
-    in sync, ``D`` dead. ``synced``/``total`` are sectors of the current sync pass.
-    """
-
-    health: str
-    synced: int
-    total: int
-    action: str
-    mismatches: int
-
-    @classmethod
-    def parse(cls, line: str) -> RaidStatus:
-        # "0 131072 raid raid1 2 AA 131072/131072 idle 0 0 -"
-        fields = line.split()
-        try:
-            if fields[2:4] != ["raid", "raid1"]:
-                raise ValueError("not a raid1 target")
-            legs = int(fields[4])
-            health = fields[5]
-            synced, total = (int(n) for n in fields[6].split("/"))
-            action, mismatches = fields[7], int(fields[8])
-            if len(health) != legs or set(health) - set("AaD"):
-                raise ValueError(f"health {health!r} for {legs} legs")
-        except (IndexError, ValueError) as exc:
-            raise KernelError(f"unexpected raid status {line.strip()!r}: {exc}") from None
-        return cls(health, synced, total, action, mismatches)
-
-    @property
-    def local_alive(self) -> bool:
-        return self.health[0] != "D"
-
-    @property
-    def peer_dead(self) -> bool:
-        return self.health[1] == "D"
-
-    @property
-    def copying(self) -> bool:
-        return self.action in _COPYING and self.synced < self.total
-
-
-def mirror_state(status: RaidStatus | None, intent: Intent) -> MirrorState:
-    """The reference's state of a mirror whose raid (if assembled) reports ``status``."""
+def mirror_state(status: ArrayStatus | None, intent: Intent, pending: bool = False) -> MirrorState:
+    """The reference's state of a source's mirror whose array (if assembled) reports
+    ``status``; ``pending``: a resync was asked for (create, continue, resync) and the
+    peer's leg is not back yet."""
     if intent is Intent.BREAK:
         return MirrorState.BROKEN
     if intent is Intent.PAUSE:
         return MirrorState.PAUSED
-    if status is None:
-        return MirrorState.RESYNC_PENDING
-    if status.peer_dead:
-        # The bitmap goes on recording writes: a continue is a partial resync.
-        return MirrorState.PAUSED
-    if status.health[1] == "A" and not status.copying:
-        return MirrorState.MIRRORING
-    return MirrorState.RESYNCING if status.copying else MirrorState.RESYNC_PENDING
+    peer = next((leg for leg in status.legs if leg.name.startswith("nbd")), None) if status else None
+    if peer is None or peer.faulty:
+        # The bitmap goes on recording writes: the resync that follows is partial.
+        return MirrorState.RESYNC_PENDING if pending else MirrorState.PAUSED
+    if status is not None and status.copying:
+        return MirrorState.RESYNCING
+    return MirrorState.MIRRORING if peer.in_sync else MirrorState.RESYNC_PENDING

@@ -17,6 +17,7 @@ def test_install_node_places_every_file(tmp_path):
         ("etc/systemd/system/applianced.service", 0o644),
         (f"usr/share/dbus-1/system.d/{BUS_NAME}.conf", 0o644),
         ("etc/udev/rules.d/70-applianced-lio-serial.rules", 0o644),
+        ("etc/udev/rules.d/64-applianced-storage.rules", 0o644),
         ("usr/lib/ocf/resource.d/applianced/applianced", 0o755),
         ("var/lib/applianced", 0o700),
     ):

@@ -1,4 +1,4 @@
-"""The intent bitmap read from metadata bytes laid out as dm-raid and md write them.
+"""The intent bitmap read from metadata bytes laid out as md writes them (version 1.2).
 
 That the layout is the kernel's is proven in tests/vm/test_replication_bridge.py, which
 counts the dirty regions of a real mirror during an outage."""
@@ -11,16 +11,19 @@ from applianced.errors import InvalidArgument
 from applianced.replication import bitmap
 
 REGION = 64 * 1024
+# md's bitmap 8 sectors after its superblock, as mdadm places it in the metadata area.
+BITMAP_OFFSET = bitmap.SUPERBLOCK_OFFSET + 8 * 512
 
 
-def metadata(regions, dirty, *, events=7, magic=bitmap.MAGIC):
+def metadata(regions, dirty, *, events=7, magic=bitmap.MAGIC, md_magic=bitmap.MD_MAGIC):
+    md_superblock = struct.pack("<I92xi", md_magic, 8)
     sync_sectors = regions * REGION // 512
     superblock = struct.pack("<II16sQQQII", magic, 4, bytes(16), events, 0, sync_sectors, 0, REGION)
     bits = bytearray(-(-regions // 8))
     for region in dirty:
         bits[region // 8] |= 1 << (region % 8)
-    head = bytes(bitmap.OFFSET) + superblock.ljust(bitmap.SUPERBLOCK_SIZE, b"\0")
-    return head + bytes(bits) + bytes(512)
+    head = bytes(bitmap.SUPERBLOCK_OFFSET) + md_superblock.ljust(4096, b"\0")
+    return head + superblock.ljust(bitmap.SUPERBLOCK_SIZE, b"\0") + bytes(bits) + bytes(512)
 
 
 def test_dirty_regions_are_read_in_the_kernels_bit_order():
@@ -32,7 +35,7 @@ def test_dirty_regions_are_read_in_the_kernels_bit_order():
 
 def test_bits_past_the_last_region_are_not_counted():
     data = bytearray(metadata(10, [9]))
-    data[bitmap.OFFSET + bitmap.SUPERBLOCK_SIZE + 1] |= 0b1111_1100  # regions 10..15 do not exist
+    data[BITMAP_OFFSET + bitmap.SUPERBLOCK_SIZE + 1] |= 0b1111_1100  # regions 10..15 do not exist
     assert bitmap.parse(bytes(data)).dirty_regions() == [9]
 
 
@@ -47,12 +50,20 @@ def test_merging_takes_regions_dirty_on_either_side():
 @pytest.mark.parametrize(
     ("data", "sentence"),
     [
-        (bytes(8192), "no write-intent bitmap"),
+        (bytes(16384), "no md superblock"),
+        (metadata(64, [], md_magic=0x12345678), "no md superblock"),
         (metadata(64, [], magic=0x12345678), "no write-intent bitmap"),
         (bytes(100), "too short to hold"),
-        (metadata(1 << 20, [])[: bitmap.OFFSET + bitmap.SUPERBLOCK_SIZE + 10], "too short for a bitmap"),
+        (metadata(1 << 20, [])[: BITMAP_OFFSET + bitmap.SUPERBLOCK_SIZE + 10], "too short for a bitmap"),
     ],
 )
 def test_metadata_without_a_bitmap_is_a_named_error(data, sentence):
     with pytest.raises(InvalidArgument, match=sentence):
         bitmap.parse(data)
+
+
+def test_dirty_regions_come_as_runs_and_are_counted_without_a_loop_over_every_bit():
+    parsed = bitmap.parse(metadata(1 << 20, [0, 1, 2, 7, 9, 10, 1048575]))
+    assert parsed.ranges() == [(0, 3), (7, 8), (9, 11), (1048575, 1048576)]
+    assert parsed.dirty == 7
+    assert bitmap.has_superblock(metadata(8, [])) and not bitmap.has_superblock(bytes(8192))

@@ -1,56 +1,18 @@
-"""The bridge's logic without a kernel: status lines, states, region sizes, the tables it
-asks device-mapper for. That the tables work is proven in tests/vm/test_replication_bridge.py."""
+"""The bridge's logic without a kernel: region sizes, what an initial sync copies, md's sysfs
+read into a status, and the states with the reference's numbers. That md, device-mapper
+and NBD do what the bridge asks is proven in tests/vm/test_replication_bridge.py."""
 
-import socket
-from pathlib import Path
+import os
 
 import pytest
 
+from applianced.blockdev import md
 from applianced.errors import InvalidArgument, KernelError
-from applianced.replication import bridge
-from applianced.replication.bridge import RAID_MAGIC, DeviceMapper, Mirror, PeerEndpoint, Volume, region_size
-from applianced.replication.states import Intent, MirrorState, RaidStatus, mirror_state
+from applianced.replication.bridge import Volume, allocated_ranges, export_filter, region_size
+from applianced.replication.states import Intent, MirrorState, mirror_state
 
 GIB = 1 << 30
-
-
-def test_status_line_of_a_mirror_in_sync():
-    status = RaidStatus.parse("0 131072 raid raid1 2 AA 131072/131072 idle 0 0 -")
-    assert status == RaidStatus("AA", 131072, 131072, "idle", 0)
-    assert status.local_alive and not status.peer_dead and not status.copying
-
-
-@pytest.mark.parametrize(
-    "line",
-    [
-        "0 131072 linear 7:0 0",
-        "0 131072 raid raid1 2 A 1/2 idle 0 0 -",
-        "0 131072 raid raid1 2 AX 1/2 idle 0 0 -",
-        "0 131072 raid raid1 2 AA 1-2 idle 0 0 -",
-        "0 131072 raid raid1",
-        "",
-    ],
-)
-def test_unexpected_status_lines_are_named_kernel_errors(line):
-    with pytest.raises(KernelError, match="unexpected raid status"):
-        RaidStatus.parse(line)
-
-
-@pytest.mark.parametrize(
-    ("line", "intent", "state"),
-    [
-        ("0 8 raid raid1 2 AA 8/8 idle 0 0 -", Intent.MIRROR, MirrorState.MIRRORING),
-        ("0 8 raid raid1 2 Aa 4/8 recover 0 0 -", Intent.MIRROR, MirrorState.RESYNCING),
-        ("0 8 raid raid1 2 Aa 0/8 frozen 0 0 -", Intent.MIRROR, MirrorState.RESYNC_PENDING),
-        ("0 8 raid raid1 2 AD 8/8 idle 0 0 -", Intent.MIRROR, MirrorState.PAUSED),
-        ("0 8 raid raid1 2 AA 8/8 idle 0 0 -", Intent.PAUSE, MirrorState.PAUSED),
-        ("0 8 raid raid1 2 AA 8/8 idle 0 0 -", Intent.BREAK, MirrorState.BROKEN),
-        (None, Intent.MIRROR, MirrorState.RESYNC_PENDING),
-    ],
-)
-def test_states_carry_the_reference_numbers(line, intent, state):
-    assert mirror_state(RaidStatus.parse(line) if line else None, intent) is state
-    assert [s.value for s in MirrorState] == [0, 1, 2, 3, 4, 5]
+REGION = 64 * 1024
 
 
 def test_region_doubles_until_the_bitmap_fits():
@@ -62,84 +24,125 @@ def test_region_doubles_until_the_bitmap_fits():
             region_size(GIB, wanted)
 
 
-@pytest.mark.parametrize("size", [0, -512, 1000])
-def test_volume_sizes_are_whole_sectors(size):
-    with pytest.raises(InvalidArgument, match="mirror size"):
+@pytest.mark.parametrize("size", [0, -4096, 1000, 4096 + 512])
+def test_a_mirrored_disk_is_whole_4k_blocks(size):
+    with pytest.raises(InvalidArgument, match="multiple of 4 KiB"):
         Volume("v", "/dev/vda", size)
 
 
-class FakeKernel:
-    """Answers the tools the mirror runs: one free NBD device, and no device mapped but
-    those given a status line."""
+def test_an_initial_sync_copies_the_regions_that_hold_data_only(tmp_path):
+    path = tmp_path / "disk.img"
+    size = 64 << 20
+    with open(path, "wb") as f:
+        f.truncate(size + 4096)  # the trailer after the data is not part of the volume
+        for offset in (0, 10 * REGION + 100, 500 * REGION, 1023 * REGION):
+            f.seek(offset)
+            f.write(b"x" * 4096)
+        f.seek(size)
+        f.write(b"trailer")
+    ranges = allocated_ranges(path, size, REGION)
+    # File systems allocate in blocks of their own; every written region is in a range,
+    # and most of the file (a hole) is in none.
+    covered = {region for start, end in ranges for region in range(start, end)}
+    assert {0, 10, 500, 1023} <= covered
+    assert len(covered) < 40
+    assert all(0 <= start < end <= 1024 for start, end in ranges)
 
-    def __init__(self, statuses=None):
-        self.calls = []
-        self.statuses = statuses or {}
 
-    def __call__(self, argv):
-        self.calls.append(list(argv))
-        if argv[:2] == ["dmsetup", "status"] and argv[2] in self.statuses:
-            return self.statuses[argv[2]]
-        if argv[:2] in (["dmsetup", "table"], ["dmsetup", "status"]):
-            raise KernelError("No such device")
-        if argv[0] == "losetup":
-            return "" if "-j" in argv else "/dev/loop3\n"
-        return ""
+def test_an_empty_sparse_file_copies_nothing(tmp_path):
+    path = tmp_path / "blank.img"
+    with open(path, "wb") as f:
+        f.truncate(GIB)
+    assert allocated_ranges(path, GIB, REGION) == []
 
-    def created(self, name):
-        return next(call[-1] for call in self.calls if call[:3] == ["dmsetup", "create", name])
+
+def fake_array(root, legs, *, action="idle", completed="none", degraded=0, behind=0, used=0):
+    sys = root / "md127" / "md"
+    (sys / "bitmap").mkdir(parents=True)
+    values = {
+        "array_state": "clean",
+        "degraded": str(degraded),
+        "sync_action": action,
+        "sync_completed": completed,
+        "sync_speed": "none" if action == "idle" else "2048",
+        "mismatch_cnt": "0",
+        "bitmap/backlog": str(behind),
+        "bitmap/max_backlog_used": str(used),
+    }
+    for name, value in values.items():
+        (sys / name).write_text(value + "\n")
+    for name, slot, state in legs:
+        (sys / f"dev-{name}").mkdir()
+        (sys / f"dev-{name}" / "slot").write_text(f"{slot}\n")
+        (sys / f"dev-{name}" / "state").write_text(f"{state}\n")
+    return md.Array("md127")
 
 
 @pytest.fixture
-def kernel(monkeypatch):
-    monkeypatch.setattr(Mirror, "_free_nbd", staticmethod(lambda: "/dev/nbd0"))
-    return FakeKernel()
+def sysfs(tmp_path, monkeypatch):
+    monkeypatch.setattr(md, "SYS_BLOCK", tmp_path)
+    return tmp_path
 
 
-def raid_table(kernel, state_dir, volume):
-    Mirror(volume, state_dir, DeviceMapper(kernel)).assemble(PeerEndpoint("10.99.0.2"))
-    return kernel.created(bridge.PREFIX + volume.name)
-
-
-def test_a_new_mirror_rebuilds_the_peer_leg_from_the_local_disk(kernel, tmp_path):
-    volume = Volume("v1", "/dev/vdb", GIB)
-    table = raid_table(kernel, tmp_path, volume)
-    assert table == (
-        f"0 {GIB // 512} raid raid1 7 0 region_size 128 write_mostly 1 rebuild 1 2 "
-        "/dev/loop3 /dev/vdb /dev/mapper/applianced-repl-v1-pmeta /dev/mapper/applianced-repl-v1-pdata"
+def test_md_sysfs_reads_as_a_status(sysfs):
+    array = fake_array(
+        sysfs,
+        [("dm-3", 0, "in_sync"), ("nbd0", 1, "write_mostly")],
+        action="recover",
+        completed="2048 / 1048576",
+        degraded=1,
+        behind=200,
+        used=17,
     )
-    assert ["nbd-client", "10.99.0.2", "10809", "/dev/nbd0", "-N", "v1", "-b", "4096", "-t", "5", "-C", "1"] in (
-        kernel.calls
-    )
-    assert kernel.created("applianced-repl-v1-pdata") == f"0 {GIB // 512} linear /dev/nbd0 {bridge.META_SECTORS}"
-    assert (tmp_path / "replication" / "v1.meta").stat().st_size == bridge.META_SECTORS * 512
+    status = array.status()
+    assert [leg.name for leg in status.legs] == ["dm-3", "nbd0"]
+    assert status.legs[0].in_sync and not status.legs[1].in_sync and not status.legs[1].faulty
+    assert (status.synced, status.sync_total, status.sync_speed) == (2048, 1048576, 2048)
+    assert (status.write_behind, status.max_behind_used, status.degraded) == (200, 17, 1)
+    assert status.copying
 
 
-def test_a_mirror_with_a_superblock_is_never_rebuilt(kernel, tmp_path):
-    (tmp_path / "replication").mkdir()
-    (tmp_path / "replication" / "v1.meta").write_bytes(RAID_MAGIC + bytes(bridge.META_SECTORS * 512 - 4))
-    table = raid_table(kernel, tmp_path, Volume("v1", "/dev/vdb", GIB))
-    assert " rebuild " not in table and " nosync" not in table
-
-
-def test_a_blank_pair_skips_the_initial_copy(kernel, tmp_path):
-    volume = Volume("v1", "/dev/vdb", GIB)
-    Mirror(volume, Path(tmp_path), DeviceMapper(kernel)).assemble(PeerEndpoint("10.99.0.2"), copy_all=False)
-    assert " nosync 2 " in kernel.created("applianced-repl-v1")
+def test_an_unreadable_array_is_a_kernel_error(sysfs):
+    with pytest.raises(KernelError, match="cannot read the state of md9"):
+        md.Array("md9").status()
 
 
 @pytest.mark.parametrize(
-    ("health", "listening", "resumed"),
-    [(None, True, False), ("AA", True, False), ("AD", False, False), ("AD", True, True)],
+    ("legs", "action", "completed", "intent", "pending", "state"),
+    [
+        ([("dm-3", 0, "in_sync"), ("nbd0", 1, "in_sync,write_mostly")], "idle", "none", Intent.MIRROR, False, 1),
+        ([("dm-3", 0, "in_sync"), ("nbd0", 1, "write_mostly")], "recover", "8 / 64", Intent.MIRROR, False, 2),
+        ([("dm-3", 0, "in_sync"), ("nbd0", 1, "write_mostly")], "idle", "none", Intent.MIRROR, False, 5),
+        ([("dm-3", 0, "in_sync"), ("nbd0", 1, "faulty,write_mostly")], "idle", "none", Intent.MIRROR, False, 4),
+        ([("dm-3", 0, "in_sync")], "idle", "none", Intent.MIRROR, False, 4),
+        ([("dm-3", 0, "in_sync")], "idle", "none", Intent.MIRROR, True, 5),
+        ([("dm-3", 0, "in_sync"), ("nbd0", 1, "in_sync,write_mostly")], "idle", "none", Intent.PAUSE, False, 4),
+        ([("dm-3", 0, "in_sync")], "idle", "none", Intent.BREAK, False, 3),
+    ],
 )
-def test_a_dead_leg_is_resumed_only_when_the_peer_answers(kernel, tmp_path, health, listening, resumed):
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        if listening:
-            server.listen()
-        port = server.getsockname()[1]
-        if health:
-            kernel.statuses["applianced-repl-v1"] = f"0 8 raid raid1 2 {health} 8/8 idle 0 0 -"
-        mirror = Mirror(Volume("v1", "/dev/vdb", GIB), tmp_path, DeviceMapper(kernel))
-        assert mirror.resume(PeerEndpoint("127.0.0.1", port), probe_timeout=1) is resumed
-    assert any(call[0] == "nbd-client" for call in kernel.calls) is resumed
+def test_states_carry_the_reference_numbers(sysfs, legs, action, completed, intent, pending, state):
+    status = fake_array(sysfs, legs, action=action, completed=completed).status()
+    assert mirror_state(status, intent, pending) == MirrorState(state)
+    assert [s.value for s in MirrorState] == [0, 1, 2, 3, 4, 5]
+
+
+def test_a_mirror_not_assembled_waits_for_its_resync():
+    assert mirror_state(None, Intent.MIRROR) is MirrorState.PAUSED
+    assert mirror_state(None, Intent.MIRROR, pending=True) is MirrorState.RESYNC_PENDING
+
+
+def test_the_export_admits_the_peer_only():
+    rule = export_filter("10.99.0.2", 10810, "10.99.0.1")
+    assert (rule.address, rule.port, [str(n) for n in rule.networks], rule.what) == (
+        "10.99.0.2",
+        10810,
+        ["10.99.0.1/32"],
+        "replication export",
+    )
+
+
+def test_free_array_names_skip_the_ones_in_use(sysfs):
+    for name in ("md100", "md101", "md127"):
+        (sysfs / name).mkdir()
+    assert md.free_array_name() == "/dev/md102"
+    assert os.path.basename(md.free_array_name(200)) == "md200"

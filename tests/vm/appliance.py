@@ -15,7 +15,9 @@ from collections.abc import Sequence
 from tests.vm.harness import REPO_ROOT, Completed, Guest
 
 VENV_BIN = REPO_ROOT / ".venv" / "bin"
-UDEV_RULE = REPO_ROOT / "udev" / "70-applianced-lio-serial.rules"
+# The initiator's stable names and the storage node's rule that keeps udev off its stacks,
+# as tools/install-node installs them.
+UDEV_RULES = (REPO_ROOT / "udev" / "70-applianced-lio-serial.rules", REPO_ROOT / "udev" / "64-applianced-storage.rules")
 DAEMON = "applianced"
 
 
@@ -24,10 +26,11 @@ class ApplianceNode:
         self.guest = guest
 
     def prepare(self, initiator_name: str | None = None) -> ApplianceNode:
-        """Load LIO, start the system bus, install the udev rule, and iscsid if asked."""
+        """Load LIO, start the system bus, install the udev rules, and iscsid if asked."""
         self.guest.setup_storage()
         self.guest.start_dbus()
-        self.guest.write_file(f"/etc/udev/rules.d/{UDEV_RULE.name}", UDEV_RULE.read_bytes(), mode=0o644)
+        for rule in UDEV_RULES:
+            self.guest.write_file(f"/etc/udev/rules.d/{rule.name}", rule.read_bytes(), mode=0o644)
         self.guest.run("udevadm control --reload || true")
         if initiator_name:
             self.guest.start_iscsid(initiator_name)

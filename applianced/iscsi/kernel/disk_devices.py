@@ -75,7 +75,8 @@ class DiskDevices:
     def _map(self, device: DiskDevice) -> None:
         info = self.dm.info(device.name)
         old = self._lower_of(device.name) if info is not None and info.live_table else None
-        lower, sectors = self._lower(device)
+        lower = local_device(device.lower, device.lower_is_file, device.size, device.direct_io)
+        sectors = (device.size or _size(_device_number(lower))) // SECTOR
         segments = [dm.linear(sectors, lower)]
         if info is None:
             self.dm.create(device.name, segments, uuid=f"APPLIANCED-{device.name}")
@@ -88,23 +89,6 @@ class DiskDevices:
         if old is not None and old != _device_number(lower):
             _release_loop(old)
 
-    def _lower(self, device: DiskDevice) -> tuple[str, int]:
-        """The lower device's node and the device's length in sectors."""
-        if not device.lower_is_file:
-            return device.lower, (device.size or _size(_device_number(device.lower))) // SECTOR
-        path = Path(device.lower)
-        if not path.is_file():
-            raise KernelError(f"the disk file {path} is missing or not a regular file")
-        mine = [node for node in loop.backed_by(path) if not dm.applianced_holders(os.path.basename(node))[1]]
-        for node in mine:
-            if loop.size_of(node) == device.size:
-                return node, device.size // SECTOR
-        if mine:
-            # The disk grew: its file did first, the loop device follows.
-            loop.resize(mine[0], device.size)
-            return mine[0], device.size // SECTOR
-        return loop.attach(path, device.size, direct=device.direct_io), device.size // SECTOR
-
     def _lower_of(self, name: str) -> str | None:
         segments = self.dm.table(name) or []
         return segments[0].params.split()[0] if len(segments) == 1 else None
@@ -116,6 +100,34 @@ class DiskDevices:
         self.dm.remove(name)
         if lower is not None:
             _release_loop(lower)
+
+
+def local_device(lower: str, is_file: bool, size: int, direct_io: bool = True) -> str:
+    """The node of the device a disk's data is on: a block device as it is, a file through
+    its loop device (applianced's own one if it has one, grown to ``size`` if the file grew;
+    else a new one). Replication stacks its legs on the same device."""
+    if not is_file:
+        _device_number(lower)  # refuses what is not a block device
+        return lower
+    path = Path(lower)
+    if not path.is_file():
+        raise KernelError(f"the disk file {path} is missing or not a regular file")
+    mine = [node for node in loop.backed_by(path) if not dm.applianced_holders(os.path.basename(node))[1]]
+    for node in mine:
+        if loop.size_of(node) == size:
+            return node
+    if mine:
+        # The disk grew: its file did first, the loop device follows.
+        loop.resize(mine[0], size)
+        return mine[0]
+    return loop.attach(path, size, direct=direct_io)
+
+
+def release_local_device(node: str) -> None:
+    """Let go of a loop device of applianced's: it goes once its last user closes it."""
+    if os.path.basename(node).startswith("loop"):
+        with contextlib.suppress(KernelError):
+            loop.detach(node)
 
 
 def _release_loop(major_minor: str) -> None:

@@ -1,0 +1,158 @@
+"""md raid1 arrays: made and changed with mdadm, watched through sysfs.
+
+mdadm runs for what happens rarely (creating, assembling, adding and removing a leg);
+what the replication monitor reads every second (the legs' states, the sync progress,
+the write-behind queue) and what it sets live (write-behind, the resync speed limit,
+dirty regions of the bitmap) are sysfs files of the array: a read or a write each.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from applianced.blockdev import tools
+from applianced.errors import KernelError
+
+SYS_BLOCK = Path("/sys/block")
+MDADM = "mdadm"
+# md keeps at most this many writes behind for a write-mostly leg (COUNTER_MAX / 2).
+MAX_WRITE_BEHIND = 16383
+
+
+def mdadm(*args: str, timeout: float = 120) -> str:
+    return tools.run([MDADM, *args], timeout)
+
+
+@dataclass(frozen=True)
+class Leg:
+    """A member of an array as md reports it (``dev-<name>/state``)."""
+
+    name: str  # the block device's name: dm-3, nbd0
+    slot: int | None
+    states: frozenset[str]
+
+    @property
+    def faulty(self) -> bool:
+        return "faulty" in self.states
+
+    @property
+    def in_sync(self) -> bool:
+        return "in_sync" in self.states and not self.faulty
+
+
+@dataclass(frozen=True)
+class ArrayStatus:
+    """One look at an array's sysfs directory."""
+
+    name: str  # md127
+    state: str  # array_state: clean, active, readonly, read-auto, inactive
+    degraded: int
+    sync_action: str  # idle, resync, recover, check, repair, frozen
+    synced: int  # sectors of the current sync pass done (0 when none runs)
+    sync_total: int
+    sync_speed: int  # KiB/s of the current pass
+    mismatches: int
+    write_behind: int  # bitmap/backlog: 0 is synchronous
+    max_behind_used: int
+    legs: tuple[Leg, ...]
+
+    def leg(self, device: str) -> Leg | None:
+        name = block_name(device)
+        return next((leg for leg in self.legs if leg.name == name), None)
+
+    @property
+    def copying(self) -> bool:
+        return self.sync_action in ("resync", "recover") and self.synced < self.sync_total
+
+
+class Array:
+    """An md array, known by its kernel name (``md127``)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.sys = SYS_BLOCK / name / "md"
+
+    @property
+    def node(self) -> str:
+        return f"/dev/{self.name}"
+
+    @property
+    def device_number(self) -> int:
+        major, minor = (SYS_BLOCK / self.name / "dev").read_text().split(":")
+        return os.makedev(int(major), int(minor))
+
+    def read(self, attribute: str) -> str:
+        return (self.sys / attribute).read_text().strip()
+
+    def write(self, attribute: str, value: str) -> None:
+        try:
+            (self.sys / attribute).write_text(value)
+        except OSError as exc:
+            raise KernelError(f"{self.name}: cannot set {attribute} to {value!r}: {exc.strerror}") from None
+
+    def status(self) -> ArrayStatus:
+        try:
+            completed = self.read("sync_completed")
+            synced, total = (int(n) for n in completed.split(" / ")) if "/" in completed else (0, 0)
+            legs = []
+            for entry in self.sys.glob("dev-*"):
+                slot = (entry / "slot").read_text().strip()
+                states = frozenset((entry / "state").read_text().strip().split(","))
+                legs.append(Leg(entry.name[4:], int(slot) if slot.isdigit() else None, states))
+            return ArrayStatus(
+                name=self.name,
+                state=self.read("array_state"),
+                degraded=int(self.read("degraded")),
+                sync_action=self.read("sync_action"),
+                synced=synced,
+                sync_total=total,
+                sync_speed=_number(self.read("sync_speed")),
+                mismatches=int(self.read("mismatch_cnt")),
+                write_behind=int(self.read("bitmap/backlog")),
+                max_behind_used=int(self.read("bitmap/max_backlog_used")),
+                legs=tuple(sorted(legs, key=lambda leg: (leg.slot is None, leg.slot or 0, leg.name))),
+            )
+        except (OSError, ValueError) as exc:
+            raise KernelError(f"cannot read the state of {self.name}: {exc}") from None
+
+    def mark_dirty(self, ranges: Sequence[tuple[int, int]]) -> None:
+        """Set the bitmap bits of regions ``[start, end)``: they are copied at the next recovery."""
+        for start, end in ranges:
+            if end > start:
+                self.write("bitmap_set_bits", f"{start}-{end - 1}")
+
+    def reset_max_behind(self) -> None:
+        self.write("bitmap/max_backlog_used", "0")
+
+
+def block_name(device: str) -> str:
+    """The kernel's name (``dm-3``) of the block device behind a node of any name."""
+    try:
+        rdev = os.stat(device).st_rdev
+        return os.path.basename(os.readlink(f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}"))
+    except OSError as exc:
+        raise KernelError(f"{device} is not a block device: {exc.strerror}") from None
+
+
+def holder_array(device: str) -> Array | None:
+    """The md array that has ``device`` (a node) as a member, if any."""
+    holders = SYS_BLOCK / block_name(device) / "holders"
+    for holder in sorted(holders.iterdir()) if holders.is_dir() else ():
+        if holder.name.startswith("md"):
+            return Array(holder.name)
+    return None
+
+
+def free_array_name(start: int = 100) -> str:
+    """An md device name no array uses: ``/dev/md<N>``."""
+    used = {int(p.name[2:]) for p in SYS_BLOCK.glob("md[0-9]*") if p.name[2:].isdigit()}
+    number = next(n for n in range(start, 1 << 20) if n not in used)
+    return f"/dev/md{number}"
+
+
+def _number(text: str) -> int:
+    head = text.split()[0] if text else ""
+    return int(head) if head.isdigit() else 0

@@ -1,0 +1,1162 @@
+"""Replicated volumes on this node: the mirrors' records, their data path, the peer's half.
+
+``Replication`` is what the daemon owns and the D-Bus layer calls. It keeps one record per
+mirrored disk (``records``), drives the data path (``bridge``) off the event loop, and
+talks to the peer node over the pair's authenticated link (``messages``): the source asks,
+the target answers. It tells the target service which disks are locked copies and which
+are served through their mirror (``ReplicaView``), and asks it to reconcile when that
+changes: the disk device under a live LUN is reloaded, so initiators see a pause.
+
+A monitor looks at every mirror each second. On the source it follows the array: a peer
+leg that failed (the NBD timeout ran out, the cable is cut, the peer died) is taken out
+and the mirror is paused, and so is a mirror whose peer link went silent or whose async
+queue crossed its high-water mark; while paused for such a reason it tries to come back
+every few seconds, once the peer's export answers and the generation identifiers allow
+it, with a partial resync. When a resync completes, the copy is told which generation it
+now holds. On the target it keeps the export served.
+
+Every operation checks everything it can before it changes anything, on this node and,
+where it needs it, on the peer; the records are written after each change, so a daemon
+that crashed finds the data path running and adopts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import ipaddress
+import logging
+import time
+from collections.abc import Awaitable, Callable, Collection, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from applianced.blockdev.md import MAX_WRITE_BEHIND, ArrayStatus, Leg
+from applianced.engine import Appliance, audit
+from applianced.errors import (
+    ALL_ERRORS,
+    AlreadyExists,
+    ApplianceError,
+    Busy,
+    InvalidArgument,
+    KernelError,
+    NotFound,
+    NotSupported,
+    Unreachable,
+)
+from applianced.iscsi.firewall import PortalFilter
+from applianced.peer.link import PeerRefused, PeerUnreachable
+from applianced.peer.service import Peer
+from applianced.replication import messages
+from applianced.replication.bridge import (
+    DEFAULT_PORT,
+    DEFAULT_REGION,
+    DataPath,
+    Export,
+    Mirror,
+    PeerEndpoint,
+    Volume,
+    export_filter,
+)
+from applianced.replication.generations import Generation, Verdict, compare
+from applianced.replication.records import (
+    ASYNC,
+    MODES,
+    SOURCE,
+    SYNC,
+    TARGET,
+    MirrorRecord,
+    RecordStore,
+    Tunables,
+)
+from applianced.replication.states import Intent, MirrorState, mirror_state
+from applianced.state import Config, Disk
+from applianced.validation import canonical_address
+
+log = logging.getLogger(__name__)
+
+MONITOR_SECONDS = 1.0
+# How often a paused mirror tries to come back while its peer does not answer.
+RESUME_SECONDS = 3.0
+# The peer link silent this long (its paths are down after 3.5 s): the source pauses the
+# mirror before a write has to wait for the NBD timeout.
+LINK_DOWN_GRACE = 1.0
+# nbd-client's I/O timeout on the peer's leg: a dead peer fails the leg after this.
+NBD_TIMEOUT = 5
+# Requests that make or change the peer's half may wait for its disk and data path.
+SLOW_REQUEST = 30.0
+
+T = TypeVar("T")
+
+
+@dataclass
+class ResyncProgress:
+    """A resync while it runs: what the reference's GETRESYNCSTATUS shows."""
+
+    started: float
+    total_regions: int
+    dirty_regions: int
+    start_writes: int  # sectors written to the array when it started (new writes since)
+    synced_sectors: int = 0
+    sync_sectors: int = 0
+    rate: int = 0  # bytes per second
+
+
+@dataclass
+class Runtime:
+    """What the daemon knows of one mirror besides its record."""
+
+    record: MirrorRecord
+    volume: Volume
+    # A resync was asked for (create, continue, resync) and the peer's leg is not back.
+    pending: bool = False
+    # Why the mirror is paused or pending, for people ("" when nothing is wrong).
+    reason: str = ""
+    state: MirrorState = MirrorState.RESYNC_PENDING
+    status: ArrayStatus | None = None
+    resync: ResyncProgress | None = None
+    passes: int = 0
+    reconnects: int = 0
+    last_attempt: float = 0.0
+    bytes_replicated: int = 0
+    throughput: int = 0
+    _last_written: tuple[float, int] | None = None
+    queue_length: int = 0
+    since: float = field(default_factory=time.time)
+    split_brain: bool = False
+
+
+class Replication:
+    """The mirrors of this node (no D-Bus here: the bus layer calls these methods)."""
+
+    def __init__(self, directory: Path, engine: Appliance, peer: Peer, data: DataPath | None = None) -> None:
+        self.store = RecordStore(directory)
+        self.engine = engine
+        self.peer = peer
+        self.data = data or DataPath(directory)
+        self.mirrors: dict[str, Runtime] = {}
+        self._lock = asyncio.Lock()
+        self._lowers: dict[str, str] = {}
+        # Disks taken out of service for a moment (a switchover hands them to the peer).
+        self._handing_over: set[str] = set()
+        self._listeners: list[Callable[[str, str], None]] = []
+        for kind, handler in self._handlers().items():
+            peer.handle(kind, handler)
+
+    def add_listener(self, listener: Callable[[str, str], None]) -> None:
+        """``listener(disk, event)`` after a change: "changed", "created", "deleted",
+        "resync-started", "resync-completed", "resync-failed"."""
+        self._listeners.append(listener)
+
+    def _notify(self, disk: str, event: str = "changed") -> None:
+        for listener in self._listeners:
+            listener(disk, event)
+
+    # -- what the target service is told (engine.ReplicaView) --------------------------
+
+    def unserved(self) -> Mapping[str, str]:
+        out = {}
+        for name, rt in self.mirrors.items():
+            if rt.record.role == TARGET:
+                out[name] = f"the mirror copy of {rt.record.peer_address}'s disk, locked while it is a mirror target"
+            elif name in self._handing_over:
+                out[name] = "being handed over to the peer node"
+            elif name not in self._lowers:
+                out[name] = "its mirror is not assembled on this node"
+        return out
+
+    def lowers(self) -> Mapping[str, str]:
+        return dict(self._lowers)
+
+    def mirrored(self) -> Collection[str]:
+        return tuple(self.mirrors)
+
+    def filters(self) -> Mapping[str, PortalFilter]:
+        found = {}
+        for rt in self.mirrors.values():
+            if rt.record.role == TARGET:
+                rule = export_filter(rt.record.target_address, rt.record.port, rt.record.source_address)
+                found[rule.key] = rule
+        return found
+
+    # -- start-up ---------------------------------------------------------------------
+
+    async def start(self, config: Config) -> None:
+        """Load the records and adopt or assemble every mirror's data path; called by the
+        engine with its stored configuration before its first reconcile, so that a source
+        disk is never served around its mirror."""
+        records = await asyncio.to_thread(self.store.load)
+        if records:
+            await asyncio.to_thread(self.data.prepare)
+        for name, record in records.items():
+            disk = config.disks.get(name)
+            if disk is None:
+                log.error("mirror %s names a disk this node does not have; its record is kept", name)
+                continue
+            rt = Runtime(record, await self._volume(disk, record.size, record.region))
+            self.mirrors[name] = rt
+            try:
+                if record.role == SOURCE:
+                    await self._assemble_source(rt)
+                elif not record.unlocked:
+                    await asyncio.to_thread(self._export(rt).assemble, record.target_address, record.port)
+            except KernelError as exc:
+                rt.reason = f"the data path could not be assembled: {exc}"
+                log.error("mirror %s: %s", name, rt.reason)
+
+    async def _assemble_source(self, rt: Runtime) -> None:
+        mirror = self._mirror(rt)
+        array = await asyncio.to_thread(mirror.assemble)
+        status = await asyncio.to_thread(array.status)
+        rt.status = status
+        peer_leg = next((leg for leg in status.legs if leg.name.startswith("nbd") and not leg.faulty), None)
+        if peer_leg is None:
+            # From now on this node writes alone, before the disk is served again.
+            await self._diverge(rt, "the peer's leg is not connected")
+        await asyncio.to_thread(mirror.set_write_behind, self._write_behind(rt.record))
+        self._lowers[rt.record.disk] = mirror.node
+
+    async def run(self) -> None:
+        """The monitor: every mirror looked at each second, until cancelled."""
+        while True:
+            await asyncio.sleep(MONITOR_SECONDS)
+            for name in list(self.mirrors):
+                try:
+                    async with self._lock:
+                        if name in self.mirrors:
+                            await self._watch(self.mirrors[name])
+                except Exception:
+                    # One mirror's failure must not stop the others from being watched.
+                    log.exception("replication monitor: mirror %s", name)
+
+    # -- reading ----------------------------------------------------------------------
+
+    def runtime(self, disk: str) -> Runtime:
+        try:
+            return self.mirrors[disk]
+        except KeyError:
+            raise NotFound(f"disk {disk!r} is not mirrored") from None
+
+    def counters(self, disk: str) -> dict[str, int | float | str]:
+        """The reference's counters of one mirror (GETMIRRORVOLINFO, GETRESYNCSTATUS), and
+        bytes replicated and throughput."""
+        rt = self.runtime(disk)
+        now = time.time()
+        resync = rt.resync
+        region = rt.record.region
+        status = rt.status
+        done = resync.synced_sectors * 512 // region if resync else 0
+        if resync is not None:
+            phase = "copying"
+        elif rt.state in (MirrorState.PAUSED, MirrorState.BROKEN, MirrorState.RESYNC_PENDING):
+            phase = "waiting"
+        else:
+            phase = "idle"
+        return {
+            "MirrorElapsed": now - rt.record.created if rt.record.created else 0.0,
+            "State": int(rt.state),
+            "Type": rt.record.mode,
+            "Reconnects": rt.reconnects,
+            "QueueLength": rt.queue_length,
+            "QueueHighWater": min(rt.record.tunables.high_water, MAX_WRITE_BEHIND),
+            "QueueLowWater": rt.record.tunables.low_water,
+            "ResyncBlock": done,
+            "ResyncDirty": resync.dirty_regions if resync else 0,
+            "ResyncTotal": rt.volume.regions,
+            "ResyncNewWrites": max(0, _writes(status) - resync.start_writes) if resync and status else 0,
+            "ResyncPasses": rt.passes,
+            "ResyncPhase": phase,
+            "ResyncElapsed": now - resync.started if resync else 0.0,
+            "BytesReplicated": rt.bytes_replicated,
+            "Throughput": rt.throughput,
+        }
+
+    def volume_state(self, disk: str) -> int:
+        """The reference's number of the mirror's state (GETVOLUMEDRVSTATE), 0 without one."""
+        rt = self.mirrors.get(disk)
+        return int(rt.state) if rt else int(MirrorState.NONE)
+
+    # -- creating and deleting --------------------------------------------------------
+
+    async def create(
+        self,
+        disk_name: str,
+        mode: str,
+        *,
+        peer_disk: str = "",
+        skip_initial_sync: bool = False,
+        region: int = DEFAULT_REGION,
+    ) -> Runtime:
+        """Mirror a disk of this node to the peer node, which makes (or takes) the copy."""
+        async with self._lock:
+            disk = self._checked_source_disk(disk_name)
+            if mode not in MODES:
+                raise InvalidArgument(f"mode {mode!r} is not one of {', '.join(MODES)}")
+            if disk.size % 4096:
+                raise InvalidArgument(f"disk {disk_name!r} is not a multiple of 4 KiB; it cannot be mirrored")
+            if skip_initial_sync and await self.engine.sessions_on_disk(disk_name):
+                raise Busy(
+                    f"disk {disk_name!r} is in use by initiators: it is not blank, so its sync cannot be skipped"
+                )
+            record_peer = self._pair_record()
+            volume = await self._volume(disk, disk.size, region)
+            generation = Generation.new()
+            now = time.time()
+            prepare = messages.Prepare(
+                disk=disk_name,
+                size=disk.size,
+                serial=disk.serial,
+                region=volume.region,
+                mode=mode,
+                source_address="",
+                target_address=record_peer,
+                tunables=Tunables(),
+                generation=generation,
+                existing=peer_disk,
+                created=now,
+            )
+            answer = await self._ask(messages.PREPARE, prepare, messages.Prepared, SLOW_REQUEST)
+            record = MirrorRecord(
+                disk=disk_name,
+                role=SOURCE,
+                mode=mode,
+                source_address=answer.source_address,
+                target_address=record_peer,
+                port=answer.port,
+                size=disk.size,
+                region=volume.region,
+                generation=generation,
+                created=now,
+                peer_disk=peer_disk or disk_name,
+            )
+            rt = Runtime(record, volume, pending=not skip_initial_sync)
+            self.mirrors[disk_name] = rt
+            try:
+                await self._build_source(rt, disk, copy=not skip_initial_sync)
+            except BaseException:
+                await self._undo_create(rt)
+                raise
+            audit("mirror-create", disk_name, "ok", f"mirror of {disk_name} to {record_peer} created ({mode})")
+            self._notify(disk_name, "created")
+            return rt
+
+    def _checked_source_disk(self, name: str) -> Disk:
+        disk = self.engine.config.disks.get(name)
+        if disk is None:
+            raise NotFound(f"disk {name!r} does not exist")
+        if name in self.mirrors:
+            raise AlreadyExists(f"disk {name!r} is mirrored already")
+        if name in self.engine.missing:
+            raise NotSupported(f"disk {name!r} is missing ({self.engine.missing[name]})")
+        if disk.backstore != "dm":
+            raise NotSupported(
+                f"disk {name!r} has a direct backstore (made by an older applianced or targetcli); "
+                "convert it first: appliancectl disk modify --backstore dm"
+            )
+        return disk
+
+    async def _build_source(self, rt: Runtime, disk: Disk, copy: bool) -> None:
+        mirror = self._mirror(rt)
+        endpoint = self._endpoint(rt.record)
+        await asyncio.to_thread(mirror.create, endpoint)
+        if copy:
+            # The peer's leg is out before the disk device maps the array: every write
+            # through it from then on is marked in the bitmap.
+            await asyncio.to_thread(mirror.detach)
+        await asyncio.to_thread(mirror.set_write_behind, self._write_behind(rt.record))
+        self._lowers[disk.name] = mirror.node
+        await self._save()
+        await self.engine.refresh_replication()
+        if copy:
+            ranges = await asyncio.to_thread(self.data.allocated, rt.volume, disk.path if disk.kind == "file" else "")
+            await asyncio.to_thread(mirror.mark_dirty, ranges)
+            await self._connect(rt, endpoint)
+
+    async def _undo_create(self, rt: Runtime) -> None:
+        name = rt.record.disk
+        self._lowers.pop(name, None)
+        self.mirrors.pop(name, None)
+        try:
+            await self._save()
+            await self.engine.refresh_replication()  # the disk device maps the disk again
+            await asyncio.to_thread(self._mirror(rt).disassemble)
+            await asyncio.to_thread(self.data.release, rt.volume)
+        except ApplianceError as exc:
+            log.error("mirror %s: undoing a failed create left something behind: %s", name, exc)
+        try:
+            release = messages.Release(self._peer_disk(rt), discard=True)
+            await self._ask(messages.RELEASE, release, messages.Done, SLOW_REQUEST)
+        except ApplianceError as exc:
+            log.error("mirror %s: the peer's copy could not be released: %s", name, exc)
+
+    async def delete(self, disk: str, local_only: bool = False) -> None:
+        """Take the mirror apart: both halves become plain disks, both copies kept (the
+        copy with a serial of its own). ``local_only`` releases this node's half alone
+        (the reference's DELETELOCALMIRRORONLY), for a half whose peer is gone."""
+        async with self._lock:
+            rt = self.runtime(disk)
+            if rt.record.role == TARGET and not local_only:
+                raise NotSupported(
+                    f"this node holds the copy of {disk!r}; delete the mirror on the source node "
+                    f"({rt.record.source_address}), or release this half alone (local only)"
+                )
+            if not local_only:
+                await self._ask(
+                    messages.STATUS, messages.Disk(self._peer_disk(rt)), messages.Status
+                )  # the peer must be there
+            if rt.record.role == SOURCE:
+                self._lowers.pop(disk, None)
+                await self.engine.refresh_replication()  # the disk device maps the disk again
+                await asyncio.to_thread(self._mirror(rt).disassemble)
+            else:
+                await asyncio.to_thread(self._export(rt).disassemble)
+            await asyncio.to_thread(self.data.release, rt.volume)
+            del self.mirrors[disk]
+            await self._save()
+            await self.engine.refresh_replication()
+            if rt.record.role == TARGET:
+                await self.engine.set_disk_serial(disk)  # unlocked: served again, as a disk of its own
+            if not local_only:
+                await self._ask(messages.RELEASE, messages.Release(self._peer_disk(rt)), messages.Done, SLOW_REQUEST)
+            audit("mirror-delete", disk, "ok", f"mirror of {disk} deleted{' on this node only' if local_only else ''}")
+            self._notify(disk, "deleted")
+
+    # -- pause, continue, break, resync -----------------------------------------------
+
+    async def pause(self, disk: str, unlock: bool = False) -> str:
+        """Stop replicating; every write is tracked, so the resync after continue is
+        partial. ``unlock`` shows the copy read-only on the peer (for a backup): the node
+        of that device there is returned."""
+        async with self._lock:
+            rt = self._source(disk, "pause")
+            if unlock:
+                await self._ask(messages.STATUS, messages.Disk(self._peer_disk(rt)), messages.Status)
+            await self._set_intent(rt, Intent.PAUSE)
+            await asyncio.to_thread(self._mirror(rt).detach)
+            await self._diverge(rt, "paused by the administrator")
+            node = ""
+            if unlock:
+                node = (
+                    await self._ask(
+                        messages.UNLOCK, messages.Disk(self._peer_disk(rt)), messages.Unlocked, SLOW_REQUEST
+                    )
+                ).node
+            await self._update_peer(rt)
+            await self._refresh_state(rt)
+            audit("mirror-pause", disk, "ok", f"mirror of {disk} paused{' and its copy unlocked' if unlock else ''}")
+            return node
+
+    async def resume(self, disk: str) -> None:
+        """Continue a paused or broken mirror: a partial resync (full after a break)."""
+        async with self._lock:
+            rt = self._source(disk, "continue")
+            peer_status = await self._ask(messages.STATUS, messages.Disk(self._peer_disk(rt)), messages.Status)
+            if peer_status.unlocked:
+                await self._ask(messages.LOCK, messages.Disk(self._peer_disk(rt)), messages.Done, SLOW_REQUEST)
+            if Intent(rt.record.intent) is Intent.BREAK:
+                await self._save_record(rt, dataclasses.replace(rt.record, full_resync=True))
+            await self._set_intent(rt, Intent.MIRROR)
+            rt.pending, rt.passes, rt.split_brain = True, 0, False
+            await self._update_peer(rt)
+            await self._reconnect(rt, manual=True)
+            audit("mirror-continue", disk, "ok", f"mirror of {disk} continued")
+
+    async def break_mirror(self, disk: str) -> None:
+        """Stop replicating and stop caring what differs: the next resync is full."""
+        async with self._lock:
+            rt = self._source(disk, "break")
+            await self._set_intent(rt, Intent.BREAK)
+            await asyncio.to_thread(self._mirror(rt).detach)
+            await self._diverge(rt, "broken by the administrator")
+            await self._save_record(rt, dataclasses.replace(rt.record, full_resync=True))
+            await self._update_peer(rt)
+            await self._refresh_state(rt)
+            audit("mirror-break", disk, "ok", f"mirror of {disk} broken: the next resync is full")
+
+    async def resync(self, disk: str) -> None:
+        """Copy the whole disk to the peer again (also over a copy of unrelated data)."""
+        async with self._lock:
+            rt = self._source(disk, "resync")
+            await self._ask(messages.STATUS, messages.Disk(self._peer_disk(rt)), messages.Status)
+            await asyncio.to_thread(self._mirror(rt).detach)
+            await self._diverge(rt, "a full resync was asked for")
+            await self._save_record(rt, dataclasses.replace(rt.record, full_resync=True))
+            await self._set_intent(rt, Intent.MIRROR)
+            rt.pending, rt.passes, rt.split_brain = True, 0, False
+            await self._update_peer(rt)
+            await self._reconnect(rt, manual=True)
+            audit("mirror-resync", disk, "ok", f"full resync of {disk} started")
+
+    # -- settings ---------------------------------------------------------------------
+
+    async def set_mode(self, disk: str, mode: str) -> None:
+        """Switch between sync and async mode while the mirror runs."""
+        async with self._lock:
+            rt = self._source(disk, "change the mode of")
+            if mode not in MODES:
+                raise InvalidArgument(f"mode {mode!r} is not one of {', '.join(MODES)}")
+            await self._save_record(rt, dataclasses.replace(rt.record, mode=mode))
+            await asyncio.to_thread(self._mirror(rt).set_write_behind, self._write_behind(rt.record))
+            await self._update_peer(rt, best_effort=True)
+            audit("mirror-mode", disk, "ok", f"mirror of {disk} is {mode} now")
+            self._notify(disk)
+
+    async def tune(self, disk: str, **changes: int) -> Tunables:
+        """Change the queue marks, the throttle or the resync pass limit, live."""
+        async with self._lock:
+            rt = self._source(disk, "tune")
+            for key, value in changes.items():
+                if key not in Tunables.__dataclass_fields__:
+                    raise InvalidArgument(f"{key!r} is not a mirror setting")
+                if value < 0 or (key in ("high_water", "max_resync_passes") and value == 0):
+                    raise InvalidArgument(f"{key.replace('_', ' ')} {value} is out of range")
+            tunables = dataclasses.replace(rt.record.tunables, **changes)
+            if tunables.low_water >= tunables.high_water:
+                raise InvalidArgument(
+                    f"the low-water mark ({tunables.low_water}) must be below the high-water mark "
+                    f"({tunables.high_water})"
+                )
+            await self._save_record(rt, dataclasses.replace(rt.record, tunables=tunables))
+            mirror = self._mirror(rt)
+            await asyncio.to_thread(mirror.set_write_behind, self._write_behind(rt.record))
+            await asyncio.to_thread(mirror.set_resync_limit, tunables.throttle // 8)
+            await self._update_peer(rt, best_effort=True)
+            self._notify(disk)
+            return tunables
+
+    async def set_endpoints(self, disk: str, source_address: str, target_address: str) -> None:
+        """Move the mirror's traffic to other addresses of the two nodes (the reference's
+        CHANGEMIRRORENDPOINTS); the mirror pauses and comes back with a partial resync."""
+        async with self._lock:
+            rt = self._source(disk, "move")
+            source_address = _unicast(source_address, "source address")
+            target_address = _unicast(target_address, "target address")
+            if source_address not in await asyncio.to_thread(self.engine.local_addresses):
+                raise InvalidArgument(f"{source_address} is not an address of this node")
+            await self._ask(messages.STATUS, messages.Disk(self._peer_disk(rt)), messages.Status)
+            await asyncio.to_thread(self._mirror(rt).detach)
+            await self._diverge(rt, "moving to new addresses")
+            await self._save_record(
+                rt, dataclasses.replace(rt.record, source_address=source_address, target_address=target_address)
+            )
+            await self._update_peer(rt)
+            rt.pending = Intent(rt.record.intent) is Intent.MIRROR
+            await self._reconnect(rt, manual=True)
+            audit("mirror-endpoints", disk, "ok", f"mirror of {disk} runs from {source_address} to {target_address}")
+
+    # -- roles ------------------------------------------------------------------------
+
+    async def switchover(self, disk: str, force: bool = False) -> None:
+        """Make the copy the source (the reference's SWITCHOVERVOLUME).
+
+        On the source: only while mirroring, and not while initiators use the disk unless
+        ``force`` (its LUNs go away here; the peer serves it from now on). On the target
+        with ``force``: take over alone, when the source is gone ("fast and unsafe": if
+        the old source still writes, this is split brain, detected when they meet again).
+        """
+        async with self._lock:
+            rt = self.runtime(disk)
+            if rt.record.role == TARGET:
+                if not force:
+                    raise NotSupported(
+                        f"this node holds the copy of {disk!r}: switch over on the source "
+                        f"({rt.record.source_address}), or take over alone with force"
+                    )
+                await self._take_over_alone(rt)
+                return
+            if rt.state is not MirrorState.MIRRORING:
+                raise Busy(f"the mirror of {disk!r} is {rt.state.name.lower()}: only a mirroring copy can take over")
+            users = await self.engine.sessions_on_disk(disk)
+            if users and not force:
+                raise Busy(f"disk {disk!r} is in use by {', '.join(users)}; its LUNs would go away here (use force)")
+            await self._ask(messages.STATUS, messages.Disk(self._peer_disk(rt)), messages.Status)
+            await self._hand_over(rt)
+            audit("mirror-switchover", disk, "ok", f"{disk} switched over to {rt.record.source_address}")
+
+    async def _hand_over(self, rt: Runtime) -> None:
+        disk = rt.record.disk
+        mirror, export = self._mirror(rt), self._export(rt)
+        self._handing_over.add(disk)
+        await self.engine.refresh_replication()  # no backstore: nothing writes here any more
+        try:
+            bitmap = await asyncio.to_thread(mirror.intent_bitmap)
+            await asyncio.to_thread(mirror.stop)
+            self._lowers.pop(disk, None)
+            swapped = dataclasses.replace(
+                rt.record,
+                role=TARGET,
+                source_address=rt.record.target_address,
+                target_address=rt.record.source_address,
+            )
+            await asyncio.to_thread(export.assemble, swapped.target_address, swapped.port)
+            await self._save_record(rt, swapped)
+            take_over = messages.TakeOver(
+                self._peer_disk(rt), swapped.target_address, swapped.port, tuple(bitmap.ranges())
+            )
+            await self._ask(messages.TAKE_OVER, take_over, messages.Done, SLOW_REQUEST)
+        except BaseException:
+            # The copy did not take over: this node serves the disk again.
+            await asyncio.to_thread(export.disassemble)
+            await self._save_record(rt, dataclasses.replace(rt.record, role=SOURCE, **_swap(rt.record)))
+            await self._assemble_source(rt)
+            self._handing_over.discard(disk)
+            await self.engine.refresh_replication()
+            rt.pending = True
+            raise
+        self._handing_over.discard(disk)
+        rt.pending, rt.resync, rt.reason = False, None, ""
+        await self.engine.refresh_replication()
+        await self._refresh_state(rt)
+
+    async def _take_over_alone(self, rt: Runtime) -> None:
+        export = self._export(rt)
+        await asyncio.to_thread(export.disassemble)
+        source = dataclasses.replace(rt.record, role=SOURCE, prepared=False, unlocked=False, **_swap(rt.record))
+        await self._save_record(rt, source)
+        await self._assemble_source(rt)
+        await self._diverge(rt, "took over without the peer")
+        await self.engine.refresh_replication()
+        await self._refresh_state(rt)
+        audit("mirror-take-over", rt.record.disk, "warning", f"{rt.record.disk} taken over without the peer")
+
+    async def prepare_target(self, disk: str) -> None:
+        """Make this node's half the copy again after a split brain (the reference's
+        PREPARETOBECOMETARGET, on the node whose changes are to be overwritten). Its bitmap
+        is kept: the winner's resync copies the regions this node changed, partially."""
+        async with self._lock:
+            rt = self._source(disk, "make a target of")
+            mirror = self._mirror(rt)
+            self._handing_over.add(disk)
+            await self.engine.refresh_replication()
+            await asyncio.to_thread(mirror.stop)
+            self._lowers.pop(disk, None)
+            target = dataclasses.replace(rt.record, role=TARGET, prepared=True, **_swap(rt.record))
+            await self._save_record(rt, target)
+            self._handing_over.discard(disk)
+            await self.engine.refresh_replication()
+            await asyncio.to_thread(self._export(rt).assemble, target.target_address, target.port)
+            rt.pending, rt.resync, rt.split_brain, rt.reason = False, None, False, ""
+            await self._refresh_state(rt)
+            audit("mirror-prepare-target", disk, "ok", f"{disk} is the copy again; the peer's resync overwrites it")
+
+    # -- the monitor -------------------------------------------------------------------
+
+    async def _watch(self, rt: Runtime) -> None:
+        if rt.record.role == TARGET:
+            if not rt.record.unlocked and not self._export(rt).server_pid():
+                await asyncio.to_thread(self._export(rt).assemble, rt.record.target_address, rt.record.port)
+            await self._refresh_state(rt)
+            return
+        if rt.record.disk not in self._lowers:
+            return  # not assembled: start-up said why
+        mirror = self._mirror(rt)
+        status = await asyncio.to_thread(mirror.status)
+        rt.status = status
+        self._count_traffic(rt, status)
+        if Intent(rt.record.intent) is Intent.MIRROR and not rt.split_brain:
+            peer_leg = _peer_leg(status)
+            if peer_leg is not None and (peer_leg.faulty or not self.peer.connected):
+                await asyncio.to_thread(mirror.detach)
+                why = "the peer's leg failed" if peer_leg.faulty else "the peer link is down"
+                await self._diverge(rt, why)
+                self._end_resync(rt, False, why)
+            elif peer_leg is not None and rt.record.mode == ASYNC and self._queue_over(rt, status):
+                await asyncio.to_thread(mirror.detach)
+                await self._diverge(rt, "the async queue crossed its high-water mark")
+                self._end_resync(rt, False, rt.reason)
+            elif peer_leg is None and time.monotonic() - rt.last_attempt >= RESUME_SECONDS:
+                await self._reconnect(rt)
+        await self._refresh_state(rt)
+
+    def _queue_over(self, rt: Runtime, status: ArrayStatus | None) -> bool:
+        if status is None:
+            return False
+        rt.queue_length = status.max_behind_used
+        self._mirror(rt).reset_queue_max()
+        return status.max_behind_used >= min(rt.record.tunables.high_water, MAX_WRITE_BEHIND)
+
+    async def _reconnect(self, rt: Runtime, manual: bool = False) -> None:
+        """Bring the peer's leg back if the peer and the generations allow it."""
+        rt.last_attempt = time.monotonic()
+        endpoint = self._endpoint(rt.record)
+        if not self.peer.connected:
+            rt.reason = rt.reason or "the peer link is down"
+            if manual:
+                rt.pending = True
+            return
+        try:
+            status = await self._ask(messages.STATUS, messages.Disk(self._peer_disk(rt)), messages.Status)
+        except Unreachable as exc:
+            rt.reason = f"the peer does not answer: {exc}"
+            return
+        if status.role == SOURCE:
+            rt.split_brain = True
+            rt.reason = "split brain: the peer serves this disk too; run prepare-target on the node to overwrite"
+            audit(
+                "mirror-split-brain",
+                rt.record.disk,
+                "refused",
+                f"mirror of {rt.record.disk}: {rt.reason}",
+                logging.ERROR,
+            )
+            return
+        if status.unlocked:
+            rt.reason = "the copy is unlocked for reading on the peer; continue locks it"
+            return
+        verdict = compare(rt.record.generation, status.generation, status.prepared)
+        mirror = self._mirror(rt)
+        if rt.record.full_resync:
+            await asyncio.to_thread(mirror.mark_dirty, [(0, rt.volume.regions)])
+        elif verdict is Verdict.MERGE:
+            runs = await self._peer_bitmap(rt)
+            await asyncio.to_thread(mirror.mark_dirty, runs)
+        elif verdict in (Verdict.SPLIT_BRAIN, Verdict.UNRELATED):
+            rt.split_brain = True
+            rt.reason = (
+                "split brain: both nodes wrote while apart; run prepare-target on the node to overwrite"
+                if verdict is Verdict.SPLIT_BRAIN
+                else "the copy holds data of another generation; resync copies the whole disk over it"
+            )
+            audit(
+                "mirror-split-brain",
+                rt.record.disk,
+                "refused",
+                f"mirror of {rt.record.disk}: {rt.reason}",
+                logging.ERROR,
+            )
+            return
+        if not await asyncio.to_thread(self.data.peer_answers, endpoint):
+            rt.reason = f"the peer's export {endpoint.address}:{endpoint.port} does not answer"
+            return
+        if rt.passes >= rt.record.tunables.max_resync_passes:
+            await self._set_intent(rt, Intent.PAUSE)
+            rt.reason = f"paused after {rt.passes} resync passes: quiesce the writers, then continue"
+            audit(
+                "mirror-passes", rt.record.disk, "paused", f"mirror of {rt.record.disk}: {rt.reason}", logging.WARNING
+            )
+            return
+        await self._connect(rt, endpoint)
+        rt.reconnects += 0 if manual else 1
+
+    async def _connect(self, rt: Runtime, endpoint: PeerEndpoint) -> None:
+        mirror = self._mirror(rt)
+        before = await asyncio.to_thread(mirror.status)
+        dirty = (await asyncio.to_thread(mirror.intent_bitmap)).dirty
+        await asyncio.to_thread(mirror.connect, endpoint)
+        await asyncio.to_thread(mirror.set_write_behind, self._write_behind(rt.record))
+        await asyncio.to_thread(mirror.set_resync_limit, rt.record.tunables.throttle // 8)
+        rt.passes += 1
+        rt.pending, rt.reason = False, ""
+        rt.resync = ResyncProgress(
+            started=time.time(),
+            total_regions=rt.volume.regions,
+            dirty_regions=dirty,
+            start_writes=_writes(before),
+        )
+        self._notify(rt.record.disk, "resync-started")
+        await self._refresh_state(rt)
+
+    async def _refresh_state(self, rt: Runtime) -> None:
+        """Work out the state; a resync that completed is reported to the copy."""
+        before = rt.state
+        if rt.record.role == TARGET:
+            rt.state = MirrorState.MIRRORING if Intent(rt.record.intent) is Intent.MIRROR else MirrorState.PAUSED
+        else:
+            rt.state = mirror_state(rt.status, Intent(rt.record.intent), rt.pending)
+            if rt.resync is not None and rt.status is not None:
+                rt.resync.synced_sectors, rt.resync.sync_sectors = rt.status.synced, rt.status.sync_total
+                rt.resync.rate = rt.status.sync_speed * 1024
+            if rt.state is MirrorState.MIRRORING and (rt.resync is not None or rt.record.generation.bitmap):
+                await self._synced(rt)
+        if rt.state is not before:
+            rt.since = time.time()
+            self._notify(rt.record.disk)
+
+    async def _synced(self, rt: Runtime) -> None:
+        generation = rt.record.generation
+        try:
+            await self._ask(messages.SYNCED, messages.Synced(self._peer_disk(rt), generation), messages.Done)
+        except Unreachable:
+            return  # told at the next look
+        await self._save_record(
+            rt, dataclasses.replace(rt.record, generation=generation.caught_up(), full_resync=False)
+        )
+        rt.passes = 0
+        self._end_resync(rt, True, "the copy is in sync")
+
+    def _end_resync(self, rt: Runtime, success: bool, message: str) -> None:
+        if rt.resync is None:
+            return
+        rt.resync = None
+        self._notify(rt.record.disk, "resync-completed" if success else "resync-failed")
+        log.info("mirror %s: resync %s: %s", rt.record.disk, "completed" if success else "stopped", message)
+
+    async def _diverge(self, rt: Runtime, why: str) -> None:
+        """This node writes without the peer from now on: a new generation, and why."""
+        rt.reason = why
+        diverged = rt.record.generation.diverged()
+        if diverged != rt.record.generation:
+            await self._save_record(rt, dataclasses.replace(rt.record, generation=diverged))
+            audit(
+                "mirror-paused", rt.record.disk, "paused", f"mirror of {rt.record.disk} paused: {why}", logging.WARNING
+            )
+
+    def _count_traffic(self, rt: Runtime, status: ArrayStatus | None) -> None:
+        peer_leg = _peer_leg(status)
+        if peer_leg is None or peer_leg.faulty:
+            rt.throughput, rt._last_written = 0, None
+            return
+        written = _sectors_written(peer_leg.name) * 512
+        now = time.monotonic()
+        if rt._last_written is not None:
+            at, last = rt._last_written
+            if written >= last:
+                rt.bytes_replicated += written - last
+                rt.throughput = int((written - last) / max(now - at, 1e-3))
+        rt._last_written = (now, written)
+
+    # -- what the peer asks (this node holds the copy) --------------------------------
+
+    def _handlers(self) -> dict[str, Callable[[bytes], Awaitable[bytes]]]:
+        def handler(schema: type[T], method: Callable[[T], Awaitable[Any]]) -> Callable[[bytes], Awaitable[bytes]]:
+            async def handle(body: bytes) -> bytes:
+                message = messages.unpack(body, schema)
+                async with self._lock:
+                    return messages.pack(await method(message))
+
+            return handle
+
+        return {
+            messages.PREPARE: handler(messages.Prepare, self._on_prepare),
+            messages.STATUS: handler(messages.Disk, self._on_status),
+            messages.SYNCED: handler(messages.Synced, self._on_synced),
+            messages.UPDATE: handler(messages.Update, self._on_update),
+            messages.RELEASE: handler(messages.Release, self._on_release),
+            messages.UNLOCK: handler(messages.Disk, self._on_unlock),
+            messages.LOCK: handler(messages.Disk, self._on_lock),
+            messages.BITMAP: handler(messages.BitmapPart, self._on_bitmap),
+            messages.TAKE_OVER: handler(messages.TakeOver, self._on_take_over),
+        }
+
+    async def _on_prepare(self, ask: messages.Prepare) -> messages.Prepared:
+        source_address = self._pair_record()
+        name = ask.existing or ask.disk
+        existing = self.mirrors.get(name)
+        if existing is not None:
+            if existing.record.role == TARGET and existing.record.generation.current == ask.generation.current:
+                return messages.Prepared(existing.record.port, existing.record.generation, source_address)
+            raise AlreadyExists(f"disk {name!r} of {self._local_name()} is mirrored already")
+        disk = self.engine.config.disks.get(name)
+        if ask.existing:
+            disk = await self._checked_copy(ask, disk)
+        elif disk is not None:
+            raise AlreadyExists(
+                f"{self._local_name()} has a disk {name!r} already; name it as the copy or pick another"
+            )
+        port = self._free_port()
+        record = MirrorRecord(
+            disk=name,
+            role=TARGET,
+            mode=ask.mode,
+            source_address=source_address,
+            target_address=ask.target_address,
+            port=port,
+            size=ask.size,
+            region=ask.region,
+            generation=ask.generation,
+            tunables=ask.tunables,
+            created=ask.created,
+            peer_disk=ask.disk,
+            made=disk is None,
+        )
+        made = disk is None
+        # Locked before the copy exists or is taken: it is never served.
+        rt = Runtime(record, Volume(name, "", ask.size, ask.region))
+        self.mirrors[name] = rt
+        try:
+            if made:
+                disk = await self.engine.create_disk(
+                    name, ask.size, serial=ask.serial, description=f"mirror copy from {source_address}"
+                )
+            else:
+                await self.engine.refresh_replication()
+                await self.engine.set_disk_serial(name, ask.serial)
+            rt.volume = await self._volume(disk, ask.size, ask.region)
+            await asyncio.to_thread(self.data.prepare)
+            await asyncio.to_thread(self._export(rt).assemble, ask.target_address, port, True)
+            await self._save()
+            await self.engine.refresh_replication()  # the export's firewall rule
+        except BaseException:
+            self.mirrors.pop(name, None)
+            if rt.volume.device:
+                await asyncio.to_thread(self._export(rt).disassemble)
+            if made and disk is not None:
+                await self.engine.delete_disk(name, remove_file=True)
+            await self.engine.refresh_replication()
+            raise
+        audit("mirror-copy", name, "ok", f"{name} is the copy of {source_address}'s disk {ask.disk}")
+        self._notify(name, "created")
+        return messages.Prepared(port, ask.generation, source_address)
+
+    async def _checked_copy(self, ask: messages.Prepare, disk: Disk | None) -> Disk:
+        name = ask.existing
+        if disk is None:
+            raise NotFound(f"{self._local_name()} has no disk {name!r}")
+        if disk.size < ask.size:
+            raise InvalidArgument(f"disk {name!r} of {self._local_name()} is smaller than {ask.disk!r}")
+        if disk.backstore != "dm":
+            raise NotSupported(f"disk {name!r} of {self._local_name()} has a direct backstore; convert it first")
+        exporters = [t.name for t in self.engine.config.targets.values() if any(lun.disk == name for lun in t.luns)]
+        if exporters:
+            raise Busy(f"disk {name!r} of {self._local_name()} is exported by {', '.join(exporters)}")
+        if name in self.engine.missing:
+            raise NotSupported(f"disk {name!r} of {self._local_name()} is missing")
+        return disk
+
+    async def _on_status(self, ask: messages.Disk) -> messages.Status:
+        rt = self.runtime(ask.disk)
+        serving = rt.record.role == TARGET and bool(self._export(rt).server_pid())
+        return messages.Status(
+            rt.record.role, rt.record.generation, serving, rt.record.prepared, rt.record.unlocked, rt.record.port
+        )
+
+    async def _on_synced(self, ask: messages.Synced) -> messages.Done:
+        rt = self._target(ask.disk)
+        synced = rt.record.generation.synced_to(ask.generation)
+        if synced.current != rt.record.generation.current or rt.record.prepared:
+            await self._save_record(rt, dataclasses.replace(rt.record, generation=synced, prepared=False))
+            self._notify(ask.disk)
+        return messages.Done()
+
+    async def _on_update(self, ask: messages.Update) -> messages.Done:
+        rt = self._target(ask.disk)
+        moved = ask.target_address != rt.record.target_address
+        updated = dataclasses.replace(
+            rt.record,
+            mode=ask.mode,
+            intent=ask.intent,
+            tunables=ask.tunables,
+            source_address=ask.source_address,
+            target_address=ask.target_address,
+        )
+        if moved:
+            await asyncio.to_thread(self._export(rt).disassemble)
+        await self._save_record(rt, updated)
+        if moved:
+            rt.volume = await self._volume(self.engine.config.disks[ask.disk], rt.record.size, rt.record.region)
+            await asyncio.to_thread(self._export(rt).assemble, updated.target_address, updated.port)
+        await self.engine.refresh_replication()
+        await self._refresh_state(rt)
+        return messages.Done()
+
+    async def _on_release(self, ask: messages.Release) -> messages.Done:
+        rt = self.mirrors.get(ask.disk)
+        if rt is None or rt.record.role != TARGET:
+            return messages.Done()  # released already (a retry, or an undone create)
+        await asyncio.to_thread(self._export(rt).disassemble)
+        await asyncio.to_thread(self.data.release, rt.volume)
+        del self.mirrors[ask.disk]
+        await self._save()
+        await self.engine.refresh_replication()  # unlocked: the disk device and backstore come back
+        if ask.discard and rt.record.made:
+            # The mirror was never made: the copy made for it goes too.
+            await self.engine.delete_disk(ask.disk, remove_file=True)
+            audit("mirror-release", ask.disk, "ok", f"the copy {ask.disk} made for a mirror that failed is removed")
+        else:
+            await self.engine.set_disk_serial(ask.disk)
+            audit("mirror-release", ask.disk, "ok", f"{ask.disk} is a disk of its own again (the mirror was deleted)")
+        self._notify(ask.disk, "deleted")
+        return messages.Done()
+
+    async def _on_unlock(self, ask: messages.Disk) -> messages.Unlocked:
+        rt = self._target(ask.disk)
+        node = await asyncio.to_thread(self._export(rt).unlock_read_only)
+        await self._save_record(rt, dataclasses.replace(rt.record, unlocked=True))
+        return messages.Unlocked(node)
+
+    async def _on_lock(self, ask: messages.Disk) -> messages.Done:
+        rt = self._target(ask.disk)
+        try:
+            await asyncio.to_thread(self._export(rt).lock)
+        except KernelError as exc:
+            raise Busy(str(exc)) from None
+        await self._save_record(rt, dataclasses.replace(rt.record, unlocked=False))
+        await asyncio.to_thread(self._export(rt).assemble, rt.record.target_address, rt.record.port)
+        return messages.Done()
+
+    async def _on_bitmap(self, ask: messages.BitmapPart) -> messages.BitmapRuns:
+        rt = self._target(ask.disk)
+        found = await asyncio.to_thread(self._export(rt).intent_bitmap)
+        runs = found.ranges()
+        start = ask.part * messages.RUNS_PER_PART
+        part = tuple(runs[start : start + messages.RUNS_PER_PART])
+        return messages.BitmapRuns(found.region, found.regions, part, start + messages.RUNS_PER_PART < len(runs))
+
+    async def _on_take_over(self, ask: messages.TakeOver) -> messages.Done:
+        rt = self.runtime(ask.disk)
+        if rt.record.role == SOURCE:
+            return messages.Done()  # took over already (a retry)
+        await asyncio.to_thread(self._export(rt).disassemble)
+        source = dataclasses.replace(
+            rt.record,
+            role=SOURCE,
+            source_address=rt.record.target_address,
+            target_address=ask.source_address,
+            port=ask.port,
+        )
+        await self._save_record(rt, source)
+        mirror = self._mirror(rt)
+        await asyncio.to_thread(mirror.assemble)
+        own = await asyncio.to_thread(mirror.intent_bitmap)
+        await asyncio.to_thread(mirror.mark_dirty, [*ask.dirty, *own.ranges()])
+        self._lowers[ask.disk] = mirror.node
+        await self.engine.refresh_replication()
+        rt.pending = True
+        await self._connect(rt, self._endpoint(source))
+        audit("mirror-take-over", ask.disk, "ok", f"{ask.disk} is served here now; {ask.source_address} holds the copy")
+        return messages.Done()
+
+    # -- helpers ----------------------------------------------------------------------
+
+    @staticmethod
+    def _peer_disk(rt: Runtime) -> str:
+        """The mirrored disk's name on the peer node, which requests name."""
+        return rt.record.peer_disk or rt.record.disk
+
+    def _source(self, disk: str, what: str) -> Runtime:
+        rt = self.runtime(disk)
+        if rt.record.role != SOURCE:
+            raise NotSupported(
+                f"this node holds the copy of {disk!r}; {what} the mirror on the source ({rt.record.source_address})"
+            )
+        return rt
+
+    def _target(self, disk: str) -> Runtime:
+        rt = self.runtime(disk)
+        if rt.record.role != TARGET:
+            raise NotSupported(f"{self._local_name()} is the source of {disk!r}, not its copy")
+        return rt
+
+    def _mirror(self, rt: Runtime) -> Mirror:
+        return self.data.mirror(rt.volume)
+
+    def _export(self, rt: Runtime) -> Export:
+        return self.data.export(rt.volume)
+
+    def _endpoint(self, record: MirrorRecord) -> PeerEndpoint:
+        return PeerEndpoint(record.target_address, record.port, timeout=NBD_TIMEOUT)
+
+    async def _volume(self, disk: Disk, size: int, region: int) -> Volume:
+        device = await asyncio.to_thread(self.data.local_device, disk.path, disk.kind == "file", disk.size)
+        return Volume(disk.name, device, size, region)
+
+    def _write_behind(self, record: MirrorRecord) -> int:
+        # A little above the high-water mark: the monitor pauses the mirror before md
+        # would hold writers back.
+        return 0 if record.mode == SYNC else min(record.tunables.high_water + 64, MAX_WRITE_BEHIND)
+
+    def _pair_record(self) -> str:
+        """The peer's address (the pair's main path); Unreachable if not paired or not connected."""
+        if self.peer.record is None:
+            raise NotSupported("this node is not paired: pair it with its peer first")
+        if not self.peer.connected:
+            raise Unreachable(f"the peer {self.peer.record.peer_address} is not connected")
+        return self.peer.record.peer_address
+
+    def _local_name(self) -> str:
+        return f"node {self.engine.config.node_id[:8]}"
+
+    def _free_port(self) -> int:
+        used = {rt.record.port for rt in self.mirrors.values()}
+        return next(port for port in range(DEFAULT_PORT, 65536) if port not in used)
+
+    async def _set_intent(self, rt: Runtime, intent: Intent) -> None:
+        await self._save_record(rt, dataclasses.replace(rt.record, intent=intent.value))
+
+    async def _save_record(self, rt: Runtime, record: MirrorRecord) -> None:
+        previous, rt.record = rt.record, record
+        try:
+            await self._save()
+        except BaseException:
+            rt.record = previous
+            raise
+
+    async def _save(self) -> None:
+        await asyncio.to_thread(self.store.save, {name: rt.record for name, rt in self.mirrors.items()})
+
+    async def _update_peer(self, rt: Runtime, best_effort: bool = False) -> None:
+        record = rt.record
+        update = messages.Update(
+            self._peer_disk(rt),
+            record.mode,
+            record.intent,
+            record.tunables,
+            record.source_address,
+            record.target_address,
+        )
+        try:
+            await self._ask(messages.UPDATE, update, messages.Done, SLOW_REQUEST)
+        except Unreachable:
+            if not best_effort:
+                raise
+
+    async def _peer_bitmap(self, rt: Runtime) -> list[tuple[int, int]]:
+        runs: list[tuple[int, int]] = []
+        part = 0
+        while True:
+            answer = await self._ask(
+                messages.BITMAP, messages.BitmapPart(self._peer_disk(rt), part), messages.BitmapRuns
+            )
+            if (answer.regions, answer.region) != (rt.volume.regions, rt.record.region):
+                raise InvalidArgument(f"the peer's bitmap of {rt.record.disk!r} covers other regions")
+            runs += answer.runs
+            if not answer.more:
+                return runs
+            part += 1
+
+    async def _ask(self, kind: str, message: object, answer: type[T], timeout: float = 2.0) -> T:
+        """The peer's answer to a request, its refusals raised as the same named errors."""
+        try:
+            body = await self.peer.request(kind, messages.pack(message), timeout=timeout)
+        except PeerUnreachable as exc:
+            raise Unreachable(f"the peer did not answer: {exc}") from None
+        except PeerRefused as exc:
+            error = next((cls for cls in ALL_ERRORS if cls.__name__ == exc.kind), KernelError)
+            raise error(f"the peer refused: {exc}") from None
+        return messages.unpack(body, answer)
+
+
+def _swap(record: MirrorRecord) -> dict[str, str]:
+    return {"source_address": record.target_address, "target_address": record.source_address}
+
+
+def _peer_leg(status: ArrayStatus | None) -> Leg | None:
+    if status is None:
+        return None
+    return next((leg for leg in status.legs if leg.name.startswith("nbd")), None)
+
+
+def _writes(status: ArrayStatus | None) -> int:
+    """Writes the array completed since it started (the reference's "new writes" count)."""
+    return _block_stat(status.name, 4) if status else 0
+
+
+def _sectors_written(block: str) -> int:
+    return _block_stat(block, 6)
+
+
+def _block_stat(block: str, field: int) -> int:
+    """One field of a block device's /sys/block/<name>/stat (4: writes, 6: sectors written)."""
+    try:
+        return int((Path("/sys/block") / block / "stat").read_text().split()[field])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _unicast(address: str, what: str) -> str:
+    canonical = canonical_address(address)
+    parsed = ipaddress.ip_address(canonical)
+    if parsed.is_unspecified or parsed.is_multicast:
+        raise InvalidArgument(f"{what} {address} is not a unicast address")
+    return canonical
