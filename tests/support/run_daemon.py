@@ -1,7 +1,8 @@
 """Runs the real applianced daemon with the in-memory kernel, for the D-Bus tier.
 
 Usage: python -m tests.support.run_daemon KERNEL_FILE [applianced arguments...]
-The kernel file stands for LIO across daemon restarts; deleting it is a "reboot".
+The kernel file stands for LIO across daemon restarts; deleting it is a "reboot". The
+replication data path is a stand-in too (datapath.json beside it).
 The firewall is an in-memory stand-in kept beside it (firewall.json), unless
 APPLIANCED_TEST_FIREWALL=nft asks for the real nftables table: only ever inside a
 test-made network namespace. DNS names resolve only through the JSON file named by
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from applianced.daemon import main
 from applianced.iscsi.firewall import NftFirewall
+from tests.support.fake_datapath import FakeDataPath
 from tests.support.fake_firewall import FakeFirewall
 from tests.support.fake_kernel import FAIL_ENV, SLOW_SESSIONS_ENV, FakeKernel
 
@@ -42,5 +44,6 @@ if __name__ == "__main__":
             lambda: FakeKernel(kernel_file, os.environ.get(FAIL_ENV), float(os.environ.get(SLOW_SESSIONS_ENV, "0"))),
             NftFirewall if real_firewall else lambda: FakeFirewall(kernel_file.with_name("firewall.json")),
             resolve,
+            lambda state_dir: FakeDataPath(state_dir, kernel_file.with_name("datapath.json")),
         )
     )
