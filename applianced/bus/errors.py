@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 from dbus_fast import DBusError
 
 from applianced.constants import error_name
-from applianced.errors import ApplianceError
+from applianced.errors import ALL_ERRORS, ApplianceError
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +19,9 @@ Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
 
 def to_dbus_error(exc: Exception) -> DBusError:
     if isinstance(exc, ApplianceError):
-        return DBusError(error_name(type(exc).__name__), str(exc))
+        # A subclass (a device-mapper error is a KernelError) goes by its named error.
+        named = next(cls for cls in type(exc).__mro__ if cls in ALL_ERRORS)
+        return DBusError(error_name(named.__name__), str(exc))
     # Unforeseen failures: the traceback is for the operator's log, never for the caller.
     log.error("unexpected failure in a D-Bus method", exc_info=exc)
     return DBusError(error_name("Failed"), "internal error in applianced; see its log")

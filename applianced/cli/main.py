@@ -662,7 +662,11 @@ class Commands:
     # -- mirrors -----------------------------------------------------------------------
 
     async def _mirror_path(self, disk: str) -> str:
-        return await self.find(MIRROR_INTERFACE, "mirror", Disk=await self.find(DISK_INTERFACE, "disk", Name=disk))
+        path = await self.find(DISK_INTERFACE, "disk", Name=disk)
+        for mirror, p in await self.of(MIRROR_INTERFACE):
+            if p["Disk"] == path:
+                return mirror
+        raise UsageError(f"not found: disk {disk!r} is not mirrored", EXIT_NOT_FOUND)
 
     async def mirror_list(self, args: argparse.Namespace) -> list[dict[str, Any]]:
         disks = {path: p["Name"] for path, p in await self.of(DISK_INTERFACE)}

@@ -41,7 +41,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from applianced.errors import ApplianceError
+from applianced.errors import ALL_ERRORS, ApplianceError
 from applianced.peer import protocol
 from applianced.peer.pairing import PairRecord
 from applianced.peer.protocol import Drop, Header, MessageType, Reason, Session
@@ -488,7 +488,8 @@ class PeerLink:
             return protocol.Response(request.id, body=await handler(request.body))
         except ApplianceError as exc:
             # A refusal the asking node reports as its own (the disk is busy there, ...).
-            return protocol.Response(request.id, error=str(exc), kind=type(exc).__name__)
+            kind = next((cls.__name__ for cls in type(exc).__mro__ if cls in ALL_ERRORS), "")
+            return protocol.Response(request.id, error=str(exc), kind=kind)
         except Exception:
             log.exception("peer-link request %r failed", request.kind)
             return protocol.Response(request.id, error=f"{request.kind} failed on the peer; see its log")

@@ -79,10 +79,11 @@ def region_size(size: int, wanted: int = DEFAULT_REGION) -> int:
 
 @dataclass(frozen=True)
 class Volume:
-    """A disk that is mirrored: its name, its block device on this node and its size."""
+    """A disk that is mirrored: its name, its file or block device on this node, its size."""
 
     name: str
-    device: str
+    path: str
+    is_file: bool
     size: int
     region: int = DEFAULT_REGION
 
@@ -93,6 +94,17 @@ class Volume:
     @property
     def sectors(self) -> int:
         return self.size // SECTOR
+
+    def device(self) -> str:
+        """The node of the disk's data now: the block device, or the file's loop device
+        (the one the disk device shares, or a new one: a loop goes when its last user does)."""
+        return disk_devices.local_device(self.path, self.is_file, self.size)
+
+    def release(self) -> None:
+        """Let go of the file's loop device (it goes once nothing else uses it)."""
+        if self.is_file:
+            for node in loop.backed_by(Path(self.path)):
+                disk_devices.release_local_device(node)
 
     @property
     def regions(self) -> int:
@@ -132,7 +144,7 @@ def _stack_leg(mapper: dm.DeviceMapper, name: str, meta: Path, volume: Volume) -
         meta_loop = _meta_loop(meta)
         mapper.create(
             name,
-            [dm.linear(META_SECTORS, meta_loop), dm.linear(volume.sectors, volume.device, 0, META_SECTORS)],
+            [dm.linear(META_SECTORS, meta_loop), dm.linear(volume.sectors, volume.device(), 0, META_SECTORS)],
             uuid=f"APPLIANCED-{name}",
         )
     else:
@@ -337,7 +349,7 @@ class Mirror:
                     nbd.disconnect(f"/dev/{leg}")
         self.dm.remove(MIRROR_PREFIX + self.volume.name)
         _remove_leg(self.dm, self.leg_name, self.meta)
-        disk_devices.release_local_device(self.volume.device)
+        self.volume.release()
 
     def _local_reads(self, array: md.Array) -> None:
         """Reads from the local leg: only the peer's leg is write-mostly. After a role swap
@@ -468,7 +480,7 @@ class Export:
         """Stop serving and show the copy read-only (for a backup); the node of that device."""
         self._stop_server()
         if self.dm.info(self.copy_name) is None:
-            self.dm.create(self.copy_name, [dm.linear(self.volume.sectors, self.volume.device)], read_only=True)
+            self.dm.create(self.copy_name, [dm.linear(self.volume.sectors, self.volume.device())], read_only=True)
         return str(dm.node_path(self.copy_name))
 
     def lock(self) -> None:
@@ -486,7 +498,7 @@ class Export:
         self._stop_server()
         self.lock()
         _remove_leg(self.dm, self.name, self.meta)
-        disk_devices.release_local_device(self.volume.device)
+        self.volume.release()
 
     def _stop_server(self) -> None:
         pid = self.server_pid()
@@ -529,16 +541,11 @@ class DataPath:
     def peer_answers(self, endpoint: PeerEndpoint, timeout: float = 2.0) -> bool:
         return nbd.answers(endpoint.address, endpoint.port, timeout)
 
-    def allocated(self, volume: Volume, path: str) -> list[tuple[int, int]]:
+    def allocated(self, volume: Volume) -> list[tuple[int, int]]:
         """The regions to copy at an initial sync: a file's data, a block device's all."""
-        region = region_size(volume.size, volume.region)
-        if path and Path(path).is_file():
-            return allocated_ranges(Path(path), volume.size, region)
+        if volume.is_file:
+            return allocated_ranges(Path(volume.path), volume.size, region_size(volume.size, volume.region))
         return [(0, volume.regions)]
-
-    def local_device(self, path: str, is_file: bool, size: int) -> str:
-        """The node of a disk's data on this node (its loop device for a file)."""
-        return disk_devices.local_device(path, is_file, size)
 
     def release(self, volume: Volume) -> None:
         """Forget this node's half of a mirror: metadata included."""

@@ -58,6 +58,7 @@ from applianced.replication.bridge import (
     PeerEndpoint,
     Volume,
     export_filter,
+    region_size,
 )
 from applianced.replication.generations import Generation, Verdict, compare
 from applianced.replication.records import (
@@ -82,6 +83,10 @@ RESUME_SECONDS = 3.0
 # The peer link silent this long (its paths are down after 3.5 s): the source pauses the
 # mirror before a write has to wait for the NBD timeout.
 LINK_DOWN_GRACE = 1.0
+# A daemon that starts gives its peer link this long to connect before it counts as down.
+START_GRACE = 15.0
+# How often a source asks its copy, while mirroring, whether it still is one.
+PEER_CHECK_SECONDS = 10.0
 # nbd-client's I/O timeout on the peer's leg: a dead peer fails the leg after this.
 NBD_TIMEOUT = 5
 # Requests that make or change the peer's half may wait for its disk and data path.
@@ -119,6 +124,7 @@ class Runtime:
     passes: int = 0
     reconnects: int = 0
     last_attempt: float = 0.0
+    last_check: float = 0.0
     bytes_replicated: int = 0
     throughput: int = 0
     _last_written: tuple[float, int] | None = None
@@ -141,6 +147,9 @@ class Replication:
         # Disks taken out of service for a moment (a switchover hands them to the peer).
         self._handing_over: set[str] = set()
         self._listeners: list[Callable[[str, str], None]] = []
+        # When the peer link was last seen connected; a daemon that just started counts
+        # as connected for a while, until its first handshake.
+        self._link_seen = time.monotonic() + START_GRACE
         for kind, handler in self._handlers().items():
             peer.handle(kind, handler)
 
@@ -194,7 +203,7 @@ class Replication:
             if disk is None:
                 log.error("mirror %s names a disk this node does not have; its record is kept", name)
                 continue
-            rt = Runtime(record, await self._volume(disk, record.size, record.region))
+            rt = Runtime(record, self._volume(disk, record.size, record.region))
             self.mirrors[name] = rt
             try:
                 if record.role == SOURCE:
@@ -204,6 +213,7 @@ class Replication:
             except KernelError as exc:
                 rt.reason = f"the data path could not be assembled: {exc}"
                 log.error("mirror %s: %s", name, rt.reason)
+            self._notify(name, "created")
 
     async def _assemble_source(self, rt: Runtime) -> None:
         mirror = self._mirror(rt)
@@ -300,7 +310,8 @@ class Replication:
                     f"disk {disk_name!r} is in use by initiators: it is not blank, so its sync cannot be skipped"
                 )
             record_peer = self._pair_record()
-            volume = await self._volume(disk, disk.size, region)
+            # The region as the bitmap will have it (doubled for a large disk), checked first.
+            volume = self._volume(disk, disk.size, region_size(disk.size, region))
             generation = Generation.new()
             now = time.time()
             prepare = messages.Prepare(
@@ -369,7 +380,7 @@ class Replication:
         await self._save()
         await self.engine.refresh_replication()
         if copy:
-            ranges = await asyncio.to_thread(self.data.allocated, rt.volume, disk.path if disk.kind == "file" else "")
+            ranges = await asyncio.to_thread(self.data.allocated, rt.volume)
             await asyncio.to_thread(mirror.mark_dirty, ranges)
             await self._connect(rt, endpoint)
 
@@ -575,20 +586,15 @@ class Replication:
             audit("mirror-switchover", disk, "ok", f"{disk} switched over to {rt.record.source_address}")
 
     async def _hand_over(self, rt: Runtime) -> None:
-        disk = rt.record.disk
+        disk, original = rt.record.disk, rt.record
         mirror, export = self._mirror(rt), self._export(rt)
         self._handing_over.add(disk)
-        await self.engine.refresh_replication()  # no backstore: nothing writes here any more
         try:
+            await self.engine.refresh_replication()  # no backstore: nothing writes here any more
             bitmap = await asyncio.to_thread(mirror.intent_bitmap)
             await asyncio.to_thread(mirror.stop)
             self._lowers.pop(disk, None)
-            swapped = dataclasses.replace(
-                rt.record,
-                role=TARGET,
-                source_address=rt.record.target_address,
-                target_address=rt.record.source_address,
-            )
+            swapped = dataclasses.replace(original, role=TARGET, **_swap(original))
             await asyncio.to_thread(export.assemble, swapped.target_address, swapped.port)
             await self._save_record(rt, swapped)
             take_over = messages.TakeOver(
@@ -597,12 +603,14 @@ class Replication:
             await self._ask(messages.TAKE_OVER, take_over, messages.Done, SLOW_REQUEST)
         except BaseException:
             # The copy did not take over: this node serves the disk again.
-            await asyncio.to_thread(export.disassemble)
-            await self._save_record(rt, dataclasses.replace(rt.record, role=SOURCE, **_swap(rt.record)))
-            await self._assemble_source(rt)
-            self._handing_over.discard(disk)
-            await self.engine.refresh_replication()
-            rt.pending = True
+            try:
+                await asyncio.to_thread(export.disassemble)
+                await self._save_record(rt, original)
+                await self._assemble_source(rt)
+            finally:
+                self._handing_over.discard(disk)
+                await self.engine.refresh_replication()
+                rt.pending = True
             raise
         self._handing_over.discard(disk)
         rt.pending, rt.resync, rt.reason = False, None, ""
@@ -656,9 +664,15 @@ class Replication:
         self._count_traffic(rt, status)
         if Intent(rt.record.intent) is Intent.MIRROR and not rt.split_brain:
             peer_leg = _peer_leg(status)
-            if peer_leg is not None and (peer_leg.faulty or not self.peer.connected):
+            why = ""
+            if peer_leg is not None and peer_leg.faulty:
+                why = "the peer's leg failed"
+            elif peer_leg is not None and self._link_down():
+                why = "the peer link is down"
+            elif peer_leg is not None and time.monotonic() - rt.last_check >= PEER_CHECK_SECONDS:
+                why = await self._peer_still_copy(rt)
+            if why:
                 await asyncio.to_thread(mirror.detach)
-                why = "the peer's leg failed" if peer_leg.faulty else "the peer link is down"
                 await self._diverge(rt, why)
                 self._end_resync(rt, False, why)
             elif peer_leg is not None and rt.record.mode == ASYNC and self._queue_over(rt, status):
@@ -668,6 +682,28 @@ class Replication:
             elif peer_leg is None and time.monotonic() - rt.last_attempt >= RESUME_SECONDS:
                 await self._reconnect(rt)
         await self._refresh_state(rt)
+
+    def _link_down(self) -> bool:
+        """The peer link has been down a moment (a daemon that just started waits for its
+        first handshake)."""
+        now = time.monotonic()
+        if self.peer.connected:
+            self._link_seen = now
+            return False
+        return now - self._link_seen > LINK_DOWN_GRACE
+
+    async def _peer_still_copy(self, rt: Runtime) -> str:
+        """Why the peer is no longer this mirror's copy, "" while it is. A copy taken over
+        while this node's daemon was down is noticed here, before a write fails on its leg."""
+        rt.last_check = time.monotonic()
+        try:
+            status = await self._ask(messages.STATUS, messages.Disk(self._peer_disk(rt)), messages.Status)
+        except Unreachable:
+            return ""  # the leg and the link tell when the peer is really gone
+        if status.role == SOURCE:
+            rt.split_brain = True
+            return "split brain: the peer serves this disk too; run prepare-target on the node to overwrite"
+        return "" if status.serving else "the peer does not serve its copy"
 
     def _queue_over(self, rt: Runtime, status: ArrayStatus | None) -> bool:
         if status is None:
@@ -748,6 +784,8 @@ class Replication:
         await asyncio.to_thread(mirror.set_resync_limit, rt.record.tunables.throttle // 8)
         rt.passes += 1
         rt.pending, rt.reason = False, ""
+        # A new NBD device counts its writes from zero: the resync's traffic is all counted.
+        rt._last_written = (time.monotonic(), 0)
         rt.resync = ResyncProgress(
             started=time.time(),
             total_regions=rt.volume.regions,
@@ -755,6 +793,7 @@ class Replication:
             start_writes=_writes(before),
         )
         self._notify(rt.record.disk, "resync-started")
+        rt.status = await asyncio.to_thread(mirror.status)
         await self._refresh_state(rt)
 
     async def _refresh_state(self, rt: Runtime) -> None:
@@ -771,6 +810,14 @@ class Replication:
                 await self._synced(rt)
         if rt.state is not before:
             rt.since = time.time()
+            log.info(
+                "mirror %s: %s, %s%s",
+                rt.record.disk,
+                rt.record.role,
+                rt.state.name.lower(),
+                f" ({rt.reason})" if rt.reason else "",
+                extra={"OPERATION": "mirror-state", "OBJECT": rt.record.disk, "OUTCOME": rt.state.name.lower()},
+            )
             self._notify(rt.record.disk)
 
     async def _synced(self, rt: Runtime) -> None:
@@ -872,7 +919,7 @@ class Replication:
         )
         made = disk is None
         # Locked before the copy exists or is taken: it is never served.
-        rt = Runtime(record, Volume(name, "", ask.size, ask.region))
+        rt = Runtime(record, Volume(name, "", True, ask.size, ask.region))
         self.mirrors[name] = rt
         try:
             if made:
@@ -882,14 +929,14 @@ class Replication:
             else:
                 await self.engine.refresh_replication()
                 await self.engine.set_disk_serial(name, ask.serial)
-            rt.volume = await self._volume(disk, ask.size, ask.region)
+            rt.volume = self._volume(disk, ask.size, ask.region)
             await asyncio.to_thread(self.data.prepare)
             await asyncio.to_thread(self._export(rt).assemble, ask.target_address, port, True)
             await self._save()
             await self.engine.refresh_replication()  # the export's firewall rule
         except BaseException:
             self.mirrors.pop(name, None)
-            if rt.volume.device:
+            if rt.volume.path:
                 await asyncio.to_thread(self._export(rt).disassemble)
             if made and disk is not None:
                 await self.engine.delete_disk(name, remove_file=True)
@@ -944,7 +991,7 @@ class Replication:
             await asyncio.to_thread(self._export(rt).disassemble)
         await self._save_record(rt, updated)
         if moved:
-            rt.volume = await self._volume(self.engine.config.disks[ask.disk], rt.record.size, rt.record.region)
+            rt.volume = self._volume(self.engine.config.disks[ask.disk], rt.record.size, rt.record.region)
             await asyncio.to_thread(self._export(rt).assemble, updated.target_address, updated.port)
         await self.engine.refresh_replication()
         await self._refresh_state(rt)
@@ -997,24 +1044,32 @@ class Replication:
         rt = self.runtime(ask.disk)
         if rt.record.role == SOURCE:
             return messages.Done()  # took over already (a retry)
-        await asyncio.to_thread(self._export(rt).disassemble)
+        original = rt.record
         source = dataclasses.replace(
-            rt.record,
+            original,
             role=SOURCE,
-            source_address=rt.record.target_address,
+            source_address=original.target_address,
             target_address=ask.source_address,
             port=ask.port,
         )
-        await self._save_record(rt, source)
         mirror = self._mirror(rt)
-        await asyncio.to_thread(mirror.assemble)
-        own = await asyncio.to_thread(mirror.intent_bitmap)
-        await asyncio.to_thread(mirror.mark_dirty, [*ask.dirty, *own.ranges()])
+        try:
+            await asyncio.to_thread(self._export(rt).disassemble)
+            await self._save_record(rt, source)
+            await asyncio.to_thread(mirror.assemble)
+            own = await asyncio.to_thread(mirror.intent_bitmap)
+            await asyncio.to_thread(mirror.mark_dirty, [*ask.dirty, *own.ranges()])
+        except BaseException:
+            # Still the copy: serve it again for the source, which takes it back.
+            await asyncio.to_thread(mirror.stop)
+            await self._save_record(rt, original)
+            await asyncio.to_thread(self._export(rt).assemble, original.target_address, original.port)
+            raise
         self._lowers[ask.disk] = mirror.node
         await self.engine.refresh_replication()
         rt.pending = True
-        await self._connect(rt, self._endpoint(source))
         audit("mirror-take-over", ask.disk, "ok", f"{ask.disk} is served here now; {ask.source_address} holds the copy")
+        # The monitor adds the old source's leg within seconds: the answer does not wait for it.
         return messages.Done()
 
     # -- helpers ----------------------------------------------------------------------
@@ -1047,9 +1102,9 @@ class Replication:
     def _endpoint(self, record: MirrorRecord) -> PeerEndpoint:
         return PeerEndpoint(record.target_address, record.port, timeout=NBD_TIMEOUT)
 
-    async def _volume(self, disk: Disk, size: int, region: int) -> Volume:
-        device = await asyncio.to_thread(self.data.local_device, disk.path, disk.kind == "file", disk.size)
-        return Volume(disk.name, device, size, region)
+    @staticmethod
+    def _volume(disk: Disk, size: int, region: int) -> Volume:
+        return Volume(disk.name, disk.path, disk.kind == "file", size, region)
 
     def _write_behind(self, record: MirrorRecord) -> int:
         # A little above the high-water mark: the monitor pauses the mirror before md

@@ -1,0 +1,396 @@
+"""Replicated volumes between two real kernels, driven through appliancectl, with a client.
+
+Two storage nodes and a client on the lab's bridges: ``lan`` carries iSCSI (and the peer
+link's auxiliary path), ``hb`` the replication traffic and the link's main path. Each
+node keeps its disk and its state directory on the host, so that it can crash (its QEMU
+killed) and boot again with what it had. The client (open-iscsi) writes through iSCSI
+while the mirror is made, cut, resumed, broken, split and switched over. Every test ends
+with both copies equal to the byte; no write fails at the client and no task hangs.
+
+The tests share one cluster and run in order: each starts from the state the one before
+left (a mirror in sync unless it says otherwise).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.vm.appliance import UDEV_RULES, VENV_BIN, ApplianceNode
+from tests.vm.harness import Disk, Guest, Nic
+
+pytestmark = pytest.mark.vm
+
+MIB = 1 << 20
+REGION = 64 * 1024
+VOLUME = 64 * MIB
+LAN = {"a": "10.60.0.1", "b": "10.60.0.2", "client": "10.60.0.10"}
+HB = {"a": "10.61.0.1", "b": "10.61.0.2"}
+MACS = {"a": ("52:54:00:60:00:01", "52:54:00:61:00:01"), "b": ("52:54:00:60:00:02", "52:54:00:61:00:02")}
+INITIATOR = "iqn.2026-11.org.applianced.test:replication-client"
+TARGET = "iqn.2003-01.org.linux-iscsi.applianced:t1"
+STATE_DIR = "/var/lib/applianced"
+# The documented bound: the NBD timeout (5 s) plus the monitor's look, with room for
+# emulated guests under load; each look from the host costs a CLI start (seconds).
+PAUSED_WITHIN = 40.0
+KEY = "3f" * 32
+
+
+class Node(ApplianceNode):
+    """A storage node: its disk ``vol`` (kept on the host), paired with the other."""
+
+    @property
+    def vol(self) -> str:
+        return self.guest.disk_device("vol")
+
+    def state(self, disk: str = "d1") -> int:
+        return int(self.ctl("mirror", "state", disk).stdout)
+
+    def mirror(self, disk: str = "d1") -> dict:
+        return json.loads(self.ctl("--json", "mirror", "show", disk).stdout)
+
+    def wait_state(self, wanted: int, disk: str = "d1", timeout: float = 180) -> float:
+        start = time.monotonic()
+        while (state := self.state(disk)) != wanted:
+            assert time.monotonic() - start < timeout, f"{self.guest.name}: {disk} is {state}, not {wanted}"
+            time.sleep(1)
+        return time.monotonic() - start
+
+    def sectors_written(self, device: str) -> int:
+        """Sectors written to a block device of this node since boot (or since its loop was made)."""
+        name = self.guest.run(["readlink", "-f", device]).stdout.strip().removeprefix("/dev/")
+        return int(self.guest.run(f"cat /sys/block/{name}/stat").stdout.split()[6])
+
+    def checksum(self, device: str, size: int = VOLUME) -> str:
+        command = f"dd if={device} bs=1M count={size // MIB} iflag=direct status=none | md5sum"
+        return self.guest.run(command, timeout=180).stdout.split()[0]
+
+    def stuck_tasks(self) -> list[str]:
+        """Tasks in uninterruptible sleep in two looks a second apart: I/O that hangs."""
+        looks = self.guest.run("for i in 1 2; do ps -eo pid=,stat=,comm= | awk '$2 ~ /^D/'; echo; sleep 1; done")
+        first, second = (set(look.splitlines()) for look in looks.stdout.split("\n\n")[:2])
+        return sorted(first & second)
+
+
+class Cluster:
+    """Two nodes and a client; the nodes' disks and state directories live on the host."""
+
+    def __init__(self, factory, lab, keep: Path) -> None:
+        self.factory, self.lab, self.keep = factory, lab, keep
+        self.boots = 0
+        client = factory(
+            "repl-client", start=False, lab=lab, nics=[Nic("lan", f"{LAN['client']}/24", mac="52:54:00:60:00:10")]
+        )
+        guests = [self._guest("a"), self._guest("b")]
+        factory.start_all(*guests, client)
+        self.a, self.b = (self._node(guest) for guest in guests)
+        self.client = ApplianceNode(client)
+        rule = UDEV_RULES[0]  # the initiator's stable names of LUNs
+        client.write_file(f"/etc/udev/rules.d/{rule.name}", rule.read_bytes(), mode=0o644)
+        client.run("udevadm control --reload || true")
+        client.start_iscsid(INITIATOR)
+
+    def _guest(self, name: str) -> Guest:
+        self.boots += 1
+        state = self.keep / f"{name}-state"
+        state.mkdir(exist_ok=True)
+        return self.factory(
+            f"repl-{name}-{self.boots}",
+            start=False,
+            lab=self.lab,
+            memory="1280M",
+            disks=[Disk("vol", VOLUME, path=self.keep / f"{name}.img")],
+            # The same MACs after a reboot, so that the peer's ARP entries stay right.
+            nics=[Nic("lan", f"{LAN[name]}/24", mac=MACS[name][0]), Nic("hb", f"{HB[name]}/24", mac=MACS[name][1])],
+            rwdirs={STATE_DIR: state},
+        )
+
+    def _node(self, guest: Guest) -> Node:
+        node = Node(guest).prepare()
+        node.start()
+        return node
+
+    def crash_and_boot(self, name: str) -> Node:
+        """Kill the node's QEMU (a power cut: no sync) and boot it again with its disk and state."""
+        getattr(self, name).guest.power_off()
+        guest = self._guest(name)
+        self.factory.start_all(guest)
+        node = self._node(guest)
+        setattr(self, name, node)
+        return node
+
+    def client_device(self, serial: str) -> str:
+        return self.client.device_for_serial(serial)
+
+    def client_write(self, device: str, regions: list[int]) -> list[str]:
+        """Write one random region at each index through iSCSI; the errors (none expected)."""
+        script = "; ".join(
+            f"dd if=/dev/urandom of={device} bs={REGION} seek={region} count=1 oflag=direct status=none "
+            f"|| echo failed {region}"
+            for region in regions
+        )
+        return [line for line in self.client.guest.run(script, timeout=600).stdout.splitlines() if line]
+
+
+@pytest.fixture(scope="module")
+def cluster(module_guest_factory, module_lab, tmp_path_factory):
+    cluster = Cluster(module_guest_factory, module_lab, tmp_path_factory.mktemp("replication"))
+    for node, peer in ((cluster.a, "b"), (cluster.b, "a")):
+        node.guest.write_file("/tmp/pair.key", KEY)
+        node.ctl("pair", "create", HB[peer], "--aux-address", LAN[peer], "--key-file", "/tmp/pair.key")
+    cluster.a.guest.wait_until(f"{VENV_BIN / 'appliancectl'} pair status | grep -q 'connected: *yes'", timeout=60)
+    # Node a serves disk d1 (its virtio disk) to the client; node b's disk is the copy-to-be.
+    cluster.a.ctl_batch(
+        ("disk", "create-block", "d1", "/dev/disk/by-id/virtio-vol"),
+        ("target", "create", "t1"),
+        ("portal", "create", LAN["a"]),
+        ("lun", "add", "t1", "d1"),
+        ("acl", "add", "t1", INITIATOR),
+    )
+    cluster.b.ctl_batch(("disk", "create-block", "c1", "/dev/disk/by-id/virtio-vol"))
+    cluster.client.discover(LAN["a"])
+    cluster.client.login(TARGET, LAN["a"])
+    return cluster
+
+
+def serial_of(node: Node, disk: str) -> str:
+    return next(d["serial"] for d in node.ctl_json("disk", "list") if d["name"] == disk)
+
+
+def vpd(cluster: Cluster, device: str) -> tuple[str, str]:
+    """The unit serial (VPD 0x80) and device identification (0x83) pages as the client reads them."""
+    run = cluster.client.guest.run
+    return run(["sg_inq", "-p", "0x80", "-H", device]).stdout, run(["sg_inq", "-p", "0x83", "-H", device]).stdout
+
+
+def assert_equal_copies(cluster: Cluster, source: Node, target: Node) -> None:
+    assert source.checksum(source.vol) == target.checksum(target.vol)
+
+
+def test_a_disk_in_use_is_mirrored_with_its_data_and_identity(cluster):
+    serial = serial_of(cluster.a, "d1")
+    device = cluster.client_device(serial)
+    cluster.client.guest.run(f"head -c {8 * MIB} /dev/urandom > /tmp/data && dd if=/tmp/data of={device} oflag=direct")
+    identity = vpd(cluster, device)
+    # Writes go on while the mirror is made: a pause at most, never an error.
+    cluster.client.guest.spawn(
+        "writer",
+        f"for i in $(seq 40); do dd if=/dev/urandom of={device} bs=64K seek=$((200 + i)) count=1 oflag=direct "
+        "status=none || echo failed; sleep 0.2; done; echo done",
+    )
+    cluster.a.ctl("mirror", "create", "d1", "sync", "--peer-disk", "c1")
+    cluster.a.ctl("mirror", "wait", "d1", "--timeout", "300")
+    cluster.client.guest.wait_until(f"grep -q done {cluster.client.guest.spawn_log_path('writer')}", timeout=120)
+    assert "failed" not in cluster.client.guest.spawn_log("writer")
+    assert_equal_copies(cluster, cluster.a, cluster.b)
+    assert vpd(cluster, device) == identity, "the initiator sees the same disk"
+    # The copy took the source's serial, and is locked: not served, not mountable.
+    copy = next(d for d in cluster.b.ctl_json("disk", "list") if d["name"] == "c1")
+    assert (copy["serial"], copy["status"]) == (serial, "locked")
+    assert cluster.b.guest.run(f"mount -o ro {cluster.b.vol} /mnt", check=False).rc != 0
+    backstores = cluster.b.guest.run("ls /sys/kernel/config/target/core/iblock_*/ 2>/dev/null || true").stdout
+    assert "c1" not in backstores.split()
+    assert cluster.a.mirror()["state_name"] == "mirroring"
+
+
+def test_sync_mode_fio_verified_writes_are_on_both_nodes(cluster):
+    device = cluster.client_device(serial_of(cluster.a, "d1"))
+    fio = (
+        f"fio --name=verify --filename={device} --rw=randwrite --bs=4k --size=16M --offset=16M --direct=1 "
+        "--ioengine=libaio --iodepth=4 --verify=crc32c --do_verify=1 --verify_fatal=1 --output-format=json"
+    )
+    result = json.loads(cluster.client.guest.run(fio, timeout=900).stdout)
+    assert result["jobs"][0]["error"] == 0
+    assert cluster.a.state() == 1
+    assert_equal_copies(cluster, cluster.a, cluster.b)
+
+
+def outage(cluster: Cluster, regions: list[int], cut, name: str) -> float:
+    """Write ``regions`` at the client while ``cut()`` takes the copy away; seconds until paused."""
+    device = cluster.client_device(serial_of(cluster.a, "d1"))
+    cut()
+    start = time.monotonic()
+    assert cluster.client_write(device, regions) == []
+    cluster.a.wait_state(4, timeout=PAUSED_WITHIN)
+    paused = time.monotonic() - start
+    print(f"{name}: paused {paused:.1f} s after the failure, {len(regions)} writes, none failed")
+    assert cluster.a.stuck_tasks() == [] and cluster.client.stuck_tasks() == []
+    return paused
+
+
+def resync_writes(cluster: Cluster, regions: list[int], name: str) -> None:
+    """After the cause is gone: the mirror comes back by itself, copying about the dirty regions."""
+    before = cluster.b.sectors_written(cluster.b.vol)
+    cluster.a.ctl("mirror", "wait", "d1", "--timeout", "300")
+    copied = (cluster.b.sectors_written(cluster.b.vol) - before) * 512
+    dirty = len(regions) * REGION
+    print(f"{name}: resync wrote {copied} bytes for {dirty} dirty ({copied / dirty:.2f}x)")
+    assert dirty <= copied <= 1.1 * dirty, f"resync wrote {copied} bytes for {dirty} dirty"
+    assert_equal_copies(cluster, cluster.a, cluster.b)
+
+
+def test_cut_link_pauses_and_the_resync_copies_only_what_was_written(cluster):
+    regions = list(range(300, 1000, 35))
+    outage(cluster, regions, lambda: cluster.b.guest.set_link(up=False, slot=1), "cable pulled")
+    counters = cluster.a.mirror()["counters"]
+    cluster.b.guest.set_link(up=True, slot=1)
+    resync_writes(cluster, regions, "cable pulled")
+    assert cluster.a.mirror()["counters"]["Reconnects"] == counters["Reconnects"] + 1
+
+
+def test_a_source_rebooted_during_the_outage_keeps_its_bitmap(cluster):
+    regions = list(range(5, 900, 61))
+    outage(cluster, regions, lambda: cluster.b.guest.set_link(up=False, slot=1), "source crash")
+    cluster.client.logout(TARGET, LAN["a"])
+    cluster.crash_and_boot("a")
+    cluster.b.guest.set_link(up=True, slot=1)
+    resync_writes(cluster, regions, "source crashed and booted again")
+    cluster.client.login(TARGET, LAN["a"])
+
+
+def test_a_killed_peer_pauses_and_its_return_resyncs_partially(cluster):
+    regions = list(range(11, 1000, 97))
+    outage(cluster, regions, lambda: cluster.b.guest.power_off(), "peer killed")
+    cluster.crash_and_boot("b")
+    resync_writes(cluster, regions, "peer killed and booted again")
+
+
+def test_break_and_resync_copy_the_whole_disk(cluster):
+    for action in ("break", "resync"):
+        before = cluster.b.sectors_written(cluster.b.vol)
+        cluster.a.ctl("mirror", action, "d1")
+        if action == "break":
+            assert cluster.a.state() == 3
+            cluster.a.ctl("mirror", "continue", "d1")
+        cluster.a.ctl("mirror", "wait", "d1", "--timeout", "300")
+        copied = (cluster.b.sectors_written(cluster.b.vol) - before) * 512
+        print(f"{action}: resync wrote {copied} bytes of a {VOLUME}-byte disk")
+        assert copied >= VOLUME
+    assert_equal_copies(cluster, cluster.a, cluster.b)
+
+
+def test_a_file_disk_copies_its_data_only_and_a_blank_one_nothing(cluster):
+    cluster.a.ctl_batch(("disk", "create", "d2", "32M"), ("disk", "create", "d3", "16M"))
+    path = "/var/lib/applianced/disks/d2.img"
+    cluster.a.guest.run(f"dd if=/dev/urandom of={path} bs=64K count=8 seek=100 conv=notrunc status=none")
+    cluster.a.ctl("mirror", "create", "d2", "sync")
+    cluster.a.ctl("mirror", "create", "d3", "sync", "--skip-initial-sync")
+    cluster.a.ctl("mirror", "wait", "d2", "--timeout", "300")
+    # The copies are files the peer made; their loop devices count what they took.
+    for disk, wanted in (("d2", 8 * REGION), ("d3", 0)):
+        loop = cluster.b.guest.run(f"losetup -j /var/lib/applianced/disks/{disk}.img -n -O NAME").stdout.split()[0]
+        written = cluster.b.sectors_written(loop) * 512
+        print(f"initial sync of {disk}: {written} bytes written on the copy for {wanted} of data")
+        assert wanted <= written <= wanted + 2 * REGION
+    assert cluster.a.checksum(path, 32 * MIB) == cluster.b.checksum(path, 32 * MIB)
+    for disk in ("d2", "d3"):
+        cluster.a.ctl("mirror", "delete", disk)
+    # Both halves are plain disks again, with their data; the former copy has a serial of its own.
+    assert serial_of(cluster.a, "d2") != serial_of(cluster.b, "d2")
+    assert cluster.a.checksum(path, 32 * MIB) == cluster.b.checksum(path, 32 * MIB)
+
+
+def test_split_brain_is_refused_then_recovered_partially(cluster):
+    cluster.b.guest.set_link(up=False, slot=1)
+    cluster.b.guest.set_link(up=False, slot=0)  # the peer link's auxiliary path too: the nodes are apart
+    cluster.a.wait_state(4, timeout=PAUSED_WITHIN)
+    cluster.b.ctl("mirror", "switchover", "d1", "--force")  # the copy takes over alone
+    written_on_b = [2, 3, 500]
+    written_on_a = [600, 700]
+    cluster.b.guest.run(
+        "; ".join(
+            f"dd if=/dev/urandom of=/run/applianced/block/applianced-disk-c1 bs=64K seek={r} count=1 oflag=direct"
+            for r in written_on_b
+        )
+    )
+    assert cluster.client_write(cluster.client_device(serial_of(cluster.a, "d1")), written_on_a) == []
+    cluster.b.guest.set_link(up=True, slot=0)
+    cluster.b.guest.set_link(up=True, slot=1)
+    cluster.a.guest.wait_until(
+        f"{VENV_BIN / 'appliancectl'} --json mirror show d1 | grep -q '\"split_brain\": true'", timeout=120
+    )
+    assert cluster.a.state() == 4, "never resolved silently"
+    before = cluster.b.sectors_written(cluster.b.vol)
+    cluster.b.ctl("mirror", "prepare-target", "c1")  # b's changes are the ones to overwrite
+    cluster.a.ctl("mirror", "continue", "d1")
+    cluster.a.ctl("mirror", "wait", "d1", "--timeout", "300")
+    copied = (cluster.b.sectors_written(cluster.b.vol) - before) * 512
+    dirty = len(set(written_on_a) | set(written_on_b)) * REGION
+    print(f"split brain recovery: resync wrote {copied} bytes for {dirty} changed on either side")
+    assert dirty <= copied <= dirty + 4 * REGION
+    assert_equal_copies(cluster, cluster.a, cluster.b)
+
+
+def test_an_async_queue_over_its_high_water_mark_pauses_then_resyncs(cluster):
+    cluster.a.ctl("mirror", "mode", "d1", "async")
+    cluster.a.ctl("mirror", "tune", "d1", "--high-water", "16", "--low-water", "4")
+    # A slow link: the queue grows behind the writes.
+    cluster.b.guest.run("tc qdisc add dev $(ip -o addr show to 10.61.0.2/24 | awk '{print $2}') root netem delay 200ms")
+    device = cluster.client_device(serial_of(cluster.a, "d1"))
+    burst = (
+        f"fio --name=burst --filename={device} --rw=randwrite --bs=4k --size=8M --direct=1 --ioengine=libaio "
+        "--iodepth=32 --runtime=15 --time_based"
+    )
+    cluster.client.guest.run(burst, timeout=300)
+    shown = cluster.a.mirror()
+    print(f"async queue: {shown['reason'] or shown['state_name']}, queue {shown['counters']['QueueLength']}")
+    cluster.b.guest.run("tc qdisc del dev $(ip -o addr show to 10.61.0.2/24 | awk '{print $2}') root")
+    cluster.a.ctl("mirror", "wait", "d1", "--timeout", "300")
+    log = cluster.a.log()
+    assert "the async queue crossed its high-water mark" in log
+    cluster.a.ctl("mirror", "mode", "d1", "sync")
+    assert_equal_copies(cluster, cluster.a, cluster.b)
+
+
+def test_switchover_both_ways_with_the_client_following(cluster):
+    serial = serial_of(cluster.a, "d1")
+    device = cluster.client_device(serial)
+    cluster.client.guest.run(
+        f"dd if=/dev/urandom of=/tmp/before bs=1M count=2 && dd if=/tmp/before of={device} oflag=direct"
+    )
+    identity = vpd(cluster, device)
+    cluster.client.logout(TARGET, LAN["a"])
+    cluster.a.ctl("mirror", "switchover", "d1")
+    cluster.b.wait_state(1, disk="c1", timeout=120)
+    assert cluster.a.mirror()["role"] == "target"
+    # The new source exports its disk, with the same identity, under the same target name.
+    cluster.b.ctl_batch(
+        ("target", "create", "t1"),
+        ("portal", "create", LAN["b"]),
+        ("lun", "add", "t1", "c1"),
+        ("acl", "add", "t1", INITIATOR),
+    )
+    cluster.client.discover(LAN["b"])
+    cluster.client.login(TARGET, LAN["b"])
+    device = cluster.client_device(serial)
+    check = f"dd if={device} bs=1M count=2 iflag=direct status=none | cmp - /tmp/before"
+    assert cluster.client.guest.run(check, check=False).rc == 0, "no data lost"
+    assert vpd(cluster, device) == identity
+    cluster.client.guest.run(
+        f"dd if=/dev/urandom of=/tmp/after bs=1M count=1 && dd if=/tmp/after of={device} seek=4 oflag=direct"
+    )
+    cluster.client.logout(TARGET, LAN["b"])
+    cluster.b.ctl("target", "delete", "t1")
+    cluster.b.ctl("mirror", "switchover", "c1")
+    cluster.a.wait_state(1, timeout=120)
+    cluster.client.login(TARGET, LAN["a"])
+    device = cluster.client_device(serial)
+    check = f"dd if={device} bs=1M count=1 skip=4 iflag=direct status=none | cmp - /tmp/after"
+    assert cluster.client.guest.run(check, check=False).rc == 0
+    assert_equal_copies(cluster, cluster.a, cluster.b)
+
+
+def test_a_daemon_restart_adopts_the_running_mirror(cluster):
+    devices = "dmsetup table; cat /proc/mdstat; losetup -a"
+    before = cluster.a.guest.run(devices).stdout, cluster.b.guest.run(devices).stdout
+    for node in (cluster.a, cluster.b):
+        node.stop()
+        node.start()
+    assert (cluster.a.guest.run(devices).stdout, cluster.b.guest.run(devices).stdout) == before
+    starts = [line for line in cluster.a.log().splitlines() if "kernel reconciled at start-up" in line]
+    assert starts[-1].endswith("with 0 change(s)")
+    assert cluster.a.state() == 1
+    assert cluster.b.guest.run("pgrep -c qemu-nbd").stdout.strip() == "1"
