@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime
 import getpass
 import json
@@ -15,11 +14,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dbus_fast import DBusError, Variant, unpack_variants
-
 from applianced import __version__
-from applianced.cli.client import Client
+from applianced.cli.client import Client, DBusError, run_without_loop
 from applianced.cli.messages import NO_BUS, UsageError, describe
+from applianced.cli.wire import Variant, unpack_variants
 from applianced.constants import (
     ACL_INTERFACE,
     BOOT_PROFILE_INTERFACE,
@@ -832,7 +830,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         commands = parse_batch(parser, args.file) if args.group == "batch" else [("", args)]
-        asyncio.run(run(commands))
+        run_without_loop(run(commands))
     except DBusError as error:
         message, code = describe(error)
         print(f"appliancectl: {_located(error, message)}", file=sys.stderr)
