@@ -12,7 +12,6 @@ import stat
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from applianced import __version__
 from applianced.cli.client import Client, DBusError, run_without_loop
@@ -35,6 +34,11 @@ from applianced.constants import (
 )
 from applianced.errors import InvalidArgument
 from applianced.units import format_size, parse_size
+
+# typing is for checkers only: importing it is a tenth of the CLI's start (see client.py).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 EXIT_NOT_FOUND = 3
 EXIT_INVALID = 5

@@ -15,15 +15,19 @@ other arrays and for structs, and :class:`Variant` for ``v``.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
-from typing import Any
 
-# A writer appends one value to a bytearray, padding it first to the value's alignment;
-# a reader takes the message and a position and returns the value and the position after
-# it. Alignment counts from the start of the buffer, which is the message's start or, for
-# a body, a multiple of 8 bytes into the message: the same padding either way.
-Writer = Callable[[bytearray, Any], None]
-Reader = Callable[[bytes, int], tuple[Any, int]]
+# typing is for checkers only: importing it costs about as much as this module (see client.py).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
+
+    # A writer appends one value to a bytearray, padding it first to the value's alignment;
+    # a reader takes the message and a position and returns the value and the position after
+    # it. Alignment counts from the start of the buffer, which is the message's start or, for
+    # a body, a multiple of 8 bytes into the message: the same padding either way.
+    Writer = Callable[[bytearray, Any], None]
+    Reader = Callable[[bytes, int], tuple[Any, int]]
 
 # Message types, and the codes of the header fields the CLI writes or reads (7 is the sender).
 METHOD_CALL, METHOD_RETURN, ERROR = 1, 2, 3
