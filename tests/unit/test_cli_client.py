@@ -7,6 +7,8 @@ and applianced are the dbus tier's (tests/dbus).
 
 import os
 import socket
+import subprocess
+import sys
 import threading
 
 import dbus_fast
@@ -287,3 +289,16 @@ def test_a_coroutine_runs_to_its_end_without_a_loop_unless_it_suspends():
     assert run_without_loop(finishes()) == 42
     with pytest.raises(RuntimeError, match="event loop"):
         run_without_loop(waits())
+
+
+def test_the_cli_starts_without_asyncio_dbus_fast_typing_or_socket_py():
+    # Each of these cost milliseconds on the host and a good part of a second under TCG, at
+    # every start of appliancectl (bench/cli_start.py).
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, applianced.cli.main; print(' '.join(sys.modules))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    heavy = {"asyncio", "dbus_fast", "ssl", "concurrent", "typing", "socket"}
+    assert heavy.isdisjoint(name.split(".")[0] for name in loaded)
