@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from dbus_fast import DBusError
-
+from applianced.cli.client import DBusError
 from applianced.constants import BUS_NAME, error_name
 
 # Exit codes by error; 1 stays "anything else" and 2 is argparse's usage error.

@@ -4,10 +4,10 @@ import asyncio
 import xml.etree.ElementTree as ET
 
 import pytest
-from dbus_fast import DBusError, Variant
 from dbus_fast.aio import MessageBus
 
-from applianced.cli.client import Client
+from applianced.cli.client import Client, Connection, DBusError, run_without_loop
+from applianced.cli.wire import Variant
 from applianced.constants import ROOT_PATH
 from tests.support.daemon import INITIATOR, REPO, Daemon, free_udp_port
 from tests.support.fake_kernel import FAIL_ENV
@@ -16,16 +16,13 @@ from tests.support.signals import watch_properties
 DOCUMENTED = REPO / "dbus" / "org.applianced.Appliance1.xml"
 
 
-async def call(address, *args):
-    client = Client(await MessageBus(bus_address=address).connect())
+def dbus(address, *args):
+    """One call through the CLI's client, on its own connection."""
+    client = Client(Connection.open(address))
     try:
-        return await client.call(*args)
+        return run_without_loop(client.call(*args))
     finally:
         client.close()
-
-
-def dbus(address, *args):
-    return asyncio.run(call(address, *args))
 
 
 def interfaces_of(xml_text):
@@ -143,7 +140,8 @@ def test_changes_are_announced_with_properties_changed(daemon, bus):
 
         watcher.add_message_handler(on_message)
         await watch_properties(watcher, path)
-        await call(
+        # The CLI's client blocks: the signal waits in the watcher's socket until it returns.
+        dbus(
             bus.address,
             path,
             "org.applianced.Appliance1.Target",

@@ -1,10 +1,8 @@
 """appliancectl's output for people: tables and one-sentence errors."""
 
 import argparse
-import asyncio
 
-from dbus_fast import DBusError
-
+from applianced.cli.client import DBusError, run_without_loop
 from applianced.cli.main import Commands, render_table
 from applianced.cli.messages import describe
 from applianced.constants import PEER_INTERFACE, PEER_PATH
@@ -70,10 +68,10 @@ class PeerProperties:
 
 def test_pair_status_warns_when_the_clocks_differ(capsys):
     args = argparse.Namespace(json=False)
-    asyncio.run(Commands(PeerProperties(2.5)).pair_status(args))
+    run_without_loop(Commands(PeerProperties(2.5)).pair_status(args))
     out, err = capsys.readouterr()
     assert "warning: the nodes' clocks differ by +2.500 s" in err
     assert "clock offset:  +2500.0 ms" in out and "main 10.0.1.2: up, rtt 0.50 ms" in out
     assert "dropped:       forged 3" in out
-    asyncio.run(Commands(PeerProperties(0.2)).pair_status(args))
+    run_without_loop(Commands(PeerProperties(0.2)).pair_status(args))
     assert capsys.readouterr().err == ""
