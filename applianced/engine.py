@@ -402,11 +402,28 @@ class Appliance:
             await self._commit("create-disk", name, self.config.with_disk(disk))
             return disk
 
-    async def modify_disk(self, name: str, description: str | None = None, shared: bool | None = None) -> Disk:
-        """Change a disk's description, or whether several targets may export it."""
+    async def modify_disk(
+        self,
+        name: str,
+        description: str | None = None,
+        shared: bool | None = None,
+        backstore: str | None = None,
+        force: bool = False,
+    ) -> Disk:
+        """Change a disk's description, whether several targets may export it, or how LIO
+        reaches it (a "direct" disk moves onto a device of its own, which replication needs:
+        its backstore is made again, so that is Busy while initiators use it, unless ``force``)."""
         async with self._lock:
             disk = self._disk(name)
             changes: dict[str, object] = {}
+            if backstore is not None and backstore != disk.backstore:
+                if backstore not in validation.BACKSTORES:
+                    raise InvalidArgument(f"backstore {backstore!r} is not one of {', '.join(validation.BACKSTORES)}")
+                self._refuse_if_mirrored(name, "changing its backstore")
+                users = await self.sessions_on_disk(name)
+                if users and not force:
+                    raise Busy(f"disk {name!r} is in use by {', '.join(users)}; its LUNs are made again (use force)")
+                changes["backstore"] = backstore
             if description is not None:
                 changes["description"] = validation.check_description(description)
             if shared is not None:

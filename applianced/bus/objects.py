@@ -299,12 +299,16 @@ class DiskInterface(EntityInterface):
     def StatusReason(self) -> "s":
         return self.value[2]
 
+    @dbus_property(access=READ)
+    def Backstore(self) -> "s":
+        return self.disk.backstore
+
     @dbus_method()
     @translate_errors
     async def Modify(self, changes: "a{sv}", options: "a{sv}") -> None:
-        settings = Options("Modify", changes, {"description": "s", "shared": "b"})
-        Options("Modify", options, {})
-        await self.engine.modify_disk(self.disk.name, **settings.values())
+        settings = Options("Modify", changes, {"description": "s", "shared": "b", "backstore": "s"})
+        opts = Options("Modify", options, {"force": "b"})
+        await self.engine.modify_disk(self.disk.name, **settings.values(), force=opts.get("force", False))
 
     @dbus_method()
     @translate_errors

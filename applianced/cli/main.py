@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     extend = disk.add_parser("extend", help="grow a disk, also while initiators use it")
     extend.add_argument("name")
     extend.add_argument("size", help="new size with a unit, e.g. 200G")
-    modify = disk.add_parser("modify", help="change a disk's description or whether it may be shared")
+    modify = disk.add_parser("modify", help="change a disk's description, sharing or backstore")
     modify.add_argument("name")
     modify.add_argument("--description")
     sharing = modify.add_mutually_exclusive_group()
@@ -84,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--shared", dest="shared", action="store_true", default=None, help="allow several targets to export it"
     )
     sharing.add_argument("--exclusive", dest="shared", action="store_false", help="one target at most (the default)")
+    modify.add_argument(
+        "--backstore",
+        choices=["dm", "direct"],
+        help="dm: on a device of its own (needed to mirror it); its backstore is made again",
+    )
+    modify.add_argument("--force", action="store_true", help="change the backstore though initiators use the disk")
     delete = disk.add_parser("delete", help="delete a disk (the backing file is kept)")
     delete.add_argument("name")
     delete.add_argument("--remove-file", action="store_true", help="also delete the backing file")
@@ -369,6 +375,7 @@ class Commands:
                 "path": p["Path"],
                 "serial": p["Serial"],
                 "shared": p["Shared"],
+                "backstore": p["Backstore"],
                 "description": p["Description"],
                 "reason": p["StatusReason"],
             }
@@ -410,7 +417,10 @@ class Commands:
             changes["description"] = Variant("s", args.description)
         if args.shared is not None:
             changes["shared"] = Variant("b", args.shared)
-        await self.client.call(path, DISK_INTERFACE, "Modify", "a{sv}a{sv}", [changes, {}])
+        if args.backstore is not None:
+            changes["backstore"] = Variant("s", args.backstore)
+        options = {"force": Variant("b", args.force)}
+        await self.client.call(path, DISK_INTERFACE, "Modify", "a{sv}a{sv}", [changes, options])
 
     async def disk_delete(self, args: argparse.Namespace) -> None:
         path = await self.find(DISK_INTERFACE, "disk", Name=args.name)

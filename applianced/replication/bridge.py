@@ -113,9 +113,11 @@ class Volume:
 
 @dataclass(frozen=True)
 class PeerEndpoint:
-    """Where the peer serves its copy, and how hard the NBD client tries."""
+    """Where the peer serves its copy (the export is named after the disk there), and how
+    hard the NBD client tries."""
 
     address: str
+    export: str
     port: int = DEFAULT_PORT
     connections: int = 1
     timeout: int = 5  # seconds before an unanswered request fails the peer's leg
@@ -228,7 +230,7 @@ class Mirror:
         meta = _meta_file(self.state_dir, self.volume.name, fresh=True)
         leg = _stack_leg(self.dm, self.leg_name, meta, self.volume)
         device = md.free_array_name()
-        peer_leg = nbd.connect(peer.address, peer.port, self.volume.name, peer.timeout, peer.connections)
+        peer_leg = nbd.connect(peer.address, peer.port, peer.export, peer.timeout, peer.connections)
         try:
             region = region_size(self.volume.size, self.volume.region)
             md.mdadm(
@@ -270,7 +272,7 @@ class Mirror:
         if live:
             return f"/dev/{live[0].name}"
         self.detach()  # a failed leg still in the array
-        peer_leg = nbd.connect(peer.address, peer.port, self.volume.name, peer.timeout, peer.connections)
+        peer_leg = nbd.connect(peer.address, peer.port, peer.export, peer.timeout, peer.connections)
         try:
             md.mdadm("--manage", array.node, "--re-add", peer_leg)
         except KernelError:

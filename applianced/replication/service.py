@@ -1100,7 +1100,7 @@ class Replication:
         return self.data.export(rt.volume)
 
     def _endpoint(self, record: MirrorRecord) -> PeerEndpoint:
-        return PeerEndpoint(record.target_address, record.port, timeout=NBD_TIMEOUT)
+        return PeerEndpoint(record.target_address, record.peer_disk or record.disk, record.port, timeout=NBD_TIMEOUT)
 
     @staticmethod
     def _volume(disk: Disk, size: int, region: int) -> Volume:

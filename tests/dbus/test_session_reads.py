@@ -19,6 +19,7 @@ from applianced.constants import BUS_NAME, ROOT_PATH
 from applianced.engine import EXPORT_FORMAT, Appliance
 from applianced.iscsi.kernel.model import Session
 from applianced.peer.service import Peer
+from applianced.replication.service import Replication
 from applianced.state import Acl, Config, StateStore, Target
 from tests.support.fake_firewall import FakeFirewall
 from tests.support.fake_kernel import FakeKernel
@@ -41,7 +42,8 @@ def test_each_target_reads_only_its_own_sessions(bus, tmp_path, monkeypatch):
         server = await MessageBus(bus_type=BusType.SYSTEM).connect()
         client = await MessageBus(bus_address=bus.address).connect()
         try:
-            ObjectTree(server, engine, Peer(tmp_path, lambda: set()))
+            peer = Peer(tmp_path, lambda: set())
+            ObjectTree(server, engine, peer, Replication(tmp_path, engine, peer))
             await engine.start()
             # The import exports one object per target, as a start over a stored state does.
             imported = Config(node_id=engine.config.node_id, targets=targets)

@@ -17,7 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from applianced.bus import paths
+from applianced.constants import MIRROR_INTERFACE
 from tests.conftest import POLICY
+from tests.dbus.test_api import DOCUMENTED, dbus, interfaces_of
 from tests.support.daemon import Daemon
 from tests.support.netns import Namespace, ip, link
 from tests.support.private_bus import PrivateBus
@@ -133,6 +136,9 @@ def test_a_mirror_makes_a_locked_copy_with_the_source_identity(pair):
     assert '"d1"' not in kernel_b
     firewall_b = (pair.b.state_dir.parent / "firewall.json").read_text()
     assert MAIN["a"] in firewall_b and "replication export" in firewall_b
+    # The live Mirror object is the documented one.
+    (xml_text,) = dbus(pair.a.bus_address, paths.mirror_path("d1"), "org.freedesktop.DBus.Introspectable", "Introspect")
+    assert interfaces_of(xml_text)[MIRROR_INTERFACE] == interfaces_of(DOCUMENTED.read_text())[MIRROR_INTERFACE]
     listed = pair.a.cli("mirror", "list")
     assert "source" in listed.stdout and "1 mirroring" in listed.stdout
     # GETVOLUMEDRVSTATE: a bare number, 0 for a disk without a mirror.

@@ -98,7 +98,9 @@ class FakeArray:
         state = self.mirror.get()
         legs = [Leg("dm-0", 0, frozenset({"in_sync"}))]
         peer = state.get("peer_leg")
-        if peer == "in_sync" and not self.mirror.path.peer_answers(PeerEndpoint(*state["peer"]), 0.5):
+        if peer == "in_sync" and not self.mirror.path.peer_answers(
+            PeerEndpoint(state["peer"][0], "", state["peer"][1]), 0.5
+        ):
             # The NBD client lost its server: the leg fails, as it does in the kernel.
             peer = "faulty"
             self.mirror.put(peer_leg=peer)

@@ -27,7 +27,7 @@ def test_region_doubles_until_the_bitmap_fits():
 @pytest.mark.parametrize("size", [0, -4096, 1000, 4096 + 512])
 def test_a_mirrored_disk_is_whole_4k_blocks(size):
     with pytest.raises(InvalidArgument, match="multiple of 4 KiB"):
-        Volume("v", "/dev/vda", size)
+        Volume("v", "/dev/vda", False, size)
 
 
 def test_an_initial_sync_copies_the_regions_that_hold_data_only(tmp_path):
