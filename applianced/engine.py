@@ -528,8 +528,13 @@ class Appliance:
             raise AlreadyExists(f"{file_path} exists already; applianced does not overwrite files")
         return file_path
 
-    async def extend_disk(self, name: str, size: int) -> Disk:
-        """Grow a disk while it may be in use; initiators see the new capacity on rescan."""
+    async def extend_disk(self, name: str, size: int, mirror: Callable[[Disk], Awaitable[None]] | None = None) -> Disk:
+        """Grow a disk while it may be in use; initiators see the new capacity on rescan.
+
+        A mirrored disk grows only through replication, which passes ``mirror``: it grows
+        the layers between the file and the disk device (the loop device, the leg, the
+        array) once the file has grown, before the disk device and the configuration do.
+        """
         async with self._lock:
             disk = self._disk(name)
             if disk.kind == "block":
@@ -540,7 +545,8 @@ class Appliance:
                 return disk
             validation.check_size(size)
             self._refuse_if_missing(name, "extending it")
-            self._refuse_if_mirrored(name, "extending it alone (grow the mirror, both halves at once)")
+            if mirror is None:
+                self._refuse_if_mirrored(name, "extending it alone (grow the mirror, both halves at once)")
             grown = dataclasses.replace(disk, size=size)
             path = Path(disk.path)
             # The file grows first so that LIO never exports more than the file holds.
@@ -549,6 +555,8 @@ class Appliance:
             except OSError as exc:
                 raise InvalidArgument(f"cannot grow {path}: {exc.strerror}") from None
             try:
+                if mirror is not None:
+                    await mirror(grown)
                 await self._commit("extend-disk", name, self.config.with_disk(grown))
             except BaseException:
                 await asyncio.to_thread(diskfile.shrink_back, path, validation.marker_of(disk))

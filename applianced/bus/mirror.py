@@ -172,6 +172,12 @@ class MirrorInterface(ServiceInterface):
 
     @dbus_method()
     @translate_errors
+    async def Grow(self, size: "t", options: "a{sv}") -> None:
+        Options("Grow", options, {})
+        await self.replication.grow(self.disk, size)
+
+    @dbus_method()
+    @translate_errors
     async def PrepareTarget(self, options: "a{sv}") -> None:
         Options("PrepareTarget", options, {})
         await self.replication.prepare_target(self.disk)

@@ -273,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     endpoints.add_argument("disk")
     endpoints.add_argument("source_address", help="this node's address")
     endpoints.add_argument("target_address", help="the peer's address")
+    grow = mirror.add_parser("grow", help="grow both halves of a mirrored disk file (partial resync)")
+    grow.add_argument("disk")
+    grow.add_argument("size", help="new size with a unit, e.g. 200G")
     tune = mirror.add_parser("tune", help="change settings that apply live")
     tune.add_argument("disk")
     tune.add_argument("--high-water", type=int, help="async: queued writes before the mirror pauses")
@@ -772,6 +775,9 @@ class Commands:
     async def mirror_endpoints(self, args: argparse.Namespace) -> None:
         body = [args.source_address, args.target_address, {}]
         await self._mirror_call(args.disk, "SetEndpoints", "ssa{sv}", body)
+
+    async def mirror_grow(self, args: argparse.Namespace) -> None:
+        await self._mirror_call(args.disk, "Grow", "ta{sv}", [_size(args.size), {}])
 
     async def mirror_tune(self, args: argparse.Namespace) -> None:
         names = ("high_water", "low_water", "throttle", "max_resync_passes")

@@ -41,6 +41,7 @@ Why md raid1 and this shape (measured choices are in the README):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ipaddress
 import os
 import signal
@@ -52,7 +53,7 @@ from applianced.blockdev import dm, loop, md, nbd, tools
 from applianced.errors import InvalidArgument, KernelError
 from applianced.iscsi.firewall import PortalFilter
 from applianced.iscsi.kernel import disk_devices
-from applianced.replication import bitmap
+from applianced.replication import bitmap, throttle
 
 SECTOR = 512
 # The metadata area at the front of each leg: md's superblock and a bitmap of up to
@@ -152,6 +153,13 @@ def _stack_leg(mapper: dm.DeviceMapper, name: str, meta: Path, volume: Volume) -
     else:
         dm.make_node(name, mapper.info(name).dev)
     return str(dm.node_path(name))
+
+
+def _grow_leg(mapper: dm.DeviceMapper, name: str, meta: Path, grown: Volume) -> None:
+    """Reload the leg ``name`` over ``grown``'s larger disk (its loop device grows first)."""
+    mapper.reload(
+        name, [dm.linear(META_SECTORS, _meta_loop(meta)), dm.linear(grown.sectors, grown.device(), 0, META_SECTORS)]
+    )
 
 
 def _meta_loop(meta: Path) -> str:
@@ -327,6 +335,14 @@ class Mirror:
         """The intent bitmap as this node's metadata holds it."""
         return bitmap.parse(bitmap.read_metadata(self.meta))
 
+    def grow(self, size: int) -> None:
+        """The disk's file grew to ``size``: the loop device, the leg and the array follow
+        (the peer's leg is out; the new space is zeros on both nodes, like a sparse file)."""
+        array = self.assemble()
+        grown = dataclasses.replace(self.volume, size=size)
+        _grow_leg(self.dm, self.leg_name, self.meta, grown)
+        md.mdadm("--grow", array.node, f"--size={size // 1024}")
+
     def reset_queue_max(self) -> None:
         """Start counting the write-behind queue's maximum again (sampled by the monitor)."""
         array = self.array()
@@ -495,6 +511,12 @@ class Export:
     def intent_bitmap(self) -> bitmap.Bitmap:
         return bitmap.parse(bitmap.read_metadata(self.meta))
 
+    def grow(self, size: int) -> None:
+        """The copy's file grew to ``size``: the leg follows. qemu-nbd sizes its export when
+        it starts, so it stops here; ``assemble`` starts it again."""
+        self._stop_server()
+        _grow_leg(self.dm, self.name, self.meta, dataclasses.replace(self.volume, size=size))
+
     def disassemble(self) -> None:
         """Stop serving; the disk is left as it is, the metadata file is kept."""
         self._stop_server()
@@ -548,6 +570,10 @@ class DataPath:
         if volume.is_file:
             return allocated_ranges(Path(volume.path), volume.size, region_size(volume.size, volume.region))
         return [(0, volume.regions)]
+
+    def throttle(self, limits: list[throttle.Limit]) -> None:
+        """Limit each source mirror's traffic to its copy (``throttle``)."""
+        throttle.apply(limits)
 
     def release(self, volume: Volume) -> None:
         """Forget this node's half of a mirror: metadata included."""

@@ -48,7 +48,7 @@ from applianced.errors import (
 from applianced.iscsi.firewall import PortalFilter
 from applianced.peer.link import PeerRefused, PeerUnreachable
 from applianced.peer.service import Peer
-from applianced.replication import messages
+from applianced.replication import messages, throttle
 from applianced.replication.bridge import (
     DEFAULT_PORT,
     DEFAULT_REGION,
@@ -147,6 +147,8 @@ class Replication:
         # Disks taken out of service for a moment (a switchover hands them to the peer).
         self._handing_over: set[str] = set()
         self._listeners: list[Callable[[str, str], None]] = []
+        # The throttles last applied (None: not yet since the start).
+        self._throttled: list[throttle.Limit] | None = None
         # When the peer link was last seen connected; a daemon that just started counts
         # as connected for a while, until its first handshake.
         self._link_seen = time.monotonic() + START_GRACE
@@ -214,6 +216,8 @@ class Replication:
                 rt.reason = f"the data path could not be assembled: {exc}"
                 log.error("mirror %s: %s", name, rt.reason)
             self._notify(name, "created")
+        if self.mirrors:
+            await self._throttle()
 
     async def _assemble_source(self, rt: Runtime) -> None:
         mirror = self._mirror(rt)
@@ -556,6 +560,34 @@ class Replication:
             await self._reconnect(rt, manual=True)
             audit("mirror-endpoints", disk, "ok", f"mirror of {disk} runs from {source_address} to {target_address}")
 
+    async def grow(self, disk: str, size: int) -> None:
+        """Grow both halves of a mirrored disk file; the copy first, then this node's disk
+        (its LUNs see the new capacity on rescan), then a partial resync."""
+        async with self._lock:
+            rt = self._source(disk, "grow")
+            local = self.engine.config.disks[disk]
+            if local.kind != "file":
+                raise NotSupported(f"disk {disk!r} follows its device: grow the devices on both nodes, then resync")
+            if size <= rt.record.size or size % 4096:
+                raise InvalidArgument(f"a mirror grows by whole 4 KiB blocks, from {rt.record.size} bytes")
+            region_size(size, rt.record.region)  # the bitmap's room
+            await self._ask(messages.STATUS, messages.Disk(self._peer_disk(rt)), messages.Status)
+            mirror = self._mirror(rt)
+            await asyncio.to_thread(mirror.detach)
+            await self._diverge(rt, "growing")
+            await self._ask(messages.GROW, messages.Grow(self._peer_disk(rt), size), messages.Done, SLOW_REQUEST)
+
+            async def grow_layers(grown: Disk) -> None:
+                await asyncio.to_thread(mirror.grow, size)
+
+            await self.engine.extend_disk(disk, size, mirror=grow_layers)
+            grown_record = dataclasses.replace(rt.record, size=size)
+            rt.volume = self._volume(self.engine.config.disks[disk], size, rt.record.region)
+            await self._save_record(rt, grown_record)
+            rt.pending = True
+            await self._reconnect(rt, manual=True)
+            audit("mirror-grow", disk, "ok", f"mirror of {disk} grown to {size} bytes on both nodes")
+
     # -- roles ------------------------------------------------------------------------
 
     async def switchover(self, disk: str, force: bool = False) -> None:
@@ -884,6 +916,7 @@ class Replication:
             messages.LOCK: handler(messages.Disk, self._on_lock),
             messages.BITMAP: handler(messages.BitmapPart, self._on_bitmap),
             messages.TAKE_OVER: handler(messages.TakeOver, self._on_take_over),
+            messages.GROW: handler(messages.Grow, self._on_grow),
         }
 
     async def _on_prepare(self, ask: messages.Prepare) -> messages.Prepared:
@@ -1040,6 +1073,21 @@ class Replication:
         part = tuple(runs[start : start + messages.RUNS_PER_PART])
         return messages.BitmapRuns(found.region, found.regions, part, start + messages.RUNS_PER_PART < len(runs))
 
+    async def _on_grow(self, ask: messages.Grow) -> messages.Done:
+        rt = self._target(ask.disk)
+        if rt.record.size >= ask.size:
+            return messages.Done()  # grown already (a retry)
+        export = self._export(rt)
+
+        async def grow_layers(grown: Disk) -> None:
+            await asyncio.to_thread(export.grow, ask.size)
+
+        await self.engine.extend_disk(ask.disk, ask.size, mirror=grow_layers)
+        rt.volume = self._volume(self.engine.config.disks[ask.disk], ask.size, rt.record.region)
+        await self._save_record(rt, dataclasses.replace(rt.record, size=ask.size))
+        await asyncio.to_thread(self._export(rt).assemble, rt.record.target_address, rt.record.port)
+        return messages.Done()
+
     async def _on_take_over(self, ask: messages.TakeOver) -> messages.Done:
         rt = self.runtime(ask.disk)
         if rt.record.role == SOURCE:
@@ -1138,7 +1186,19 @@ class Replication:
             raise
 
     async def _save(self) -> None:
+        """Write the records; the throttles follow them (a tune, a mirror made or gone, a role swapped)."""
         await asyncio.to_thread(self.store.save, {name: rt.record for name, rt in self.mirrors.items()})
+        await self._throttle()
+
+    async def _throttle(self) -> None:
+        limits = [
+            throttle.Limit(rt.record.target_address, rt.record.port, rt.record.tunables.throttle)
+            for rt in self.mirrors.values()
+            if rt.record.role == SOURCE
+        ]
+        if limits != self._throttled:
+            await asyncio.to_thread(self.data.throttle, limits)
+            self._throttled = limits
 
     async def _update_peer(self, rt: Runtime, best_effort: bool = False) -> None:
         record = rt.record

@@ -622,7 +622,14 @@ METHODS: dict[str, Strategy] = {
         options({}),
     ),
     "Disk.Modify": lambda w: args(
-        options({"description": ("s", descriptions()), "shared": ("b", st.booleans())}), options({})
+        options(
+            {
+                "description": ("s", descriptions()),
+                "shared": ("b", st.booleans()),
+                "backstore": ("s", strings("dm", "direct", "fileio", "dm\n")),
+            }
+        ),
+        options(FORCE),
     ),
     "Target.AddAcl": lambda w: args(iqns(), options({})),
     "Target.AddLun": lambda w: args(
@@ -661,4 +668,34 @@ METHODS: dict[str, Strategy] = {
     "BootProfile.DhcpConfigsWithSecrets": lambda w: args(options({})),
     "Peer.Delete": lambda w: args(options({})),
     "Portal.Delete": lambda w: args(options({})),
+    # The fuzzed node is not paired: a mirror can never be made, and every call on one
+    # meets a mirror that does not exist.
+    "Manager.CreateMirror": lambda w: args(
+        object_paths(w, DISKS_PATH, "spare"),
+        strings("sync", "async", "SYNC", "sync\n", "A"),
+        options(
+            {
+                "peer_disk": ("s", names("d1")),
+                "skip_initial_sync": ("b", st.booleans()),
+                "region": ("u", integers([*U32, 3000, 4096, 65536, 2**30], 32)),
+            }
+        ),
+    ),
+    "Manager.GetVolumeState": lambda w: args(names("d1", "d2"), options({})),
+    "Mirror.Break": lambda w: args(options({})),
+    "Mirror.Continue": lambda w: args(options({})),
+    "Mirror.Resync": lambda w: args(options({})),
+    "Mirror.PrepareTarget": lambda w: args(options({})),
+    "Mirror.Grow": lambda w: args(integers(SIZES, 64), options({})),
+    "Mirror.Delete": lambda w: args(options({"local_only": ("b", st.booleans())})),
+    "Mirror.Pause": lambda w: args(options({"unlock": ("b", st.booleans())})),
+    "Mirror.Switchover": lambda w: args(options(FORCE)),
+    "Mirror.SetMode": lambda w: args(strings("sync", "async"), options({})),
+    "Mirror.SetEndpoints": lambda w: args(peer_addresses(), peer_addresses(), options({})),
+    "Mirror.Tune": lambda w: args(
+        options(
+            {name: ("u", integers(U32, 32)) for name in ("high_water", "low_water", "throttle", "max_resync_passes")}
+        ),
+        options({}),
+    ),
 }

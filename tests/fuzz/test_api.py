@@ -38,6 +38,7 @@ def callees(world: World, interface: str) -> st.SearchStrategy[str]:
         "BootProfile": "boot_profiles/gone",
         "Portal": "portals/gone",
         "Peer": "peer/gone",
+        "Mirror": "mirrors/gone",
     }[interface.rsplit(".", 1)[-1]]
     return st.sampled_from(live * 8 + [f"{ROOT_PATH}/{missing}"])
 

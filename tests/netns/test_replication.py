@@ -12,6 +12,7 @@ disks) is proven in tests/vm/test_replication.py.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -207,6 +208,9 @@ def test_pause_continue_break_resync_mode_and_tunables(pair):
     tunables = shown(pair.a)["tunables"]
     assert (tunables["high_water"], tunables["low_water"], tunables["throttle"]) == (500, 150, 80000)
     assert shown(pair.b)["tunables"] == tunables
+    # The throttle is a rate on the source's traffic to the copy's export.
+    throttles = json.loads((pair.a.state_dir.parent / "datapath.json").read_text())["throttles"]
+    assert throttles == [[MAIN["b"], shown(pair.a)["port"], 80000]]
     counters = shown(pair.a)["counters"]
     assert (counters["QueueHighWater"], counters["Type"], counters["State"]) == (500, "async", 1)
 
@@ -221,6 +225,14 @@ def test_a_cut_link_pauses_and_its_return_resumes_by_itself(pair):
     pair.wait(lambda: state(pair.a) == 1)
     assert shown(pair.a)["counters"]["Reconnects"] == 1
     assert shown(pair.b)["generation"]["current"] == shown(pair.a)["generation"]["current"]
+
+
+def test_grow_makes_both_halves_larger(pair):
+    mirrored(pair)
+    refused(pair, pair.a, ("mirror", "grow", "d1", "32M"), 5, "grows by whole 4 KiB blocks")
+    assert pair.a.cli("mirror", "grow", "d1", "128M").returncode == 0
+    pair.wait(lambda: state(pair.a) == 1)
+    assert (disk(pair.a)["size"], disk(pair.b)["size"], shown(pair.b)["size"]) == (128 << 20,) * 3
 
 
 def test_a_daemon_restart_adopts_the_mirror_on_both_nodes(pair):

@@ -60,6 +60,12 @@ class FakeDataPath:
             return bridge.allocated_ranges(Path(volume.path), volume.size, region)
         return [(0, volume.regions)]
 
+    def throttle(self, limits: list[Any]) -> None:
+        """Kept for the tests to read (``throttles``): the real rules are tc's (tests/netns)."""
+        data = self._load()
+        data["throttles"] = [[limit.address, limit.port, limit.kbit] for limit in limits if limit.kbit]
+        self._save(data)
+
     def release(self, volume: Volume) -> None:
         data = self._load()
         data.pop(volume.name, None)
@@ -182,6 +188,10 @@ class FakeMirror(_Part):
     def reset_queue_max(self) -> None:
         pass
 
+    def grow(self, size: int) -> None:
+        self.assemble()
+        self.put(size=size)
+
     def disassemble(self) -> None:
         self.detach()
         self.stop()
@@ -215,6 +225,10 @@ class FakeExport(_Part):
 
     def lock(self) -> None:
         self.put(unlocked=False)
+
+    def grow(self, size: int) -> None:
+        self._stop_server()
+        self.put(size=size)
 
     def disassemble(self) -> None:
         self._stop_server()

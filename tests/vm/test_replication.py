@@ -87,7 +87,7 @@ class Cluster:
         guests = [self._guest("a"), self._guest("b")]
         factory.start_all(*guests, client)
         self.a, self.b = (self._node(guest) for guest in guests)
-        self.client = ApplianceNode(client)
+        self.client = Node(client)
         rule = UDEV_RULES[0]  # the initiator's stable names of LUNs
         client.write_file(f"/etc/udev/rules.d/{rule.name}", rule.read_bytes(), mode=0o644)
         client.run("udevadm control --reload || true")
@@ -221,9 +221,11 @@ def outage(cluster: Cluster, regions: list[int], cut, name: str) -> float:
     return paused
 
 
-def resync_writes(cluster: Cluster, regions: list[int], name: str) -> None:
-    """After the cause is gone: the mirror comes back by itself, copying about the dirty regions."""
-    before = cluster.b.sectors_written(cluster.b.vol)
+def resync_writes(cluster: Cluster, regions: list[int], name: str, rebooted: bool = False) -> None:
+    """After the cause is gone: the mirror comes back by itself, copying about the dirty
+    regions. A peer that was ``rebooted`` counts from its boot: nothing but the resync
+    writes to its disk, which may have begun already."""
+    before = 0 if rebooted else cluster.b.sectors_written(cluster.b.vol)
     cluster.a.ctl("mirror", "wait", "d1", "--timeout", "300")
     copied = (cluster.b.sectors_written(cluster.b.vol) - before) * 512
     dirty = len(regions) * REGION
@@ -255,7 +257,7 @@ def test_a_killed_peer_pauses_and_its_return_resyncs_partially(cluster):
     regions = list(range(11, 1000, 97))
     outage(cluster, regions, lambda: cluster.b.guest.power_off(), "peer killed")
     cluster.crash_and_boot("b")
-    resync_writes(cluster, regions, "peer killed and booted again")
+    resync_writes(cluster, regions, "peer killed and booted again", rebooted=True)
 
 
 def test_break_and_resync_copy_the_whole_disk(cluster):
@@ -286,11 +288,19 @@ def test_a_file_disk_copies_its_data_only_and_a_blank_one_nothing(cluster):
         print(f"initial sync of {disk}: {written} bytes written on the copy for {wanted} of data")
         assert wanted <= written <= wanted + 2 * REGION
     assert cluster.a.checksum(path, 32 * MIB) == cluster.b.checksum(path, 32 * MIB)
+    # Grown on both nodes, written at its new end, and equal again.
+    cluster.a.ctl("mirror", "grow", "d2", "48M")
+    cluster.a.ctl("mirror", "wait", "d2", "--timeout", "300")
+    top = "/run/applianced/block/applianced-disk-d2"
+    assert int(cluster.a.guest.run(["blockdev", "--getsize64", top]).stdout) == 48 * MIB
+    cluster.a.guest.run(f"dd if=/dev/urandom of={top} bs=64K count=4 seek=700 oflag=direct status=none")
+    cluster.a.guest.wait_until(f"test $({VENV_BIN / 'appliancectl'} mirror state d2) = 1", timeout=60)
+    assert cluster.a.checksum(path, 48 * MIB) == cluster.b.checksum(path, 48 * MIB)
     for disk in ("d2", "d3"):
         cluster.a.ctl("mirror", "delete", disk)
     # Both halves are plain disks again, with their data; the former copy has a serial of its own.
     assert serial_of(cluster.a, "d2") != serial_of(cluster.b, "d2")
-    assert cluster.a.checksum(path, 32 * MIB) == cluster.b.checksum(path, 32 * MIB)
+    assert cluster.a.checksum(path, 48 * MIB) == cluster.b.checksum(path, 48 * MIB)
 
 
 def test_split_brain_is_refused_then_recovered_partially(cluster):
