@@ -29,6 +29,7 @@ def test_first_slice_through_the_cli(daemon, tmp_path):
         "serial": None,
         "description": "db",
         "shared": False,
+        "backstore": "dm",
     }
     assert backing.stat().st_size == 1536 * 1024**2 + diskfile.TRAILER_SIZE
     targets = {t["name"]: t for t in daemon.cli("--json", "target", "list").json()}
@@ -45,7 +46,7 @@ def test_first_slice_through_the_cli(daemon, tmp_path):
     ]
 
     table = daemon.cli("disk", "list").stdout.splitlines()
-    assert table[0].split() == ["NAME", "KIND", "STATUS", "SIZE", "PATH", "SERIAL", "SHARED", "DESCRIPTION", "REASON"]
+    assert table[0].split() == ["NAME", "KIND", "STATUS", "SIZE", "PATH", "SERIAL", "SHARED", "BACKSTORE", "DESCRIPTION", "REASON"]
     assert table[1].split()[:5] == ["d1", "file", "online", "1.50", "GiB"]
 
     for args in (

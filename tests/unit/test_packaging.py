@@ -36,5 +36,7 @@ def test_policy_is_fail_closed():
         ("org.freedesktop.DBus.Properties", "GetAll"),
         # A read of the recently seen initiators, no change.
         ("org.applianced.Appliance1.Manager", "ListSeenInitiators"),
+        # A read of one volume's replication state, for monitoring scripts.
+        ("org.applianced.Appliance1.Manager", "GetVolumeState"),
     }
     assert all(rule.get("send_destination") == BUS_NAME for rule in default.iter("allow"))

@@ -38,7 +38,13 @@ class ApplianceNode:
 
     def start(self) -> None:
         self.guest.spawn(DAEMON, [str(VENV_BIN / "python"), "-m", "applianced"], cwd="/")
-        self.guest.wait_until(f"{VENV_BIN / 'appliancectl'} status", timeout=120)
+        # Ready once it owns its bus name; asked with dbus-send, which starts in
+        # milliseconds, where each appliancectl start costs seconds under emulation.
+        self.guest.wait_until(
+            "dbus-send --system --print-reply --dest=org.freedesktop.DBus /org/freedesktop/DBus "
+            "org.freedesktop.DBus.NameHasOwner string:org.applianced.Appliance1 | grep -q 'boolean true'",
+            timeout=180,
+        )
 
     def stop(self, sig: int = signal.SIGTERM) -> int | None:
         return self.guest.kill(DAEMON, sig, timeout=30)
@@ -72,9 +78,14 @@ class ApplianceNode:
         out = self.guest.run("ls /sys/kernel/config/target/iscsi 2>/dev/null | grep -E '^(iqn|eui|naa)\\.' || true")
         return out.stdout.split()
 
-    def wipe_lio(self) -> None:
-        """Clear the whole LIO configuration, as a reboot does (Debian's targetctl)."""
-        self.guest.run("targetctl clear", timeout=120)
+    def clear_kernel_state(self) -> None:
+        """Forget what a reboot forgets: LIO's configuration, md arrays, dm devices, loops."""
+        self.guest.run(
+            "targetctl clear"
+            " && for md in /dev/md[0-9]*; do [ -b \"$md\" ] && mdadm --stop \"$md\" >/dev/null 2>&1; done;"
+            " dmsetup remove_all && losetup -D",
+            timeout=120,
+        )
 
     # -- initiator side (open-iscsi in the same guest) -----------------------------------
 

@@ -106,7 +106,7 @@ def test_reboot_restore_after_kernel_wipe(node):
     )
     node.logout(target["iqn"], PORTAL)
     assert node.stop() == 0
-    node.wipe_lio()
+    node.clear_kernel_state()
     assert node.lio_targets() == []
     node.start()
     assert node.lio_targets() == [target["iqn"]]

@@ -63,7 +63,7 @@ def test_export_wipe_import_round_trip(node):
     node.ctl("config", "export", "--output", "/tmp/export.json")
     assert guest.run("stat -c %a /tmp/export.json").stdout.strip() == "600"
     assert node.stop() == 0
-    node.wipe_lio()
+    node.clear_kernel_state()
     guest.run("rm /var/lib/applianced/state.json")
     node.start()
     assert node.lio_targets() == [] and node.ctl_json("target", "list") == []

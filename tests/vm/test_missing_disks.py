@@ -54,7 +54,7 @@ def test_a_file_system_missing_at_start_degrades_then_heals_on_mount(node):
     serials = {name: disk["serial"] for name, disk in disks(node).items()}
     node.stop()
     # A reboot whose disk file system did not mount: LIO is empty, the file is not there.
-    node.wipe_lio()
+    node.clear_kernel_state()
     guest.run(f"umount {MOUNT}")
     node.start()
 
