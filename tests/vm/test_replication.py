@@ -13,6 +13,7 @@ left (a mirror in sync unless it says otherwise).
 
 from __future__ import annotations
 
+import datetime
 import json
 import time
 from pathlib import Path
@@ -173,7 +174,9 @@ def assert_equal_copies(cluster: Cluster, source: Node, target: Node) -> None:
 def test_a_disk_in_use_is_mirrored_with_its_data_and_identity(cluster):
     serial = serial_of(cluster.a, "d1")
     device = cluster.client_device(serial)
-    cluster.client.guest.run(f"head -c {8 * MIB} /dev/urandom > /tmp/data && dd if=/tmp/data of={device} oflag=direct")
+    cluster.client.guest.run(
+        f"head -c {8 * MIB} /dev/urandom > /tmp/data && dd if=/tmp/data of={device} bs=1M oflag=direct"
+    )
     identity = vpd(cluster, device)
     # Writes go on while the mirror is made: a pause at most, never an error.
     cluster.client.guest.spawn(
@@ -199,7 +202,7 @@ def test_a_disk_in_use_is_mirrored_with_its_data_and_identity(cluster):
 def test_sync_mode_fio_verified_writes_are_on_both_nodes(cluster):
     device = cluster.client_device(serial_of(cluster.a, "d1"))
     fio = (
-        f"fio --name=verify --filename={device} --rw=randwrite --bs=4k --size=16M --offset=16M --direct=1 "
+        f"fio --name=verify --filename={device} --rw=randwrite --bs=4k --size=8M --offset=16M --direct=1 "
         "--ioengine=libaio --iodepth=4 --verify=crc32c --do_verify=1 --verify_fatal=1 --output-format=json"
     )
     result = json.loads(cluster.client.guest.run(fio, timeout=900).stdout)
@@ -209,16 +212,28 @@ def test_sync_mode_fio_verified_writes_are_on_both_nodes(cluster):
 
 
 def outage(cluster: Cluster, regions: list[int], cut, name: str) -> float:
-    """Write ``regions`` at the client while ``cut()`` takes the copy away; seconds until paused."""
+    """Write ``regions`` at the client while ``cut()`` takes the copy away; seconds from
+    the cut to the source's daemon logging the mirror paused (its own clock both times)."""
     device = cluster.client_device(serial_of(cluster.a, "d1"))
+    cut_at = float(cluster.a.guest.run("date +%s.%N").stdout)
     cut()
-    start = time.monotonic()
     assert cluster.client_write(device, regions) == []
     cluster.a.wait_state(4, timeout=PAUSED_WITHIN)
-    paused = time.monotonic() - start
+    paused = paused_at(cluster.a, after=cut_at) - cut_at
     print(f"{name}: paused {paused:.1f} s after the failure, {len(regions)} writes, none failed")
+    assert paused < PAUSED_WITHIN
     assert cluster.a.stuck_tasks() == [] and cluster.client.stuck_tasks() == []
     return paused
+
+
+def paused_at(node: Node, after: float) -> float:
+    """When the daemon logged the mirror of d1 paused, the first time after ``after``."""
+    for line in node.log().splitlines():
+        if "mirror d1: source, paused" in line:
+            stamp = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").replace(tzinfo=datetime.UTC)
+            if stamp.timestamp() > after:
+                return stamp.timestamp()
+    raise AssertionError("the daemon never logged the mirror paused")
 
 
 def resync_writes(cluster: Cluster, regions: list[int], name: str, rebooted: bool = False) -> None:
@@ -275,8 +290,9 @@ def test_break_and_resync_copy_the_whole_disk(cluster):
 
 
 def test_a_file_disk_copies_its_data_only_and_a_blank_one_nothing(cluster):
-    cluster.a.ctl_batch(("disk", "create", "d2", "32M"), ("disk", "create", "d3", "16M"))
-    path = "/var/lib/applianced/disks/d2.img"
+    # On the guest's tmpfs: the 9p share of the state directory has no SEEK_HOLE.
+    path, copy = "/tmp/d2.img", "/var/lib/applianced/disks/d2.img"
+    cluster.a.ctl_batch(("disk", "create", "d2", "32M", "--path", path), ("disk", "create", "d3", "16M"))
     cluster.a.guest.run(f"dd if=/dev/urandom of={path} bs=64K count=8 seek=100 conv=notrunc status=none")
     cluster.a.ctl("mirror", "create", "d2", "sync")
     cluster.a.ctl("mirror", "create", "d3", "sync", "--skip-initial-sync")
@@ -287,7 +303,7 @@ def test_a_file_disk_copies_its_data_only_and_a_blank_one_nothing(cluster):
         written = cluster.b.sectors_written(loop) * 512
         print(f"initial sync of {disk}: {written} bytes written on the copy for {wanted} of data")
         assert wanted <= written <= wanted + 2 * REGION
-    assert cluster.a.checksum(path, 32 * MIB) == cluster.b.checksum(path, 32 * MIB)
+    assert cluster.a.checksum(path, 32 * MIB) == cluster.b.checksum(copy, 32 * MIB)
     # Grown on both nodes, written at its new end, and equal again.
     cluster.a.ctl("mirror", "grow", "d2", "48M")
     cluster.a.ctl("mirror", "wait", "d2", "--timeout", "300")
@@ -295,12 +311,12 @@ def test_a_file_disk_copies_its_data_only_and_a_blank_one_nothing(cluster):
     assert int(cluster.a.guest.run(["blockdev", "--getsize64", top]).stdout) == 48 * MIB
     cluster.a.guest.run(f"dd if=/dev/urandom of={top} bs=64K count=4 seek=700 oflag=direct status=none")
     cluster.a.guest.wait_until(f"test $({VENV_BIN / 'appliancectl'} mirror state d2) = 1", timeout=60)
-    assert cluster.a.checksum(path, 48 * MIB) == cluster.b.checksum(path, 48 * MIB)
+    assert cluster.a.checksum(path, 48 * MIB) == cluster.b.checksum(copy, 48 * MIB)
     for disk in ("d2", "d3"):
         cluster.a.ctl("mirror", "delete", disk)
     # Both halves are plain disks again, with their data; the former copy has a serial of its own.
     assert serial_of(cluster.a, "d2") != serial_of(cluster.b, "d2")
-    assert cluster.a.checksum(path, 48 * MIB) == cluster.b.checksum(path, 48 * MIB)
+    assert cluster.a.checksum(path, 48 * MIB) == cluster.b.checksum(copy, 48 * MIB)
 
 
 def test_split_brain_is_refused_then_recovered_partially(cluster):
