@@ -57,14 +57,15 @@ state_dir, out = Path(sys.argv[1]), sys.argv[2]
 desired = StateStore(state_dir, "state.json").load()
 kernel = LioKernel()
 kernel.open()
+wanted = render(desired)
+names = (sorted(desired.disks), sorted(t.iqn for t in desired.targets.values()), wanted.disk_devices)
 times = {}
 profile = cProfile.Profile()
 t = time.monotonic()
-profile.runcall(kernel.observe, sorted(desired.disks), sorted(t.iqn for t in desired.targets.values()))
+profile.runcall(kernel.observe, *names)
 times["observe"] = time.monotonic() - t
 profile.dump_stats(f"{out}-observe.prof")
-observed = kernel.observe(sorted(desired.disks), sorted(t.iqn for t in desired.targets.values()))
-actions = plan(observed, render(desired))
+actions = plan(kernel.observe(*names), wanted)
 times["actions"] = len(actions)
 if actions:
     profile = cProfile.Profile()
