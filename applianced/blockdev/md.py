@@ -9,6 +9,7 @@ dirty regions of the bitmap) are sysfs files of the array: a read or a write eac
 from __future__ import annotations
 
 import os
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +23,45 @@ MDADM = "mdadm"
 MAX_WRITE_BEHIND = 16383
 
 
+# md's version-1 superblock (struct mdp_superblock_1 in the kernel's md_p.h): the member's
+# used size and data size (sectors), the checksum, and the number of role slots after it.
+_SB_MAGIC = 0xA92B4EFC
+_SB_USED_SIZE, _SB_DATA_SIZE, _SB_CSUM, _SB_MAX_DEV = 80, 136, 216, 220
+_SB_HEADER = 256
+
+
 def mdadm(*args: str, timeout: float = 120) -> str:
     return tools.run([MDADM, *args], timeout)
+
+
+def superblock_checksum(superblock: bytes) -> int:
+    """md's checksum of a version-1 superblock (calc_sb_1_csum): the sum of its
+    little-endian 32-bit words, checksum field taken as zero, folded to 32 bits."""
+    max_dev = struct.unpack_from("<I", superblock, _SB_MAX_DEV)[0]
+    body = bytearray(superblock[: _SB_HEADER + 2 * max_dev])
+    struct.pack_into("<I", body, _SB_CSUM, 0)
+    if len(body) % 4:
+        body += bytes(4 - len(body) % 4)
+    total = sum(struct.unpack(f"<{len(body) // 4}I", body))
+    return ((total & 0xFFFFFFFF) + (total >> 32)) & 0xFFFFFFFF
+
+
+def set_member_size(metadata: Path, offset: int, sectors: int) -> None:
+    """Record in the version-1 superblock at ``offset`` of the file ``metadata`` that its
+    member holds ``sectors`` of data, as md writes into the members present when an array
+    grows. A member that was out during the grow must carry it too: md refuses to take
+    back a member whose superblock says it is smaller than the array."""
+    with open(metadata, "r+b") as f:
+        f.seek(offset)
+        superblock = bytearray(f.read(4096))
+        if len(superblock) < _SB_HEADER or struct.unpack_from("<I", superblock)[0] != _SB_MAGIC:
+            raise KernelError(f"{metadata} holds no md superblock at byte {offset}")
+        struct.pack_into("<Q", superblock, _SB_USED_SIZE, sectors)
+        struct.pack_into("<Q", superblock, _SB_DATA_SIZE, sectors)
+        struct.pack_into("<I", superblock, _SB_CSUM, superblock_checksum(superblock))
+        f.seek(offset)
+        f.write(superblock)
+        os.fsync(f.fileno())
 
 
 @dataclass(frozen=True)

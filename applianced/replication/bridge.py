@@ -516,6 +516,10 @@ class Export:
         it starts, so it stops here; ``assemble`` starts it again."""
         self._stop_server()
         _grow_leg(self.dm, self.name, self.meta, dataclasses.replace(self.volume, size=size))
+        # The source's array grew while this leg was out: without the new size in its
+        # superblock, md would refuse to re-add it (and copy everything on a plain add).
+        if bitmap.has_superblock(bitmap.read_metadata(self.meta)):
+            md.set_member_size(self.meta, bitmap.SUPERBLOCK_OFFSET, size // SECTOR)
 
     def disassemble(self) -> None:
         """Stop serving; the disk is left as it is, the metadata file is kept."""

@@ -1,13 +1,14 @@
 """The intent bitmap read from metadata bytes laid out as md writes them (version 1.2).
 
-That the layout is the kernel's is proven in tests/vm/test_replication_bridge.py, which
-counts the dirty regions of a real mirror during an outage."""
+That the layout is the kernel's is proven in tests/vm/test_replication.py, whose resyncs
+after an outage copy exactly the regions written meanwhile, as this bitmap tracks them."""
 
 import struct
 
 import pytest
 
-from applianced.errors import InvalidArgument
+from applianced.blockdev import md
+from applianced.errors import InvalidArgument, KernelError
 from applianced.replication import bitmap
 
 REGION = 64 * 1024
@@ -67,3 +68,34 @@ def test_dirty_regions_come_as_runs_and_are_counted_without_a_loop_over_every_bi
     assert parsed.ranges() == [(0, 3), (7, 8), (9, 11), (1048575, 1048576)]
     assert parsed.dirty == 7
     assert bitmap.has_superblock(metadata(8, [])) and not bitmap.has_superblock(bytes(8192))
+
+
+def test_a_grown_member_carries_its_new_size_under_a_valid_checksum(tmp_path):
+    max_dev = 3
+    superblock = bytearray(256 + 2 * max_dev)
+    struct.pack_into("<I", superblock, 0, bitmap.MD_MAGIC)
+    struct.pack_into("<QQ", superblock, 128, 2048, 65536)  # data_offset, data_size
+    struct.pack_into("<Q", superblock, 80, 65536)
+    struct.pack_into("<I", superblock, 220, max_dev)
+    superblock[256:] = b"\x00\x00\x01\x00\xfe\xff"  # roles 0, 1 and a spare
+    meta = tmp_path / "d1.meta"
+    meta.write_bytes(bytes(bitmap.SUPERBLOCK_OFFSET) + superblock.ljust(4096, b"\0") + bytes(4096))
+
+    md.set_member_size(meta, bitmap.SUPERBLOCK_OFFSET, 98304)
+
+    written = meta.read_bytes()[bitmap.SUPERBLOCK_OFFSET :]
+    assert struct.unpack_from("<Q", written, 80)[0] == struct.unpack_from("<Q", written, 136)[0] == 98304
+    assert struct.unpack_from("<Q", written, 128)[0] == 2048, "the data stays where it is"
+    # The kernel's sum: 32-bit words of the header and the roles (the odd role last, as
+    # 16 bits), checksum as zero.
+    words = struct.unpack("<64I", written[:256])
+    total = sum(words) - words[216 // 4] + 0x0001_0000 + 0xFFFE
+    assert struct.unpack_from("<I", written, 216)[0] == (total & 0xFFFFFFFF) + (total >> 32)
+
+
+def test_a_file_without_a_superblock_is_not_written(tmp_path):
+    meta = tmp_path / "blank.meta"
+    meta.write_bytes(bytes(8192))
+    with pytest.raises(KernelError, match="no md superblock"):
+        md.set_member_size(meta, bitmap.SUPERBLOCK_OFFSET, 98304)
+    assert meta.read_bytes() == bytes(8192)

@@ -47,7 +47,9 @@ class ApplianceNode:
         )
 
     def stop(self, sig: int = signal.SIGTERM) -> int | None:
-        return self.guest.kill(DAEMON, sig, timeout=30)
+        """Signal the daemon alone, as systemd's KillMode=process does: the NBD servers it
+        started keep serving."""
+        return self.guest.kill(DAEMON, sig, timeout=30, group=False)
 
     def log(self) -> str:
         return self.guest.spawn_log(DAEMON)

@@ -997,13 +997,13 @@ class Guest:
         self._note(f"spawn {name} pid={resp['pid']}: {cmd!r}")
         return int(resp["pid"])
 
-    def kill(self, name: str, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int | None:
-        """Signal a spawned process (and its group); wait up to ``timeout``.
+    def kill(self, name: str, sig: int = signal.SIGTERM, timeout: float = 10.0, group: bool = True) -> int | None:
+        """Signal a spawned process (and its group, unless not ``group``); wait up to ``timeout``.
 
         Returns its exit status, or None if it is still running.
         """
         resp = self._request(
-            {"op": "kill", "name": name, "signal": int(sig), "wait": timeout},
+            {"op": "kill", "name": name, "signal": int(sig), "wait": timeout, "group": group},
             wait=timeout + _CHANNEL_MARGIN_S,
         )
         self._note(f"kill {name} sig={int(sig)} -> rc={resp['rc']}")
