@@ -759,14 +759,8 @@ class Replication:
             rt.reason = f"the peer does not answer: {exc}"
             return
         if status.role == SOURCE:
-            rt.split_brain = True
-            rt.reason = "split brain: the peer serves this disk too; run prepare-target on the node to overwrite"
-            audit(
-                "mirror-split-brain",
-                rt.record.disk,
-                "refused",
-                f"mirror of {rt.record.disk}: {rt.reason}",
-                logging.ERROR,
+            _refuse_split_brain(
+                rt, "split brain: the peer serves this disk too; run prepare-target on the node to overwrite"
             )
             return
         if status.unlocked:
@@ -779,20 +773,13 @@ class Replication:
         elif verdict is Verdict.MERGE:
             runs = await self._peer_bitmap(rt)
             await asyncio.to_thread(mirror.mark_dirty, runs)
-        elif verdict in (Verdict.SPLIT_BRAIN, Verdict.UNRELATED):
-            rt.split_brain = True
-            rt.reason = (
-                "split brain: both nodes wrote while apart; run prepare-target on the node to overwrite"
-                if verdict is Verdict.SPLIT_BRAIN
-                else "the copy holds data of another generation; resync copies the whole disk over it"
+        elif verdict is Verdict.SPLIT_BRAIN:
+            _refuse_split_brain(
+                rt, "split brain: both nodes wrote while apart; run prepare-target on the node to overwrite"
             )
-            audit(
-                "mirror-split-brain",
-                rt.record.disk,
-                "refused",
-                f"mirror of {rt.record.disk}: {rt.reason}",
-                logging.ERROR,
-            )
+            return
+        elif verdict is Verdict.UNRELATED:
+            _refuse_split_brain(rt, "the copy holds data of another generation; resync copies the whole disk over it")
             return
         if not await asyncio.to_thread(self.data.peer_answers, endpoint):
             rt.reason = f"the peer's export {endpoint.address}:{endpoint.port} does not answer"
@@ -1275,3 +1262,11 @@ def _unicast(address: str, what: str) -> str:
     if parsed.is_unspecified or parsed.is_multicast:
         raise InvalidArgument(f"{what} {address} is not a unicast address")
     return canonical
+
+
+def _refuse_split_brain(rt: Runtime, why: str) -> None:
+    """Keep the mirror paused, flagged and saying why: two diverged copies are never
+    resolved silently."""
+    rt.split_brain = True
+    rt.reason = why
+    audit("mirror-split-brain", rt.record.disk, "refused", f"mirror of {rt.record.disk}: {rt.reason}", logging.ERROR)

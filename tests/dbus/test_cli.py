@@ -46,7 +46,8 @@ def test_first_slice_through_the_cli(daemon, tmp_path):
     ]
 
     table = daemon.cli("disk", "list").stdout.splitlines()
-    assert table[0].split() == ["NAME", "KIND", "STATUS", "SIZE", "PATH", "SERIAL", "SHARED", "BACKSTORE", "DESCRIPTION", "REASON"]
+    columns = ["NAME", "KIND", "STATUS", "SIZE", "PATH", "SERIAL", "SHARED", "BACKSTORE", "DESCRIPTION", "REASON"]
+    assert table[0].split() == columns
     assert table[1].split()[:5] == ["d1", "file", "online", "1.50", "GiB"]
 
     for args in (

@@ -20,7 +20,8 @@ def test_systemd_unit_is_valid():
 
 def test_unit_declares_readiness_watchdog_and_no_teardown():
     unit = (REPO / "systemd" / "applianced.service").read_text()
-    for setting in ("Type=notify", "WatchdogSec=", "KillMode=process", "Conflicts=target.service", f"BusName={BUS_NAME}"):
+    settings = ("Type=notify", "WatchdogSec=", "KillMode=process", "Conflicts=target.service", f"BusName={BUS_NAME}")
+    for setting in settings:
         assert setting in unit
 
 

@@ -84,7 +84,7 @@ class ApplianceNode:
         """Forget what a reboot forgets: LIO's configuration, md arrays, dm devices, loops."""
         self.guest.run(
             "targetctl clear"
-            " && for md in /dev/md[0-9]*; do [ -b \"$md\" ] && mdadm --stop \"$md\" >/dev/null 2>&1; done;"
+            ' && for md in /dev/md[0-9]*; do [ -b "$md" ] && mdadm --stop "$md" >/dev/null 2>&1; done;'
             " dmsetup remove_all && losetup -D",
             timeout=120,
         )
