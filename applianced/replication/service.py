@@ -699,7 +699,7 @@ class Replication:
             why = ""
             if peer_leg is not None and peer_leg.faulty:
                 why = "the peer's leg failed"
-            elif peer_leg is not None and self._link_down():
+            elif peer_leg is not None and self._link_down() and not await self._export_answers(rt):
                 why = "the peer link is down"
             elif peer_leg is not None and time.monotonic() - rt.last_check >= PEER_CHECK_SECONDS:
                 why = await self._peer_still_copy(rt)
@@ -714,6 +714,12 @@ class Replication:
             elif peer_leg is None and time.monotonic() - rt.last_attempt >= RESUME_SECONDS:
                 await self._reconnect(rt)
         await self._refresh_state(rt)
+
+    async def _export_answers(self, rt: Runtime) -> bool:
+        """Whether the copy's NBD server still takes connections. A link that drops while
+        the server answers is the peer's daemon restarting (the server outlives it): the
+        leg keeps working and stays in."""
+        return await asyncio.to_thread(self.data.peer_answers, self._endpoint(rt.record))
 
     def _link_down(self) -> bool:
         """The peer link has been down a moment (a daemon that just started waits for its

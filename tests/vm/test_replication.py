@@ -367,7 +367,7 @@ def test_an_async_queue_over_its_high_water_mark_pauses_then_resyncs(cluster):
     device = cluster.client_device(serial_of(cluster.a, "d1"))
     burst = (
         f"fio --name=burst --filename={device} --rw=randwrite --bs=4k --size=8M --direct=1 --ioengine=libaio "
-        "--iodepth=32 --runtime=15 --time_based"
+        "--iodepth=32 --runtime=5 --time_based"
     )
     cluster.client.guest.run(burst, timeout=300)
     shown = cluster.a.mirror()
