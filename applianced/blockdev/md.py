@@ -23,9 +23,9 @@ MDADM = "mdadm"
 MAX_WRITE_BEHIND = 16383
 
 
-# md's version-1 superblock (struct mdp_superblock_1 in the kernel's md_p.h): the member's
-# used size and data size (sectors), the checksum, and the number of role slots after it.
-_SB_MAGIC = 0xA92B4EFC
+# md's version-1 superblock (struct mdp_superblock_1 in the kernel's md_p.h): its magic, the
+# member's used size and data size (sectors), the checksum, and the number of role slots after it.
+SUPERBLOCK_MAGIC = 0xA92B4EFC
 _SB_USED_SIZE, _SB_DATA_SIZE, _SB_CSUM, _SB_MAX_DEV = 80, 136, 216, 220
 _SB_HEADER = 256
 
@@ -54,7 +54,7 @@ def set_member_size(metadata: Path, offset: int, sectors: int) -> None:
     with open(metadata, "r+b") as f:
         f.seek(offset)
         superblock = bytearray(f.read(4096))
-        if len(superblock) < _SB_HEADER or struct.unpack_from("<I", superblock)[0] != _SB_MAGIC:
+        if len(superblock) < _SB_HEADER or struct.unpack_from("<I", superblock)[0] != SUPERBLOCK_MAGIC:
             raise KernelError(f"{metadata} holds no md superblock at byte {offset}")
         struct.pack_into("<Q", superblock, _SB_USED_SIZE, sectors)
         struct.pack_into("<Q", superblock, _SB_DATA_SIZE, sectors)

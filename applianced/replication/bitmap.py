@@ -21,10 +21,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from applianced.blockdev import md
 from applianced.errors import InvalidArgument
 
 SUPERBLOCK_OFFSET = 4096
-MD_MAGIC = 0xA92B4EFC
+MD_MAGIC = md.SUPERBLOCK_MAGIC
 # md's superblock 1.x: magic at 0, the bitmap's offset (signed, in sectors from the
 # superblock) at byte 96.
 _MD_SUPERBLOCK = struct.Struct("<I92xi")
