@@ -1,4 +1,4 @@
-"""Shared fixtures: the private system bus with the shipped policy."""
+"""Shared fixtures (the private system bus with the shipped policy) and the run's order."""
 
 import pytest
 
@@ -14,3 +14,20 @@ def bus():
     private.start()
     yield private
     private.stop()
+
+
+# tools/test runs one worker per core (pytest-xdist), each taking one test file at a time,
+# the next file going to whichever worker frees up first. Longest first, so that no long file
+# starts last while the other workers idle: the replication module (three guests, about 20
+# minutes), then the rest of the VM tier (a minute or more per file), then the host tiers,
+# whose short files fill the end.
+LONGEST_FIRST = ("tests/vm/test_replication.py",)
+
+
+def _run_order(item: pytest.Item) -> tuple[int, int]:
+    longest = item.nodeid.split("::", 1)[0] in LONGEST_FIRST
+    return (0 if longest else 1, 0 if item.get_closest_marker("vm") else 1)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=_run_order)  # stable: a file's tests keep their order
