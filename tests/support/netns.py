@@ -59,3 +59,26 @@ def link(
             ip("addr", "add", address, "dev", interface, *extra, netns=namespace.name)
         ip("link", "set", interface, "up", netns=namespace.name)
     return a_if, b_if
+
+
+class Switch(Namespace):
+    """A namespace holding one bridge: hosts plugged into it share an Ethernet segment."""
+
+    def __init__(self, label: str) -> None:
+        super().__init__(label)
+        ip("link", "add", "br0", "type", "bridge", netns=self.name)
+        # Ports forward at once: no spanning tree, no learning delay.
+        ip("link", "set", "br0", "type", "bridge", "stp_state", "0", "forward_delay", "0", netns=self.name)
+        ip("link", "set", "br0", "up", netns=self.name)
+        self._ports = itertools.count()
+
+    def plug(self, host: Namespace, interface: str, addresses: list[str]) -> str:
+        """A veth from ``host`` (named ``interface`` there) to a bridge port; returns the port."""
+        port = f"port{next(self._ports)}"
+        ip("link", "add", port, "type", "veth", "peer", "name", interface, "netns", host.name, netns=self.name)
+        ip("link", "set", port, "master", "br0", "up", netns=self.name)
+        for address in addresses:
+            extra = ["nodad"] if ":" in address else []
+            ip("addr", "add", address, "dev", interface, *extra, netns=host.name)
+        ip("link", "set", interface, "up", netns=host.name)
+        return port

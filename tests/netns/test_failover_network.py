@@ -1,0 +1,102 @@
+"""The failover's network side on the host kernel: virtual IPs, their announcement, the
+in-use probe and the ping node, between namespaces on one Ethernet segment.
+
+Nodes a and b and a ping node p (which also plays the client whose neighbour cache must
+follow the address) are plugged into one bridge, in IPv4 and IPv6.
+"""
+
+import json
+import sys
+import textwrap
+
+import pytest
+
+from tests.support.netns import Namespace, Switch, ip
+
+pytestmark = pytest.mark.netns
+
+ADDRESSES = {"a": ("10.236.0.1", "fd00:236::1"), "b": ("10.236.0.2", "fd00:236::2"), "p": ("10.236.0.9", "fd00:236::9")}
+VIPS = ("10.236.0.100/24", "fd00:236::100/64")
+
+CALL = textwrap.dedent(
+    """
+    import json, sys
+    from applianced.failover import addresses, announce, pingnode
+    function, interface, text = sys.argv[1], sys.argv[2], sys.argv[3]
+    if function == "reaches":
+        print(json.dumps(pingnode.reaches(text, interface, timeout=0.5)))
+    else:
+        vip = addresses.VirtualAddress.parse(interface, text)
+        module = {"add": addresses, "remove": addresses, "in_use": announce, "announce": announce}[function]
+        print(json.dumps(getattr(module, function)(vip)))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def segment():
+    switch = Switch("fo-sw")
+    hosts = {name: Namespace(f"fo-{name}") for name in ADDRESSES}
+    try:
+        ports = {}
+        for name, host in hosts.items():
+            v4, v6 = ADDRESSES[name]
+            ports[name] = switch.plug(host, "data", [f"{v4}/24", f"{v6}/64"])
+        yield switch, hosts, ports
+    finally:
+        for host in hosts.values():
+            host.delete()
+        switch.delete()
+
+
+def call(host: Namespace, function: str, text: str, interface: str = "data"):
+    done = host.run(sys.executable, "-c", CALL, function, interface, text)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def mac(host: Namespace) -> str:
+    return json.loads(ip("-j", "link", "show", "data", netns=host.name))[0]["address"]
+
+
+def neighbour(host: Namespace, address: str) -> str | None:
+    entries = json.loads(ip("-j", "neigh", "show", "to", address, "dev", "data", netns=host.name) or "[]")
+    return entries[0].get("lladdr") if entries else None
+
+
+@pytest.mark.parametrize("vip", VIPS)
+def test_a_virtual_ip_moves_and_the_client_follows_the_announcement(segment, vip):
+    _, hosts, _ = segment
+    a, b, client = hosts["a"], hosts["b"], hosts["p"]
+    address = vip.split("/")[0]
+    call(a, "add", vip)
+    call(a, "add", vip)  # idempotent
+    assert call(client, "reaches", address) is not None
+    assert neighbour(client, address) == mac(a)
+    # b asks before it takes the address: a still answers for it, with its MAC.
+    assert call(b, "in_use", vip) == mac(a)
+    call(a, "remove", vip)
+    call(a, "remove", vip)  # idempotent
+    assert call(b, "in_use", vip) is None
+    call(b, "add", vip)
+    call(b, "announce", vip)
+    # The client learnt the new MAC from the announcement alone: it sent nothing since.
+    assert neighbour(client, address) == mac(b)
+    assert call(client, "reaches", address) is not None
+    call(b, "remove", vip)
+
+
+@pytest.mark.parametrize("family", (0, 1))
+def test_the_ping_node_answers_only_over_a_live_data_link(segment, family):
+    switch, hosts, ports = segment
+    a = hosts["a"]
+    target = ADDRESSES["p"][family]
+    assert call(a, "reaches", target) is not None
+    # Over another interface (here loopback) the ping node is not reached, whatever the routes.
+    assert call(a, "reaches", target, interface="lo") is None
+    # The ping node's cable pulled at the switch.
+    ip("link", "set", ports["p"], "down", netns=switch.name)
+    try:
+        assert call(a, "reaches", target) is None
+    finally:
+        ip("link", "set", ports["p"], "up", netns=switch.name)
