@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from applianced import decoding
 from applianced.constants import DEFAULT_IQN_PREFIX
@@ -300,6 +300,35 @@ class StateStore:
 
     def save(self, config: Config) -> None:
         write_state_file(self.path, json.dumps(config.to_json(), indent=2, sort_keys=True).encode() + b"\n")
+
+
+class Versioned(Protocol):
+    """What every versioned file of the state directory starts with (besides state.json)."""
+
+    version: int
+
+
+V = TypeVar("V", bound=Versioned)
+
+
+def load_versioned(path: Path, schema: type[V], version: int) -> V | None:
+    """A versioned file of the state directory as ``schema``, None if absent; StateError if
+    unreadable, malformed or of another format version."""
+    text = read_state_file(path)
+    if text is None:
+        return None
+    try:
+        document = decoding.decode(text, schema, str(path))
+        if document.version != version:
+            raise InvalidArgument(f"{path}: format version {document.version} is not supported")
+    except InvalidArgument as exc:
+        raise StateError(f"{path} is unusable: {exc}") from None
+    return document
+
+
+def save_versioned(path: Path, document: dict[str, Any]) -> None:
+    """Write ``document`` (with its "version") as the file's JSON, atomically, mode 0600."""
+    write_state_file(path, json.dumps(document, indent=2, sort_keys=True).encode() + b"\n")
 
 
 def read_state_file(path: Path) -> bytes | None:

@@ -9,13 +9,13 @@ signal when it ends, after which the object goes away.
 
 import itertools
 import time
-from typing import Any
 
 from dbus_fast import PropertyAccess, Variant
 from dbus_fast.aio import MessageBus
 from dbus_fast.service import ServiceInterface, dbus_method, dbus_property, signal
 
 from applianced.bus import paths
+from applianced.bus.announcing import AnnouncingInterface
 from applianced.bus.errors import translate_errors
 from applianced.bus.options import Options
 from applianced.constants import JOB_INTERFACE, MIRROR_INTERFACE
@@ -26,7 +26,7 @@ NO_JOB = "/"
 TUNABLES = {"high_water": "u", "low_water": "u", "throttle": "u", "max_resync_passes": "u"}
 
 
-class MirrorInterface(ServiceInterface):
+class MirrorInterface(AnnouncingInterface):
     """One mirror, as this node sees it (source or target)."""
 
     def __init__(self, replication: Replication, disk: str) -> None:
@@ -34,22 +34,11 @@ class MirrorInterface(ServiceInterface):
         self.replication = replication
         self.disk = disk
         self.job = NO_JOB
-        self._announced = self._values()
+        self.start_announcing()
 
     @property
     def _rt(self) -> Runtime:
         return self.replication.runtime(self.disk)
-
-    def refresh(self) -> None:
-        values = self._values()
-        changed = {name: value for name, value in values.items() if self._announced.get(name) != value}
-        self._announced = values
-        if changed:
-            self.emit_properties_changed(changed)
-
-    def _values(self) -> dict[str, Any]:
-        names = [prop.name for prop in self.introspect().properties if prop.name != "Counters"]
-        return {name: getattr(self, name) for name in names}
 
     @dbus_property(access=READ)
     def Disk(self) -> "o":

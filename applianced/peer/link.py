@@ -260,18 +260,31 @@ class PeerLink:
         self._handlers[kind] = handler
 
     async def request(
-        self, kind: str, body: bytes, timeout: float = REQUEST_TIMEOUT, attempts: int = REQUEST_ATTEMPTS
+        self,
+        kind: str,
+        body: bytes,
+        timeout: float = REQUEST_TIMEOUT,
+        attempts: int = REQUEST_ATTEMPTS,
+        every_path: bool = False,
     ) -> bytes:
-        """The peer's answer to a request; PeerUnreachable or PeerRefused otherwise."""
+        """The peer's answer to a request; PeerUnreachable or PeerRefused otherwise.
+
+        Each attempt goes over the next up path; with ``every_path``, over all paths at
+        once, up or not (heartbeats: a path that just died must not cost a beat, one that
+        came back must carry the next). The peer runs the request once and answers every
+        copy; the first answer counts.
+        """
         request_id = next(self._request_ids)
         future: asyncio.Future[protocol.Response] = asyncio.get_running_loop().create_future()
         self._waiting[request_id] = future
         try:
             for attempt in range(attempts):
                 up = self._up_paths()
-                if self._session is None or not up:
+                if self._session is None or not (up or every_path):
                     raise PeerUnreachable("the peer link is not connected")
-                self._send(up[attempt % len(up)], MessageType.REQUEST, protocol.Request(request_id, kind, body))
+                request = protocol.Request(request_id, kind, body)
+                for index in range(len(self._paths)) if every_path else [up[attempt % len(up)]]:
+                    self._send(index, MessageType.REQUEST, request)
                 try:
                     response = await asyncio.wait_for(asyncio.shield(future), timeout)
                 except TimeoutError:

@@ -14,8 +14,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 from applianced.engine import audit
-from applianced.errors import AlreadyExists, InvalidArgument, NotFound, StateError
-from applianced.peer.link import REQUEST_TIMEOUT, Handler, LinkStatus, PeerLink, PeerUnreachable, idle_status
+from applianced.errors import ALL_ERRORS, AlreadyExists, InvalidArgument, KernelError, NotFound, StateError, Unreachable
+from applianced.peer.link import (
+    REQUEST_TIMEOUT,
+    Handler,
+    LinkStatus,
+    PeerLink,
+    PeerRefused,
+    PeerUnreachable,
+    idle_status,
+)
 from applianced.peer.pairing import PairRecord, PairStore, new_record
 
 log = logging.getLogger(__name__)
@@ -90,11 +98,24 @@ class Peer:
         if self.link:
             self.link.handle(kind, handler)
 
-    async def request(self, kind: str, body: bytes, timeout: float = REQUEST_TIMEOUT, attempts: int = 3) -> bytes:
+    async def request(
+        self, kind: str, body: bytes, timeout: float = REQUEST_TIMEOUT, attempts: int = 3, every_path: bool = False
+    ) -> bytes:
         """The peer's answer (PeerUnreachable when not paired or not connected, PeerRefused)."""
         if self.link is None:
             raise PeerUnreachable("this node is not paired" if self.record is None else "the peer link is not running")
-        return await self.link.request(kind, body, timeout, attempts)
+        return await self.link.request(kind, body, timeout, attempts, every_path)
+
+    async def ask(self, kind: str, body: bytes, timeout: float = REQUEST_TIMEOUT) -> bytes:
+        """``request``, its failures raised as the engine's named errors: Unreachable when
+        the peer did not answer, and the peer's refusal as the error it raised there."""
+        try:
+            return await self.request(kind, body, timeout=timeout)
+        except PeerUnreachable as exc:
+            raise Unreachable(f"the peer did not answer: {exc}") from None
+        except PeerRefused as exc:
+            error = next((cls for cls in ALL_ERRORS if cls.__name__ == exc.kind), KernelError)
+            raise error(f"the peer refused: {exc}") from None
 
     @property
     def connected(self) -> bool:

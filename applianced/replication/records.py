@@ -11,15 +11,12 @@ directory.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from applianced import decoding
-from applianced.errors import InvalidArgument, StateError
 from applianced.replication.generations import Generation
-from applianced.state import read_state_file, write_state_file
+from applianced.state import load_versioned, save_versioned
 
 FILE_NAME = "replication.json"
 FORMAT_VERSION = 1
@@ -92,20 +89,9 @@ class RecordStore:
         self.path = directory / FILE_NAME
 
     def load(self) -> dict[str, MirrorRecord]:
-        text = read_state_file(self.path)
-        if text is None:
-            return {}
-        try:
-            document = decoding.decode(text, _Document, str(self.path))
-            if document.version != FORMAT_VERSION:
-                raise InvalidArgument(f"{self.path}: format version {document.version} is not supported")
-        except InvalidArgument as exc:
-            raise StateError(f"{self.path} is unusable: {exc}") from None
-        return {record.disk: record for record in document.mirrors}
+        document = load_versioned(self.path, _Document, FORMAT_VERSION)
+        return {record.disk: record for record in document.mirrors} if document else {}
 
     def save(self, records: Mapping[str, MirrorRecord]) -> None:
-        document = {
-            "version": FORMAT_VERSION,
-            "mirrors": [dataclasses.asdict(record) for record in sorted(records.values(), key=lambda r: r.disk)],
-        }
-        write_state_file(self.path, json.dumps(document, indent=2, sort_keys=True).encode() + b"\n")
+        mirrors = [dataclasses.asdict(record) for record in sorted(records.values(), key=lambda r: r.disk)]
+        save_versioned(self.path, {"version": FORMAT_VERSION, "mirrors": mirrors})

@@ -35,7 +35,6 @@ from typing import Any, TypeVar
 from applianced.blockdev.md import MAX_WRITE_BEHIND, ArrayStatus, Leg
 from applianced.engine import Appliance, audit
 from applianced.errors import (
-    ALL_ERRORS,
     AlreadyExists,
     ApplianceError,
     Busy,
@@ -46,7 +45,6 @@ from applianced.errors import (
     Unreachable,
 )
 from applianced.iscsi.firewall import PortalFilter
-from applianced.peer.link import PeerRefused, PeerUnreachable
 from applianced.peer.service import Peer
 from applianced.replication import messages, throttle
 from applianced.replication.bridge import (
@@ -131,6 +129,18 @@ class Runtime:
     queue_length: int = 0
     since: float = field(default_factory=time.time)
     split_brain: bool = False
+
+
+@dataclass(frozen=True)
+class Half:
+    """This node's half of one mirror, as the failover sees it."""
+
+    disk: str
+    role: str  # SOURCE or TARGET
+    mode: str
+    state: MirrorState
+    # The disk's name on the peer node.
+    peer_disk: str
 
 
 class Replication:
@@ -290,6 +300,12 @@ class Replication:
         """The reference's number of the mirror's state (GETVOLUMEDRVSTATE), 0 without one."""
         rt = self.mirrors.get(disk)
         return int(rt.state) if rt else int(MirrorState.NONE)
+
+    def halves(self) -> list[Half]:
+        return [
+            Half(name, rt.record.role, rt.record.mode, rt.state, self._peer_disk(rt))
+            for name, rt in self.mirrors.items()
+        ]
 
     # -- creating and deleting --------------------------------------------------------
 
@@ -1225,14 +1241,7 @@ class Replication:
 
     async def _ask(self, kind: str, message: object, answer: type[T], timeout: float = 2.0) -> T:
         """The peer's answer to a request, its refusals raised as the same named errors."""
-        try:
-            body = await self.peer.request(kind, messages.pack(message), timeout=timeout)
-        except PeerUnreachable as exc:
-            raise Unreachable(f"the peer did not answer: {exc}") from None
-        except PeerRefused as exc:
-            error = next((cls for cls in ALL_ERRORS if cls.__name__ == exc.kind), KernelError)
-            raise error(f"the peer refused: {exc}") from None
-        return messages.unpack(body, answer)
+        return messages.unpack(await self.peer.ask(kind, messages.pack(message), timeout), answer)
 
 
 def _swap(record: MirrorRecord) -> dict[str, str]:

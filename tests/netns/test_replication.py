@@ -13,18 +13,16 @@ disks) is proven in tests/vm/test_replication.py.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
 
 from applianced.bus import paths
 from applianced.constants import MIRROR_INTERFACE
-from tests.conftest import POLICY
 from tests.dbus.test_api import DOCUMENTED, dbus, interfaces_of
 from tests.support.daemon import Daemon
 from tests.support.netns import Namespace, ip, link
-from tests.support.private_bus import PrivateBus
+from tests.support.pair import PairedDaemons, wait
 
 pytestmark = pytest.mark.netns
 
@@ -40,19 +38,8 @@ class Pair:
         a, b = self.namespaces["a"], self.namespaces["b"]
         link(a, [f"{MAIN['a']}/24"], b, [f"{MAIN['b']}/24"], names=(LINKS["a"][0], LINKS["b"][0]))
         link(a, [f"{AUX['a']}/24"], b, [f"{AUX['b']}/24"], names=(LINKS["a"][1], LINKS["b"][1]))
-        self.buses = {name: PrivateBus(POLICY) for name in MAIN}
-        self.nodes: dict[str, Daemon] = {}
-        for name, bus in self.buses.items():
-            bus.start()
-            directory = root / name
-            directory.mkdir()
-            self.nodes[name] = Daemon(bus.address, directory, exec_prefix=self.namespaces[name].exec_prefix)
-            self.nodes[name].start()
-        for name, node in self.nodes.items():
-            peer = "b" if name == "a" else "a"
-            created = node.cli("pair", "create", MAIN[peer], "--aux-address", AUX[peer], input=KEY)
-            assert created.returncode == 0, created.stderr
-        self.wait(lambda: '"connected": true' in self.a.cli("--json", "pair", "status").stdout)
+        self.daemons = PairedDaemons(root, self.namespaces, MAIN, AUX, KEY)
+        self.nodes = self.daemons.nodes
 
     @property
     def a(self) -> Daemon:
@@ -62,12 +49,7 @@ class Pair:
     def b(self) -> Daemon:
         return self.nodes["b"]
 
-    @staticmethod
-    def wait(condition, timeout: float = 40) -> None:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            assert time.monotonic() < deadline, "condition not met in time"
-            time.sleep(0.3)
+    wait = staticmethod(wait)
 
     def cut(self, up: bool = False) -> None:
         """Pull (or plug back) both cables of node b."""
@@ -84,11 +66,7 @@ class Pair:
         return found
 
     def close(self) -> None:
-        for node in self.nodes.values():
-            if node.process:
-                node.stop()
-        for bus in self.buses.values():
-            bus.stop()
+        self.daemons.close()
         for namespace in self.namespaces.values():
             namespace.delete()
 
