@@ -20,6 +20,7 @@ BOOT_PROFILE_INTERFACE = "org.applianced.Appliance1.BootProfile"
 PEER_INTERFACE = "org.applianced.Appliance1.Peer"
 MIRROR_INTERFACE = "org.applianced.Appliance1.Mirror"
 JOB_INTERFACE = "org.applianced.Appliance1.Job"
+FAILOVER_INTERFACE = "org.applianced.Appliance1.Failover"
 
 # Lowercase plural collections below the root, as udisks2 does.
 DISKS_PATH = f"{ROOT_PATH}/disks"
@@ -30,6 +31,8 @@ MIRRORS_PATH = f"{ROOT_PATH}/mirrors"
 JOBS_PATH = f"{ROOT_PATH}/jobs"
 # A node has at most one pair: one object, present while paired.
 PEER_PATH = f"{ROOT_PATH}/peer"
+# The node's part in the cluster: one object, always there.
+FAILOVER_PATH = f"{ROOT_PATH}/failover"
 
 ERROR_PREFIX = "org.applianced.Appliance1.Error"
 

@@ -23,6 +23,7 @@ from applianced.bus.objects import ObjectTree
 from applianced.constants import BUS_NAME, DEFAULT_STATE_DIR, STATE_FILE_NAME
 from applianced.engine import Appliance, Kernel
 from applianced.errors import ApplianceError
+from applianced.failover.service import Failover
 from applianced.iscsi import firewall, presence
 from applianced.iscsi.kernel.lio import LioKernel
 from applianced.peer.service import Peer
@@ -58,18 +59,20 @@ def main(
     peer = Peer(args.state_dir, network.local_addresses)
     replication = Replication(args.state_dir, engine, peer, data_path_factory(args.state_dir))
     engine.replication = replication
+    failover = Failover(args.state_dir, engine, peer, replication)
     try:
-        asyncio.run(serve(engine, peer, replication))
+        asyncio.run(serve(engine, peer, replication, failover))
     except ApplianceError as exc:
         log.error("applianced cannot start: %s", exc)
         return 1
     return 0
 
 
-async def serve(engine: Appliance, peer: Peer, replication: Replication) -> None:
+async def serve(engine: Appliance, peer: Peer, replication: Replication, failover: Failover) -> None:
     bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
     try:
-        ObjectTree(bus, engine, peer, replication)
+        await failover.start_up()
+        ObjectTree(bus, engine, peer, replication, failover)
         changes = await engine.start(replication.start)
         log.info("kernel reconciled at start-up with %d change(s)", changes)
         await asyncio.to_thread(engine.seen.load)
@@ -86,6 +89,7 @@ async def serve(engine: Appliance, peer: Peer, replication: Replication) -> None
         watchdog = asyncio.ensure_future(_watchdog())
         sampler = asyncio.ensure_future(engine.seen.run())
         monitor = asyncio.ensure_future(replication.run())
+        cluster = asyncio.ensure_future(failover.run())
         systemd.notify(f"READY=1\nSTATUS=serving {len(engine.config.targets)} target(s)")
         log.info("applianced %s ready on %s", __version__, BUS_NAME)
         # Watching devices starts after READY: its imports would only delay the start.
@@ -94,7 +98,7 @@ async def serve(engine: Appliance, peer: Peer, replication: Replication) -> None
         watcher = asyncio.ensure_future(engine.watch_disks(events))
         await stop.wait()
         systemd.notify("STOPPING=1")
-        for task in (watchdog, sampler, monitor, watcher):
+        for task in (watchdog, sampler, monitor, cluster, watcher):
             task.cancel()
         events.close()
         await peer.close()

@@ -18,6 +18,7 @@ from dbus_fast.service import ServiceInterface, dbus_method, dbus_property
 from applianced import __version__
 from applianced.bus import paths
 from applianced.bus.errors import translate_errors
+from applianced.bus.failover import FailoverInterface
 from applianced.bus.mirror import MirrorObjects
 from applianced.bus.options import Options
 from applianced.bus.peer import PeerInterface
@@ -25,6 +26,7 @@ from applianced.constants import (
     ACL_INTERFACE,
     BOOT_PROFILE_INTERFACE,
     DISK_INTERFACE,
+    FAILOVER_PATH,
     LUN_INTERFACE,
     MANAGER_INTERFACE,
     PEER_DEFAULT_PORT,
@@ -35,6 +37,7 @@ from applianced.constants import (
 )
 from applianced.engine import Appliance
 from applianced.errors import InvalidArgument
+from applianced.failover.service import Failover
 from applianced.iscsi import bootprofile
 from applianced.peer.service import Peer
 from applianced.replication.service import Replication
@@ -590,7 +593,9 @@ class BootProfileInterface(EntityInterface):
 class ObjectTree:
     """Keeps the exported entity objects equal to the engine's configuration."""
 
-    def __init__(self, bus: MessageBus, engine: Appliance, peer: Peer, replication: Replication) -> None:
+    def __init__(
+        self, bus: MessageBus, engine: Appliance, peer: Peer, replication: Replication, failover: Failover
+    ) -> None:
         self.bus = bus
         self.engine = engine
         self.peer = peer
@@ -600,6 +605,9 @@ class ObjectTree:
         self.manager = ManagerInterface(engine, engine.config, peer, replication)
         bus.export(ROOT_PATH, self.manager)
         self.mirrors = MirrorObjects(bus, replication)
+        self.failover = FailoverInterface(failover)
+        bus.export(FAILOVER_PATH, self.failover)
+        failover.add_listener(self.failover.refresh)
         engine.add_listener(self.sync)
         peer.add_listener(self.sync_peer)
         # A copy locked or unlocked changes its disk's status.

@@ -23,6 +23,8 @@ from applianced.constants import (
     BOOT_PROFILE_INTERFACE,
     CLOCK_OFFSET_WARNING,
     DISK_INTERFACE,
+    FAILOVER_INTERFACE,
+    FAILOVER_PATH,
     ISCSI_DEFAULT_PORT,
     JOB_INTERFACE,
     LUN_INTERFACE,
@@ -284,6 +286,32 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--max-resync-passes", type=int, help="resyncs in a row before the mirror pauses")
     wait = mirror.choices["wait"]
     wait.add_argument("--timeout", type=float, default=0, help="give up after this many seconds (0: never)")
+
+    failover = groups.add_parser(
+        "failover", help="active/passive failover of the pair: virtual IPs, ping nodes, protected targets"
+    ).add_subparsers(dest="action", required=True)
+    failover.add_parser("status", help="this node's role, the last decision and why, what it hears")
+    failover.add_parser("history", help="the role changes, with their reasons and the duration of each step")
+    failover.add_parser("check", help="what keeps failover from starting with this node active")
+    failover.add_parser("start", help="start the cluster with this node active (its settings go to the peer)")
+    failover.add_parser("stop", help="stop failover on both nodes (the active node keeps serving)")
+    failover.add_parser("switchover", help="hand the service over to the peer (planned failover, failback)")
+    take_over = failover.add_parser("take-over", help="on the passive node: allow a takeover with a stale copy")
+    take_over.add_argument("--force", action="store_true", required=True, help="accept serving older data")
+    for verb, text in (("add", "a virtual IP: clients reach the protected targets there"), ("remove", "a virtual IP")):
+        sub = failover.add_parser(f"{verb}-address", help=f"{verb} {text}")
+        sub.add_argument("interface", help="the data NIC that carries it")
+        sub.add_argument("address", help="address with its prefix length, e.g. 10.0.0.10/24 or fd00::10/64")
+    sub = failover.add_parser("add-ping-node", help="a host on the data network that answers ping")
+    sub.add_argument("address")
+    sub.add_argument("interface", help="the data NIC to reach it over")
+    sub = failover.add_parser("remove-ping-node", help="stop using a ping node")
+    sub.add_argument("address")
+    for verb, text in (("protect", "serve a target from the active node"), ("unprotect", "stop protecting a target")):
+        failover.add_parser(verb, help=text).add_argument("target")
+    heartbeat = failover.add_parser("heartbeat", help="how often the nodes beat, and how many misses mean silence")
+    heartbeat.add_argument("interval", type=float, help="seconds between beats (0.1-10)")
+    heartbeat.add_argument("misses", type=int, help="beats missed in a row before the peer counts as silent (2-30)")
 
     batch = groups.add_parser(
         "batch", help="run commands from FILE (default: standard input), one per line, over one connection"
@@ -673,6 +701,96 @@ class Commands:
 
     async def pair_delete(self, args: argparse.Namespace) -> None:
         await self.client.call(await self._peer_path(), PEER_INTERFACE, "Delete", "a{sv}", [{}])
+
+    # -- failover ---------------------------------------------------------------------
+
+    async def _failover(self, method: str, signature: str = "a{sv}", *arguments: Any) -> Any:
+        return await self.client.call(FAILOVER_PATH, FAILOVER_INTERFACE, method, signature, [*arguments, {}])
+
+    async def failover_status(self, args: argparse.Namespace) -> None:
+        p = await self.client.properties(FAILOVER_PATH, FAILOVER_INTERFACE)
+        status = {
+            "role": p["Role"],
+            "active_since": p["ActiveSince"] or None,
+            "decision": p["Decision"],
+            "reason": p["Reason"],
+            "peer_heard": p["PeerHeard"],
+            "ping_node_reached": p["PingNodeReached"],
+            "addresses": [f"{address}/{length} on {interface}" for interface, address, length in p["Addresses"]],
+            "ping_nodes": [f"{address} over {interface}" for address, interface in p["PingNodes"]],
+            "targets": p["Targets"],
+            "heartbeat": {"interval": p["HeartbeatInterval"], "misses": p["HeartbeatMisses"]},
+            "counters": p["Counters"],
+        }
+        if args.json:
+            print(json.dumps(status, indent=2))
+            return
+        since = status["active_since"]
+        lines = [
+            ("role", p["Role"] + (f" (last active {_local_time(int(since))})" if since else "")),
+            ("decision", f"{p['Decision']}: {p['Reason']}"),
+            ("peer heard", "yes" if p["PeerHeard"] else "no"),
+            ("ping node", "reached" if p["PingNodeReached"] else "not reached"),
+            ("addresses", ", ".join(status["addresses"]) or "none"),
+            ("ping nodes", ", ".join(status["ping_nodes"]) or "none"),
+            ("targets", ", ".join(p["Targets"]) or "none"),
+            ("heartbeat", f"every {p['HeartbeatInterval']:g} s, silent after {p['HeartbeatMisses']} missed"),
+        ]
+        print("\n".join(f"{label + ':':<12}{value}" for label, value in lines))
+
+    async def failover_history(self, args: argparse.Namespace) -> list[dict[str, Any]]:
+        p = await self.client.properties(FAILOVER_PATH, FAILOVER_INTERFACE)
+        return [
+            {
+                "time": _local_time(int(when)),
+                "role": role,
+                "reason": reason,
+                "steps": ", ".join(f"{name} {seconds * 1000:.0f} ms" for name, seconds in steps) or "-",
+            }
+            for when, role, reason, steps in p["History"]
+        ]
+
+    async def failover_check(self, args: argparse.Namespace) -> None:
+        (problems,) = await self._failover("Check")
+        if args.json:
+            print(json.dumps(problems, indent=2))
+        else:
+            print("\n".join(problems) if problems else "ready: failover can start with this node active")
+
+    async def failover_start(self, args: argparse.Namespace) -> None:
+        await self._failover("Start")
+
+    async def failover_stop(self, args: argparse.Namespace) -> None:
+        await self._failover("Stop")
+
+    async def failover_switchover(self, args: argparse.Namespace) -> None:
+        await self._failover("Switchover")
+
+    async def failover_take_over(self, args: argparse.Namespace) -> None:
+        await self.client.call(FAILOVER_PATH, FAILOVER_INTERFACE, "TakeOver", "a{sv}", [{"force": Variant("b", True)}])
+
+    async def failover_add_address(self, args: argparse.Namespace) -> None:
+        await self._failover("AddAddress", "ssa{sv}", args.interface, args.address)
+
+    async def failover_remove_address(self, args: argparse.Namespace) -> None:
+        await self._failover("RemoveAddress", "ssa{sv}", args.interface, args.address)
+
+    async def failover_add_ping_node(self, args: argparse.Namespace) -> None:
+        await self._failover("AddPingNode", "ssa{sv}", args.address, args.interface)
+
+    async def failover_remove_ping_node(self, args: argparse.Namespace) -> None:
+        await self._failover("RemovePingNode", "sa{sv}", args.address)
+
+    async def failover_protect(self, args: argparse.Namespace) -> None:
+        await self._failover("Protect", "sa{sv}", args.target)
+
+    async def failover_unprotect(self, args: argparse.Namespace) -> None:
+        await self._failover("Unprotect", "sa{sv}", args.target)
+
+    async def failover_heartbeat(self, args: argparse.Namespace) -> None:
+        if args.misses < 0:
+            raise UsageError(f"invalid argument: {args.misses} misses is negative", EXIT_INVALID)
+        await self._failover("SetHeartbeat", "dua{sv}", args.interval, args.misses)
 
     # -- mirrors -----------------------------------------------------------------------
 

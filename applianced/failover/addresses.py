@@ -18,6 +18,13 @@ from applianced.errors import InvalidArgument, NotFound
 IFA_F_NODAD = 0x02
 
 
+def check_interface(name: str) -> str:
+    """``name`` if it can name a network interface (IFNAMSIZ, no slash), else InvalidArgument."""
+    if not name or "/" in name or len(name) > 15 or name in (".", ".."):
+        raise InvalidArgument(f"{name!r} is not an interface name")
+    return name
+
+
 @dataclass(frozen=True, order=True)
 class VirtualAddress:
     """One virtual IP: ``address`` (canonical text) with its prefix, on ``interface``."""
@@ -38,9 +45,7 @@ class VirtualAddress:
         address = network.ip
         if address.is_loopback or address.is_multicast or address.is_unspecified or address.is_link_local:
             raise InvalidArgument(f"virtual address {text!r} is not a unicast address clients can reach")
-        if not interface or "/" in interface or len(interface) > 15:
-            raise InvalidArgument(f"{interface!r} is not an interface name")
-        return cls(interface, str(address), network.network.prefixlen)
+        return cls(check_interface(interface), str(address), network.network.prefixlen)
 
     @property
     def version(self) -> int:

@@ -13,7 +13,10 @@ only a current copy may become the source), made safe where the reference leaves
   still serve).
 - An active node whose data network is gone while the peer still reaches the ping node
   hands over: a planned switchover, since the peer is alive.
-- No automatic failback: a node that comes back stays passive.
+- No automatic failback: a node that comes back stays passive; one that still believes it
+  serves, and hears a peer that took over after it, stops serving.
+- Neither node serving while both hear each other (both restarted): the one that was
+  active last resumes, its copies being the current ones.
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ class Observation:
     ``copies_current``: every protected volume's copy here was in sync when last known.
     ``address_answered``: someone on the data network answered for a virtual IP (asked only
     when a takeover is considered; False otherwise).
+    ``peer_active_later``: the peer says it is active, and became so after this node did.
+    ``active_last``: this node became active after the peer last did (it was the last to serve).
     """
 
     role: Role
@@ -56,6 +61,8 @@ class Observation:
     peer_reaches_ping_node: bool | None = None
     address_answered: bool = False
     forced: bool = False
+    peer_active_later: bool = False
+    active_last: bool = False
 
 
 @dataclass(frozen=True)
@@ -70,10 +77,17 @@ def decide(seen: Observation) -> Decision:
         return Decision(Action.STAY, "failover is not started on this node")
     if seen.role is Role.ACTIVE:
         return _decide_active(seen)
-    return _decide_passive(seen)
+    decision = _decide_passive(seen)
+    if decision.action is Action.TAKE_OVER and seen.address_answered:
+        return Decision(
+            Action.REFUSE_TAKEOVER, "a virtual IP still answers on the data network: someone may still serve it"
+        )
+    return decision
 
 
 def _decide_active(seen: Observation) -> Decision:
+    if seen.peer_heard and seen.peer_role is Role.ACTIVE and seen.peer_active_later:
+        return Decision(Action.STOP_SERVING, "the peer took over while this node was away; no automatic failback")
     if seen.ping_node_reached:
         return Decision(Action.STAY, "serving: the ping node answers")
     if not seen.peer_heard:
@@ -87,14 +101,11 @@ def _decide_passive(seen: Observation) -> Decision:
     if seen.peer_heard:
         if seen.peer_role is Role.ACTIVE:
             return Decision(Action.STAY, "the peer serves")
+        if seen.active_last and seen.copies_current and seen.ping_node_reached:
+            return Decision(Action.TAKE_OVER, "neither node serves and this node was active last: resuming")
         return Decision(Action.STAY, "the peer is alive; failback and switchover are the administrator's")
     if not seen.ping_node_reached:
         return Decision(Action.STAY, "isolated: an isolated node never takes over")
-    if seen.address_answered:
-        return Decision(
-            Action.REFUSE_TAKEOVER,
-            "the peer is silent but a virtual IP still answers on the data network: it may still serve",
-        )
     if not seen.copies_current and not seen.forced:
         return Decision(
             Action.REFUSE_TAKEOVER, "this node's copies were not in sync: taking over would serve stale data"

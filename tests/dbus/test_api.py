@@ -79,6 +79,7 @@ def test_object_tree_uses_stable_escaped_paths(daemon, bus):
         f"{ROOT_PATH}/targets/t1/luns/0",
         f"{ROOT_PATH}/targets/t1/acls/iqn_2e1994_2d05_2ecom_2eredhat_3aclient1",
         f"{ROOT_PATH}/portals/127_2e0_2e0_2e1_3a3260",
+        f"{ROOT_PATH}/failover",
     }
     lun = objects[f"{ROOT_PATH}/targets/t1/luns/0"]["org.applianced.Appliance1.Lun"]
     assert lun["Disk"].value == f"{ROOT_PATH}/disks/d1"

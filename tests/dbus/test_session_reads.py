@@ -17,6 +17,7 @@ from applianced.bus import paths
 from applianced.bus.objects import ObjectTree
 from applianced.constants import BUS_NAME, ROOT_PATH
 from applianced.engine import EXPORT_FORMAT, Appliance
+from applianced.failover.service import Failover
 from applianced.iscsi.kernel.model import Session
 from applianced.peer.service import Peer
 from applianced.replication.service import Replication
@@ -43,7 +44,8 @@ def test_each_target_reads_only_its_own_sessions(bus, tmp_path, monkeypatch):
         client = await MessageBus(bus_address=bus.address).connect()
         try:
             peer = Peer(tmp_path, lambda: set())
-            ObjectTree(server, engine, peer, Replication(tmp_path, engine, peer))
+            replication = Replication(tmp_path, engine, peer)
+            ObjectTree(server, engine, peer, replication, Failover(tmp_path, engine, peer, replication))
             await engine.start()
             # The import exports one object per target, as a start over a stored state does.
             imported = Config(node_id=engine.config.node_id, targets=targets)

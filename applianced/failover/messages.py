@@ -1,0 +1,64 @@
+"""What the two nodes say to each other about failover, over the authenticated peer link.
+
+Beats go both ways every interval: each node's request carries its view and the answer
+the peer's, so each node hears the other twice per interval, over the heartbeat path and
+the auxiliary one in turn. Every other request is idempotent on the answering node.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from applianced.failover.records import FailoverRecord
+
+BEAT = "failover.beat"
+START = "failover.start"
+STOP = "failover.stop"
+# A hand-over in two steps, so that the virtual IPs are never on both nodes: the peer
+# checks it can take over, this node stops serving, then the peer takes over.
+CAN_TAKE_OVER = "failover.can-take-over"
+TAKE_OVER = "failover.take-over"
+# A node that yielded to the peer's takeover: its disks are copies again, the peer may
+# resync them (partially: the bitmaps of both sides are merged).
+COPIES_READY = "failover.copies-ready"
+
+
+@dataclass(frozen=True)
+class Beat:
+    role: str
+    ping_node_reached: bool
+    active_since: float
+    # The active node's disks under its protected targets (its names): the copies the
+    # passive node must hold in sync to take over.
+    protected: tuple[str, ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class Start:
+    """Become the passive node of a cluster with these settings (the active node's)."""
+
+    settings: FailoverRecord
+
+
+@dataclass(frozen=True)
+class Reason:
+    reason: str
+
+
+@dataclass(frozen=True)
+class Problems:
+    """What keeps the answering node from its part ("" problems: none)."""
+
+    problems: tuple[str, ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class Disks:
+    """Disks by the answering node's names."""
+
+    disks: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Done:
+    """An answer with nothing to say."""

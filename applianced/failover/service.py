@@ -1,0 +1,655 @@
+"""The failover of this node: settings, the heartbeat exchange, the decision loop, the role change.
+
+Each interval the node pings its ping nodes and exchanges a beat with the peer (both at
+once, each bounded by the interval), decides (``decision.decide``) and acts. Taking over
+promotes the local copies of the protected disks (``Replication.switchover`` alone),
+adds the virtual IPs and announces them; stopping serving removes the virtual IPs. When
+the node idles it keeps its addresses as its role says (an IPv6 address vanishes when its
+link goes down: it is added again when the link is back). Every step is idempotent, so a
+daemon restarted in the middle of a role change finishes it or undoes it on its next look.
+
+Settings change only while failover is stopped on this node; ``start`` on the node that is
+to serve sends them to the peer, which becomes the passive node. No D-Bus here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+
+from applianced import decoding
+from applianced.engine import Appliance, audit
+from applianced.errors import (
+    AlreadyExists,
+    ApplianceError,
+    Busy,
+    InvalidArgument,
+    NotFound,
+    Unreachable,
+)
+from applianced.failover import addresses, announce, pingnode
+from applianced.failover import messages as m
+from applianced.failover.addresses import VirtualAddress, check_interface
+from applianced.failover.decision import Action, Decision, Observation, Role, decide
+from applianced.failover.records import Event, FailoverRecord, FailoverStore, PingNode, check_heartbeat
+from applianced.peer.link import PeerRefused, PeerUnreachable
+from applianced.peer.service import Peer
+from applianced.replication.records import SOURCE, SYNC, TARGET
+from applianced.replication.service import Half, Replication
+from applianced.replication.states import MirrorState
+from applianced.validation import canonical_address
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+# The peer's answers to a start, a stop or a hand-over may take a role change.
+SLOW_REQUEST = 30.0
+# The nodes' clocks may differ this much at start (the reference requires agreeing clocks).
+MAX_CLOCK_OFFSET = 1.0
+
+
+class Failover:
+    """This node's part in the cluster (the bus layer calls these methods)."""
+
+    def __init__(self, directory: Path, engine: Appliance, peer: Peer, replication: Replication) -> None:
+        self.store = FailoverStore(directory)
+        self.engine = engine
+        self.peer = peer
+        self.replication = replication
+        self.record = FailoverRecord()
+        self.decision = Decision(Action.STAY, "failover is not started on this node")
+        self._lock = asyncio.Lock()
+        self._listeners: list[Callable[[], None]] = []
+        self._peer_beat: m.Beat | None = None
+        self._peer_heard = float("-inf")  # monotonic
+        self._pings: collections.deque[bool] = collections.deque(maxlen=self.record.misses)
+        # The passive node's copies were current when the peer was last heard.
+        self._copies_current = False
+        self._protected: tuple[str, ...] = ()
+        self._forced = False
+        self._yielding: asyncio.Future[None] | None = None
+        self._hand_over_looks = 0
+        self.counters = dict.fromkeys(("beats_sent", "beats_answered", "beats_received", "stalls"), 0)
+        for kind, handler in self._handlers().items():
+            peer.handle(kind, handler)
+
+    def add_listener(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` after every change of settings, role, decision or what is heard."""
+        self._listeners.append(listener)
+
+    def _notify(self) -> None:
+        for listener in self._listeners:
+            listener()
+
+    @property
+    def role(self) -> Role:
+        return Role(self.record.role)
+
+    @property
+    def peer_heard(self) -> bool:
+        return time.monotonic() - self._peer_heard < self.record.deadline
+
+    def _peer_heard_for_takeover(self) -> bool:
+        # One interval more than an isolated active node takes to stop serving: it is gone
+        # from the network before this node adds the addresses.
+        return time.monotonic() - self._peer_heard < self.record.deadline + self.record.interval
+
+    @property
+    def ping_node_reached(self) -> bool:
+        return any(self._pings)
+
+    async def start_up(self) -> None:
+        """Load the record. A node that served before a reboot (its addresses gone) comes
+        back passive: it serves again only once the decision says so."""
+        record = await asyncio.to_thread(self.store.load)
+        self._pings = collections.deque(maxlen=record.misses)
+        if record.role == Role.ACTIVE.value and record.addresses:
+            present = await asyncio.to_thread(addresses.present, list(record.addresses))
+            if not present:
+                record = dataclasses.replace(record, role=Role.PASSIVE.value)
+                log.info("failover: this node served before it restarted; passive until the peer is heard")
+        self.record = record
+
+    # -- settings ---------------------------------------------------------------------
+
+    async def add_address(self, interface: str, text: str) -> None:
+        vip = VirtualAddress.parse(interface, text)
+        await self._change(lambda r: _added(r, "addresses", vip, f"virtual IP {vip.address}", _same_address))
+
+    async def remove_address(self, interface: str, text: str) -> None:
+        vip = VirtualAddress.parse(interface, text)
+        await self._change(lambda r: _removed(r, "addresses", vip, f"virtual IP {vip}"))
+
+    async def add_ping_node(self, address: str, interface: str) -> None:
+        node = PingNode(canonical_address(address), check_interface(interface))
+        await self._change(lambda r: _added(r, "ping_nodes", node, f"ping node {node.address}", _same_ping_node))
+
+    async def remove_ping_node(self, address: str) -> None:
+        address = canonical_address(address)
+        found = next((node for node in self.record.ping_nodes if node.address == address), None)
+        if found is None:
+            raise NotFound(f"{address} is not a ping node")
+        await self._change(lambda r: _removed(r, "ping_nodes", found, f"ping node {address}"))
+
+    async def protect(self, target: str) -> None:
+        if target not in self.engine.config.targets:
+            raise NotFound(f"target {target!r} does not exist")
+        await self._change(lambda r: _added(r, "targets", target, f"target {target!r}", lambda a, b: a == b))
+
+    async def unprotect(self, target: str) -> None:
+        await self._change(lambda r: _removed(r, "targets", target, f"target {target!r}"))
+
+    async def set_heartbeat(self, interval: float, misses: int) -> None:
+        check_heartbeat(interval, misses)
+        await self._change(lambda r: dataclasses.replace(r, interval=interval, misses=misses))
+
+    async def _change(self, change: Callable[[FailoverRecord], FailoverRecord]) -> None:
+        async with self._lock:
+            if self.role is not Role.STOPPED:
+                raise Busy(f"failover runs on this node ({self.role.value}): stop it to change its settings")
+            record = change(self.record)
+            await self._save(record)
+            self._pings = collections.deque(maxlen=record.misses)
+        self._notify()
+
+    # -- checks, start and stop ---------------------------------------------------------
+
+    async def problems(self) -> list[str]:
+        """Everything that keeps this node from starting the cluster as its active node."""
+        found = self._setting_problems(self.record)
+        status = self.peer.status()
+        if status is None:
+            found.append("this node is not paired")
+        elif not status.connected:
+            found.append("the peer is not connected")
+        elif status.clock_offset is not None and abs(status.clock_offset) > MAX_CLOCK_OFFSET:
+            found.append(f"the nodes' clocks differ by {status.clock_offset:+.2f} s: synchronise them (NTP)")
+        found += self._target_problems()
+        found += await self._network_problems(self.record, active=True)
+        return found
+
+    def _setting_problems(self, record: FailoverRecord) -> list[str]:
+        found = []
+        if not record.addresses:
+            found.append("no virtual IP is configured")
+        if not record.ping_nodes:
+            found.append("no ping node is configured")
+        if not record.targets:
+            found.append("no target is protected")
+        return found
+
+    def _target_problems(self) -> list[str]:
+        found = []
+        halves = {half.disk: half for half in self.replication.halves()}
+        for name in self.record.targets:
+            target = self.engine.config.targets.get(name)
+            if target is None:
+                found.append(f"protected target {name!r} does not exist")
+                continue
+            if not target.luns:
+                found.append(f"protected target {name!r} has no LUN")
+            for lun in target.luns:
+                disk = self.engine.config.disks[lun.disk]
+                half = halves.get(lun.disk)
+                where = f"disk {lun.disk!r} (LUN {lun.number} of {name!r})"
+                if disk.write_back:
+                    found.append(f"{where} has write-back caching on: a failover would lose acknowledged writes")
+                if half is None:
+                    found.append(f"{where} is not mirrored to the peer")
+                elif half.role != SOURCE:
+                    found.append(f"{where} is the peer's copy here, not the source")
+                elif half.mode != SYNC:
+                    found.append(f"{where} is mirrored in {half.mode} mode: failover needs sync mode")
+                elif half.state is not MirrorState.MIRRORING:
+                    found.append(f"{where} is {half.state.name.lower().replace('_', ' ')}: its copy is not in sync")
+        return found
+
+    async def _network_problems(self, record: FailoverRecord, active: bool) -> list[str]:
+        """Interfaces, ping nodes and (on the node that will serve) addresses in use."""
+
+        async def vip_problem(vip: VirtualAddress) -> str:
+            if not await asyncio.to_thread(_interface_exists, vip.interface):
+                return f"interface {vip.interface} of virtual IP {vip.address} does not exist on this node"
+            if active and not await asyncio.to_thread(addresses.present, [vip]):
+                holder = await asyncio.to_thread(announce.in_use, vip)
+                if holder:
+                    return f"virtual IP {vip.address} is in use on the network already (by {holder})"
+            return ""
+
+        async def ping_problem(node: PingNode) -> str:
+            if await asyncio.to_thread(pingnode.reaches, node.address, node.interface, 1.0) is None:
+                return f"ping node {node.address} does not answer over {node.interface}"
+            return ""
+
+        checks = [vip_problem(vip) for vip in record.addresses] + [ping_problem(node) for node in record.ping_nodes]
+        return [problem for problem in await asyncio.gather(*checks) if problem]
+
+    async def start(self) -> None:
+        """Start the cluster with this node active, its peer passive (the reference's Start)."""
+        async with self._lock:
+            if self.role is Role.ACTIVE:
+                return
+            if self.role is Role.PASSIVE:
+                raise Busy("this node is the passive node: switch over to make it active")
+            found = await self.problems()
+            if not found:
+                answer = await self._ask(m.START, m.Start(self.record), m.Problems, SLOW_REQUEST)
+                found = [f"on the peer: {problem}" for problem in answer.problems]
+            if found:
+                raise InvalidArgument("failover cannot start: " + "; ".join(found))
+            self._peer_heard = time.monotonic()
+            await self._take_over(Decision(Action.TAKE_OVER, "started by the administrator"))
+
+    async def stop(self) -> None:
+        """Stop failover on both nodes; the active node keeps serving, without failover."""
+        async with self._lock:
+            if self.role is Role.STOPPED:
+                return
+            try:
+                await self._ask(m.STOP, m.Reason("stopped by the administrator"), m.Done)
+            except Unreachable:
+                log.warning("failover stopped here; the peer did not answer and stops on its own start")
+            await self._become(Role.STOPPED, "stopped by the administrator")
+
+    async def switchover(self) -> None:
+        """Hand the service over to the peer (planned failover, manual failback)."""
+        async with self._lock:
+            if self.role is not Role.ACTIVE:
+                raise Busy(f"this node is {self.role.value}: switch over on the active node")
+            await self._hand_over("switchover by the administrator")
+
+    async def take_over(self, force: bool = False) -> None:
+        """On the passive node: allow the next takeover even with copies not in sync
+        (``force``); the decision still needs the peer silent and the ping node reached."""
+        if self.role is not Role.PASSIVE:
+            raise Busy(f"this node is {self.role.value}: only the passive node takes over")
+        self._forced = force
+        self._notify()
+
+    # -- the loop ---------------------------------------------------------------------
+
+    async def run(self) -> None:
+        late = 0.0
+        while True:
+            started = time.monotonic()
+            if self.role is not Role.STOPPED:
+                try:
+                    await self.tick(stalled=late > self.record.interval)
+                except Exception:
+                    log.exception("failover: the look at the cluster failed")
+            pause = max(0.0, self.record.interval - (time.monotonic() - started))
+            due = time.monotonic() + pause
+            await asyncio.sleep(pause)
+            # How much later than asked the loop woke this task: the daemon was held up.
+            late = time.monotonic() - due
+
+    async def tick(self, stalled: bool = False) -> None:
+        """One look: ping, beat, decide, act. ``stalled``: the loop woke it late."""
+        before = (self.peer_heard, self.ping_node_reached)
+        await asyncio.gather(self._ping(), self._beat())
+        if stalled:
+            # This node's own loop was held up: the peer's beats of that time may still be
+            # unread. No decision on that silence.
+            self.counters["stalls"] += 1
+            log.warning("failover: this node's look came late; deciding at the next one")
+            return
+        async with self._lock:
+            if self.role is Role.STOPPED:
+                return
+            decision = await self._decide()
+            await self._act(decision)
+        if (self.peer_heard, self.ping_node_reached) != before:
+            self._notify()
+
+    async def _ping(self) -> None:
+        self._pings.append(await self._ping_now(min(1.0, self.record.interval)))
+
+    async def _ping_now(self, timeout: float = 1.0) -> bool:
+        """Whether a ping node answers this node now (all are asked at once)."""
+        nodes = self.record.ping_nodes
+        results = await asyncio.gather(
+            *(asyncio.to_thread(pingnode.reaches, node.address, node.interface, timeout) for node in nodes)
+        )
+        return any(result is not None for result in results)
+
+    def _own_beat(self) -> m.Beat:
+        return m.Beat(self.record.role, self.ping_node_reached, self.record.active_since, self._protected_disks())
+
+    async def _beat(self) -> None:
+        self.counters["beats_sent"] += 1
+        try:
+            body = await self.peer.request(
+                m.BEAT, _pack(self._own_beat()), timeout=self.record.interval, attempts=1, every_path=True
+            )
+        except (PeerUnreachable, PeerRefused):
+            return
+        self.counters["beats_answered"] += 1
+        self._heard(decoding.unpack(body, m.Beat, "a Beat message"))
+
+    def _heard(self, beat: m.Beat) -> None:
+        self._peer_beat = beat
+        self._peer_heard = time.monotonic()
+        if beat.role == Role.ACTIVE.value:
+            # The active node says what is protected; a passive node's view is its echo.
+            self._protected = beat.protected
+        if self.role is not Role.ACTIVE:
+            self._copies_current = self._copies_in_sync()
+
+    def _protected_disks(self) -> tuple[str, ...]:
+        """This node's protected disks: those of its protected targets, and its copies of
+        the disks the peer protected when it was active (their names here)."""
+        targets = (self.engine.config.targets.get(name) for name in self.record.targets)
+        disks = {lun.disk for target in targets if target for lun in target.luns}
+        return tuple(sorted(disks | {half.disk for half in self._local_copies()}))
+
+    def _protected_sources(self) -> list[str]:
+        """The protected disks whose mirror this node is the source of."""
+        protected = set(self._protected_disks())
+        return [half.disk for half in self.replication.halves() if half.disk in protected and half.role == SOURCE]
+
+    def _local_copies(self) -> list[Half]:
+        """This node's halves of the disks the active node protects."""
+        return [half for half in self.replication.halves() if half.peer_disk in self._protected]
+
+    def _copies_in_sync(self) -> bool:
+        copies = self._local_copies()
+        if len(copies) < len(self._protected):
+            return False
+        return all(
+            half.role == SOURCE or (half.mode == SYNC and half.state is MirrorState.MIRRORING) for half in copies
+        )
+
+    async def _decide(self) -> Decision:
+        beat = self._peer_beat
+        heard = self.peer_heard if self.role is Role.ACTIVE else self._peer_heard_for_takeover()
+        peer_role = Role(beat.role) if beat else None
+        seen = Observation(
+            role=self.role,
+            peer_heard=heard,
+            ping_node_reached=self.ping_node_reached,
+            copies_current=self._copies_in_sync() if heard or self.role is Role.ACTIVE else self._copies_current,
+            peer_role=peer_role,
+            peer_reaches_ping_node=beat.ping_node_reached if beat else None,
+            forced=self._forced,
+            peer_active_later=bool(beat and peer_role is Role.ACTIVE and beat.active_since > self.record.active_since),
+            active_last=bool(beat and self.record.active_since > beat.active_since),
+        )
+        decision = decide(seen)
+        if decision.action is Action.TAKE_OVER:
+            # Only now, as it costs a probe per address: does anyone still answer for them?
+            answered = await self._addresses_answered()
+            decision = decide(dataclasses.replace(seen, address_answered=answered))
+        return decision
+
+    async def _addresses_answered(self) -> bool:
+        vips = list(self.record.addresses)
+        holders = await asyncio.gather(*(asyncio.to_thread(announce.in_use, vip) for vip in vips))
+        return any(holders)
+
+    async def _act(self, decision: Decision) -> None:
+        changed = decision != self.decision
+        if decision.action is not Action.HAND_OVER:
+            self._hand_over_looks = 0
+        if decision.action is Action.TAKE_OVER:
+            await self._take_over(decision)
+        elif decision.action is Action.STOP_SERVING:
+            await self._stop_serving(decision.reason)
+        elif decision.action is Action.HAND_OVER and self._hand_over_looks < self.record.misses:
+            # The peer's word that it reaches the ping node may predate the ping node's own
+            # failure: the case must hold for as many looks as a silence takes.
+            self._hand_over_looks += 1
+            self.decision = Decision(Action.STAY, f"{decision.reason}: handing over if it lasts")
+        elif decision.action is Action.HAND_OVER:
+            try:
+                await self._hand_over(decision.reason)
+            except ApplianceError as exc:
+                # Serving on here is better than nobody serving: tried again next look.
+                self.decision = Decision(Action.STAY, f"{decision.reason}, but the hand-over failed: {exc}")
+        else:
+            if changed and decision.action is Action.REFUSE_TAKEOVER:
+                await self._save(self.record.with_event(Event(time.time(), "refused", decision.reason)))
+                audit("failover-refused", "cluster", "warning", f"failover: no takeover: {decision.reason}")
+            self.decision = decision
+            await self._keep_addresses()
+        if self.role is Role.PASSIVE and self._yielding is None and self._peer_took_over():
+            # In the background: a replication step may wait for a resync's turn, and the
+            # looks (pings, beats, decisions) must go on meanwhile.
+            self._yielding = asyncio.ensure_future(self._yield_copies())
+            self._yielding.add_done_callback(self._yielded)
+        if changed:
+            self._notify()
+
+    async def _keep_addresses(self) -> None:
+        vips = list(self.record.addresses)
+        present = await asyncio.to_thread(addresses.present, vips)
+        if self.role is Role.ACTIVE:
+            missing = [vip for vip in vips if vip not in present]
+            for vip in missing:
+                log.warning("failover: virtual IP %s was gone; adding it again", vip)
+                await asyncio.to_thread(addresses.add, vip)
+            await asyncio.gather(*(asyncio.to_thread(announce.announce, vip) for vip in missing))
+        elif self.role is Role.PASSIVE:
+            for vip in present:
+                log.warning("failover: virtual IP %s is here on the passive node; removing it", vip)
+                await asyncio.to_thread(addresses.remove, vip)
+
+    # -- role changes -------------------------------------------------------------------
+
+    async def _take_over(self, decision: Decision) -> None:
+        steps: list[tuple[str, float]] = []
+
+        async def step(name: str, work: Awaitable[Any]) -> None:
+            started = time.monotonic()
+            await work
+            steps.append((name, time.monotonic() - started))
+
+        await step("promote copies", self._promote_copies())
+        vips = list(self.record.addresses)
+        for vip in vips:
+            await step(f"add {vip.address}", asyncio.to_thread(addresses.add, vip))
+        await step("announce", asyncio.gather(*(asyncio.to_thread(announce.announce, vip) for vip in vips)))
+        self._forced = False
+        await self._become(Role.ACTIVE, decision.reason, steps, active_since=time.time())
+
+    async def _promote_copies(self) -> None:
+        for half in self._local_copies():
+            if half.role == TARGET:
+                await self.replication.switchover(half.disk, force=True)
+
+    async def _stop_serving(self, reason: str) -> None:
+        steps = []
+        for vip in self.record.addresses:
+            started = time.monotonic()
+            await asyncio.to_thread(addresses.remove, vip)
+            steps.append((f"remove {vip.address}", time.monotonic() - started))
+        await self._become(Role.PASSIVE, reason, steps)
+
+    def _peer_took_over(self) -> bool:
+        """The peer serves, since after this node last served, and this node still holds
+        sources of protected disks."""
+        beat = self._peer_beat
+        if not (self.peer_heard and beat and beat.role == Role.ACTIVE.value):
+            return False
+        return beat.active_since > self.record.active_since and bool(self._protected_sources())
+
+    def _yielded(self, task: asyncio.Future[None]) -> None:
+        self._yielding = None
+        _log_failure("this node's disks could not become copies")(task)
+
+    async def _yield_copies(self) -> None:
+        """On a passive node whose peer took over after this node last served: the peer's
+        copies are the current ones, so this node's sources become copies again, their
+        bitmaps kept (the peer's resync copies only what differs)."""
+        sources = self._protected_sources()
+        started = time.monotonic()
+        for disk in sources:
+            await self.replication.prepare_target(disk)
+        halves = {half.disk: half for half in self.replication.halves()}
+        await self._ask(m.COPIES_READY, m.Disks(tuple(halves[disk].peer_disk for disk in sources)), m.Done)
+        event = Event(time.time(), Role.PASSIVE.value, "the peer took over: this node's disks are its copies again")
+        await self._save(
+            self.record.with_event(dataclasses.replace(event, steps=(("demote copies", time.monotonic() - started),)))
+        )
+        audit(
+            "failover-demote",
+            ",".join(sources),
+            "ok",
+            f"failover: {', '.join(sources)} follow the peer, which took over",
+        )
+
+    async def _hand_over(self, reason: str) -> None:
+        answer = await self._ask(m.CAN_TAKE_OVER, m.Reason(reason), m.Problems)
+        if answer.problems:
+            raise Busy("the peer cannot take over: " + "; ".join(answer.problems))
+        await self._stop_serving(reason)
+        # The copies change hands through replication (the bitmap goes with them, no split
+        # brain); the LUNs of the disks go away here.
+        for disk in self._protected_sources():
+            await self.replication.switchover(disk, force=True)
+        await self._ask(m.TAKE_OVER, m.Reason(reason), m.Done, SLOW_REQUEST)
+
+    async def _become(
+        self, role: Role, reason: str, steps: list[tuple[str, float]] | None = None, active_since: float | None = None
+    ) -> None:
+        record = dataclasses.replace(
+            self.record,
+            role=role.value,
+            active_since=self.record.active_since if active_since is None else active_since,
+        ).with_event(Event(time.time(), role.value, reason, tuple(steps or ())))
+        await self._save(record)
+        action = {Role.ACTIVE: Action.TAKE_OVER, Role.PASSIVE: Action.STOP_SERVING}.get(role, Action.STAY)
+        self.decision = Decision(action, reason)
+        timing = ", ".join(f"{name} {seconds * 1000:.0f} ms" for name, seconds in steps or ())
+        audit(
+            "failover-role",
+            role.value,
+            "ok",
+            f"failover: this node is {role.value}: {reason}" + (f" ({timing})" if timing else ""),
+        )
+        self._notify()
+
+    async def _save(self, record: FailoverRecord) -> None:
+        await asyncio.to_thread(self.store.save, record)
+        self.record = record
+
+    # -- the peer's requests ------------------------------------------------------------
+
+    def _handlers(self) -> dict[str, Callable[[bytes], Awaitable[bytes]]]:
+        def handler(schema: type[T], method: Callable[[T], Awaitable[Any]], locked: bool = True):
+            async def handle(body: bytes) -> bytes:
+                message = decoding.unpack(body, schema, f"a {schema.__name__} message")
+                if not locked:
+                    return _pack(await method(message))
+                async with self._lock:
+                    return _pack(await method(message))
+
+            return handle
+
+        return {
+            # Beats never wait for a role change in progress: they are what the peer hears.
+            m.BEAT: handler(m.Beat, self._on_beat, locked=False),
+            m.START: handler(m.Start, self._on_start),
+            m.STOP: handler(m.Reason, self._on_stop),
+            m.CAN_TAKE_OVER: handler(m.Reason, self._on_can_take_over),
+            m.TAKE_OVER: handler(m.Reason, self._on_take_over),
+            m.COPIES_READY: handler(m.Disks, self._on_copies_ready, locked=False),
+        }
+
+    async def _on_beat(self, beat: m.Beat) -> m.Beat:
+        self.counters["beats_received"] += 1
+        self._heard(beat)
+        return self._own_beat()
+
+    async def _on_start(self, ask: m.Start) -> m.Problems:
+        if self.role is Role.ACTIVE:
+            return m.Problems(("this node is active itself",))
+        settings = dataclasses.replace(ask.settings, role=self.record.role, active_since=self.record.active_since)
+        found = self._setting_problems(settings)
+        found += await self._network_problems(settings, active=False)
+        if found:
+            return m.Problems(tuple(found))
+        self._peer_heard = time.monotonic()
+        await self._save(dataclasses.replace(settings, history=self.record.history))
+        self._pings = collections.deque([True], maxlen=settings.misses)
+        if self.role is not Role.PASSIVE:
+            await self._become(Role.PASSIVE, "the peer started the cluster")
+        return m.Problems()
+
+    async def _on_stop(self, ask: m.Reason) -> m.Done:
+        if self.role is not Role.STOPPED:
+            await self._become(Role.STOPPED, f"the peer: {ask.reason}")
+        return m.Done()
+
+    async def _on_can_take_over(self, ask: m.Reason) -> m.Problems:
+        found = []
+        if self.role is not Role.PASSIVE:
+            found.append(f"this node is {self.role.value}, not passive")
+        if not await self._ping_now():
+            found.append("no ping node answers this node")
+        if not self._copies_in_sync():
+            found.append("this node's copies of the protected disks are not in sync")
+        return m.Problems(tuple(found))
+
+    async def _on_take_over(self, ask: m.Reason) -> m.Done:
+        if self.role is not Role.ACTIVE:
+            await self._take_over(Decision(Action.TAKE_OVER, f"handed over by the peer: {ask.reason}"))
+        return m.Done()
+
+    async def _on_copies_ready(self, ask: m.Disks) -> m.Done:
+        sources = {half.disk for half in self.replication.halves() if half.role == SOURCE}
+        for disk in ask.disks:
+            if disk in sources:
+                # In the background: the answer must not wait for the resync to start.
+                task = asyncio.ensure_future(self.replication.resume(disk))
+                task.add_done_callback(_log_failure(f"the resync of {disk} to the peer did not start"))
+        return m.Done()
+
+    async def _ask(self, kind: str, message: object, answer: type[T], timeout: float = 2.0) -> T:
+        body = await self.peer.ask(kind, _pack(message), timeout)
+        return decoding.unpack(body, answer, f"a {answer.__name__} message")
+
+
+def _log_failure(what: str) -> Callable[[asyncio.Future[Any]], None]:
+    def done(task: asyncio.Future[Any]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("failover: %s: %s", what, task.exception())
+
+    return done
+
+
+def _pack(message: object) -> bytes:
+    return msgspec.msgpack.encode(message)
+
+
+def _added(record: FailoverRecord, field_name: str, item: Any, what: str, same: Callable[[Any, Any], bool]):
+    items = getattr(record, field_name)
+    if any(same(item, other) for other in items):
+        raise AlreadyExists(f"{what} is configured already")
+    return dataclasses.replace(record, **{field_name: tuple(sorted((*items, item)))})
+
+
+def _removed(record: FailoverRecord, field_name: str, item: Any, what: str):
+    items = getattr(record, field_name)
+    if item not in items:
+        raise NotFound(f"{what} is not configured")
+    return dataclasses.replace(record, **{field_name: tuple(other for other in items if other != item)})
+
+
+def _same_address(a: VirtualAddress, b: VirtualAddress) -> bool:
+    return a.address == b.address
+
+
+def _same_ping_node(a: PingNode, b: PingNode) -> bool:
+    return a.address == b.address
+
+
+def _interface_exists(name: str) -> bool:
+    return Path(f"/sys/class/net/{name}").exists()

@@ -1,0 +1,269 @@
+"""Failover between two real daemons in namespaces: who holds the virtual IP, and why.
+
+Nodes a and b (each a daemon on a private bus, with the in-memory kernel and the data
+path's stand-in) are joined by a heartbeat link of their own and by the data network, a
+bridge that also holds the ping node p. The pair's main path is the heartbeat link, its
+auxiliary path the data network. Target t1's disk is mirrored from a to b in sync mode;
+failover protects t1 behind one virtual IP. From p, a sampler asks every 20 ms who
+answers for the virtual IP (an ARP probe; every holder on the network answers it) and
+counts the moments with two holders: there must be none. What the storage does at a
+takeover (LIO, md, the client's I/O) is proven in the VM tier.
+
+The tests share one cluster and run in order, each starting from the state the previous
+one left (named at its start).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support.daemon import Daemon
+from tests.support.netns import Namespace, Switch, ip, link
+from tests.support.pair import PairedDaemons, wait
+
+pytestmark = pytest.mark.netns
+
+KEY = "failover-pair-key-of-the-netns-tier-0123456"
+HEARTBEAT = {"a": "10.238.1.1", "b": "10.238.1.2"}
+DATA = {"a": "10.238.0.1", "b": "10.238.0.2", "p": "10.238.0.9"}
+VIP = "10.238.0.100"
+# Fast beats so that every outage decides within a second or two.
+INTERVAL, MISSES = 0.2, 3
+
+SAMPLER = textwrap.dedent(
+    """
+    import json, select, socket, struct, sys, time
+    from applianced.failover import announce
+    vip = socket.inet_aton(sys.argv[1])
+    sock, mac = announce._packet_socket("data")
+    probe = announce._arp_frame(mac, announce.ARP_REQUEST, b"\\0" * 4, b"\\0" * 6, vip)
+    samples, doubles, seen = 0, 0, set()
+    print("ready", flush=True)
+    while not select.select([sys.stdin], [], [], 0)[0]:
+        sock.send(probe)
+        holders, deadline = set(), time.monotonic() + 0.02
+        while (left := deadline - time.monotonic()) > 0 and select.select([sock], [], [], left)[0]:
+            frame = sock.recv(2048)
+            if len(frame) >= 42:
+                operation, sender_mac, sender = struct.unpack_from("!6xH6s4s", frame, 14)
+                if operation == announce.ARP_REPLY and sender == vip:
+                    holders.add(sender_mac.hex(":"))
+        samples += 1
+        doubles += len(holders) > 1
+        seen |= holders
+    print(json.dumps({"samples": samples, "doubles": doubles, "holders": sorted(seen)}), flush=True)
+    """
+)
+
+
+class Cluster:
+    def __init__(self, root: Path) -> None:
+        self.switch = Switch("fo-lan")
+        self.namespaces = {name: Namespace(f"fo-{name}") for name in ("a", "b", "p")}
+        a, b = self.namespaces["a"], self.namespaces["b"]
+        link(a, [f"{HEARTBEAT['a']}/24"], b, [f"{HEARTBEAT['b']}/24"], names=("hb", "hb"))
+        self.ports = {
+            name: self.switch.plug(self.namespaces[name], "data", [f"{address}/24"]) for name, address in DATA.items()
+        }
+        self.daemons = PairedDaemons(root, self.namespaces, HEARTBEAT, DATA, KEY)
+        self.nodes = self.daemons.nodes
+
+    def mac(self, name: str) -> str:
+        return json.loads(ip("-j", "link", "show", "data", netns=self.namespaces[name].name))[0]["address"]
+
+    def holds_vip(self, name: str) -> bool:
+        return VIP in ip("-br", "addr", "show", "data", netns=self.namespaces[name].name)
+
+    def cable(self, name: str, interface: str, up: bool) -> None:
+        """Pull (or plug back) one cable: the data one at the switch, the heartbeat one at the node."""
+        if interface == "data":
+            ip("link", "set", self.ports[name], "up" if up else "down", netns=self.switch.name)
+        else:
+            ip("link", "set", interface, "up" if up else "down", netns=self.namespaces[name].name)
+
+    def close(self) -> None:
+        self.daemons.close()
+        for namespace in (*self.namespaces.values(), self.switch):
+            namespace.delete()
+
+
+def ctl(node: Daemon, *args: str, input: str | None = None):
+    result = node.cli(*args, input=input)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def status(node: Daemon) -> dict:
+    return ctl(node, "--json", "failover", "status").json()
+
+
+def role(node: Daemon) -> str:
+    return status(node)["role"]
+
+
+class Sampler:
+    """Who answers for the virtual IP, asked from the ping node's namespace until stopped."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        command = [*cluster.namespaces["p"].exec_prefix, sys.executable, "-c", SAMPLER, VIP]
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.process.stdout.readline().strip() == "ready"
+
+    def stop(self) -> dict:
+        out, _ = self.process.communicate("stop\n", timeout=30)
+        return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    made = Cluster(tmp_path_factory.mktemp("failover"))
+    try:
+        a = made.nodes["a"]
+        a.configure_first_slice()
+        ctl(a, "mirror", "create", "d1", "sync")
+        wait(lambda: ctl(a, "mirror", "state", "d1").stdout.strip() == "1")
+        yield made
+    finally:
+        made.close()
+
+
+@pytest.fixture
+def sampler(cluster):
+    running = Sampler(cluster)
+    yield running
+    if running.process.poll() is None:
+        running.process.kill()
+
+
+def test_start_is_refused_with_what_is_missing_then_starts(cluster):
+    a, b = cluster.nodes["a"], cluster.nodes["b"]
+    refused = a.cli("failover", "start")
+    assert refused.returncode != 0
+    for missing in ("no virtual IP is configured", "no ping node is configured", "no target is protected"):
+        assert missing in refused.stderr
+    ctl(a, "failover", "add-address", "data", f"{VIP}/24")
+    ctl(a, "failover", "add-ping-node", "10.238.0.99", "data")  # nobody there
+    ctl(a, "failover", "protect", "t1")
+    ctl(a, "failover", "heartbeat", str(INTERVAL), str(MISSES))
+    (problem,) = ctl(a, "--json", "failover", "check").json()
+    assert problem == "ping node 10.238.0.99 does not answer over data"
+    before = (role(a), role(b), cluster.holds_vip("a"))
+    assert a.cli("failover", "start").returncode != 0
+    assert (role(a), role(b), cluster.holds_vip("a")) == before == ("stopped", "stopped", False)
+    ctl(a, "failover", "remove-ping-node", "10.238.0.99")
+    ctl(a, "failover", "add-ping-node", DATA["p"], "data")
+    assert ctl(a, "--json", "failover", "check").json() == []
+    ctl(a, "failover", "start")
+    assert (role(a), role(b)) == ("active", "passive")
+    assert cluster.holds_vip("a") and not cluster.holds_vip("b")
+    # The passive node got the settings, and refuses changes while it runs.
+    shown = status(b)
+    assert shown["addresses"] == [f"{VIP}/24 on data"] and shown["heartbeat"] == {"interval": INTERVAL, "misses": 3}
+    assert b.cli("failover", "add-address", "data", "10.238.0.101/24").returncode != 0
+    wait(lambda: status(b)["peer_heard"] and status(b)["ping_node_reached"])
+
+
+def test_a_cut_heartbeat_link_changes_nothing(cluster, sampler):
+    # a active, b passive: the beats go on over the data network.
+    a, b = cluster.nodes["a"], cluster.nodes["b"]
+    history = ctl(b, "--json", "failover", "history").json()
+    cluster.cable("a", "hb", False)
+    time.sleep(10 * INTERVAL * MISSES)
+    assert (role(a), role(b)) == ("active", "passive")
+    assert status(b)["peer_heard"]
+    cluster.cable("a", "hb", True)
+    assert ctl(b, "--json", "failover", "history").json() == history
+    seen = sampler.stop()
+    assert seen["doubles"] == 0 and seen["holders"] == [cluster.mac("a")]
+
+
+def test_a_dead_daemon_with_its_address_still_up_is_not_taken_over(cluster):
+    # a active: its daemon dies, its kernel still answers for the address.
+    a, b = cluster.nodes["a"], cluster.nodes["b"]
+    a.stop(signal.SIGKILL)
+    try:
+        wait(lambda: status(b)["decision"] == "refuse-takeover")
+        assert "still answers" in status(b)["reason"]
+        assert role(b) == "passive" and not cluster.holds_vip("b")
+    finally:
+        a.start()
+    # Restarted with its address still configured: it goes on serving.
+    wait(lambda: status(b)["peer_heard"])
+    assert role(a) == "active" and cluster.holds_vip("a")
+
+
+def test_an_isolated_active_node_stops_serving_and_the_peer_takes_over(cluster, sampler):
+    # a active: both its cables are pulled; it cannot reach b nor the ping node.
+    a, b = cluster.nodes["a"], cluster.nodes["b"]
+    cluster.cable("a", "hb", False)
+    cluster.cable("a", "data", False)
+    cut = time.monotonic()
+    wait(lambda: role(b) == "active")
+    took = time.monotonic() - cut
+    wait(lambda: role(a) == "passive")
+    assert "isolated" in status(a)["reason"]
+    assert cluster.holds_vip("b") and not cluster.holds_vip("a")
+    # Back on the network, a hears that b took over after it: it stays passive, and its
+    # copy of the disk is the copy again (b's resync overwrites what a alone wrote).
+    cluster.cable("a", "data", True)
+    cluster.cable("a", "hb", True)
+    wait(lambda: status(a)["peer_heard"])
+    wait(lambda: ctl(a, "--json", "mirror", "show", "d1").json()["role"] == "target")
+    assert (role(a), role(b)) == ("passive", "active")
+    seen = sampler.stop()
+    assert seen["doubles"] == 0 and set(seen["holders"]) <= {cluster.mac("a"), cluster.mac("b")}
+    event = ctl(b, "--json", "failover", "history").json()[-1]
+    assert event["role"] == "active" and "silent" in event["reason"]
+    print(f"takeover seen {took:.2f} s after the cut; steps: {event['steps']}")
+
+
+def test_an_active_node_without_its_data_network_hands_over(cluster, sampler):
+    # b active, a passive (its mirror resynced from b): b's data cable is pulled.
+    a, b = cluster.nodes["a"], cluster.nodes["b"]
+    wait(lambda: ctl(b, "mirror", "state", "d1").stdout.strip() == "1")
+    wait(lambda: not status(a)["reason"].startswith("this node's copies"))
+    cluster.cable("b", "data", False)
+    wait(lambda: role(a) == "active")
+    assert role(b) == "passive" and not cluster.holds_vip("b") and cluster.holds_vip("a")
+    assert "data network is down" in ctl(b, "--json", "failover", "history").json()[-1]["reason"]
+    cluster.cable("b", "data", True)
+    seen = sampler.stop()
+    assert seen["doubles"] == 0
+
+
+def test_a_lost_ping_node_moves_nothing(cluster, sampler):
+    # a active, b passive: the ping node goes away; both nodes lose it.
+    a, b = cluster.nodes["a"], cluster.nodes["b"]
+    cluster.cable("p", "data", False)
+    try:
+        wait(lambda: not status(a)["ping_node_reached"] and not status(b)["ping_node_reached"])
+        time.sleep(5 * INTERVAL * MISSES)
+        assert (role(a), role(b)) == ("active", "passive")
+        assert "ping nodes are down" in status(a)["reason"]
+    finally:
+        cluster.cable("p", "data", True)
+    wait(lambda: status(a)["ping_node_reached"])
+    assert sampler.stop()["doubles"] == 0
+
+
+def test_a_planned_switchover_and_stop(cluster, sampler):
+    # a active, b passive.
+    a, b = cluster.nodes["a"], cluster.nodes["b"]
+    wait(lambda: ctl(a, "mirror", "state", "d1").stdout.strip() == "1")
+    ctl(a, "failover", "switchover")
+    assert (role(a), role(b)) == ("passive", "active")
+    assert cluster.holds_vip("b") and not cluster.holds_vip("a")
+    assert ctl(b, "--json", "mirror", "show", "d1").json()["role"] == "source"
+    ctl(b, "failover", "stop")
+    assert (role(a), role(b)) == ("stopped", "stopped")
+    assert cluster.holds_vip("b"), "the active node keeps serving without failover"
+    seen = sampler.stop()
+    assert seen["doubles"] == 0 and cluster.mac("b") in seen["holders"]
