@@ -662,6 +662,30 @@ class Appliance:
             await self._commit("modify-target", name, self.config.with_target(modified))
             return modified
 
+    async def adopt_targets(self, targets: Sequence[Target]) -> None:
+        """Take ``targets`` as the peer node defined them (failover keeps the passive node's
+        copy of the active node's protected targets), in one commit, replacing targets of
+        the same names; their LUNs name this node's disks. Nothing changes when one of them
+        is invalid here."""
+        async with self._lock:
+            new = self.config
+            for target in targets:
+                new = new.with_target(target)
+            if new == self.config:
+                return
+            validation.validate_config(new, await asyncio.to_thread(self.local_addresses), self.config.disks)
+            await self._commit("adopt-targets", ",".join(t.name for t in targets), new)
+
+    async def set_targets_enabled(self, target_names: Sequence[str], enabled: bool) -> None:
+        """Enable or disable several targets in one commit (a failover's role change):
+        disabling drops their sessions, without asking."""
+        async with self._lock:
+            new = self.config
+            for name in target_names:
+                new = new.with_target(dataclasses.replace(self._target(name), enabled=enabled))
+            if new != self.config:
+                await self._commit("enable-targets" if enabled else "disable-targets", ",".join(target_names), new)
+
     def _target(self, name: str) -> Target:
         try:
             return self.config.targets[name]

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from applianced.failover.records import FailoverRecord
+from applianced.state import Target
 
 BEAT = "failover.beat"
 START = "failover.start"
@@ -21,6 +22,8 @@ TAKE_OVER = "failover.take-over"
 # A node that yielded to the peer's takeover: its disks are copies again, the peer may
 # resync them (partially: the bitmaps of both sides are merged).
 COPIES_READY = "failover.copies-ready"
+# The active node's definition of a protected target, kept ready (disabled) on the passive.
+PREPARE_TARGET = "failover.prepare-target"
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,24 @@ class Disks:
     """Disks by the answering node's names."""
 
     disks: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class SealedChap:
+    """The CHAP secrets of a target ("" initiator) or of one of its ACLs, encrypted
+    (``peer.secrets``): the link authenticates what it carries but does not hide it."""
+
+    initiator: str
+    secret: bytes = b""
+    mutual_secret: bytes = b""
+
+
+@dataclass(frozen=True)
+class PreparedTarget:
+    """A protected target as the active node defines it, its CHAP secrets blanked."""
+
+    target: Target
+    secrets: tuple[SealedChap, ...] = field(default=())
 
 
 @dataclass(frozen=True)

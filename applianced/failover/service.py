@@ -35,7 +35,7 @@ from applianced.errors import (
     NotFound,
     Unreachable,
 )
-from applianced.failover import addresses, announce, pingnode
+from applianced.failover import addresses, announce, pingnode, targets
 from applianced.failover import messages as m
 from applianced.failover.addresses import VirtualAddress, check_interface
 from applianced.failover.decision import Action, Decision, Observation, Role, decide
@@ -77,6 +77,9 @@ class Failover:
         self._forced = False
         self._yielding: asyncio.Future[None] | None = None
         self._hand_over_looks = 0
+        # The protected targets as the peer last accepted them (active node).
+        self._pushed: dict[str, Any] = {}
+        self._pushing: asyncio.Future[None] | None = None
         self.counters = dict.fromkeys(("beats_sent", "beats_answered", "beats_received", "stalls"), 0)
         for kind, handler in self._handlers().items():
             peer.handle(kind, handler)
@@ -173,8 +176,16 @@ class Failover:
         elif status.clock_offset is not None and abs(status.clock_offset) > MAX_CLOCK_OFFSET:
             found.append(f"the nodes' clocks differ by {status.clock_offset:+.2f} s: synchronise them (NTP)")
         found += self._target_problems()
+        found += self._portal_problems()
         found += await self._network_problems(self.record, active=True)
         return found
+
+    def _portal_problems(self) -> list[str]:
+        # A portal on a virtual IP could not be built on the passive node (the address is
+        # not there): the protected targets are reached through a wildcard portal.
+        if any(portal.address in ("0.0.0.0", "::") for portal in self.engine.config.portals):
+            return []
+        return ["no portal listens on the virtual IPs: create one on 0.0.0.0 (or ::)"]
 
     def _setting_problems(self, record: FailoverRecord) -> list[str]:
         found = []
@@ -306,6 +317,10 @@ class Failover:
                 return
             decision = await self._decide()
             await self._act(decision)
+            if self.role is Role.ACTIVE and self.peer_heard:
+                self._push_targets()
+            elif not self.peer_heard:
+                self._pushed = {}  # a peer back from silence gets everything again
         if (self.peer_heard, self.ping_node_reached) != before:
             self._notify()
 
@@ -349,6 +364,34 @@ class Failover:
         targets = (self.engine.config.targets.get(name) for name in self.record.targets)
         disks = {lun.disk for target in targets if target for lun in target.luns}
         return tuple(sorted(disks | {half.disk for half in self._local_copies()}))
+
+    def _local_targets(self) -> list[str]:
+        """The protected targets this node has (its own, or the active node's prepared)."""
+        return [name for name in self.record.targets if name in self.engine.config.targets]
+
+    def _push_targets(self) -> None:
+        """On the active node: send the protected targets that changed since the peer last
+        took them, in the background (a look never waits for the peer's reconcile)."""
+        changed = {
+            name: target
+            for name in self._local_targets()
+            if self._pushed.get(name) != (target := self.engine.config.targets[name])
+        }
+        if not changed or self._pushing is not None or self.peer.record is None:
+            return
+        self._pushing = asyncio.ensure_future(self._send_targets(changed))
+        self._pushing.add_done_callback(self._pushed_targets)
+
+    def _pushed_targets(self, task: asyncio.Future[None]) -> None:
+        self._pushing = None
+        _log_failure("the protected targets did not reach the peer")(task)
+
+    async def _send_targets(self, changed: dict[str, Any]) -> None:
+        assert self.peer.record is not None
+        key = self.peer.record.key
+        for name, target in changed.items():
+            await self._ask(m.PREPARE_TARGET, targets.outgoing(target, key), m.Done, SLOW_REQUEST)
+            self._pushed[name] = target
 
     def _protected_sources(self) -> list[str]:
         """The protected disks whose mirror this node is the source of."""
@@ -452,6 +495,7 @@ class Failover:
             steps.append((name, time.monotonic() - started))
 
         await step("promote copies", self._promote_copies())
+        await step("enable targets", self.engine.set_targets_enabled(self._local_targets(), True))
         vips = list(self.record.addresses)
         for vip in vips:
             await step(f"add {vip.address}", asyncio.to_thread(addresses.add, vip))
@@ -470,6 +514,10 @@ class Failover:
             started = time.monotonic()
             await asyncio.to_thread(addresses.remove, vip)
             steps.append((f"remove {vip.address}", time.monotonic() - started))
+        started = time.monotonic()
+        await self.engine.set_targets_enabled(self._local_targets(), False)
+        steps.append(("disable targets", time.monotonic() - started))
+        self._pushed = {}
         await self._become(Role.PASSIVE, reason, steps)
 
     def _peer_took_over(self) -> bool:
@@ -561,6 +609,7 @@ class Failover:
             m.CAN_TAKE_OVER: handler(m.Reason, self._on_can_take_over),
             m.TAKE_OVER: handler(m.Reason, self._on_take_over),
             m.COPIES_READY: handler(m.Disks, self._on_copies_ready, locked=False),
+            m.PREPARE_TARGET: handler(m.PreparedTarget, self._on_prepare_target),
         }
 
     async def _on_beat(self, beat: m.Beat) -> m.Beat:
@@ -573,6 +622,7 @@ class Failover:
             return m.Problems(("this node is active itself",))
         settings = dataclasses.replace(ask.settings, role=self.record.role, active_since=self.record.active_since)
         found = self._setting_problems(settings)
+        found += self._portal_problems()
         found += await self._network_problems(settings, active=False)
         if found:
             return m.Problems(tuple(found))
@@ -601,6 +651,14 @@ class Failover:
     async def _on_take_over(self, ask: m.Reason) -> m.Done:
         if self.role is not Role.ACTIVE:
             await self._take_over(Decision(Action.TAKE_OVER, f"handed over by the peer: {ask.reason}"))
+        return m.Done()
+
+    async def _on_prepare_target(self, ask: m.PreparedTarget) -> m.Done:
+        if self.role is Role.ACTIVE:
+            raise Busy("this node is active: it serves its own definition of the protected targets")
+        assert self.peer.record is not None
+        copies = {half.peer_disk: half.disk for half in self.replication.halves()}
+        await self.engine.adopt_targets([targets.incoming(ask, self.peer.record.key, copies)])
         return m.Done()
 
     async def _on_copies_ready(self, ask: m.Disks) -> m.Done:

@@ -176,6 +176,11 @@ def _hkdf(secret: bytes, salt: bytes, info: bytes) -> bytes:
     return hmac.new(pseudo_random_key, info + b"\x01", hashlib.sha256).digest()
 
 
+def derived_key(shared_key: bytes, purpose: bytes) -> bytes:
+    """A key of the pair for ``purpose`` (e.g. encrypting the secrets that cross the link)."""
+    return _hkdf(shared_key, _SALT, b"applianced peer link " + purpose)
+
+
 def handshake_key(shared_key: bytes) -> bytes:
     """The key of HELLO and WELCOME: proves that the sender holds the shared key."""
     return _hkdf(shared_key, _SALT, _HANDSHAKE_INFO)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.daemon import Daemon
+from tests.support.daemon import INITIATOR, Daemon
 from tests.support.netns import Namespace, Switch, ip, link
 from tests.support.pair import PairedDaemons, wait
 
@@ -62,6 +62,17 @@ SAMPLER = textwrap.dedent(
     print(json.dumps({"samples": samples, "doubles": doubles, "holders": sorted(seen)}), flush=True)
     """
 )
+
+
+# Target t1 with one LUN and a CHAP-protected ACL, reached through a wildcard portal.
+SETUP = f"""
+disk create d1 64M
+target create t1
+portal create 0.0.0.0
+lun add t1 d1 --lun 3
+acl add t1 {INITIATOR}
+"""
+CHAP_SECRET = "s3cret-s3cret"
 
 
 class Cluster:
@@ -101,6 +112,14 @@ def ctl(node: Daemon, *args: str, input: str | None = None):
     return result
 
 
+def served(node: Daemon) -> dict[str, bool]:
+    """The targets in the node's (in-memory) kernel, and whether each is enabled."""
+    return {
+        target["iqn"].rsplit(":", 1)[-1]: target["enabled"]
+        for target in json.loads(node.kernel_file.read_text())["targets"]
+    }
+
+
 def status(node: Daemon) -> dict:
     return ctl(node, "--json", "failover", "status").json()
 
@@ -126,8 +145,9 @@ class Sampler:
 def cluster(tmp_path_factory):
     made = Cluster(tmp_path_factory.mktemp("failover"))
     try:
-        a = made.nodes["a"]
-        a.configure_first_slice()
+        a, b = made.nodes["a"], made.nodes["b"]
+        ctl(a, "batch", input=SETUP)
+        ctl(b, "portal", "create", "0.0.0.0")  # where b will serve t1 after a takeover
         ctl(a, "mirror", "create", "d1", "sync")
         wait(lambda: ctl(a, "mirror", "state", "d1").stdout.strip() == "1")
         yield made
@@ -161,9 +181,23 @@ def test_start_is_refused_with_what_is_missing_then_starts(cluster):
     ctl(a, "failover", "remove-ping-node", "10.238.0.99")
     ctl(a, "failover", "add-ping-node", DATA["p"], "data")
     assert ctl(a, "--json", "failover", "check").json() == []
+    ctl(a, "chap", "acl", "t1", INITIATOR, "--user", "alice", input=CHAP_SECRET + "\n")
     ctl(a, "failover", "start")
     assert (role(a), role(b)) == ("active", "passive")
     assert cluster.holds_vip("a") and not cluster.holds_vip("b")
+    # b keeps t1 ready, disabled, with the same identity, on its copy, with the ACL's CHAP.
+    wait(lambda: served(b).get("t1") is False)
+    assert served(a)["t1"] is True
+    (lun,) = ctl(b, "--json", "lun", "list", "t1").json()
+    assert (lun["lun"], lun["disk"]) == (3, "d1")
+    (acl,) = ctl(b, "--json", "acl", "list").json()
+    assert (acl["initiator"], acl["auth"]) == (INITIATOR, "chap")
+    kernel_b = b.kernel_file.read_text()
+    assert (
+        "alice" in kernel_b
+        and CHAP_SECRET in kernel_b
+        and CHAP_SECRET not in (b.log_file.read_text() + a.log_file.read_text())
+    )
     # The passive node got the settings, and refuses changes while it runs.
     shown = status(b)
     assert shown["addresses"] == [f"{VIP}/24 on data"] and shown["heartbeat"] == {"interval": INTERVAL, "misses": 3}
@@ -211,6 +245,7 @@ def test_an_isolated_active_node_stops_serving_and_the_peer_takes_over(cluster, 
     wait(lambda: role(a) == "passive")
     assert "isolated" in status(a)["reason"]
     assert cluster.holds_vip("b") and not cluster.holds_vip("a")
+    assert (served(a)["t1"], served(b)["t1"]) == (False, True)
     # Back on the network, a hears that b took over after it: it stays passive, and its
     # copy of the disk is the copy again (b's resync overwrites what a alone wrote).
     cluster.cable("a", "data", True)
@@ -233,6 +268,7 @@ def test_an_active_node_without_its_data_network_hands_over(cluster, sampler):
     cluster.cable("b", "data", False)
     wait(lambda: role(a) == "active")
     assert role(b) == "passive" and not cluster.holds_vip("b") and cluster.holds_vip("a")
+    assert (served(a)["t1"], served(b)["t1"]) == (True, False)
     assert "data network is down" in ctl(b, "--json", "failover", "history").json()[-1]["reason"]
     cluster.cable("b", "data", True)
     seen = sampler.stop()
@@ -262,6 +298,7 @@ def test_a_planned_switchover_and_stop(cluster, sampler):
     assert (role(a), role(b)) == ("passive", "active")
     assert cluster.holds_vip("b") and not cluster.holds_vip("a")
     assert ctl(b, "--json", "mirror", "show", "d1").json()["role"] == "source"
+    assert (served(a)["t1"], served(b)["t1"]) == (False, True)
     ctl(b, "failover", "stop")
     assert (role(a), role(b)) == ("stopped", "stopped")
     assert cluster.holds_vip("b"), "the active node keeps serving without failover"
