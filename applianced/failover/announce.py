@@ -20,6 +20,7 @@ import socket
 import struct
 import time
 
+from applianced.errors import KernelError
 from applianced.failover.addresses import VirtualAddress
 
 ETH_P_ARP = 0x0806
@@ -76,7 +77,15 @@ def _interface_mac(interface: str) -> bytes:
 
 
 def announce(vip: VirtualAddress, count: int = ANNOUNCEMENTS, interval: float = ANNOUNCE_INTERVAL) -> None:
-    """Announce ``vip`` (configured on this node) ``count`` times, ``interval`` seconds apart."""
+    """Announce ``vip`` (configured on this node) ``count`` times, ``interval`` seconds apart;
+    KernelError when the interface cannot send."""
+    try:
+        _announce(vip, count, interval)
+    except OSError as exc:
+        raise KernelError(f"cannot announce {vip.address} on {vip.interface}: {exc.strerror}") from None
+
+
+def _announce(vip: VirtualAddress, count: int, interval: float) -> None:
     if vip.version == 4:
         sock, mac = _packet_socket(vip.interface)
         address = socket.inet_aton(vip.address)
@@ -114,14 +123,18 @@ def _wait(sock: socket.socket, deadline: float, answer) -> str | None:
 
 
 def in_use(vip: VirtualAddress, probes: int = PROBES, timeout: float = PROBE_TIMEOUT) -> str | None:
-    """The MAC of whoever answers for ``vip`` on its interface's network, else None.
+    """The MAC of whoever answers for ``vip`` on its interface's network, else None;
+    KernelError when the interface cannot be used (gone, down).
 
     Asked from this node's interface, so this node's own copy of the address (if any)
     never answers.
     """
-    if vip.version == 4:
-        return _arp_in_use(vip, probes, timeout)
-    return _nd_in_use(vip, probes, timeout)
+    try:
+        if vip.version == 4:
+            return _arp_in_use(vip, probes, timeout)
+        return _nd_in_use(vip, probes, timeout)
+    except OSError as exc:
+        raise KernelError(f"cannot ask who holds {vip.address} on {vip.interface}: {exc.strerror}") from None
 
 
 def _mac_text(mac: bytes) -> str:
@@ -173,7 +186,10 @@ def _nd_in_use(vip: VirtualAddress, probes: int, timeout: float) -> str | None:
 
     with sock:
         for _ in range(probes):
-            sock.sendto(solicitation, group)
+            try:
+                sock.sendto(solicitation, group)
+            except OSError:
+                return None  # no IPv6 on the interface (or it is down): nobody answers there
             found = _wait(sock, time.monotonic() + timeout, answer)
             if found:
                 return found

@@ -58,7 +58,10 @@ def reaches(address: str, interface: str = "", timeout: float = 1.0) -> float | 
     want_type = ECHO_REPLY_V4 if version == 4 else ECHO_REPLY_V6
     with socket.socket(family, socket.SOCK_RAW, protocol) as sock:
         if interface:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode())
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode())
+            except OSError:
+                return None  # no such interface: nothing is reached over it
         start = time.monotonic()
         deadline = start + timeout
         try:

@@ -230,7 +230,10 @@ class Failover:
             if not await asyncio.to_thread(_interface_exists, vip.interface):
                 return f"interface {vip.interface} of virtual IP {vip.address} does not exist on this node"
             if active and not await asyncio.to_thread(addresses.present, [vip]):
-                holder = await asyncio.to_thread(announce.in_use, vip)
+                try:
+                    holder = await asyncio.to_thread(announce.in_use, vip)
+                except KernelError as exc:
+                    return str(exc)
                 if holder:
                     return f"virtual IP {vip.address} is in use on the network already (by {holder})"
             return ""
@@ -433,8 +436,14 @@ class Failover:
         return decision
 
     async def _addresses_answered(self) -> bool:
+        """Whether someone answers for a VIP; True when this node cannot even ask (its data
+        NIC gone or down): a node that cannot tell does not take over."""
         vips = list(self.record.addresses)
-        holders = await asyncio.gather(*(asyncio.to_thread(announce.in_use, vip) for vip in vips))
+        try:
+            holders = await asyncio.gather(*(asyncio.to_thread(announce.in_use, vip) for vip in vips))
+        except KernelError as exc:
+            log.warning("failover: %s; no takeover", exc)
+            return True
         return any(holders)
 
     async def _act(self, decision: Decision) -> None:
@@ -461,7 +470,7 @@ class Failover:
                 await self._save(self.record.with_event(Event(time.time(), "refused", decision.reason)))
                 audit("failover-refused", "cluster", "warning", f"failover: no takeover: {decision.reason}")
             self.decision = decision
-            await self._keep_addresses()
+            await self._keep_role()
         if self.role is Role.PASSIVE and self._yielding is None and self._peer_took_over():
             # In the background: a replication step may wait for a resync's turn, and the
             # looks (pings, beats, decisions) must go on meanwhile.
@@ -470,7 +479,8 @@ class Failover:
         if changed:
             self._notify()
 
-    async def _keep_addresses(self) -> None:
+    async def _keep_role(self) -> None:
+        """What the role holds, kept: an active node's VIPs, a passive node's silence."""
         vips = list(self.record.addresses)
         present = await asyncio.to_thread(addresses.present, vips)
         if self.role is Role.ACTIVE:
@@ -483,6 +493,8 @@ class Failover:
             for vip in present:
                 log.warning("failover: virtual IP %s is here on the passive node; removing it", vip)
                 await asyncio.to_thread(addresses.remove, vip)
+            # A node that served before a reboot restored its targets enabled.
+            await self.engine.set_targets_enabled(self._local_targets(), False)
 
     # -- role changes -------------------------------------------------------------------
 

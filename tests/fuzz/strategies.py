@@ -13,6 +13,7 @@ import ipaddress
 import json
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from dbus_fast import Variant
@@ -131,6 +132,29 @@ def peer_addresses() -> st.SearchStrategy[str]:
     return mostly(
         st.sampled_from(["127.0.0.2", "::1"]), strings("fe80::1", "127.0.0.2\n", "[::1]", "localhost", "127.1")
     ).filter(lambda address: not _another_host(address))
+
+
+def interfaces() -> st.SearchStrategy[str]:
+    """Loopback, and what names no interface: never one of the machine's NICs (the network rule)."""
+    nic = Path("/sys/class/net")
+    real = {entry.name for entry in nic.iterdir()} - {"lo"} if nic.exists() else set()
+    return mostly(st.just("lo"), strings("lo0", "nope0", "a" * 16, "../lo", "lo/x", ".")).filter(
+        lambda name: name not in real
+    )
+
+
+def virtual_addresses() -> st.SearchStrategy[str]:
+    return mostly(
+        st.sampled_from(["192.0.2.100/24", "2001:db8::100/64"]),
+        strings("192.0.2.100", "127.0.0.5/8", "fe80::5/64", "224.0.0.5/24", "192.0.2.300/24", "::/0"),
+    )
+
+
+def ping_nodes() -> st.SearchStrategy[str]:
+    """Loopback only (a ping node is pinged at every check): never another host."""
+    return mostly(st.sampled_from(["127.0.0.1", "::1"]), strings("localhost", "127.1", "::1\n")).filter(
+        lambda address: not _another_host(address)
+    )
 
 
 def pair_keys() -> st.SearchStrategy[bytes]:
@@ -692,6 +716,23 @@ METHODS: dict[str, Strategy] = {
     "Mirror.Switchover": lambda w: args(options(FORCE)),
     "Mirror.SetMode": lambda w: args(strings("sync", "async"), options({})),
     "Mirror.SetEndpoints": lambda w: args(peer_addresses(), peer_addresses(), options({})),
+    "Failover.AddAddress": lambda w: args(interfaces(), virtual_addresses(), options({})),
+    "Failover.RemoveAddress": lambda w: args(interfaces(), virtual_addresses(), options({})),
+    "Failover.AddPingNode": lambda w: args(ping_nodes(), interfaces(), options({})),
+    "Failover.RemovePingNode": lambda w: args(ping_nodes(), options({})),
+    "Failover.Protect": lambda w: args(names("t1"), options({})),
+    "Failover.Unprotect": lambda w: args(names("t1"), options({})),
+    "Failover.SetHeartbeat": lambda w: args(
+        mostly(st.sampled_from([0.5, 1.0]), st.floats(allow_nan=True, allow_infinity=True)),
+        integers(U32, 32),
+        options({}),
+    ),
+    # The fuzzed node has no connected peer: Start is always refused, with its list.
+    "Failover.Check": lambda w: args(options({})),
+    "Failover.Start": lambda w: args(options({})),
+    "Failover.Stop": lambda w: args(options({})),
+    "Failover.Switchover": lambda w: args(options({})),
+    "Failover.TakeOver": lambda w: args(options(FORCE)),
     "Mirror.Tune": lambda w: args(
         options(
             {name: ("u", integers(U32, 32)) for name in ("high_water", "low_water", "throttle", "max_resync_passes")}

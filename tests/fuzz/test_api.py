@@ -39,6 +39,7 @@ def callees(world: World, interface: str) -> st.SearchStrategy[str]:
         "Portal": "portals/gone",
         "Peer": "peer/gone",
         "Mirror": "mirrors/gone",
+        "Failover": "failover/gone",
     }[interface.rsplit(".", 1)[-1]]
     return st.sampled_from(live * 8 + [f"{ROOT_PATH}/{missing}"])
 

@@ -8,7 +8,8 @@ while the mirror is made, cut, resumed, broken, split and switched over. Every t
 with both copies equal to the byte; no write fails at the client and no task hangs.
 
 The tests share one cluster and run in order: each starts from the state the one before
-left (a mirror in sync unless it says otherwise).
+left (a mirror in sync unless it says otherwise). The last one makes the pair a failover
+cluster and kills the active node while the client writes through the virtual IP.
 """
 
 from __future__ import annotations
@@ -431,3 +432,93 @@ def test_a_daemon_restart_adopts_the_running_mirror(cluster):
     assert starts[-1].endswith("with 0 change(s)")
     assert cluster.a.state() == 1
     assert "qemu-nbd" in before[1]
+
+
+VIP = "10.60.0.100"
+PING_NODE = "10.60.0.254"
+FAILOVER_PORT = "3261"  # the wildcard portal's (a's 10.60.0.1:3260 stays as it is)
+# The client's writer: 4 KiB blocks with their sequence number, O_DIRECT, one after the
+# other; it prints each acknowledged block and the longest wait for one.
+WRITER = """
+import json, mmap, os, sys, time
+device, first, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+fd = os.open(device, os.O_WRONLY | os.O_DIRECT)
+block = mmap.mmap(-1, 4096)
+done, errors, longest, start = 0, 0, 0.0, time.monotonic()
+while time.monotonic() - start < seconds:
+    block.seek(0)
+    block.write(done.to_bytes(8, "big") * 512)
+    began = time.monotonic()
+    try:
+        os.pwrite(fd, block, (first + done) * 4096)
+        done += 1
+    except OSError:
+        errors += 1
+    longest = max(longest, time.monotonic() - began)
+print(json.dumps({"acknowledged": done, "errors": errors, "longest": longest}), flush=True)
+"""
+
+
+def failover_status(node: Node) -> dict:
+    return json.loads(node.ctl("--json", "failover", "status").stdout)
+
+
+def test_failover_kill_the_active_node_mid_write(cluster, module_lab):
+    # a serves d1 (t1) and mirrors it to b's c1, in sync.
+    module_lab.add_address("lan", f"{PING_NODE}/24")
+    lan = cluster.a.guest.run(f"ip -o addr show to {LAN['a']}/24 | awk '{{print $2}}'").stdout.strip()
+    for node in (cluster.a, cluster.b):
+        node.ctl("portal", "create", "0.0.0.0", "--port", FAILOVER_PORT)
+    cluster.a.ctl_batch(
+        ("failover", "add-address", lan, f"{VIP}/24"),
+        ("failover", "add-ping-node", PING_NODE, lan),
+        ("failover", "protect", "t1"),
+        ("failover", "heartbeat", "0.5", "4"),
+    )
+    assert json.loads(cluster.a.ctl("--json", "failover", "check").stdout) == []
+    cluster.a.ctl("failover", "start")
+    cluster.b.guest.wait_until(f"{VENV_BIN / 'appliancectl'} target list | grep -q t1", timeout=60)
+    serial = serial_of(cluster.a, "d1")
+    cluster.client.logout(TARGET, LAN["a"])
+    cluster.client.discover(f"{VIP}:{FAILOVER_PORT}")
+    cluster.client.login(TARGET, f"{VIP}:{FAILOVER_PORT}")
+    device = cluster.client_device(serial)
+    identity = vpd(cluster, device)
+    cluster.client.guest.write_file("/tmp/writer.py", WRITER)
+    cluster.client.guest.spawn("failover-writer", f"python3 /tmp/writer.py {device} 8192 60")
+    time.sleep(8)
+    cluster.a.guest.power_off()  # the active node dies mid-write: no RST ever comes
+    cluster.b.guest.wait_until(
+        f'{VENV_BIN / "appliancectl"} --json failover status | grep -q \'"role": "active"\'', timeout=120
+    )
+    log = cluster.client.guest.spawn_log_path("failover-writer")
+    cluster.client.guest.wait_until(f"grep -q acknowledged {log}", timeout=240)
+    written = json.loads(cluster.client.guest.spawn_log("failover-writer").strip().splitlines()[-1])
+    assert written["errors"] == 0 and written["acknowledged"] > 0
+    # Every acknowledged block is there, read back through b.
+    check = (
+        "import os, sys\n"
+        f"fd = os.open('{device}', os.O_RDONLY | os.O_DIRECT)\n"
+        "import mmap\nbuf = mmap.mmap(-1, 4096)\n"
+        f"for n in range({written['acknowledged']}):\n"
+        "    os.preadv(fd, [buf], (8192 + n) * 4096)\n"
+        "    assert buf[:8] == n.to_bytes(8, 'big'), n\n"
+        "print('ok')\n"
+    )
+    cluster.client.guest.write_file("/tmp/check.py", check)
+    assert cluster.client.guest.run("python3 /tmp/check.py", timeout=300).stdout.strip() == "ok"
+    assert vpd(cluster, device) == identity, "the same disk after the takeover"
+    history = json.loads(cluster.b.ctl("--json", "failover", "history").stdout)
+    print(
+        f"failover: node a killed mid-write; the client's longest write took {written['longest']:.1f} s, "
+        f"{written['acknowledged']} writes, 0 failed; b: {history[-1]['reason']} ({history[-1]['steps']})"
+    )
+    assert failover_status(cluster.b)["role"] == "active"
+    # a boots again: passive (no failback), its disk the copy again, resynced from b.
+    node = cluster.crash_and_boot("a")
+    node.guest.wait_until(
+        f'{VENV_BIN / "appliancectl"} --json mirror show d1 | grep -q \'"role": "target"\'', timeout=240
+    )
+    assert failover_status(node)["role"] == "passive"
+    cluster.b.ctl("mirror", "wait", "c1", "--timeout", "300")
+    assert_equal_copies(cluster, cluster.b, node)
