@@ -30,6 +30,9 @@ class AnnouncingInterface(ServiceInterface):
         if changed:
             self.emit_properties_changed(changed)
 
+    def announced_names(self) -> list[str]:
+        """The properties announced when they change: all but the LIVE ones."""
+        return [prop.name for prop in self.introspect().properties if prop.name not in self.LIVE]
+
     def _values(self) -> dict[str, Any]:
-        names = [prop.name for prop in self.introspect().properties if prop.name not in self.LIVE]
-        return {name: getattr(self, name) for name in names}
+        return {name: getattr(self, name) for name in self.announced_names()}

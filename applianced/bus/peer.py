@@ -6,11 +6,10 @@ down, a new session, the peer's node id learnt), not for every new round-trip ti
 property, and no error, ever carries the key.
 """
 
-from typing import Any
-
 from dbus_fast import PropertyAccess
-from dbus_fast.service import ServiceInterface, dbus_method, dbus_property
+from dbus_fast.service import dbus_method, dbus_property
 
+from applianced.bus.announcing import AnnouncingInterface
 from applianced.bus.errors import translate_errors
 from applianced.bus.options import Options
 from applianced.constants import PEER_INTERFACE
@@ -23,11 +22,14 @@ READ = PropertyAccess.READ
 ANNOUNCED = ("Connected", "Paths", "SessionStarted", "PeerNodeId")
 
 
-class PeerInterface(ServiceInterface):
+class PeerInterface(AnnouncingInterface):
     def __init__(self, peer: Peer) -> None:
         super().__init__(PEER_INTERFACE)
         self.peer = peer
-        self._announced = self._announced_values()
+        self.start_announcing()
+
+    def announced_names(self) -> list[str]:
+        return list(ANNOUNCED)
 
     @property
     def _record(self) -> PairRecord:
@@ -39,17 +41,6 @@ class PeerInterface(ServiceInterface):
         status = self.peer.status()
         assert status is not None
         return status
-
-    def refresh(self) -> None:
-        """Announce the connectivity properties that changed since the last announcement."""
-        values = self._announced_values()
-        changed = {name: value for name, value in values.items() if self._announced.get(name) != value}
-        self._announced = values
-        if changed:
-            self.emit_properties_changed(changed)
-
-    def _announced_values(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in ANNOUNCED}
 
     @dbus_property(access=READ)
     def PeerAddress(self) -> "s":
