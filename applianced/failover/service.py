@@ -15,7 +15,7 @@ to serve sends them to the peer, which becomes the passive node. No D-Bus here.
 from __future__ import annotations
 
 import asyncio
-import collections
+import concurrent.futures
 import dataclasses
 import logging
 import time
@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 # The peer's answers to a start, a stop or a hand-over may take a role change.
 SLOW_REQUEST = 30.0
+# Echoes in flight at once: a beat's worth of misses per ping node, for a few ping nodes.
+MAX_PING_THREADS = 16
 # The nodes' clocks may differ this much at start (the reference requires agreeing clocks).
 MAX_CLOCK_OFFSET = 1.0
 
@@ -70,7 +72,15 @@ class Failover:
         self._listeners: list[Callable[[], None]] = []
         self._peer_beat: m.Beat | None = None
         self._peer_heard = float("-inf")  # monotonic
-        self._pings: collections.deque[bool] = collections.deque(maxlen=self.record.misses)
+        # When a ping node last answered (monotonic), and the pings in flight.
+        self._last_reply = float("-inf")
+        self._pinging = 0
+        # No decision before this moment (monotonic): after a start or a role change the
+        # node first rebuilds what it sees (a takeover may hold the look up for seconds).
+        self._quiet_until = 0.0
+        self._pinger = concurrent.futures.ThreadPoolExecutor(
+            max_workers=MAX_PING_THREADS, thread_name_prefix="failover-ping"
+        )
         # The passive node's copies were current when the peer was last heard.
         self._copies_current = False
         self._protected: tuple[str, ...] = ()
@@ -107,19 +117,22 @@ class Failover:
 
     @property
     def ping_node_reached(self) -> bool:
-        return any(self._pings)
+        return time.monotonic() - self._last_reply < self.record.deadline
+
+    def _quiet(self) -> None:
+        self._quiet_until = time.monotonic() + self.record.deadline + self.record.interval
 
     async def start_up(self) -> None:
         """Load the record. A node that served before a reboot (its addresses gone) comes
         back passive: it serves again only once the decision says so."""
         record = await asyncio.to_thread(self.store.load)
-        self._pings = collections.deque(maxlen=record.misses)
         if record.role == Role.ACTIVE.value and record.addresses:
             present = await asyncio.to_thread(addresses.present, list(record.addresses))
             if not present:
                 record = dataclasses.replace(record, role=Role.PASSIVE.value)
                 log.info("failover: this node served before it restarted; passive until the peer is heard")
         self.record = record
+        self._quiet()
 
     # -- settings ---------------------------------------------------------------------
 
@@ -158,9 +171,7 @@ class Failover:
         async with self._lock:
             if self.role is not Role.STOPPED:
                 raise Busy(f"failover runs on this node ({self.role.value}): stop it to change its settings")
-            record = change(self.record)
-            await self._save(record)
-            self._pings = collections.deque(maxlen=record.misses)
+            await self._save(change(self.record))
         self._notify()
 
     # -- checks, start and stop ---------------------------------------------------------
@@ -308,12 +319,15 @@ class Failover:
     async def tick(self, stalled: bool = False) -> None:
         """One look: ping, beat, decide, act. ``stalled``: the loop woke it late."""
         before = (self.peer_heard, self.ping_node_reached)
-        await asyncio.gather(self._ping(), self._beat())
+        self._ping()
+        await self._beat()
         if stalled:
             # This node's own loop was held up: the peer's beats of that time may still be
             # unread. No decision on that silence.
             self.counters["stalls"] += 1
             log.warning("failover: this node's look came late; deciding at the next one")
+            return
+        if time.monotonic() < self._quiet_until:
             return
         async with self._lock:
             if self.role is Role.STOPPED:
@@ -327,8 +341,25 @@ class Failover:
         if (self.peer_heard, self.ping_node_reached) != before:
             self._notify()
 
-    async def _ping(self) -> None:
-        self._pings.append(await self._ping_now(min(1.0, self.record.interval)))
+    def _ping(self) -> None:
+        """Ask each ping node in the background, each echo given the whole deadline: an
+        answer late because this node is busy (an emulated CPU, a reconcile) still counts.
+        The pings have threads of their own: they never wait behind the daemon's."""
+        nodes = self.record.ping_nodes
+        if self._pinging >= self.record.misses * len(nodes):
+            return
+        loop = asyncio.get_running_loop()
+        for node in nodes:
+            self._pinging += 1
+            echo = loop.run_in_executor(
+                self._pinger, pingnode.reaches, node.address, node.interface, self.record.deadline
+            )
+            echo.add_done_callback(self._pinged)
+
+    def _pinged(self, echo: asyncio.Future[float | None]) -> None:
+        self._pinging -= 1
+        if not echo.cancelled() and echo.exception() is None and echo.result() is not None:
+            self._last_reply = time.monotonic()
 
     async def _ping_now(self, timeout: float = 1.0) -> bool:
         """Whether a ping node answers this node now (all are asked at once)."""
@@ -477,6 +508,7 @@ class Failover:
             self._yielding = asyncio.ensure_future(self._yield_copies())
             self._yielding.add_done_callback(self._yielded)
         if changed:
+            log.info("failover: %s: %s", self.decision.action.value, self.decision.reason)
             self._notify()
 
     async def _keep_role(self) -> None:
@@ -587,6 +619,7 @@ class Failover:
         await self._save(record)
         action = {Role.ACTIVE: Action.TAKE_OVER, Role.PASSIVE: Action.STOP_SERVING}.get(role, Action.STAY)
         self.decision = Decision(action, reason)
+        self._quiet()
         timing = ", ".join(f"{name} {seconds * 1000:.0f} ms" for name, seconds in steps or ())
         audit(
             "failover-role",
@@ -640,7 +673,7 @@ class Failover:
             return m.Problems(tuple(found))
         self._peer_heard = time.monotonic()
         await self._save(dataclasses.replace(settings, history=self.record.history))
-        self._pings = collections.deque([True], maxlen=settings.misses)
+        self._last_reply = time.monotonic()  # it just answered the checks
         if self.role is not Role.PASSIVE:
             await self._become(Role.PASSIVE, "the peer started the cluster")
         return m.Problems()
