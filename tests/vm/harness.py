@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import itertools
 import json
 import logging
@@ -307,7 +308,11 @@ class Lab:
         """Create bridge ``name`` in the namespace (names are private to it)."""
         if not re.fullmatch(r"[A-Za-z0-9_-]{1,15}", name):
             raise HarnessError(f"bad bridge name {name!r}")
-        _ip("-n", self.ns, "link", "add", name, "type", "bridge")
+        # A MAC of its own: a bridge otherwise takes its lowest port's, and changes it when
+        # that guest goes, so that the namespace's own address (a ping node) would vanish
+        # from the guests' ARP caches whenever a guest is killed.
+        mac = "02:ab:" + ":".join(f"{byte:02x}" for byte in hashlib.sha256(name.encode()).digest()[:4])
+        _ip("-n", self.ns, "link", "add", name, "address", mac, "type", "bridge")
         # No STP and no forwarding delay: ports forward as soon as they are up,
         # and heartbeat tests must not see a 15 s learning phase.
         _ip("-n", self.ns, "link", "set", name, "type", "bridge", "stp_state", "0", "forward_delay", "0")
