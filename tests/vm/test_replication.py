@@ -438,14 +438,15 @@ VIP = "10.60.0.100"
 PING_NODE = "10.60.0.254"
 FAILOVER_PORT = "3261"  # the wildcard portal's (a's 10.60.0.1:3260 stays as it is)
 # The client's writer: 4 KiB blocks with their sequence number, O_DIRECT, one after the
-# other; it prints each acknowledged block and the longest wait for one.
+# other from block FIRST up to LAST (the volume's second half) for SECONDS; it prints how
+# many were acknowledged, how many failed, and the longest wait for one.
 WRITER = """
 import json, mmap, os, sys, time
-device, first, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+device, first, last, seconds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
 fd = os.open(device, os.O_WRONLY | os.O_DIRECT)
 block = mmap.mmap(-1, 4096)
 done, errors, longest, start = 0, 0, 0.0, time.monotonic()
-while time.monotonic() - start < seconds:
+while time.monotonic() - start < seconds and first + done < last:
     block.seek(0)
     block.write(done.to_bytes(8, "big") * 512)
     began = time.monotonic()
@@ -485,7 +486,7 @@ def test_failover_kill_the_active_node_mid_write(cluster, module_lab):
     device = cluster.client_device(serial)
     identity = vpd(cluster, device)
     cluster.client.guest.write_file("/tmp/writer.py", WRITER)
-    cluster.client.guest.spawn("failover-writer", f"python3 /tmp/writer.py {device} 8192 60")
+    cluster.client.guest.spawn("failover-writer", f"python3 /tmp/writer.py {device} 8192 16384 50")
     time.sleep(8)
     cluster.a.guest.power_off()  # the active node dies mid-write: no RST ever comes
     cluster.b.guest.wait_until(
