@@ -54,6 +54,8 @@ T = TypeVar("T")
 SLOW_REQUEST = 30.0
 # Echoes in flight at once: a beat's worth of misses per ping node, for a few ping nodes.
 MAX_PING_THREADS = 16
+# The longest an echo is waited for: the daemon's exit waits for the echoes in flight.
+MAX_ECHO_WAIT = 5.0
 # The nodes' clocks may differ this much at start (the reference requires agreeing clocks).
 MAX_CLOCK_OFFSET = 1.0
 
@@ -351,9 +353,8 @@ class Failover:
         loop = asyncio.get_running_loop()
         for node in nodes:
             self._pinging += 1
-            echo = loop.run_in_executor(
-                self._pinger, pingnode.reaches, node.address, node.interface, self.record.deadline
-            )
+            timeout = min(self.record.deadline, MAX_ECHO_WAIT)
+            echo = loop.run_in_executor(self._pinger, pingnode.reaches, node.address, node.interface, timeout)
             echo.add_done_callback(self._pinged)
 
     def _pinged(self, echo: asyncio.Future[float | None]) -> None:
