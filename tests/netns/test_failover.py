@@ -290,6 +290,53 @@ def test_a_lost_ping_node_moves_nothing(cluster, sampler):
     assert sampler.stop()["doubles"] == 0
 
 
+HAMMER = textwrap.dedent(
+    """
+    import sys, threading, time
+    from applianced.cli.client import Connection
+    address, seconds = sys.argv[1], float(sys.argv[2])
+    calls = []
+    def hammer():
+        connection, done = Connection.open(address), 0
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            connection.call("org.applianced.Appliance1", "/org/applianced/Appliance1/failover",
+                            "org.freedesktop.DBus.Properties", "GetAll", "s", ["org.applianced.Appliance1.Failover"])
+            done += 1
+        calls.append(done)
+    threads = [threading.Thread(target=hammer) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    print(sum(calls))
+    """
+)
+
+
+def test_a_flood_of_bus_reads_costs_no_beat(cluster):
+    # a active, b passive: 16 connections read the active node's Failover object as fast
+    # as it answers, for 20 s.
+    a, b = cluster.nodes["a"], cluster.nodes["b"]
+    before = {name: status(node)["counters"] for name, node in cluster.nodes.items()}
+    history = ctl(b, "--json", "failover", "history").json()
+    flood = subprocess.run(
+        [sys.executable, "-c", HAMMER, a.bus_address, "20"], capture_output=True, text=True, timeout=120
+    )
+    assert flood.returncode == 0, flood.stderr
+    after = {name: status(node)["counters"] for name, node in cluster.nodes.items()}
+    missed = {
+        name: (after[name]["beats_sent"] - before[name]["beats_sent"])
+        - (after[name]["beats_answered"] - before[name]["beats_answered"])
+        for name in after
+    }
+    print(f"{int(flood.stdout)} GetAll calls in 20 s; beats missed: {missed}")
+    assert missed == {"a": 0, "b": 0}
+    assert after["a"]["stalls"] == before["a"]["stalls"]
+    assert (role(a), role(b)) == ("active", "passive")
+    assert ctl(b, "--json", "failover", "history").json() == history
+
+
 def test_a_planned_switchover_and_stop(cluster, sampler):
     # a active, b passive.
     a, b = cluster.nodes["a"], cluster.nodes["b"]
