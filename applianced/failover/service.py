@@ -252,7 +252,7 @@ class Failover:
             return ""
 
         async def ping_problem(node: PingNode) -> str:
-            if await asyncio.to_thread(pingnode.reaches, node.address, node.interface, 1.0) is None:
+            if await self._echo(node, 1.0) is None:
                 return f"ping node {node.address} does not answer over {node.interface}"
             return ""
 
@@ -350,12 +350,16 @@ class Failover:
         nodes = self.record.ping_nodes
         if self._pinging >= self.record.misses * len(nodes):
             return
-        loop = asyncio.get_running_loop()
         for node in nodes:
             self._pinging += 1
-            timeout = min(self.record.deadline, MAX_ECHO_WAIT)
-            echo = loop.run_in_executor(self._pinger, pingnode.reaches, node.address, node.interface, timeout)
+            echo = self._echo(node, min(self.record.deadline, MAX_ECHO_WAIT))
             echo.add_done_callback(self._pinged)
+
+    def _echo(self, node: PingNode, timeout: float) -> asyncio.Future[float | None]:
+        """One echo to ``node`` on the pings' own threads: its round trip, None if unanswered."""
+        return asyncio.get_running_loop().run_in_executor(
+            self._pinger, pingnode.reaches, node.address, node.interface, timeout
+        )
 
     def _pinged(self, echo: asyncio.Future[float | None]) -> None:
         self._pinging -= 1
@@ -364,10 +368,7 @@ class Failover:
 
     async def _ping_now(self, timeout: float = 1.0) -> bool:
         """Whether a ping node answers this node now (all are asked at once)."""
-        nodes = self.record.ping_nodes
-        results = await asyncio.gather(
-            *(asyncio.to_thread(pingnode.reaches, node.address, node.interface, timeout) for node in nodes)
-        )
+        results = await asyncio.gather(*(self._echo(node, timeout) for node in self.record.ping_nodes))
         return any(result is not None for result in results)
 
     def _own_beat(self) -> m.Beat:
@@ -479,7 +480,7 @@ class Failover:
         return any(holders)
 
     async def _act(self, decision: Decision) -> None:
-        changed = decision != self.decision
+        previous = self.decision
         if decision.action is not Action.HAND_OVER:
             self._hand_over_looks = 0
         if decision.action is Action.TAKE_OVER:
@@ -498,7 +499,7 @@ class Failover:
                 # Serving on here is better than nobody serving: tried again next look.
                 self.decision = Decision(Action.STAY, f"{decision.reason}, but the hand-over failed: {exc}")
         else:
-            if changed and decision.action is Action.REFUSE_TAKEOVER:
+            if decision != previous and decision.action is Action.REFUSE_TAKEOVER:
                 await self._save(self.record.with_event(Event(time.time(), "refused", decision.reason)))
                 audit("failover-refused", "cluster", "warning", f"failover: no takeover: {decision.reason}")
             self.decision = decision
@@ -508,7 +509,7 @@ class Failover:
             # looks (pings, beats, decisions) must go on meanwhile.
             self._yielding = asyncio.ensure_future(self._yield_copies())
             self._yielding.add_done_callback(self._yielded)
-        if changed:
+        if self.decision != previous:
             log.info("failover: %s: %s", self.decision.action.value, self.decision.reason)
             self._notify()
 
@@ -527,26 +528,22 @@ class Failover:
                 log.warning("failover: virtual IP %s is here on the passive node; removing it", vip)
                 await asyncio.to_thread(addresses.remove, vip)
             # A node that served before a reboot restored its targets enabled.
-            await self.engine.set_targets_enabled(self._local_targets(), False)
+            enabled = [name for name in self._local_targets() if self.engine.config.targets[name].enabled]
+            if enabled:
+                await self.engine.set_targets_enabled(enabled, False)
 
     # -- role changes -------------------------------------------------------------------
 
     async def _take_over(self, decision: Decision) -> None:
-        steps: list[tuple[str, float]] = []
-
-        async def step(name: str, work: Awaitable[Any]) -> None:
-            started = time.monotonic()
-            await work
-            steps.append((name, time.monotonic() - started))
-
-        await step("promote copies", self._promote_copies())
-        await step("enable targets", self.engine.set_targets_enabled(self._local_targets(), True))
+        steps = _Steps()
+        await steps.run("promote copies", self._promote_copies())
+        await steps.run("enable targets", self.engine.set_targets_enabled(self._local_targets(), True))
         vips = list(self.record.addresses)
         for vip in vips:
-            await step(f"add {vip.address}", asyncio.to_thread(addresses.add, vip))
-        await step("announce", asyncio.gather(*(asyncio.to_thread(announce.announce, vip) for vip in vips)))
+            await steps.run(f"add {vip.address}", asyncio.to_thread(addresses.add, vip))
+        await steps.run("announce", asyncio.gather(*(asyncio.to_thread(announce.announce, vip) for vip in vips)))
         self._forced = False
-        await self._become(Role.ACTIVE, decision.reason, steps, active_since=time.time())
+        await self._become(Role.ACTIVE, decision.reason, steps.done, active_since=time.time())
 
     async def _promote_copies(self) -> None:
         for half in self._local_copies():
@@ -554,16 +551,12 @@ class Failover:
                 await self.replication.switchover(half.disk, force=True)
 
     async def _stop_serving(self, reason: str) -> None:
-        steps = []
+        steps = _Steps()
         for vip in self.record.addresses:
-            started = time.monotonic()
-            await asyncio.to_thread(addresses.remove, vip)
-            steps.append((f"remove {vip.address}", time.monotonic() - started))
-        started = time.monotonic()
-        await self.engine.set_targets_enabled(self._local_targets(), False)
-        steps.append(("disable targets", time.monotonic() - started))
+            await steps.run(f"remove {vip.address}", asyncio.to_thread(addresses.remove, vip))
+        await steps.run("disable targets", self.engine.set_targets_enabled(self._local_targets(), False))
         self._pushed = {}
-        await self._become(Role.PASSIVE, reason, steps)
+        await self._become(Role.PASSIVE, reason, steps.done)
 
     def _peer_took_over(self) -> bool:
         """The peer serves, since after this node last served, and this node still holds
@@ -582,15 +575,13 @@ class Failover:
         copies are the current ones, so this node's sources become copies again, their
         bitmaps kept (the peer's resync copies only what differs)."""
         sources = self._protected_sources()
-        started = time.monotonic()
+        steps = _Steps()
         for disk in sources:
-            await self.replication.prepare_target(disk)
+            await steps.run(f"demote {disk}", self.replication.prepare_target(disk))
         halves = {half.disk: half for half in self.replication.halves()}
         await self._ask(m.COPIES_READY, m.Disks(tuple(halves[disk].peer_disk for disk in sources)), m.Done)
-        event = Event(time.time(), Role.PASSIVE.value, "the peer took over: this node's disks are its copies again")
-        await self._save(
-            self.record.with_event(dataclasses.replace(event, steps=(("demote copies", time.monotonic() - started),)))
-        )
+        reason = "the peer took over: this node's disks are its copies again"
+        await self._save(self.record.with_event(Event(time.time(), Role.PASSIVE.value, reason, tuple(steps.done))))
         audit(
             "failover-demote",
             ",".join(sources),
@@ -719,6 +710,19 @@ class Failover:
     async def _ask(self, kind: str, message: object, answer: type[T], timeout: float = 2.0) -> T:
         body = await self.peer.ask(kind, _pack(message), timeout)
         return decoding.unpack(body, answer, f"a {answer.__name__} message")
+
+
+class _Steps:
+    """The steps of a role change with their durations, as the history keeps them."""
+
+    def __init__(self) -> None:
+        self.done: list[tuple[str, float]] = []
+
+    async def run(self, name: str, work: Awaitable[Any]) -> Any:
+        started = time.monotonic()
+        result = await work
+        self.done.append((name, time.monotonic() - started))
+        return result
 
 
 def _log_failure(what: str) -> Callable[[asyncio.Future[Any]], None]:

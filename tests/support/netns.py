@@ -53,12 +53,17 @@ def link(
     mac = ["address", b_mac] if b_mac else []
     ip("link", "add", a_if, "type", "veth", "peer", "name", b_if, *mac, "netns", b.name, netns=a.name)
     for namespace, interface, addresses in ((a, a_if, a_addresses), (b, b_if, b_addresses)):
-        for address in addresses:
-            # nodad: the IPv6 address is usable at once instead of after duplicate detection.
-            extra = ["nodad"] if ":" in address else []
-            ip("addr", "add", address, "dev", interface, *extra, netns=namespace.name)
-        ip("link", "set", interface, "up", netns=namespace.name)
+        _configure(namespace, interface, addresses)
     return a_if, b_if
+
+
+def _configure(namespace: Namespace, interface: str, addresses: list[str]) -> None:
+    """Give ``interface`` its addresses (CIDR) and bring it up."""
+    for address in addresses:
+        # nodad: the IPv6 address is usable at once instead of after duplicate detection.
+        extra = ["nodad"] if ":" in address else []
+        ip("addr", "add", address, "dev", interface, *extra, netns=namespace.name)
+    ip("link", "set", interface, "up", netns=namespace.name)
 
 
 class Switch(Namespace):
@@ -77,8 +82,5 @@ class Switch(Namespace):
         port = f"port{next(self._ports)}"
         ip("link", "add", port, "type", "veth", "peer", "name", interface, "netns", host.name, netns=self.name)
         ip("link", "set", port, "master", "br0", "up", netns=self.name)
-        for address in addresses:
-            extra = ["nodad"] if ":" in address else []
-            ip("addr", "add", address, "dev", interface, *extra, netns=host.name)
-        ip("link", "set", interface, "up", netns=host.name)
+        _configure(host, interface, addresses)
         return port
