@@ -32,6 +32,7 @@ from applianced.errors import (
     ApplianceError,
     Busy,
     InvalidArgument,
+    KernelError,
     NotFound,
     Unreachable,
 )
