@@ -48,6 +48,10 @@ class FailoverInterface(AnnouncingInterface):
         return self.failover.ping_node_reached
 
     @dbus_property(access=READ)
+    def ClientConnections(self) -> "u":
+        return len(self.failover.client_connections)
+
+    @dbus_property(access=READ)
     def Addresses(self) -> "a(ssu)":
         return [[vip.interface, vip.address, vip.prefix_length] for vip in self.failover.record.addresses]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from applianced.failover.records import FailoverRecord
+from applianced.failover.tickle import Connection
 from applianced.state import Target
 
 BEAT = "failover.beat"
@@ -34,6 +35,9 @@ class Beat:
     # The active node's disks under its protected targets (its names): the copies the
     # passive node must hold in sync to take over.
     protected: tuple[str, ...] = field(default=())
+    # The active node's: the clients' connections to the virtual IPs, which the passive
+    # node resets right after it took over (``tickle``).
+    connections: tuple[Connection, ...] = field(default=())
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from applianced.errors import (
     NotFound,
     Unreachable,
 )
-from applianced.failover import addresses, announce, pingnode, targets
+from applianced.failover import addresses, announce, pingnode, targets, tickle
 from applianced.failover import messages as m
 from applianced.failover.addresses import VirtualAddress, check_interface
 from applianced.failover.decision import Action, Decision, Observation, Role, decide
@@ -93,7 +93,13 @@ class Failover:
         # The protected targets as the peer last accepted them (active node).
         self._pushed: dict[str, Any] = {}
         self._pushing: asyncio.Future[None] | None = None
-        self.counters = dict.fromkeys(("beats_sent", "beats_answered", "beats_received", "stalls"), 0)
+        self._announcing: asyncio.Future[Any] | None = None
+        # The clients' connections to the virtual IPs: this node's own when active, the
+        # active peer's as it last said otherwise.
+        self.client_connections: tuple[tickle.Connection, ...] = ()
+        self.counters = dict.fromkeys(
+            ("beats_sent", "beats_answered", "beats_received", "stalls", "connections_reset"), 0
+        )
         for kind, handler in self._handlers().items():
             peer.handle(kind, handler)
 
@@ -321,8 +327,10 @@ class Failover:
 
     async def tick(self, stalled: bool = False) -> None:
         """One look: ping, beat, decide, act. ``stalled``: the loop woke it late."""
-        before = (self.peer_heard, self.ping_node_reached)
+        before = (self.peer_heard, self.ping_node_reached, len(self.client_connections))
         self._ping()
+        if self.role is Role.ACTIVE:
+            self.client_connections = tickle.established([vip.address for vip in self.record.addresses])
         await self._beat()
         if stalled:
             # This node's own loop was held up: the peer's beats of that time may still be
@@ -341,7 +349,7 @@ class Failover:
                 self._push_targets()
             elif not self.peer_heard:
                 self._pushed = {}  # a peer back from silence gets everything again
-        if (self.peer_heard, self.ping_node_reached) != before:
+        if (self.peer_heard, self.ping_node_reached, len(self.client_connections)) != before:
             self._notify()
 
     def _ping(self) -> None:
@@ -373,7 +381,10 @@ class Failover:
         return any(result is not None for result in results)
 
     def _own_beat(self) -> m.Beat:
-        return m.Beat(self.record.role, self.ping_node_reached, self.record.active_since, self._protected_disks())
+        connections = self.client_connections if self.role is Role.ACTIVE else ()
+        return m.Beat(
+            self.record.role, self.ping_node_reached, self.record.active_since, self._protected_disks(), connections
+        )
 
     async def _beat(self) -> None:
         self.counters["beats_sent"] += 1
@@ -392,6 +403,8 @@ class Failover:
         if beat.role == Role.ACTIVE.value:
             # The active node says what is protected; a passive node's view is its echo.
             self._protected = beat.protected
+            if self.role is not Role.ACTIVE:
+                self.client_connections = beat.connections
         if self.role is not Role.ACTIVE:
             self._copies_current = self._copies_in_sync()
 
@@ -542,9 +555,29 @@ class Failover:
         vips = list(self.record.addresses)
         for vip in vips:
             await steps.run(f"add {vip.address}", asyncio.to_thread(addresses.add, vip))
-        await steps.run("announce", asyncio.gather(*(asyncio.to_thread(announce.announce, vip) for vip in vips)))
+        # Once now, so that the resets below reach the clients through this node; the
+        # repetitions (for a lost frame, a slow switch) go on in the background.
+        await steps.run("announce", asyncio.gather(*(asyncio.to_thread(announce.announce, vip, 1) for vip in vips)))
+        if self.client_connections:
+            await steps.run("reset connections", self._reset_connections())
+        self._announcing = asyncio.ensure_future(self._announce_again(vips))
+        self._announcing.add_done_callback(_log_failure("the virtual IPs could not be announced again"))
         self._forced = False
         await self._become(Role.ACTIVE, decision.reason, steps.done, active_since=time.time())
+
+    async def _announce_again(self, vips: list[VirtualAddress]) -> None:
+        await asyncio.sleep(announce.ANNOUNCE_INTERVAL)
+        repeats = announce.ANNOUNCEMENTS - 1
+        await asyncio.gather(*(asyncio.to_thread(announce.announce, vip, repeats) for vip in vips))
+
+    async def _reset_connections(self) -> None:
+        """The initiators learn now, not at their own timeout, that their connections died."""
+        try:
+            reset = await asyncio.to_thread(tickle.reset, self.client_connections)
+        except KernelError as exc:
+            log.warning("failover: %s; the initiators reconnect at their own timeout", exc)
+            return
+        self.counters["connections_reset"] += reset
 
     async def _promote_copies(self) -> None:
         for half in self._local_copies():

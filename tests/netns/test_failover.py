@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.daemon import INITIATOR, Daemon
-from tests.support.netns import Namespace, Switch, ip, link
+from tests.support.netns import HeldConnection, Namespace, Switch, ip, link
 from tests.support.pair import PairedDaemons, wait
 
 pytestmark = pytest.mark.netns
@@ -235,13 +235,22 @@ def test_a_dead_daemon_with_its_address_still_up_is_not_taken_over(cluster):
 
 
 def test_an_isolated_active_node_stops_serving_and_the_peer_takes_over(cluster, sampler):
-    # a active: both its cables are pulled; it cannot reach b nor the ping node.
+    # a active, with a client connection to the virtual IP (from p, to a stand-in for the
+    # portal): both a's cables are pulled; it cannot reach b nor the ping node.
     a, b = cluster.nodes["a"], cluster.nodes["b"]
-    cluster.cable("a", "hb", False)
-    cluster.cable("a", "data", False)
-    cut = time.monotonic()
-    wait(lambda: role(b) == "active")
-    took = time.monotonic() - cut
+    held = HeldConnection(cluster.namespaces["a"], cluster.namespaces["p"], VIP, 3260)
+    try:
+        wait(lambda: status(b)["client_connections"] == 1)  # b heard of it in a's beats
+        cluster.cable("a", "hb", False)
+        cluster.cable("a", "data", False)
+        cut = time.monotonic()
+        wait(lambda: role(b) == "active")
+        took = time.monotonic() - cut
+        # b reset the client's connection at once: the client did not wait for a timeout.
+        assert held.outcome(timeout=5) == "reset"
+        assert status(b)["counters"]["connections_reset"] == 1
+    finally:
+        held.close()
     wait(lambda: role(a) == "passive")
     assert "isolated" in status(a)["reason"]
     assert cluster.holds_vip("b") and not cluster.holds_vip("a")

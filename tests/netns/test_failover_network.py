@@ -1,5 +1,6 @@
 """The failover's network side on the host kernel: virtual IPs, their announcement, the
-in-use probe and the ping node, between namespaces on one Ethernet segment.
+in-use probe, the ping node and the reset of clients' connections, between namespaces on
+one Ethernet segment.
 
 Nodes a and b and a ping node p (which also plays the client whose neighbour cache must
 follow the address) are plugged into one bridge, in IPv4 and IPv6.
@@ -8,10 +9,11 @@ follow the address) are plugged into one bridge, in IPv4 and IPv6.
 import json
 import sys
 import textwrap
+import time
 
 import pytest
 
-from tests.support.netns import Namespace, Switch, ip
+from tests.support.netns import HeldConnection, Namespace, Switch, ip
 
 pytestmark = pytest.mark.netns
 
@@ -21,10 +23,14 @@ VIPS = ("10.236.0.100/24", "fd00:236::100/64")
 CALL = textwrap.dedent(
     """
     import json, sys
-    from applianced.failover import addresses, announce, pingnode
+    from applianced.failover import addresses, announce, pingnode, tickle
     function, interface, text = sys.argv[1], sys.argv[2], sys.argv[3]
     if function == "reaches":
         print(json.dumps(pingnode.reaches(text, interface, timeout=0.5)))
+    elif function == "established":
+        print(json.dumps([c.__dict__ for c in tickle.established([text])]))
+    elif function == "reset":
+        print(json.dumps(tickle.reset([tickle.Connection(**c) for c in json.loads(text)])))
     else:
         vip = addresses.VirtualAddress.parse(interface, text)
         module = {"add": addresses, "remove": addresses, "in_use": announce, "announce": announce}[function]
@@ -100,3 +106,35 @@ def test_the_ping_node_answers_only_over_a_live_data_link(segment, family):
         assert call(a, "reaches", target) is None
     finally:
         ip("link", "set", ports["p"], "up", netns=switch.name)
+
+
+@pytest.mark.parametrize("vip", VIPS)
+def test_a_tickle_resets_the_connection_of_a_client_whose_server_died(segment, vip):
+    switch, hosts, ports = segment
+    a, b, client = hosts["a"], hosts["b"], hosts["p"]
+    address = vip.split("/")[0]
+    call(a, "add", vip)
+    held = HeldConnection(a, client, address, 3260)
+    try:
+        # What the active node's beat carries: the client's connection, as a's kernel has it.
+        (connection,) = call(a, "established", address)
+        client_address = ADDRESSES["p"][":" in address]
+        assert connection == {
+            "address": address,
+            "port": 3260,
+            "client": client_address,
+            "client_port": held.client_port,
+        }
+        # a dies off the network with its socket; b takes the address over.
+        ip("link", "set", ports["a"], "down", netns=switch.name)
+        call(b, "add", vip)
+        call(b, "announce", vip)
+        time.sleep(1)
+        assert not held.ended()  # the client has noticed nothing
+        assert call(b, "reset", json.dumps([connection])) == 1
+        assert held.outcome(timeout=5) == "reset"
+    finally:
+        held.close()
+        ip("link", "set", ports["a"], "up", netns=switch.name)
+        call(a, "remove", vip)
+        call(b, "remove", vip)

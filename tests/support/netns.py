@@ -9,6 +9,8 @@ from __future__ import annotations
 import itertools
 import os
 import subprocess
+import sys
+import textwrap
 
 _counter = itertools.count()
 
@@ -84,3 +86,68 @@ class Switch(Namespace):
         ip("link", "set", port, "master", "br0", "up", netns=self.name)
         _configure(host, interface, addresses)
         return port
+
+
+_SERVER = textwrap.dedent(
+    """
+    import socket, sys
+    address, port = sys.argv[1], int(sys.argv[2])
+    listener = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET)
+    listener.bind((address, port))
+    listener.listen()
+    print("ready", flush=True)
+    connection, _ = listener.accept()
+    print("accepted", flush=True)
+    sys.stdin.read()
+    """
+)
+_CLIENT = textwrap.dedent(
+    """
+    import socket, sys
+    connection = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+    print(connection.getsockname()[1], flush=True)
+    connection.settimeout(float(sys.argv[3]))
+    try:
+        print("data" if connection.recv(1) else "closed")
+    except ConnectionResetError:
+        print("reset")
+    except TimeoutError:
+        print("timeout")
+    """
+)
+
+
+class HeldConnection:
+    """A TCP connection from ``client`` to ``address`` on ``server`` that nobody uses: the
+    client waits up to ``patience`` seconds for the server to send, close or reset it."""
+
+    def __init__(self, server: Namespace, client: Namespace, address: str, port: int, patience: float = 60) -> None:
+        command = [sys.executable, "-c", _SERVER, address, str(port)]
+        self._server = subprocess.Popen(
+            [*server.exec_prefix, *command], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        self._client: subprocess.Popen[str] | None = None
+        try:
+            assert self._server.stdout.readline().strip() == "ready"
+            command = [sys.executable, "-c", _CLIENT, address, str(port), str(patience)]
+            self._client = subprocess.Popen([*client.exec_prefix, *command], stdout=subprocess.PIPE, text=True)
+            self.client_port = int(self._client.stdout.readline())
+            assert self._server.stdout.readline().strip() == "accepted"
+        except BaseException:
+            self.close()
+            raise
+
+    def ended(self) -> bool:
+        assert self._client is not None
+        return self._client.poll() is not None
+
+    def outcome(self, timeout: float) -> str:
+        """How the client's wait ended: data, closed, reset or timeout."""
+        assert self._client is not None
+        return self._client.communicate(timeout=timeout)[0].strip()
+
+    def close(self) -> None:
+        for process in (self._server, self._client):
+            if process is not None:
+                process.kill()
+                process.wait()
