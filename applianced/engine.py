@@ -125,6 +125,7 @@ class Appliance:
         self.config = Config.new()
         self._lock = asyncio.Lock()
         self._listeners: list[Callable[[Config], None]] = []
+        self._guards: list[Callable[[Config, Config], None]] = []
         # Disks whose backing is absent now, with the reason: the kernel does not have them.
         self.missing: dict[str, str] = {}
         # Recently seen initiators, sampled by a task the daemon starts (``seen.run()``).
@@ -142,6 +143,12 @@ class Appliance:
     def add_listener(self, listener: Callable[[Config], None]) -> None:
         """Call ``listener`` with the new configuration after every change."""
         self._listeners.append(listener)
+
+    def add_guard(self, guard: Callable[[Config, Config], None]) -> None:
+        """Have ``guard(current, new)`` see every change asked of this node, before anything
+        happens; it raises a named error to refuse the change (failover: the passive node's
+        protected targets are the active node's)."""
+        self._guards.append(guard)
 
     # -- start-up and reload ---------------------------------------------------------------
 
@@ -263,7 +270,12 @@ class Appliance:
             # Nothing more can be done safely here; the next start reconciles again.
             log.critical("could not restore the previous kernel configuration", exc_info=True)
 
-    async def _commit(self, operation: str, obj: str, new: Config, from_kernel: bool = False) -> None:
+    async def _commit(
+        self, operation: str, obj: str, new: Config, from_kernel: bool = False, guarded: bool = True
+    ) -> None:
+        if guarded:
+            for guard in self._guards:
+                guard(self.config, new)
         # Any change (a new target, a portal) may put targets with different allow-lists
         # behind one portal, where no rule could tell them apart.
         firewall.check_portals(new)
@@ -674,7 +686,7 @@ class Appliance:
             if new == self.config:
                 return
             validation.validate_config(new, await asyncio.to_thread(self.local_addresses), self.config.disks)
-            await self._commit("adopt-targets", ",".join(t.name for t in targets), new)
+            await self._commit("adopt-targets", ",".join(t.name for t in targets), new, guarded=False)
 
     async def set_targets_enabled(self, target_names: Sequence[str], enabled: bool) -> None:
         """Enable or disable several targets in one commit (a failover's role change):
@@ -684,7 +696,8 @@ class Appliance:
             for name in target_names:
                 new = new.with_target(dataclasses.replace(self._target(name), enabled=enabled))
             if new != self.config:
-                await self._commit("enable-targets" if enabled else "disable-targets", ",".join(target_names), new)
+                operation = "enable-targets" if enabled else "disable-targets"
+                await self._commit(operation, ",".join(target_names), new, guarded=False)
 
     def _target(self, name: str) -> Target:
         try:

@@ -46,6 +46,7 @@ from applianced.peer.service import Peer
 from applianced.replication.records import SOURCE, SYNC, TARGET
 from applianced.replication.service import Half, Replication
 from applianced.replication.states import MirrorState
+from applianced.state import Config
 from applianced.validation import canonical_address
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,7 @@ class Failover:
         )
         for kind, handler in self._handlers().items():
             peer.handle(kind, handler)
+        engine.add_guard(self._refuse_changes_to_protected)
 
     def add_listener(self, listener: Callable[[], None]) -> None:
         """Call ``listener`` after every change of settings, role, decision or what is heard."""
@@ -142,6 +144,19 @@ class Failover:
                 log.info("failover: this node served before it restarted; passive until the peer is heard")
         self.record = record
         self._quiet()
+
+    def _refuse_changes_to_protected(self, current: Config, new: Config) -> None:
+        """On the passive node the protected targets are the active node's, kept ready: a
+        change here would be lost at the next push, or served at a takeover unasked."""
+        if self.role is not Role.PASSIVE:
+            return
+        for name in self.record.targets:
+            if current.targets.get(name) != new.targets.get(name):
+                active = self.peer.record.peer_address if self.peer.record else "the peer"
+                raise Busy(
+                    f"target {name!r} is protected by failover and this node is passive: "
+                    f"change it on the active node ({active})"
+                )
 
     # -- settings ---------------------------------------------------------------------
 

@@ -202,6 +202,15 @@ def test_start_is_refused_with_what_is_missing_then_starts(cluster):
     shown = status(b)
     assert shown["addresses"] == [f"{VIP}/24 on data"] and shown["heartbeat"] == {"interval": INTERVAL, "misses": 3}
     assert b.cli("failover", "add-address", "data", "10.238.0.101/24").returncode != 0
+    # Its protected target is the active node's: changed only there.
+    prepared = b.kernel_file.read_text()
+    for change in (("acl", "remove", "t1", INITIATOR), ("lun", "remove", "t1", "3"), ("target", "delete", "t1")):
+        refused = b.cli(*change)
+        assert refused.returncode != 0
+        assert "protected by failover" in refused.stderr and HEARTBEAT["a"] in refused.stderr
+    assert b.kernel_file.read_text() == prepared
+    ctl(b, "target", "create", "t9")  # what failover does not protect stays b's own
+    ctl(b, "target", "delete", "t9")
     wait(lambda: status(b)["peer_heard"] and status(b)["ping_node_reached"])
 
 
