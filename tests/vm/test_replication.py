@@ -23,6 +23,7 @@ import pytest
 
 from tests.vm.appliance import UDEV_RULES, VENV_BIN, ApplianceNode
 from tests.vm.harness import Disk, Guest, Nic
+from tests.vm.sequenced_writes import BLOCK, write_through
 
 pytestmark = pytest.mark.vm
 
@@ -437,34 +438,15 @@ def test_a_daemon_restart_adopts_the_running_mirror(cluster):
 VIP = "10.60.0.100"
 PING_NODE = "10.60.0.254"
 FAILOVER_PORT = "3261"  # the wildcard portal's (a's 10.60.0.1:3260 stays as it is)
-# The client's writer: 4 KiB blocks with their sequence number, O_DIRECT, one after the
-# other from block FIRST up to LAST (the volume's second half) for SECONDS; it prints how
-# many were acknowledged, how many failed, and the longest wait for one.
-WRITER = """
-import json, mmap, os, sys, time
-device, first, last, seconds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
-fd = os.open(device, os.O_WRONLY | os.O_DIRECT)
-block = mmap.mmap(-1, 4096)
-done, errors, longest, start = 0, 0, 0.0, time.monotonic()
-while time.monotonic() - start < seconds and first + done < last:
-    block.seek(0)
-    block.write(done.to_bytes(8, "big") * 512)
-    began = time.monotonic()
-    try:
-        os.pwrite(fd, block, (first + done) * 4096)
-        done += 1
-    except OSError:
-        errors += 1
-    longest = max(longest, time.monotonic() - began)
-print(json.dumps({"acknowledged": done, "errors": errors, "longest": longest}), flush=True)
-"""
+# The client writes the volume's second half during a failover.
+FAILOVER_BLOCKS = range(VOLUME // 2 // BLOCK, VOLUME // BLOCK)
 
 
 def failover_status(node: Node) -> dict:
     return json.loads(node.ctl("--json", "failover", "status").stdout)
 
 
-def test_failover_kill_the_active_node_mid_write(cluster, module_lab):
+def test_failover_kill_the_active_node_mid_write_then_fail_back(cluster, module_lab):
     # a serves d1 (t1) and mirrors it to b's c1, in sync.
     module_lab.add_address("lan", f"{PING_NODE}/24")
     lan = cluster.a.guest.run(f"ip -o addr show to {LAN['a']}/24 | awk '{{print $2}}'").stdout.strip()
@@ -485,41 +467,49 @@ def test_failover_kill_the_active_node_mid_write(cluster, module_lab):
     cluster.client.login(TARGET, f"{VIP}:{FAILOVER_PORT}")
     device = cluster.client_device(serial)
     identity = vpd(cluster, device)
-    cluster.client.guest.write_file("/tmp/writer.py", WRITER)
-    cluster.client.guest.spawn("failover-writer", f"python3 /tmp/writer.py {device} 8192 16384 50")
-    time.sleep(8)
-    cluster.a.guest.power_off()  # the active node dies mid-write: no RST ever comes
-    cluster.b.guest.wait_until(
-        f'{VENV_BIN / "appliancectl"} --json failover status | grep -q \'"role": "active"\'', timeout=120
-    )
-    log = cluster.client.guest.spawn_log_path("failover-writer")
-    cluster.client.guest.wait_until(f"grep -q acknowledged {log}", timeout=240)
-    written = json.loads(cluster.client.guest.spawn_log("failover-writer").strip().splitlines()[-1])
-    assert written["errors"] == 0 and written["acknowledged"] > 0
-    # Every acknowledged block is there, read back through b.
-    check = (
-        "import os, sys\n"
-        f"fd = os.open('{device}', os.O_RDONLY | os.O_DIRECT)\n"
-        "import mmap\nbuf = mmap.mmap(-1, 4096)\n"
-        f"for n in range({written['acknowledged']}):\n"
-        "    os.preadv(fd, [buf], (8192 + n) * 4096)\n"
-        "    assert buf[:8] == n.to_bytes(8, 'big'), n\n"
-        "print('ok')\n"
-    )
-    cluster.client.guest.write_file("/tmp/check.py", check)
-    assert cluster.client.guest.run("python3 /tmp/check.py", timeout=300).stdout.strip() == "ok"
+    cluster.b.guest.wait_until(f"{VENV_BIN / 'appliancectl'} --json failover status | grep -q 'connections\": 1'")
+
+    def kill_a() -> None:
+        cluster.a.guest.power_off()  # the active node dies mid-write: no RST ever comes
+        cluster.b.guest.wait_until(
+            f'{VENV_BIN / "appliancectl"} --json failover status | grep -q \'"role": "active"\'', timeout=120
+        )
+
+    written = write_through(cluster.client.guest, device, FAILOVER_BLOCKS, 1, 50, kill_a)
+    assert written.errors == 0 and written.acknowledged > 0
     assert vpd(cluster, device) == identity, "the same disk after the takeover"
-    history = json.loads(cluster.b.ctl("--json", "failover", "history").stdout)
+    (event,) = json.loads(cluster.b.ctl("--json", "failover", "history").stdout)[-1:]
     print(
-        f"failover: node a killed mid-write; the client's longest write took {written['longest']:.1f} s, "
-        f"{written['acknowledged']} writes, 0 failed; b: {history[-1]['reason']} ({history[-1]['steps']})"
+        f"failover: node a killed mid-write; the client's longest write took {written.longest:.1f} s, "
+        f"{written.acknowledged} writes, 0 failed; b: {event['reason']} ({event['steps']})"
     )
     assert failover_status(cluster.b)["role"] == "active"
-    # a boots again: passive (no failback), its disk the copy again, resynced from b.
+    assert failover_status(cluster.b)["counters"]["connections_reset"] == 1
+    # a boots again: passive (no failback), its disk the copy again, resynced from b: the
+    # regions written since, and those a wrote last, not the whole disk.
     node = cluster.crash_and_boot("a")
     node.guest.wait_until(
         f'{VENV_BIN / "appliancectl"} --json mirror show d1 | grep -q \'"role": "target"\'', timeout=240
     )
     assert failover_status(node)["role"] == "passive"
     cluster.b.ctl("mirror", "wait", "c1", "--timeout", "300")
+    copied = node.sectors_written(node.vol) * 512
+    print(f"failover: a's resync from b wrote {copied} bytes of a {VOLUME}-byte disk")
+    assert copied < VOLUME // 2
     assert_equal_copies(cluster, cluster.b, node)
+
+    # Failback by hand, with the client writing: a planned switchover loses nothing.
+    node.guest.wait_until(f"{VENV_BIN / 'appliancectl'} --json failover status | grep -q 'connections\": 1'")
+    written = write_through(
+        cluster.client.guest, device, FAILOVER_BLOCKS, 2, 30, lambda: cluster.b.ctl("failover", "switchover")
+    )
+    assert written.errors == 0 and written.acknowledged > 0
+    assert (failover_status(node)["role"], failover_status(cluster.b)["role"]) == ("active", "passive")
+    assert vpd(cluster, device) == identity
+    (event,) = json.loads(node.ctl("--json", "failover", "history").stdout)[-1:]
+    print(
+        f"failover: failback by hand; the client's longest write took {written.longest:.1f} s, "
+        f"{written.acknowledged} writes, 0 failed; a: {event['reason']} ({event['steps']})"
+    )
+    node.ctl("mirror", "wait", "d1", "--timeout", "300")
+    assert_equal_copies(cluster, node, cluster.b)
