@@ -25,8 +25,10 @@ from pathlib import Path
 
 import pytest
 
+from applianced.constants import PEER_DEFAULT_PORT
+from applianced.peer.protocol import HEADER
 from tests.support.daemon import INITIATOR, Daemon
-from tests.support.netns import HeldConnection, Namespace, Switch, ip, link
+from tests.support.netns import HeldConnection, Namespace, Switch, capture_datagrams, ip, link, send_datagrams
 from tests.support.pair import PairedDaemons, wait
 
 pytestmark = pytest.mark.netns
@@ -243,18 +245,49 @@ def test_a_dead_daemon_with_its_address_still_up_is_not_taken_over(cluster):
     assert role(a) == "active" and cluster.holds_vip("a")
 
 
+def flip_first_payload_byte(datagram: bytes) -> bytes:
+    altered = bytearray(datagram)
+    altered[HEADER.size] ^= 0x40  # the tag no longer matches
+    return bytes(altered)
+
+
+def replay_until_b_serves(cluster: Cluster, recorded: list[bytes]) -> float:
+    """Send ``recorded`` and altered copies to b from a's address (taken by p) until b is
+    active; when it became so (monotonic). Both kinds must be dropped by b's peer link."""
+    b, p = cluster.nodes["b"], cluster.namespaces["p"]
+    altered = [flip_first_payload_byte(datagram) for datagram in recorded]
+    before = ctl(b, "--json", "pair", "status").json()["drops"]
+    ip("addr", "add", f"{DATA['a']}/24", "dev", "data", netns=p.name)
+    try:
+        while role(b) != "active":
+            send_datagrams(p, DATA["a"], DATA["b"], PEER_DEFAULT_PORT, recorded + altered)
+        served = time.monotonic()
+    finally:
+        ip("addr", "del", f"{DATA['a']}/24", "dev", "data", netns=p.name)
+        ip("neigh", "flush", "to", DATA["a"], netns=cluster.namespaces["b"].name)
+    after = ctl(b, "--json", "pair", "status").json()["drops"]
+    assert after["forged"] >= before["forged"] + len(altered)
+    assert after["replayed"] + after["stale-session"] >= before["replayed"] + before["stale-session"] + len(recorded)
+    return served
+
+
 def test_an_isolated_active_node_stops_serving_and_the_peer_takes_over(cluster, sampler):
     # a active, with a client connection to the virtual IP (from p, to a stand-in for the
-    # portal): both a's cables are pulled; it cannot reach b nor the ping node.
+    # portal): both a's cables are pulled; it cannot reach b nor the ping node. Meanwhile
+    # a's recorded datagrams are replayed to b, and forged ones sent.
     a, b = cluster.nodes["a"], cluster.nodes["b"]
     held = HeldConnection(cluster.namespaces["a"], cluster.namespaces["p"], VIP, 3260)
     try:
         wait(lambda: status(b)["client_connections"] == 1)  # b heard of it in a's beats
+        # An attacker on the data network records a's datagrams to b (beats among them)...
+        recorded = capture_datagrams(cluster.switch, cluster.ports["a"], PEER_DEFAULT_PORT, 2)
+        assert len(recorded) >= 5
         cluster.cable("a", "hb", False)
         cluster.cable("a", "data", False)
         cut = time.monotonic()
-        wait(lambda: role(b) == "active")
-        took = time.monotonic() - cut
+        # ... and, a gone, sends them again from a's address, with altered copies: b hears
+        # no beat in them and takes over all the same.
+        took = replay_until_b_serves(cluster, recorded) - cut
         # b reset the client's connection at once: the client did not wait for a timeout.
         assert held.outcome(timeout=5) == "reset"
         assert status(b)["counters"]["connections_reset"] == 1

@@ -11,8 +11,6 @@ import asyncio
 import json
 import secrets
 import struct
-import sys
-import textwrap
 import time
 
 import pytest
@@ -22,7 +20,7 @@ from applianced.constants import PEER_INTERFACE, PEER_PATH
 from applianced.peer import protocol
 from tests.conftest import POLICY
 from tests.support.daemon import Daemon
-from tests.support.netns import Namespace, ip, link
+from tests.support.netns import Namespace, capture_datagrams, ip, link, send_datagrams
 from tests.support.private_bus import PrivateBus
 from tests.support.signals import watch_properties
 
@@ -35,40 +33,6 @@ PORT = 7790
 KEY = "the-pair-key-of-the-netns-tier-0123456789"
 # Waits for events (a handshake, a path declared down); the bound only stops a broken run.
 WAIT = 40.0
-
-CAPTURE = textwrap.dedent(
-    """
-    import json, socket, struct, sys, time
-    interface, port, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
-    sock.bind((interface, 0))
-    sock.settimeout(0.2)
-    payloads, end = [], time.monotonic() + seconds
-    while time.monotonic() < end:
-        try:
-            frame, meta = sock.recvfrom(65535)
-        except TimeoutError:
-            continue
-        if meta[2] == socket.PACKET_OUTGOING:
-            continue
-        packet = frame[14:]
-        header = (packet[0] & 15) * 4
-        if packet[9] == 17 and struct.unpack("!H", packet[header + 2 : header + 4])[0] == port:
-            payloads.append(packet[header + 8 :].hex())
-    print(json.dumps(payloads))
-    """
-)
-
-SEND = textwrap.dedent(
-    """
-    import json, socket, sys
-    source, address, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    with open(sys.argv[4]) as listing, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind((source, 0))
-        for datagram in json.load(listing):
-            sock.sendto(bytes.fromhex(datagram), (address, port))
-    """
-)
 
 
 @pytest.fixture
@@ -139,11 +103,8 @@ def both_paths_connected(daemon):
     return shown["connected"] and all(path["up"] for path in shown["paths"])
 
 
-def send_from(namespace, source, datagrams, tmp_path):
-    listing = tmp_path / f"datagrams-{secrets.token_hex(4)}.json"
-    listing.write_text(json.dumps([datagram.hex() for datagram in datagrams]))
-    sent = namespace.run(sys.executable, "-c", SEND, source, A_MAIN, str(PORT), str(listing))
-    assert sent.returncode == 0, sent.stderr
+def send_from(namespace, source, datagrams):
+    send_datagrams(namespace, source, A_MAIN, PORT, datagrams)
 
 
 def announced_connected(bus_address, action, connected):
@@ -219,16 +180,14 @@ def test_two_daemons_pair_survive_a_path_and_a_restart_and_ignore_attacks(
     wait_until(lambda: both_paths_connected(a), "main path up again")
 
     # The attacker records b's datagrams arriving at a over the main path.
-    capture = ns_a.run(sys.executable, "-c", CAPTURE, "rep-a", str(PORT), "3")
-    assert capture.returncode == 0, capture.stderr
-    captured = [bytes.fromhex(datagram) for datagram in json.loads(capture.stdout)]
+    captured = capture_datagrams(ns_a, "rep-a", PORT, 3)
     assert len(captured) >= 2
     before = status(a)
-    send_from(ns_b, B_MAIN, captured, tmp_path)
+    send_from(ns_b, B_MAIN, captured)
     forged = forged_datagrams(captured, b_node)
-    send_from(ns_b, B_MAIN, forged, tmp_path)
+    send_from(ns_b, B_MAIN, forged)
     garbage = [b"", b"APLK", secrets.token_bytes(200)]
-    send_from(ns_b, B_MAIN, garbage, tmp_path)
+    send_from(ns_b, B_MAIN, garbage)
     after_attack = {
         "replayed": before["drops"]["replayed"] + len(captured),
         "forged": before["drops"]["forged"] + len(forged),
@@ -268,7 +227,7 @@ def test_two_daemons_pair_survive_a_path_and_a_restart_and_ignore_attacks(
     wait_until(lambda: both_paths_connected(a) and both_paths_connected(b), "reconnected after the restart")
     renewed = status(a)
     assert renewed["session_started"] > before["session_started"]
-    send_from(ns_b, B_MAIN, captured, tmp_path)
+    send_from(ns_b, B_MAIN, captured)
     stale = renewed["drops"]["stale-session"] + len(captured)
     wait_until(lambda: status(a)["drops"]["stale-session"] >= stale, "old recordings dropped as stale")
     assert status(a)["session_started"] == renewed["session_started"] and status(a)["connected"]
@@ -314,7 +273,7 @@ def test_forged_handshakes_change_nothing_on_an_unconnected_node(pair_of_namespa
         hello = protocol.Hello(secrets.token_bytes(32), "intruder", "")
         header = protocol.Header(protocol.MessageType.HELLO, protocol.node_tag("intruder"), 1, 0, time.time_ns())
         wrong_key = protocol.seal(protocol.handshake_key(b"x" * 32), header, hello)
-        send_from(ns_b, B_MAIN, [wrong_key] * 3, tmp_path)
+        send_from(ns_b, B_MAIN, [wrong_key] * 3)
         wait_until(lambda: status(a)["drops"]["forged"] == 3, "three forged handshakes")
         shown = status(a)
         assert not shown["connected"] and shown["peer_node_id"] == "" and shown["last_message"] is None

@@ -7,6 +7,7 @@ real interfaces; deleting the namespaces removes the links with them.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -151,3 +152,56 @@ class HeldConnection:
             if process is not None:
                 process.kill()
                 process.wait()
+
+
+_CAPTURE = textwrap.dedent(
+    """
+    import json, socket, struct, sys, time
+    interface, port, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+    # Every protocol: a handler for IPv4 alone would not see the frames of a bridge port.
+    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+    sock.bind((interface, 0))
+    sock.settimeout(0.2)
+    payloads, end = [], time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            frame, meta = sock.recvfrom(65535)
+        except TimeoutError:
+            continue
+        if meta[2] == socket.PACKET_OUTGOING:
+            continue
+        if frame[12:14] != bytes([8, 0]):
+            continue
+        packet = frame[14:]
+        header = (packet[0] & 15) * 4
+        if packet[9] == 17 and struct.unpack("!H", packet[header + 2 : header + 4])[0] == port:
+            payloads.append(packet[header + 8 :].hex())
+    print(json.dumps(payloads))
+    """
+)
+_SEND = textwrap.dedent(
+    """
+    import json, socket, sys
+    source, address, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((source, 0))
+        for datagram in json.load(sys.stdin):
+            sock.sendto(bytes.fromhex(datagram), (address, port))
+    """
+)
+
+
+def capture_datagrams(namespace: Namespace, interface: str, port: int, seconds: float) -> list[bytes]:
+    """The UDP payloads to ``port`` that arrive on ``interface`` within ``seconds``: what
+    an attacker on that wire records."""
+    done = namespace.run(sys.executable, "-c", _CAPTURE, interface, str(port), str(seconds))
+    assert done.returncode == 0, done.stderr
+    return [bytes.fromhex(payload) for payload in json.loads(done.stdout)]
+
+
+def send_datagrams(namespace: Namespace, source: str, address: str, port: int, datagrams: list[bytes]) -> None:
+    """Send each of ``datagrams`` from ``source`` (an address in ``namespace``) to ``address:port``."""
+    command = [*namespace.exec_prefix, sys.executable, "-c", _SEND, source, address, str(port)]
+    listing = json.dumps([datagram.hex() for datagram in datagrams])
+    done = subprocess.run(command, input=listing, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
