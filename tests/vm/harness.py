@@ -678,7 +678,15 @@ class Guest:
         self.boot_seconds = time.monotonic() - self._launched_at
         self._note(f"ready after {self.boot_seconds:.1f}s")
         log.info("guest %s ready after %.1fs", self.name, self.boot_seconds)
+        self._set_clock()
         self._configure_nics()
+
+    def _set_clock(self) -> None:
+        """Set the guest's clock to the host's, as NTP would on a real node: the emulated
+        RTC starts it at whole seconds, so two guests could boot up to a second apart (and
+        a failover pair refuses to start with clocks 1 s apart). Off by the one-way delay
+        of the command only."""
+        self.run(["date", "-s", f"@{time.time():.3f}"], timeout=30)
 
     def start(self) -> Guest:
         """Boot the guest and wait until its command channel is ready."""
