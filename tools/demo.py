@@ -73,10 +73,6 @@ class StorageNode(ApplianceNode):
         device = self.guest.disk_device("vol")
         return self.guest.run(f"dd if={device} bs=1M iflag=direct status=none | md5sum", timeout=300).stdout.split()[0]
 
-    def sectors_written(self) -> int:
-        name = self.guest.run(["readlink", "-f", self.guest.disk_device("vol")]).stdout.strip().removeprefix("/dev/")
-        return int(self.guest.run(f"cat /sys/block/{name}/stat").stdout.split()[6])
-
 
 class Pair:
     """The two storage nodes, each bootable again with its disk, its state and its MACs."""
@@ -261,7 +257,8 @@ def fail_over(pair: Pair, nodes: dict[str, StorageNode], client: ApplianceNode, 
     node1.guest.wait_until(f'{CTL} --json mirror show vol1 | grep -q \'"role": "target"\'', timeout=300)
     node2.ctl("mirror", "wait", "copy1", "--timeout", "600")
     show("node1", node1.ctl("failover", "status").stdout)
-    show("node1", f"the resync wrote {node1.sectors_written() * 512 // MIB} MiB of the {VOLUME // MIB} MiB disk")
+    resynced = node1.sectors_written(node1.guest.disk_device("vol")) * 512
+    show("node1", f"the resync wrote {resynced // MIB} MiB of the {VOLUME // MIB} MiB disk")
 
     say("failback by hand, the client writing: appliancectl failover switchover on node2")
     node1.wait_failover('connections": 1')

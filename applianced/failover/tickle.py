@@ -106,8 +106,9 @@ def reset(connections: Iterable[Connection], count: int = TICKLES) -> int:
             try:
                 # Bound to the virtual IP: the kernel writes it as the IP source address.
                 sock.bind((connection.address, 0))
+                tickle = segment(connection)
                 for _ in range(count):
-                    sock.sendto(segment(connection), (connection.client, 0))
+                    sock.sendto(tickle, (connection.client, 0))
             except OSError:
                 continue
         tickled += 1

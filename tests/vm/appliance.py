@@ -51,6 +51,11 @@ class ApplianceNode:
         started keep serving."""
         return self.guest.kill(DAEMON, sig, timeout=30, group=False)
 
+    def sectors_written(self, device: str) -> int:
+        """Sectors written to a block device of this node since boot (or since its loop was made)."""
+        name = self.guest.run(["readlink", "-f", device]).stdout.strip().removeprefix("/dev/")
+        return int(self.guest.run(f"cat /sys/block/{name}/stat").stdout.split()[6])
+
     def log(self) -> str:
         return self.guest.spawn_log(DAEMON)
 

@@ -62,11 +62,6 @@ class Node(ApplianceNode):
             time.sleep(1)
         return time.monotonic() - start
 
-    def sectors_written(self, device: str) -> int:
-        """Sectors written to a block device of this node since boot (or since its loop was made)."""
-        name = self.guest.run(["readlink", "-f", device]).stdout.strip().removeprefix("/dev/")
-        return int(self.guest.run(f"cat /sys/block/{name}/stat").stdout.split()[6])
-
     def checksum(self, path: str, size: int = VOLUME) -> str:
         """The MD5 of the first ``size`` bytes of a block device (read past the page cache)
         or of a file (through it: tmpfs has no O_DIRECT, and its loop device shares the cache)."""
