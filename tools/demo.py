@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.vm.appliance import VENV_BIN, ApplianceNode
+from tests.vm.appliance import FAILOVER_INITIATOR, VENV_BIN, ApplianceNode
 from tests.vm.harness import Disk, Guest, Lab, Nic, check_platform, start_all
 from tests.vm.sequenced_writes import BLOCK, Written, write_through
 
@@ -233,6 +233,7 @@ def fail_over(pair: Pair, nodes: dict[str, StorageNode], client: ApplianceNode, 
 
     say(f"client: logging in through the virtual IP {VIP}:{VIP_PORT}")
     client.discover(f"{VIP}:{VIP_PORT}")
+    client.set_node(TARGET, f"{VIP}:{VIP_PORT}", FAILOVER_INITIATOR)
     client.login(TARGET, f"{VIP}:{VIP_PORT}")
     device = client.device_for_serial(serial)
     identity = client.guest.run(f"sg_inq -p 0x83 -H {device}").stdout

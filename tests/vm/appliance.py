@@ -19,6 +19,9 @@ VENV_BIN = REPO_ROOT / ".venv" / "bin"
 # as tools/install-node installs them.
 UDEV_RULES = (REPO_ROOT / "udev" / "70-applianced-lio-serial.rules", REPO_ROOT / "udev" / "64-applianced-storage.rules")
 DAEMON = "applianced"
+# An initiator of a failover pair: no pause before it logs in again after losing its
+# connection (open-iscsi waits the negotiated DefaultTime2Wait, 2 s by default, first).
+FAILOVER_INITIATOR = {"node.session.iscsi.DefaultTime2Wait": "0"}
 
 
 class ApplianceNode:
@@ -102,6 +105,11 @@ class ApplianceNode:
 
     def login(self, iqn: str, portal: str) -> None:
         self.guest.run(["iscsiadm", "-m", "node", "-T", iqn, "-p", portal, "--login"], timeout=120)
+
+    def set_node(self, iqn: str, portal: str, settings: dict[str, str]) -> None:
+        """Change the initiator's record of a discovered target (takes effect at the next login)."""
+        for key, value in settings.items():
+            self.guest.run(["iscsiadm", "-m", "node", "-T", iqn, "-p", portal, "-o", "update", "-n", key, "-v", value])
 
     def logout(self, iqn: str, portal: str) -> None:
         self.guest.run(["iscsiadm", "-m", "node", "-T", iqn, "-p", portal, "--logout"], timeout=120)

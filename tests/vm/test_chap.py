@@ -23,8 +23,7 @@ def node(module_guest_factory):
 
 
 def set_node(node, **settings):
-    for key, value in settings.items():
-        node.guest.run(["iscsiadm", "-m", "node", "-T", node.iqn, "-p", PORTAL, "-o", "update", "-n", key, "-v", value])
+    node.set_node(node.iqn, PORTAL, settings)
 
 
 def try_login(node) -> bool:

@@ -57,6 +57,8 @@ def test_required_digests_are_negotiated(node):
         assert int(negotiated["MaxBurstLength"]) <= TARGET_MAX_BURST
         assert int(negotiated["FirstBurstLength"]) <= int(negotiated["MaxBurstLength"])
         assert negotiated["ErrorRecoveryLevel"] == "0"
+        # The target offers 0; open-iscsi's default, 2, is larger and wins.
+        assert negotiated["DefaultTime2Wait"] == "2"
         table = node.ctl("target", "sessions", "t1").stdout
         assert "HEADER-DIGEST" in table and "CRC32C" in table, table
     finally:
@@ -72,6 +74,7 @@ def test_allowed_digests_follow_the_initiator(node):
             "node.conn[0].iscsi.DataDigest": "None",
             "node.session.iscsi.MaxBurstLength": "131072",
             "node.session.iscsi.FirstBurstLength": "32768",
+            "node.session.iscsi.DefaultTime2Wait": "0",
         },
     )
     node.login(node.iqn, PORTAL)
@@ -81,6 +84,8 @@ def test_allowed_digests_follow_the_initiator(node):
         # Both sides' lowest offer wins.
         assert negotiated["MaxBurstLength"] == "131072"
         assert negotiated["FirstBurstLength"] == "32768"
+        # An initiator that offers no pause after a lost connection gets none (failover).
+        assert negotiated["DefaultTime2Wait"] == "0"
     finally:
         node.logout(node.iqn, PORTAL)
     kernel_log = node.guest.run("dmesg | grep -E 'iscsi_set_(connection|session)_parameters' | tail -60").stdout

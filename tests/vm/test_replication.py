@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.vm.appliance import UDEV_RULES, VENV_BIN, ApplianceNode
+from tests.vm.appliance import FAILOVER_INITIATOR, UDEV_RULES, VENV_BIN, ApplianceNode
 from tests.vm.harness import Disk, Guest, Nic
 from tests.vm.sequenced_writes import BLOCK, write_through
 
@@ -459,6 +459,7 @@ def test_failover_kill_the_active_node_mid_write_then_fail_back(cluster, module_
     serial = serial_of(cluster.a, "d1")
     cluster.client.logout(TARGET, LAN["a"])
     cluster.client.discover(f"{VIP}:{FAILOVER_PORT}")
+    cluster.client.set_node(TARGET, f"{VIP}:{FAILOVER_PORT}", FAILOVER_INITIATOR)
     cluster.client.login(TARGET, f"{VIP}:{FAILOVER_PORT}")
     device = cluster.client_device(serial)
     identity = vpd(cluster, device)
