@@ -690,7 +690,9 @@ class Appliance:
 
     async def set_targets_enabled(self, target_names: Sequence[str], enabled: bool) -> None:
         """Enable or disable several targets in one commit (a failover's role change):
-        disabling drops their sessions, without asking."""
+        disabling drops their sessions, without asking. The kernel is brought in line even
+        when the targets were so already: the disks of copies that a takeover promoted are
+        served by this reconcile."""
         async with self._lock:
             new = self.config
             for name in target_names:
@@ -698,6 +700,8 @@ class Appliance:
             if new != self.config:
                 operation = "enable-targets" if enabled else "disable-targets"
                 await self._commit(operation, ",".join(target_names), new, guarded=False)
+                return
+        await self.refresh_replication()
 
     def _target(self, name: str) -> Target:
         try:

@@ -2,9 +2,10 @@
 
 Each interval the node pings its ping nodes and exchanges a beat with the peer (both at
 once, each bounded by the interval), decides (``decision.decide``) and acts. Taking over
-promotes the local copies of the protected disks (``Replication.switchover`` alone),
-adds the virtual IPs and announces them; stopping serving removes the virtual IPs. When
-the node idles it keeps its addresses as its role says (an IPv6 address vanishes when its
+promotes the local copies of the protected disks (``Replication.promote``), serves them
+in the commit that enables the protected targets, adds the virtual IPs, announces them and
+resets the clients' old connections; stopping serving removes the virtual IPs. When the
+node idles it keeps its addresses as its role says (an IPv6 address vanishes when its
 link goes down: it is added again when the link is back). Every step is idempotent, so a
 daemon restarted in the middle of a role change finishes it or undoes it on its next look.
 
@@ -602,9 +603,10 @@ class Failover:
         self.counters["connections_reset"] += reset
 
     async def _promote_copies(self) -> None:
+        """The copies become sources; their LUNs come with the targets' enable commit."""
         for half in self._local_copies():
             if half.role == TARGET:
-                await self.replication.switchover(half.disk, force=True)
+                await self.replication.promote(half.disk)
 
     async def _stop_serving(self, reason: str) -> None:
         steps = _Steps()

@@ -665,14 +665,23 @@ class Replication:
         await self.engine.refresh_replication()
         await self._refresh_state(rt)
 
-    async def _take_over_alone(self, rt: Runtime) -> None:
+    async def promote(self, disk: str) -> None:
+        """Make this node's copy of ``disk`` the source without the peer, as ``switchover``
+        with ``force`` does on the copy's node, but leave the kernel's target side to the
+        caller's next commit: a failover's takeover serves the disk in the same reconcile
+        that enables its targets, one reconcile fewer in the client's stall."""
+        async with self._lock:
+            await self._take_over_alone(self._target(disk), serve=False)
+
+    async def _take_over_alone(self, rt: Runtime, serve: bool = True) -> None:
         export = self._export(rt)
-        await asyncio.to_thread(export.disassemble)
+        await asyncio.to_thread(export.stop_serving)  # the leg stays, for the array
         source = dataclasses.replace(rt.record, role=SOURCE, prepared=False, unlocked=False, **_swap(rt.record))
         await self._save_record(rt, source)
         await self._assemble_source(rt)
         await self._diverge(rt, "took over without the peer")
-        await self.engine.refresh_replication()
+        if serve:
+            await self.engine.refresh_replication()
         await self._refresh_state(rt)
         audit("mirror-take-over", rt.record.disk, "warning", f"{rt.record.disk} taken over without the peer")
 
