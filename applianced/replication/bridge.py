@@ -11,8 +11,11 @@ On the **source** node (the one initiators write to)::
 
 On the **target** node (the peer's copy, locked: nothing else may open it)::
 
-    applianced-export-<name>   linear: its own 1 MiB of metadata, then the copy; served by
+    applianced-leg-<name>      linear: its own 1 MiB of metadata, then the copy; served by
                                qemu-nbd to the source only
+
+The leg is the same device in both roles, so a role change starts and stops md and
+qemu-nbd over it and leaves everything below as it is (the loop devices, the leg).
 
 Why md raid1 and this shape (measured choices are in the README):
 
@@ -63,7 +66,6 @@ MAX_REGIONS = 2**21
 DEFAULT_REGION = 64 * 1024
 DEFAULT_PORT = 10809
 LEG_PREFIX = "applianced-leg-"
-EXPORT_PREFIX = "applianced-export-"
 COPY_PREFIX = "applianced-copy-"
 MIRROR_PREFIX = "applianced-mirror-"
 
@@ -357,9 +359,10 @@ class Mirror:
         self.detach()
         self.stop()
 
-    def stop(self) -> None:
+    def stop_array(self) -> None:
         """Stop the array with both legs as they are: in a switchover the peer's leg stays
-        a member in sync, so the copy assembles from it and takes this leg back partially."""
+        a member in sync, so the copy assembles from it and takes this leg back partially.
+        The local leg stays, for this node's export to serve (a role change)."""
         array = self.array()
         if array is not None:
             peer_legs = [leg.name for leg in array.status().legs if leg.name.startswith("nbd")]
@@ -368,6 +371,10 @@ class Mirror:
                 with contextlib.suppress(KernelError):
                     nbd.disconnect(f"/dev/{leg}")
         self.dm.remove(MIRROR_PREFIX + self.volume.name)
+
+    def stop(self) -> None:
+        """``stop_array``, and the local leg goes too."""
+        self.stop_array()
         _remove_leg(self.dm, self.leg_name, self.meta)
         self.volume.release()
 
@@ -458,7 +465,8 @@ class Export:
 
     @property
     def name(self) -> str:
-        return EXPORT_PREFIX + self.volume.name
+        """The leg's name: the one the mirror's local leg has, as it is the same device."""
+        return LEG_PREFIX + self.volume.name
 
     @property
     def copy_name(self) -> str:
@@ -523,10 +531,15 @@ class Export:
         if bitmap.has_superblock(bitmap.read_metadata(self.meta)):
             md.set_member_size(self.meta, bitmap.SUPERBLOCK_OFFSET, size // SECTOR)
 
-    def disassemble(self) -> None:
-        """Stop serving; the disk is left as it is, the metadata file is kept."""
+    def stop_serving(self) -> None:
+        """Stop serving and leave the leg, for this node's mirror to assemble over (a
+        takeover)."""
         self._stop_server()
         self.lock()
+
+    def disassemble(self) -> None:
+        """Stop serving; the disk is left as it is, the metadata file is kept."""
+        self.stop_serving()
         _remove_leg(self.dm, self.name, self.meta)
         self.volume.release()
 

@@ -640,7 +640,7 @@ class Replication:
         try:
             await self.engine.refresh_replication()  # no backstore: nothing writes here any more
             bitmap = await asyncio.to_thread(mirror.intent_bitmap)
-            await asyncio.to_thread(mirror.stop)
+            await asyncio.to_thread(mirror.stop_array)  # the leg stays, for the export
             self._lowers.pop(disk, None)
             swapped = dataclasses.replace(original, role=TARGET, **_swap(original))
             await asyncio.to_thread(export.assemble, swapped.target_address, swapped.port)
@@ -694,7 +694,7 @@ class Replication:
             mirror = self._mirror(rt)
             self._handing_over.add(disk)
             await self.engine.refresh_replication()
-            await asyncio.to_thread(mirror.stop)
+            await asyncio.to_thread(mirror.stop_array)  # the leg stays, for the export
             self._lowers.pop(disk, None)
             target = dataclasses.replace(rt.record, role=TARGET, prepared=True, **_swap(rt.record))
             await self._save_record(rt, target)
@@ -1120,7 +1120,7 @@ class Replication:
         )
         mirror = self._mirror(rt)
         try:
-            await asyncio.to_thread(self._export(rt).disassemble)
+            await asyncio.to_thread(self._export(rt).stop_serving)  # the leg stays, for the array
             await self._save_record(rt, source)
             await asyncio.to_thread(mirror.assemble)
             own = await asyncio.to_thread(mirror.intent_bitmap)

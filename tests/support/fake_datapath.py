@@ -196,8 +196,11 @@ class FakeMirror(_Part):
         self.detach()
         self.stop()
 
-    def stop(self) -> None:
+    def stop_array(self) -> None:
         self.put(assembled=False, peer_leg=None)
+
+    def stop(self) -> None:
+        self.stop_array()
 
 
 class FakeExport(_Part):
@@ -230,9 +233,12 @@ class FakeExport(_Part):
         self._stop_server()
         self.put(size=size)
 
-    def disassemble(self) -> None:
+    def stop_serving(self) -> None:
         self._stop_server()
         self.put(unlocked=False)
+
+    def disassemble(self) -> None:
+        self.stop_serving()
 
     def _stop_server(self) -> None:
         serving = self.get().get("serving")
