@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import Callable, Iterable
@@ -96,17 +97,35 @@ async def serve(engine: Appliance, peer: Peer, replication: Replication, failove
         events = presence.BackingEvents()
         await events.start()
         watcher = asyncio.ensure_future(engine.watch_disks(events))
+        # Without the bus the daemon goes on (heartbeats, mirrors), out of the
+        # administrator's reach until it is restarted.
+        bus_lost = asyncio.ensure_future(bus.wait_for_disconnect())
+        bus_lost.add_done_callback(_log_bus_lost)
         await stop.wait()
         systemd.notify("STOPPING=1")
-        for task in (watchdog, sampler, monitor, cluster, watcher):
+        for task in (watchdog, sampler, monitor, cluster, watcher, bus_lost):
             task.cancel()
         events.close()
         await peer.close()
         log.info("stopping; LIO configuration and sessions are left as they are")
-        await bus.release_name(BUS_NAME)
+        if bus.connected:
+            # The bus may go in the meantime (a shutdown stops dbus-daemon too); the name
+            # goes with the connection then.
+            with contextlib.suppress(OSError, EOFError):
+                await bus.release_name(BUS_NAME)
         await _finish_calls_in_progress()
     finally:
         bus.disconnect()
+
+
+def _log_bus_lost(lost: asyncio.Future[None]) -> None:
+    if lost.cancelled():
+        return
+    why = lost.exception()
+    log.error(
+        "the system bus went away%s: appliancectl cannot reach this daemon until it is restarted",
+        f" ({why!r})" if why else "",
+    )
 
 
 async def _finish_calls_in_progress() -> None:

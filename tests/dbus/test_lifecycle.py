@@ -8,8 +8,10 @@ import time
 
 from applianced.bus.paths import target_path
 from applianced.constants import BUS_NAME
+from tests.conftest import POLICY
 from tests.support.daemon import INITIATOR, Daemon
 from tests.support.fake_kernel import SLOW_SESSIONS_ENV
+from tests.support.private_bus import PrivateBus
 
 
 def test_sigterm_stops_cleanly_and_leaves_the_kernel_alone(daemon):
@@ -17,6 +19,7 @@ def test_sigterm_stops_cleanly_and_leaves_the_kernel_alone(daemon):
     kernel = daemon.kernel_file.read_bytes()
     assert daemon.stop(signal.SIGTERM) == 0
     assert daemon.kernel_file.read_bytes() == kernel
+    assert "the system bus went away" not in daemon.log_text()
 
 
 def test_sigterm_lets_a_read_in_progress_answer(bus, tmp_path):
@@ -35,6 +38,27 @@ def test_sigterm_lets_a_read_in_progress_answer(bus, tmp_path):
     assert reader.returncode == 0, err
     assert "uint32 0" in out
     assert "Traceback" not in daemon.log_text()
+
+
+def test_sigterm_after_the_bus_went_away_stops_cleanly(tmp_path):
+    # A shutdown stops dbus-daemon too, often before applianced.
+    bus = PrivateBus(POLICY)
+    bus.start()
+    daemon = Daemon(bus.address, tmp_path)
+    try:
+        daemon.start()
+        daemon.configure_first_slice()
+        kernel = daemon.kernel_file.read_bytes()
+        bus.stop()
+        time.sleep(0.5)
+        assert daemon.stop(signal.SIGTERM) == 0
+        log = daemon.log_text()
+        assert "the system bus went away" in log and "Traceback" not in log
+        assert daemon.kernel_file.read_bytes() == kernel
+    finally:
+        if daemon.process:
+            daemon.process.kill()
+        bus.stop()
 
 
 def test_restart_over_an_intact_kernel_makes_no_change(daemon):
