@@ -20,7 +20,7 @@ import concurrent.futures
 import dataclasses
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -257,6 +257,22 @@ class Failover:
                     found.append(f"{where} is mirrored in {half.mode} mode: failover needs sync mode")
                 elif half.state is not MirrorState.MIRRORING:
                     found.append(f"{where} is {half.state.name.lower().replace('_', ' ')}: its copy is not in sync")
+        return found
+
+    def _own_target_problems(self, names: Sequence[str]) -> list[str]:
+        """On the node to be passive: targets of the protected names that serve this node's
+        own disks. The active node's definitions would replace them, so the start is
+        refused instead; a target kept from an earlier start serves only copies."""
+        copies = {half.disk for half in self.replication.halves() if half.role == TARGET}
+        found = []
+        for name in names:
+            target = self.engine.config.targets.get(name)
+            own = sorted({lun.disk for lun in target.luns if lun.disk not in copies}) if target else []
+            if own:
+                found.append(
+                    f"target {name!r} exists here, serving this node's own disk(s) {', '.join(own)}: "
+                    "the active node's definition would replace it (rename or delete it here)"
+                )
         return found
 
     async def _network_problems(self, record: FailoverRecord, active: bool) -> list[str]:
@@ -718,6 +734,7 @@ class Failover:
         settings = dataclasses.replace(ask.settings, role=self.record.role, active_since=self.record.active_since)
         found = self._setting_problems(settings)
         found += self._portal_problems()
+        found += self._own_target_problems(settings.targets)
         found += await self._network_problems(settings, active=False)
         if found:
             return m.Problems(tuple(found))

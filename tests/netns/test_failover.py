@@ -184,6 +184,14 @@ def test_start_is_refused_with_what_is_missing_then_starts(cluster):
     ctl(a, "failover", "add-ping-node", DATA["p"], "data")
     assert ctl(a, "--json", "failover", "check").json() == []
     ctl(a, "chap", "acl", "t1", INITIATOR, "--user", "alice", input=CHAP_SECRET + "\n")
+    # b has a t1 of its own, on its own disk: the start would replace it, and is refused.
+    ctl(b, "batch", input="disk create own 16M\ntarget create t1\nlun add t1 own\n")
+    refused = a.cli("failover", "start")
+    assert refused.returncode != 0
+    assert "on the peer: target 't1' exists here, serving this node's own disk(s) own" in refused.stderr
+    assert (role(a), role(b), cluster.holds_vip("a")) == ("stopped", "stopped", False)
+    assert [lun["disk"] for lun in ctl(b, "--json", "lun", "list", "t1").json()] == ["own"]
+    ctl(b, "batch", input="lun remove t1 0\ntarget delete t1\ndisk delete own\n")
     ctl(a, "failover", "start")
     assert (role(a), role(b)) == ("active", "passive")
     assert cluster.holds_vip("a") and not cluster.holds_vip("b")
