@@ -245,7 +245,7 @@ def fail_over(pair: Pair, nodes: dict[str, StorageNode], client: ApplianceNode, 
         node1.guest.power_off()
         node2.wait_failover('"role": "active"', timeout=120)
 
-    written = write_through(client.guest, device, FAILOVER_BLOCKS, 1, 50, kill_node1)
+    written = write_through(client.guest, device, FAILOVER_BLOCKS, 1, kill_node1)
     report(written, node2, "the takeover")
     same_disk = client.guest.run(f"sg_inq -p 0x83 -H {device}").stdout == identity
     show(
@@ -264,7 +264,7 @@ def fail_over(pair: Pair, nodes: dict[str, StorageNode], client: ApplianceNode, 
     say("failback by hand, the client writing: appliancectl failover switchover on node2")
     node1.wait_failover('connections": 1')
     written_back = write_through(
-        client.guest, device, FAILOVER_BLOCKS, 2, 30, lambda: node2.admin("failover", "switchover")
+        client.guest, device, FAILOVER_BLOCKS, 2, lambda: node2.admin("failover", "switchover")
     )
     report(written_back, node1, "the failback")
     node1.ctl("mirror", "wait", "vol1", "--timeout", "600")

@@ -471,7 +471,7 @@ def test_failover_kill_the_active_node_mid_write_then_fail_back(cluster, module_
             f'{VENV_BIN / "appliancectl"} --json failover status | grep -q \'"role": "active"\'', timeout=120
         )
 
-    written = write_through(cluster.client.guest, device, FAILOVER_BLOCKS, 1, 50, kill_a)
+    written = write_through(cluster.client.guest, device, FAILOVER_BLOCKS, 1, kill_a)
     assert written.errors == 0 and written.acknowledged > 0
     assert vpd(cluster, device) == identity, "the same disk after the takeover"
     (event,) = json.loads(cluster.b.ctl("--json", "failover", "history").stdout)[-1:]
@@ -497,7 +497,7 @@ def test_failover_kill_the_active_node_mid_write_then_fail_back(cluster, module_
     # Failback by hand, with the client writing: a planned switchover loses nothing.
     node.guest.wait_until(f"{VENV_BIN / 'appliancectl'} --json failover status | grep -q 'connections\": 1'")
     written = write_through(
-        cluster.client.guest, device, FAILOVER_BLOCKS, 2, 30, lambda: cluster.b.ctl("failover", "switchover")
+        cluster.client.guest, device, FAILOVER_BLOCKS, 2, lambda: cluster.b.ctl("failover", "switchover")
     )
     assert written.errors == 0 and written.acknowledged > 0
     assert (failover_status(node)["role"], failover_status(cluster.b)["role"]) == ("active", "passive")
