@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import struct
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,10 @@ from applianced.blockdev import tools
 from applianced.errors import KernelError
 
 SYS_BLOCK = Path("/sys/block")
+# md changes its sysfs files as a recovery starts or ends, and a status read at that
+# moment has returned a value that is no number ("0 / 131072\n72" from sync_completed,
+# in a VM test): such a status is read again, a few times.
+STATUS_READS = 3
 MDADM = "mdadm"
 # md keeps at most this many writes behind for a write-mostly leg (COUNTER_MAX / 2).
 MAX_WRITE_BEHIND = 16383
@@ -132,29 +137,37 @@ class Array:
             raise KernelError(f"{self.name}: cannot set {attribute} to {value!r}: {exc.strerror}") from None
 
     def status(self) -> ArrayStatus:
-        try:
-            completed = self.read("sync_completed")
-            synced, total = (int(n) for n in completed.split(" / ")) if "/" in completed else (0, 0)
-            legs = []
-            for entry in self.sys.glob("dev-*"):
-                slot = (entry / "slot").read_text().strip()
-                states = frozenset((entry / "state").read_text().strip().split(","))
-                legs.append(Leg(entry.name[4:], int(slot) if slot.isdigit() else None, states))
-            return ArrayStatus(
-                name=self.name,
-                state=self.read("array_state"),
-                degraded=int(self.read("degraded")),
-                sync_action=self.read("sync_action"),
-                synced=synced,
-                sync_total=total,
-                sync_speed=_number(self.read("sync_speed")),
-                mismatches=int(self.read("mismatch_cnt")),
-                write_behind=int(self.read("bitmap/backlog")),
-                max_behind_used=int(self.read("bitmap/max_backlog_used")),
-                legs=tuple(sorted(legs, key=lambda leg: (leg.slot is None, leg.slot or 0, leg.name))),
-            )
-        except (OSError, ValueError) as exc:
-            raise KernelError(f"cannot read the state of {self.name}: {exc}") from None
+        for _ in range(STATUS_READS):
+            try:
+                return self._status()
+            except ValueError as exc:
+                unreadable = exc
+                time.sleep(0.01)
+            except OSError as exc:
+                raise KernelError(f"cannot read the state of {self.name}: {exc}") from None
+        raise KernelError(f"cannot read the state of {self.name}: {unreadable}")
+
+    def _status(self) -> ArrayStatus:
+        completed = self.read("sync_completed")
+        synced, total = (int(n) for n in completed.split(" / ")) if "/" in completed else (0, 0)
+        legs = []
+        for entry in self.sys.glob("dev-*"):
+            slot = (entry / "slot").read_text().strip()
+            states = frozenset((entry / "state").read_text().strip().split(","))
+            legs.append(Leg(entry.name[4:], int(slot) if slot.isdigit() else None, states))
+        return ArrayStatus(
+            name=self.name,
+            state=self.read("array_state"),
+            degraded=int(self.read("degraded")),
+            sync_action=self.read("sync_action"),
+            synced=synced,
+            sync_total=total,
+            sync_speed=_number(self.read("sync_speed")),
+            mismatches=int(self.read("mismatch_cnt")),
+            write_behind=int(self.read("bitmap/backlog")),
+            max_behind_used=int(self.read("bitmap/max_backlog_used")),
+            legs=tuple(sorted(legs, key=lambda leg: (leg.slot is None, leg.slot or 0, leg.name))),
+        )
 
     def mark_dirty(self, ranges: Sequence[tuple[int, int]]) -> None:
         """Set the bitmap bits of regions ``[start, end)``: they are copied at the next recovery."""

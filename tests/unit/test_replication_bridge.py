@@ -102,6 +102,25 @@ def test_md_sysfs_reads_as_a_status(sysfs):
     assert status.copying
 
 
+def test_a_value_caught_mid_change_is_read_again(sysfs, monkeypatch):
+    array = fake_array(
+        sysfs, [("dm-3", 0, "in_sync"), ("nbd0", 1, "write_mostly")], action="recover", completed="8 / 64"
+    )
+    torn = ["0 / 131072\n72"]  # as a VM test read it once, as a recovery started
+    plain = md.Array.read
+    monkeypatch.setattr(
+        md.Array, "read", lambda self, name: torn.pop() if name == "sync_completed" and torn else plain(self, name)
+    )
+    assert (array.status().synced, array.status().sync_total) == (8, 64)
+
+
+def test_a_value_that_stays_unreadable_is_a_kernel_error(sysfs):
+    array = fake_array(sysfs, [("dm-3", 0, "in_sync")], degraded=1)
+    (sysfs / "md127" / "md" / "degraded").write_text("one\n")
+    with pytest.raises(KernelError, match="cannot read the state of md127"):
+        array.status()
+
+
 def test_an_unreadable_array_is_a_kernel_error(sysfs):
     with pytest.raises(KernelError, match="cannot read the state of md9"):
         md.Array("md9").status()
