@@ -26,6 +26,8 @@ import contextlib
 import json
 import os
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -34,6 +36,10 @@ from typing import Any
 
 # How long a child gets between SIGTERM and SIGKILL when the agent shuts down.
 _SHUTDOWN_GRACE_S = 5.0
+# Where the sd_notify sockets of spawned processes live (guest tmpfs).
+_NOTIFY_DIR = "/run/guest-agent"
+# How often a wait for a notification looks whether the process is still alive.
+_NOTIFY_POLL_S = 0.5
 
 
 def _log(msg: str) -> None:
@@ -85,6 +91,7 @@ class Agent:
         self.write_lock = threading.Lock()
         self.procs_lock = threading.Lock()
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.notify_sockets: dict[str, socket.socket] = {}
 
     # -- transport ---------------------------------------------------------
 
@@ -214,6 +221,9 @@ class Agent:
                 raise RuntimeError(f"process {name!r} is already running (pid {old.pid})")
             log_path = req.get("log") or os.path.join(self.log_dir, f"{name}.log")
             os.makedirs(os.path.dirname(log_path), exist_ok=True)
+            env = dict(req.get("env") or {})
+            if req.get("notify"):
+                env["NOTIFY_SOCKET"] = self._notify_socket(name)
             # Line-buffered by the child or not, everything lands in one file
             # that the host can read even after the guest died.
             with open(log_path, "ab", buffering=0) as log:
@@ -222,12 +232,52 @@ class Agent:
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,
-                    env=_env(req.get("env")),
+                    env=_env(env),
                     cwd=req.get("cwd") or "/",
                     start_new_session=True,
                 )
             self.procs[name] = proc
         return {"pid": proc.pid, "log": log_path}
+
+    def _notify_socket(self, name: str) -> str:
+        """A fresh sd_notify socket for process ``name``, as systemd makes for a Type=notify
+        unit; what an earlier process of that name sent is gone with the old socket."""
+        old = self.notify_sockets.pop(name, None)
+        if old is not None:
+            old.close()
+        os.makedirs(_NOTIFY_DIR, exist_ok=True)
+        path = os.path.join(_NOTIFY_DIR, f"{name}.notify")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        sock.bind(path)
+        # Credentials tell the process's own messages from its children's (NotifyAccess=main).
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.notify_sockets[name] = sock
+        return path
+
+    def op_wait_notify(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Wait until process ``name`` itself sends the line ``state`` (e.g. READY=1) to its
+        notify socket, it exits, or ``wait`` seconds pass; costs the guest nothing meanwhile,
+        where polling with a command costs a process start each time."""
+        proc = self._proc(req["name"])
+        sock = self.notify_sockets[req["name"]]
+        deadline = time.monotonic() + float(req["wait"])
+        creds = struct.calcsize("3i")
+        while True:
+            left = deadline - time.monotonic()
+            if proc.poll() is not None or left <= 0:
+                return {"notified": False, "rc": proc.poll()}
+            sock.settimeout(min(_NOTIFY_POLL_S, left))
+            try:
+                data, ancillary, _, _ = sock.recvmsg(4096, socket.CMSG_SPACE(creds))
+            except TimeoutError:
+                continue
+            senders = [
+                struct.unpack("3i", raw[:creds])[0] for _, kind, raw in ancillary if kind == socket.SCM_CREDENTIALS
+            ]
+            if proc.pid in senders and req["state"] in data.decode(errors="replace").splitlines():
+                return {"notified": True, "rc": None}
 
     def _proc(self, name: str) -> subprocess.Popen[bytes]:
         with self.procs_lock:

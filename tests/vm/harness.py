@@ -988,11 +988,13 @@ class Guest:
         cmd: str | Sequence[str],
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
+        notify: bool = False,
     ) -> int:
         """Start a background process in the guest; returns its guest pid.
 
         Its stdout and stderr go to ``spawn_log_path(name)`` on the host, which
-        stays readable after the guest died.
+        stays readable after the guest died. With ``notify`` it gets a NOTIFY_SOCKET,
+        as a Type=notify service does, for :meth:`wait_notify`.
         """
         if not _SAFE_NAME_RE.match(name):
             raise HarnessError(f"process name {name!r}: 1-20 of [A-Za-z0-9_-]")
@@ -1006,9 +1008,24 @@ class Guest:
             req["env"] = dict(env)
         if cwd:
             req["cwd"] = cwd
+        if notify:
+            req["notify"] = True
         resp = self._request(req, wait=_CHANNEL_MARGIN_S)
         self._note(f"spawn {name} pid={resp['pid']}: {cmd!r}")
         return int(resp["pid"])
+
+    def wait_notify(self, name: str, state: str = "READY=1", timeout: float = 60.0) -> None:
+        """Wait until spawned process ``name`` (started with ``notify``) sends ``state`` to
+        its notify socket; raise :class:`HarnessError` if it exits or the time runs out."""
+        resp = self._request(
+            {"op": "wait_notify", "name": name, "state": state, "wait": timeout},
+            wait=timeout + _CHANNEL_MARGIN_S,
+        )
+        if not resp["notified"]:
+            how = "still running" if resp["rc"] is None else f"exited with status {resp['rc']}"
+            tail = self.spawn_log(name)[-2000:]
+            raise HarnessError(f"guest {self.name}: {name} sent no {state} in {timeout}s ({how})\n{tail}")
+        self._note(f"{name} notified {state}")
 
     def kill(self, name: str, sig: int = signal.SIGTERM, timeout: float = 10.0, group: bool = True) -> int | None:
         """Signal a spawned process (and its group, unless not ``group``); wait up to ``timeout``.
@@ -1021,6 +1038,14 @@ class Guest:
         )
         self._note(f"kill {name} sig={int(sig)} -> rc={resp['rc']}")
         return None if resp["rc"] is None else int(resp["rc"])
+
+    def wait_exit(self, name: str, timeout: float = 60.0) -> int:
+        """Wait for a spawned process to end by itself; its exit status. Waited for in the
+        agent (signal 0 disturbs nothing): polling with a command costs a process start."""
+        rc = self.kill(name, 0, timeout=timeout)
+        if rc is None:
+            raise HarnessError(f"guest {self.name}: {name} still running after {timeout}s")
+        return rc
 
     def status(self, name: str) -> int | None:
         """Exit status of a spawned process, or None while it runs."""

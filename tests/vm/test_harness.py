@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from tests.vm.harness import (
     Completed,
     Disk,
     Guest,
+    HarnessError,
     Lab,
     Nic,
     find_kernel,
@@ -143,6 +145,27 @@ def test_spawn_logs_to_host_and_kill(node_a: Guest) -> None:
     assert node_a.spawn_log("ticker") == "hi\n"
     assert node_a.kill("ticker") == -15
     assert node_a.status("ticker") == -15
+
+
+NOTIFY_READY = (
+    "import os, socket, time; time.sleep(0.5);"
+    " socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b'STATUS=up\\nREADY=1', os.environ['NOTIFY_SOCKET']);"
+    " time.sleep(60)"
+)
+
+
+def test_wait_notify_sees_the_process_own_ready_and_not_its_childs(node_a: Guest) -> None:
+    node_a.spawn("notifier", [sys.executable, "-c", NOTIFY_READY], notify=True)
+    node_a.wait_notify("notifier", timeout=30)
+    node_a.kill("notifier")
+    # A child's READY=1 does not count (systemd's NotifyAccess=main), nor does an exit.
+    node_a.spawn("forwarder", ["/bin/sh", "-c", f'{sys.executable} -c "{NOTIFY_READY}"; exit 3'], notify=True)
+    with pytest.raises(HarnessError, match="sent no READY=1 in 10s"):
+        node_a.wait_notify("forwarder", timeout=10)
+    node_a.kill("forwarder")
+    node_a.spawn("quitter", ["/bin/sh", "-c", "exit 3"], notify=True)
+    with pytest.raises(HarnessError, match="exited with status 3"):
+        node_a.wait_notify("quitter", timeout=20)
 
 
 def test_disks_are_backed_by_host_files(node_a: Guest) -> None:
