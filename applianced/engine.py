@@ -63,6 +63,14 @@ class Kernel(LoginSource, Protocol):
         target's sessions stays linear in the number of targets."""
         ...
 
+    def saved_reservations(self, serial: str) -> str:
+        """The persistent reservations (APTPL) saved for the disk of unit serial ``serial``."""
+        ...
+
+    def keep_reservations(self, serial: str, saved: str) -> None:
+        """Keep another node's ``saved_reservations`` as this disk's ("" removes them)."""
+        ...
+
 
 class ReplicaView(Protocol):
     """What replication (applianced/replication) tells the target service about disks."""
@@ -712,6 +720,16 @@ class Appliance:
     async def sessions(self, target_iqn: str) -> TargetSessions:
         """What is logged in to one target."""
         return await asyncio.to_thread(self.kernel.sessions, target_iqn)
+
+    async def saved_reservations(self, disks: Sequence[str]) -> dict[str, str]:
+        """The persistent reservations (APTPL) that LIO saved for each of ``disks``, as its file."""
+        serials = {disk: self._disk(disk).serial for disk in disks}
+        return await asyncio.to_thread(lambda: {d: self.kernel.saved_reservations(s) for d, s in serials.items()})
+
+    async def keep_reservations(self, disk: str, saved: str) -> None:
+        """Keep ``saved`` (the peer's ``saved_reservations`` of the disk that ``disk`` is the
+        copy of, same serial) for the backstore that a takeover makes of ``disk``."""
+        await asyncio.to_thread(self.kernel.keep_reservations, self._disk(disk).serial, saved)
 
     async def _refuse_if_sessions(self, target: Target, change: str, initiator: str | None = None) -> None:
         sessions = [s for s in (await self.sessions(target.iqn)).sessions if initiator in (None, s.initiator)]

@@ -25,6 +25,9 @@ TAKE_OVER = "failover.take-over"
 COPIES_READY = "failover.copies-ready"
 # The active node's definition of a protected target, kept ready (disabled) on the passive.
 PREPARE_TARGET = "failover.prepare-target"
+# The persistent reservations (APTPL) that the active node's LIO saved for a protected disk,
+# kept on the passive node for the backstore its takeover makes.
+PREPARE_RESERVATIONS = "failover.prepare-reservations"
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,14 @@ class PreparedTarget:
 
     target: Target
     secrets: tuple[SealedChap, ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class SavedReservations:
+    """What LIO saved of a disk's persistent reservations ("" nothing), by the sender's name."""
+
+    disk: str
+    saved: str
 
 
 @dataclass(frozen=True)

@@ -92,8 +92,8 @@ class Failover:
         self._forced = False
         self._yielding: asyncio.Future[None] | None = None
         self._hand_over_looks = 0
-        # The protected targets as the peer last accepted them (active node).
-        self._pushed: dict[str, Any] = {}
+        # What the peer last accepted of what it keeps ready (active node), by kind and name.
+        self._pushed: dict[tuple[str, str], Any] = {}
         self._pushing: asyncio.Future[None] | None = None
         self._announcing: asyncio.Future[Any] | None = None
         # The clients' connections to the virtual IPs: this node's own when active, the
@@ -380,7 +380,7 @@ class Failover:
             decision = await self._decide()
             await self._act(decision)
             if self.role is Role.ACTIVE and self.peer_heard:
-                self._push_targets()
+                self._push_to_peer()
             elif not self.peer_heard:
                 self._pushed = {}  # a peer back from silence gets everything again
         if (self.peer_heard, self.ping_node_reached, len(self.client_connections)) != before:
@@ -458,29 +458,32 @@ class Failover:
         """The protected targets this node has (its own, or the active node's prepared)."""
         return [name for name in self.record.targets if name in self.engine.config.targets]
 
-    def _push_targets(self) -> None:
-        """On the active node: send the protected targets that changed since the peer last
-        took them, in the background (a look never waits for the peer's reconcile)."""
-        changed = {
-            name: target
-            for name in self._local_targets()
-            if self._pushed.get(name) != (target := self.engine.config.targets[name])
-        }
-        if not changed or self._pushing is not None or self.peer.record is None:
+    def _push_to_peer(self) -> None:
+        """On the active node: send what the passive node keeps ready and that changed since
+        it last took it, in the background (a look never waits for the peer's reconcile)."""
+        if self._pushing is not None or self.peer.record is None:
             return
-        self._pushing = asyncio.ensure_future(self._send_targets(changed))
-        self._pushing.add_done_callback(self._pushed_targets)
+        self._pushing = asyncio.ensure_future(self._send_changes())
+        self._pushing.add_done_callback(self._pushed_changes)
 
-    def _pushed_targets(self, task: asyncio.Future[None]) -> None:
+    def _pushed_changes(self, task: asyncio.Future[None]) -> None:
         self._pushing = None
-        _log_failure("the protected targets did not reach the peer")(task)
+        _log_failure("what the passive node keeps ready did not reach it")(task)
 
-    async def _send_targets(self, changed: dict[str, Any]) -> None:
+    async def _send_changes(self) -> None:
+        """The protected targets, and the persistent reservations (APTPL) that LIO saved for
+        their disks: initiators that made them persistent find them after a takeover."""
         assert self.peer.record is not None
         key = self.peer.record.key
-        for name, target in changed.items():
-            await self._ask(m.PREPARE_TARGET, targets.outgoing(target, key), m.Done, SLOW_REQUEST)
-            self._pushed[name] = target
+        for name in self._local_targets():
+            target = self.engine.config.targets[name]
+            if self._pushed.get(("target", name)) != target:
+                await self._ask(m.PREPARE_TARGET, targets.outgoing(target, key), m.Done, SLOW_REQUEST)
+                self._pushed[("target", name)] = target
+        for disk, saved in (await self.engine.saved_reservations(self._protected_disks())).items():
+            if self._pushed.get(("reservations", disk)) != saved:
+                await self._ask(m.PREPARE_RESERVATIONS, m.SavedReservations(disk, saved), m.Done, SLOW_REQUEST)
+                self._pushed[("reservations", disk)] = saved
 
     def _protected_sources(self) -> list[str]:
         """The protected disks whose mirror this node is the source of."""
@@ -721,6 +724,7 @@ class Failover:
             m.TAKE_OVER: handler(m.Reason, self._on_take_over),
             m.COPIES_READY: handler(m.Disks, self._on_copies_ready, locked=False),
             m.PREPARE_TARGET: handler(m.PreparedTarget, self._on_prepare_target),
+            m.PREPARE_RESERVATIONS: handler(m.SavedReservations, self._on_prepare_reservations),
         }
 
     async def _on_beat(self, beat: m.Beat) -> m.Beat:
@@ -771,6 +775,15 @@ class Failover:
         assert self.peer.record is not None
         copies = {half.peer_disk: half.disk for half in self.replication.halves()}
         await self.engine.adopt_targets([targets.incoming(ask, self.peer.record.key, copies)])
+        return m.Done()
+
+    async def _on_prepare_reservations(self, ask: m.SavedReservations) -> m.Done:
+        if self.role is Role.ACTIVE:
+            raise Busy("this node is active: its own LIO keeps the reservations of the protected disks")
+        copies = {half.peer_disk: half.disk for half in self.replication.halves()}
+        if ask.disk not in copies:
+            raise NotFound(f"disk {ask.disk!r} has no copy on this node")
+        await self.engine.keep_reservations(copies[ask.disk], ask.saved)
         return m.Done()
 
     async def _on_copies_ready(self, ask: m.Disks) -> m.Done:

@@ -28,6 +28,7 @@ import pytest
 from applianced.constants import PEER_DEFAULT_PORT
 from applianced.peer.protocol import HEADER
 from tests.support.daemon import INITIATOR, Daemon
+from tests.support.fake_kernel import FakeKernel
 from tests.support.netns import HeldConnection, Namespace, Switch, capture_datagrams, ip, link, send_datagrams
 from tests.support.pair import PairedDaemons, wait
 
@@ -222,6 +223,40 @@ def test_start_is_refused_with_what_is_missing_then_starts(cluster):
     ctl(b, "target", "create", "t9")  # what failover does not protect stays b's own
     ctl(b, "target", "delete", "t9")
     wait(lambda: status(b)["peer_heard"] and status(b)["ping_node_reached"])
+
+
+# What LIO writes to <dbroot>/pr/aptpl_<serial> for one registration that holds the reservation.
+SAVED_RESERVATION = f"""PR_REG_START: 0
+initiator_fabric=iSCSI
+initiator_node={INITIATOR}
+sa_res_key=4660
+res_holder=1
+res_type=05
+res_scope=00
+res_all_tg_pt=0
+mapped_lun=3
+target_fabric=iSCSI
+target_node=iqn.2026-11.org.applianced:t1
+tpgt=1
+port_rtpi=1
+target_lun=3
+PR_REG_END: 0
+"""
+
+
+def test_persistent_reservations_follow_to_the_passive_node(cluster):
+    # a active, b passive, d1 mirrored to b's d1.
+    a, b = cluster.nodes["a"], cluster.nodes["b"]
+    (disk,) = ctl(a, "--json", "disk", "list").json()
+    saved_on_a = FakeKernel(a.kernel_file).reservations_file(disk["serial"])
+    kept_on_b = FakeKernel(b.kernel_file).reservations_file(disk["serial"])
+    saved_on_a.parent.mkdir(exist_ok=True)
+    saved_on_a.write_text(SAVED_RESERVATION)  # an initiator registered with APTPL on a
+    wait(lambda: kept_on_b.exists() and kept_on_b.read_text() == SAVED_RESERVATION)
+    saved_on_a.write_text("No Registrations or Reservations\n")  # and cleared them
+    wait(lambda: kept_on_b.read_text() == "No Registrations or Reservations\n")
+    saved_on_a.unlink()
+    wait(lambda: not kept_on_b.exists())
 
 
 def test_a_cut_heartbeat_link_changes_nothing(cluster, sampler):

@@ -68,6 +68,9 @@ class FakeKernel:
         self.login_counters: dict[str, LoginCounters] = {}
         # Kernel log messages; a message's sequence number is its index.
         self.kernel_log: list[str] = []
+        # LIO's saved persistent reservations by unit serial: files beside the state file, as
+        # LIO has them under its dbroot, so that a test can write them as LIO would.
+        self.reservations: dict[str, str] = {}
 
     def open(self) -> None:
         self.opened = True
@@ -98,6 +101,25 @@ class FakeKernel:
         self.session_reads.append(target_iqn)
         sessions = tuple(s for s in self.session_list if s.target_iqn == target_iqn)
         return TargetSessions(sessions, len(sessions))
+
+    def saved_reservations(self, serial: str) -> str:
+        path = self.reservations_file(serial)
+        if path is None:
+            return self.reservations.get(serial, "")
+        return path.read_text() if path.exists() else ""
+
+    def keep_reservations(self, serial: str, saved: str) -> None:
+        path = self.reservations_file(serial)
+        if path is None:
+            self.reservations[serial] = saved
+        elif saved:
+            path.parent.mkdir(exist_ok=True)
+            path.write_text(saved)
+        else:
+            path.unlink(missing_ok=True)
+
+    def reservations_file(self, serial: str) -> Path | None:
+        return self.path.with_suffix(".pr") / f"aptpl_{serial}" if self.path else None
 
     def login_activity(
         self, targets: Iterable[str], position: LogPosition | None, known: Mapping[str, LoginCounters]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterable
+from pathlib import Path
 
 from applianced.iscsi.kernel.model import KernelTarget, MappedLun, NodeAcl, StorageObject
 from applianced.state import Chap
@@ -40,6 +41,12 @@ def read(path: str) -> str:
         return os.read(fd, 8192).decode(errors="replace").strip()
     finally:
         os.close(fd)
+
+
+def reservations_file(serial: str) -> Path:
+    """Where LIO saves the persistent reservations (APTPL) of the backstore whose unit serial
+    is ``serial``: <dbroot>/pr/aptpl_<serial>, rewritten whenever an initiator changes them."""
+    return Path(read(f"{TARGET_ROOT}/dbroot"), "pr", f"aptpl_{serial}")
 
 
 def write(path: str, value: str) -> None:

@@ -35,8 +35,6 @@ HBA_PREFIXES = {plugin: prefix for prefix, plugin in configfs.BACKSTORE_DIRS.ite
 # rtslib-fb and targetcli take this lock while they pick a new HBA index; so does this module,
 # so that a backstore made by targetcli at the same moment never takes the same directory.
 HBA_INDEX_LOCK = "/var/run/rtslib_backstore.lock"
-# LIO's directory for persistent reservations (APTPL) is <dbroot>/pr.
-DBROOT = f"{configfs.TARGET_ROOT}/dbroot"
 
 
 class Conflict(Exception):
@@ -218,12 +216,13 @@ def _configure_storage_object(path: str, want: StorageObject) -> None:
 def _restore_persistent_reservations(path: str, serial: str) -> None:
     """Hand a new backstore the registrations that initiators made persistent (APTPL).
 
-    LIO saves them in <dbroot>/pr/aptpl_<unit serial> whenever they change, but reads them
-    back only when they are written to the device's ``pr/res_aptpl_metadata``, one
-    registration per write. This is what rtslib does for every backstore it makes.
+    LIO saves them in a file whenever they change (``configfs.reservations_file``), but reads
+    them back only when they are written to the device's ``pr/res_aptpl_metadata``, one
+    registration per write. This is what rtslib does for every backstore it makes. After a
+    failover the file is the one the former active node's LIO saved (``Failover``).
     """
     try:
-        words = Path(configfs.read(DBROOT), "pr", f"aptpl_{serial}").read_text().split()
+        words = configfs.reservations_file(serial).read_text().split()
     except OSError:
         return
     registration: list[str] | None = None

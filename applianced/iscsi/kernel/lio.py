@@ -34,6 +34,7 @@ from applianced.iscsi.kernel.model import (
     LogPosition,
     TargetSessions,
 )
+from applianced.state import write_private_file
 
 if TYPE_CHECKING:
     from applianced.iscsi.kernel.rtslib_actions import RtslibActions
@@ -142,7 +143,29 @@ class LioKernel:
                 )
         return LoginActivity(boot_id, counters, lines, read_to)
 
+    def saved_reservations(self, serial: str) -> str:
+        """The persistent reservations (APTPL) LIO saved for the disk of unit serial ``serial``,
+        as the file it wrote; "" if it saved none."""
+        try:
+            return configfs.reservations_file(serial).read_text()
+        except FileNotFoundError:
+            return ""
+        except OSError as exc:
+            raise KernelError(f"cannot read the persistent reservations of {serial}: {exc}") from exc
+
     # -- changing ------------------------------------------------------------------------
+
+    def keep_reservations(self, serial: str, saved: str) -> None:
+        """Keep ``saved`` (another node's ``saved_reservations`` of this disk) where LIO saves
+        its own, so that the backstore made here at a takeover restores them; "" removes them."""
+        try:
+            path = configfs.reservations_file(serial)
+            if saved:
+                write_private_file(path, saved.encode())
+            else:
+                path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise KernelError(f"cannot keep the persistent reservations of {serial}: {exc}") from exc
 
     def apply(self, actions: Sequence[plan.Action]) -> None:
         """Carry out ``actions`` in order: each run of removals through rtslib, disk devices
