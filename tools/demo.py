@@ -23,11 +23,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.vm.appliance import FAILOVER_INITIATOR, VENV_BIN, ApplianceNode
+from applianced.bus.paths import mirror_path
+from applianced.constants import FAILOVER_INTERFACE, FAILOVER_PATH, MIRROR_INTERFACE, PEER_INTERFACE, PEER_PATH
+from tests.vm.appliance import FAILOVER_INITIATOR, ApplianceNode
 from tests.vm.harness import Disk, Guest, Lab, Nic, check_platform, start_all
 from tests.vm.sequenced_writes import BLOCK, Written, write_through
 
-CTL = VENV_BIN / "appliancectl"
 MIB = 1 << 20
 VOLUME = 128 * MIB
 CLIENT_IQN = "iqn.2026-11.org.applianced.demo:client"
@@ -66,8 +67,8 @@ class StorageNode(ApplianceNode):
     def failover(self) -> dict:
         return json.loads(self.ctl("--json", "failover", "status").stdout)
 
-    def wait_failover(self, test: str, timeout: float = 240) -> None:
-        self.guest.wait_until(f"{CTL} --json failover status | grep -q '{test}'", timeout=timeout)
+    def wait_failover(self, name: str, value: str, timeout: float = 240) -> None:
+        self.wait_property(FAILOVER_PATH, FAILOVER_INTERFACE, name, value, timeout=timeout)
 
     def disk_checksum(self) -> str:
         device = self.guest.disk_device("vol")
@@ -180,7 +181,7 @@ def replicate(nodes: dict[str, StorageNode], client: ApplianceNode, device: str)
     for node, peer in ((node1, node2), (node2, node1)):
         node.guest.write_file("/tmp/pair.key", "5a" * 32)
         node.admin("pair", "create", LINK[peer.name], "--aux-address", LAN[peer.name], "--key-file", "/tmp/pair.key")
-    node1.guest.wait_until(f"{CTL} pair status | grep -q 'connected: *yes'", timeout=120)
+    node1.wait_property(PEER_PATH, PEER_INTERFACE, "Connected", "b true", timeout=120)
     show("node1", node1.ctl("pair", "status").stdout)
 
     say("node1: mirroring vol1 to node2's copy1 while the client is logged in to it (sync mode)")
@@ -197,7 +198,7 @@ def replicate(nodes: dict[str, StorageNode], client: ApplianceNode, device: str)
     )
     failed = client.guest.run(writes, timeout=600).stdout.count("failed")
     show("client", f"writes that failed: {failed}")
-    node1.guest.wait_until(f"test $({CTL} mirror state vol1) = 4", timeout=120)
+    node1.wait_property(mirror_path("vol1"), MIRROR_INTERFACE, "State", "u 4", timeout=120)
     show("node1", node1.ctl("mirror", "list").stdout)
     say("cable plugged back: the mirror resumes by itself and copies only what changed")
     node2.guest.set_link(up=True, slot=1)
@@ -227,7 +228,7 @@ def fail_over(pair: Pair, nodes: dict[str, StorageNode], client: ApplianceNode, 
         ("failover", "start"),
     ):
         node1.admin(*args)
-    node2.wait_failover('"peer_heard": true')
+    node2.wait_failover("PeerHeard", "b true")
     show("node1", node1.ctl("failover", "status").stdout)
     show("node2", node2.ctl("failover", "status").stdout)
 
@@ -237,13 +238,13 @@ def fail_over(pair: Pair, nodes: dict[str, StorageNode], client: ApplianceNode, 
     client.login(TARGET, f"{VIP}:{VIP_PORT}")
     device = client.device_for_serial(serial)
     identity = client.guest.run(f"sg_inq -p 0x83 -H {device}").stdout
-    node2.wait_failover('connections": 1')  # node2 knows the client's connection
+    node2.wait_failover("ClientConnections", "u 1")  # node2 knows the client's connection
 
     say("node1 killed (a power cut) while the client writes numbered 4 KiB blocks through the virtual IP")
 
     def kill_node1() -> None:
         node1.guest.power_off()
-        node2.wait_failover('"role": "active"', timeout=120)
+        node2.wait_failover("Role", 's "active"', timeout=120)
 
     written = write_through(client.guest, device, FAILOVER_BLOCKS, 1, kill_node1)
     report(written, node2, "the takeover")
@@ -255,14 +256,14 @@ def fail_over(pair: Pair, nodes: dict[str, StorageNode], client: ApplianceNode, 
 
     say("node1 boots again: passive (no automatic failback), its disk node2's copy, resynced partially")
     node1 = nodes["node1"] = pair.boot_again("node1")
-    node1.guest.wait_until(f'{CTL} --json mirror show vol1 | grep -q \'"role": "target"\'', timeout=300)
+    node1.wait_property(mirror_path("vol1"), MIRROR_INTERFACE, "Role", 's "target"', timeout=300)
     node2.ctl("mirror", "wait", "copy1", "--timeout", "600")
     show("node1", node1.ctl("failover", "status").stdout)
     resynced = node1.sectors_written(node1.guest.disk_device("vol")) * 512
     show("node1", f"the resync wrote {resynced // MIB} MiB of the {VOLUME // MIB} MiB disk")
 
     say("failback by hand, the client writing: appliancectl failover switchover on node2")
-    node1.wait_failover('connections": 1')
+    node1.wait_failover("ClientConnections", "u 1")
     written_back = write_through(
         client.guest, device, FAILOVER_BLOCKS, 2, lambda: node2.admin("failover", "switchover")
     )

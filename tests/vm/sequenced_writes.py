@@ -79,7 +79,7 @@ def write_through(
     assert client.status(name) is None, "the writer ended before the event did: give it more blocks or time"
     time.sleep(tail)
     client.run(["touch", stop])
-    client.wait_until(f"grep -q acknowledged {client.spawn_log_path(name)}", timeout=120)
+    client.wait_exit(name, timeout=120)
     written = Written(**json.loads(client.spawn_log(name).strip().splitlines()[-1]))
     if written.acknowledged:
         check = f"python3 /tmp/sequenced_check.py {device} {blocks.start} {written.acknowledged} {tag}"

@@ -100,10 +100,7 @@ def test_reboot_restore_after_kernel_wipe(node):
     # writes them under its dbroot, and the restore must hand them back to the new LUN.
     node.login(target["iqn"], PORTAL)
     device = node.device_for_serial(disk["serial"])
-    node.guest.run(["sg_persist", "--out", "--register", f"--param-sark={RESERVATION_KEY}", "--param-aptpl", device])
-    node.guest.run(
-        ["sg_persist", "--out", "--reserve", f"--param-rk={RESERVATION_KEY}", "--prout-type=5", "--param-aptpl", device]
-    )
+    node.reserve_persistently(device, RESERVATION_KEY)
     node.logout(target["iqn"], PORTAL)
     assert node.stop() == 0
     node.clear_kernel_state()
@@ -116,12 +113,9 @@ def test_reboot_restore_after_kernel_wipe(node):
         # Found by the same unit serial as before the wipe: the disk kept its identity.
         device = node.device_for_serial(disk["serial"])
         assert read_back(node, device).returncode == 0, "the restored LUN serves the same bytes"
-        keys = node.guest.run(["sg_persist", "--in", "--read-keys", device]).stdout
-        assert RESERVATION_KEY in keys, keys
-        reservation = node.guest.run(["sg_persist", "--in", "--read-reservation", device]).stdout
-        assert RESERVATION_KEY in reservation and "Write Exclusive, registrants only" in reservation, reservation
+        node.assert_reserved(device, RESERVATION_KEY)
     finally:
-        node.guest.run(["sg_persist", "--out", "--clear", f"--param-rk={RESERVATION_KEY}", device], check=False)
+        node.clear_reservations(device, RESERVATION_KEY)
         node.logout(target["iqn"], PORTAL)
 
 

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from applianced.bus.paths import mirror_path
+from applianced.constants import FAILOVER_INTERFACE, FAILOVER_PATH, MIRROR_INTERFACE, PEER_INTERFACE, PEER_PATH
 from tests.vm.appliance import FAILOVER_INITIATOR, UDEV_RULES, VENV_BIN, ApplianceNode
 from tests.vm.harness import Disk, Guest, Nic
 from tests.vm.sequenced_writes import BLOCK, write_through
@@ -142,7 +144,7 @@ def cluster(module_guest_factory, module_lab, tmp_path_factory):
     for node, peer in ((cluster.a, "b"), (cluster.b, "a")):
         node.guest.write_file("/tmp/pair.key", KEY)
         node.ctl("pair", "create", HB[peer], "--aux-address", LAN[peer], "--key-file", "/tmp/pair.key")
-    cluster.a.guest.wait_until(f"{VENV_BIN / 'appliancectl'} pair status | grep -q 'connected: *yes'", timeout=60)
+    cluster.a.wait_property(PEER_PATH, PEER_INTERFACE, "Connected", "b true")
     # Node a serves disk d1 (its virtio disk) to the client; node b's disk is the copy-to-be.
     cluster.a.ctl_batch(
         ("disk", "create-block", "d1", "/dev/disk/by-id/virtio-vol"),
@@ -186,7 +188,7 @@ def test_a_disk_in_use_is_mirrored_with_its_data_and_identity(cluster):
     )
     cluster.a.ctl("mirror", "create", "d1", "sync", "--peer-disk", "c1")
     cluster.a.ctl("mirror", "wait", "d1", "--timeout", "300")
-    cluster.client.guest.wait_until(f"grep -q done {cluster.client.guest.spawn_log_path('writer')}", timeout=120)
+    assert cluster.client.guest.wait_exit("writer", timeout=120) == 0
     assert "failed" not in cluster.client.guest.spawn_log("writer")
     assert_equal_copies(cluster, cluster.a, cluster.b)
     assert vpd(cluster, device) == identity, "the initiator sees the same disk"
@@ -310,7 +312,7 @@ def test_a_file_disk_copies_its_data_only_and_a_blank_one_nothing(cluster):
     top = "/run/applianced/block/applianced-disk-d2"
     assert int(cluster.a.guest.run(["blockdev", "--getsize64", top]).stdout) == 48 * MIB
     cluster.a.guest.run(f"dd if=/dev/urandom of={top} bs=64K count=4 seek=700 oflag=direct status=none")
-    cluster.a.guest.wait_until(f"test $({VENV_BIN / 'appliancectl'} mirror state d2) = 1", timeout=60)
+    cluster.a.wait_property(mirror_path("d2"), MIRROR_INTERFACE, "State", "u 1")
     assert cluster.a.checksum(path, 48 * MIB) == cluster.b.checksum(copy, 48 * MIB)
     for disk in ("d2", "d3"):
         cluster.a.ctl("mirror", "delete", disk)
@@ -335,9 +337,7 @@ def test_split_brain_is_refused_then_recovered_partially(cluster):
     assert cluster.client_write(cluster.client_device(serial_of(cluster.a, "d1")), written_on_a) == []
     cluster.b.guest.set_link(up=True, slot=0)
     cluster.b.guest.set_link(up=True, slot=1)
-    cluster.a.guest.wait_until(
-        f"{VENV_BIN / 'appliancectl'} --json mirror show d1 | grep -q '\"split_brain\": true'", timeout=120
-    )
+    cluster.a.wait_property(mirror_path("d1"), MIRROR_INTERFACE, "SplitBrain", "b true", timeout=120)
     assert cluster.a.state() == 4, "never resolved silently"
     before = cluster.b.sectors_written(cluster.b.vol)
     cluster.b.ctl("mirror", "prepare-target", "c1")  # b's changes are the ones to overwrite
@@ -432,6 +432,7 @@ def test_a_daemon_restart_adopts_the_running_mirror(cluster):
 
 VIP = "10.60.0.100"
 PING_NODE = "10.60.0.254"
+RESERVATION_KEY = "0x5eed1234"
 FAILOVER_PORT = "3261"  # the wildcard portal's (a's 10.60.0.1:3260 stays as it is)
 # The client writes the volume's second half during a failover.
 FAILOVER_BLOCKS = range(VOLUME // 2 // BLOCK, VOLUME // BLOCK)
@@ -463,17 +464,22 @@ def test_failover_kill_the_active_node_mid_write_then_fail_back(cluster, module_
     cluster.client.login(TARGET, f"{VIP}:{FAILOVER_PORT}")
     device = cluster.client_device(serial)
     identity = vpd(cluster, device)
-    cluster.b.guest.wait_until(f"{VENV_BIN / 'appliancectl'} --json failover status | grep -q 'connections\": 1'")
+    cluster.b.wait_property(FAILOVER_PATH, FAILOVER_INTERFACE, "ClientConnections", "u 1")
+    # A reservation that the client asks to persist (APTPL), as a cluster file system takes
+    # one: a's LIO saves it, a sends it to b, and b's takeover hands it to its LUN.
+    cluster.client.reserve_persistently(device, RESERVATION_KEY)
+    kept = f"/etc/target/pr/aptpl_{serial}"
+    cluster.b.guest.wait_until(f"grep -q sa_res_key={int(RESERVATION_KEY, 16)} {kept}", timeout=60)
+    assert cluster.b.guest.run(["stat", "-c", "%a", kept]).stdout.strip() == "600"
 
     def kill_a() -> None:
         cluster.a.guest.power_off()  # the active node dies mid-write: no RST ever comes
-        cluster.b.guest.wait_until(
-            f'{VENV_BIN / "appliancectl"} --json failover status | grep -q \'"role": "active"\'', timeout=120
-        )
+        cluster.b.wait_property(FAILOVER_PATH, FAILOVER_INTERFACE, "Role", 's "active"', timeout=120)
 
     written = write_through(cluster.client.guest, device, FAILOVER_BLOCKS, 1, kill_a)
     assert written.errors == 0 and written.acknowledged > 0
     assert vpd(cluster, device) == identity, "the same disk after the takeover"
+    cluster.client.assert_reserved(device, RESERVATION_KEY)
     (event,) = json.loads(cluster.b.ctl("--json", "failover", "history").stdout)[-1:]
     print(
         f"failover: node a killed mid-write; the client's longest write took {written.longest:.1f} s, "
@@ -484,9 +490,7 @@ def test_failover_kill_the_active_node_mid_write_then_fail_back(cluster, module_
     # a boots again: passive (no failback), its disk the copy again, resynced from b: the
     # regions written since, and those a wrote last, not the whole disk.
     node = cluster.crash_and_boot("a")
-    node.guest.wait_until(
-        f'{VENV_BIN / "appliancectl"} --json mirror show d1 | grep -q \'"role": "target"\'', timeout=240
-    )
+    node.wait_property(mirror_path("d1"), MIRROR_INTERFACE, "Role", 's "target"', timeout=240)
     assert failover_status(node)["role"] == "passive"
     cluster.b.ctl("mirror", "wait", "c1", "--timeout", "300")
     copied = node.sectors_written(node.vol) * 512
@@ -495,13 +499,15 @@ def test_failover_kill_the_active_node_mid_write_then_fail_back(cluster, module_
     assert_equal_copies(cluster, cluster.b, node)
 
     # Failback by hand, with the client writing: a planned switchover loses nothing.
-    node.guest.wait_until(f"{VENV_BIN / 'appliancectl'} --json failover status | grep -q 'connections\": 1'")
+    node.wait_property(FAILOVER_PATH, FAILOVER_INTERFACE, "ClientConnections", "u 1")
     written = write_through(
         cluster.client.guest, device, FAILOVER_BLOCKS, 2, lambda: cluster.b.ctl("failover", "switchover")
     )
     assert written.errors == 0 and written.acknowledged > 0
     assert (failover_status(node)["role"], failover_status(cluster.b)["role"]) == ("active", "passive")
     assert vpd(cluster, device) == identity
+    cluster.client.assert_reserved(device, RESERVATION_KEY)  # b's LIO saved it, b sent it back
+    cluster.client.clear_reservations(device, RESERVATION_KEY)
     (event,) = json.loads(node.ctl("--json", "failover", "history").stdout)[-1:]
     print(
         f"failover: failback by hand; the client's longest write took {written.longest:.1f} s, "
