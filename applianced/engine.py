@@ -140,9 +140,10 @@ class Appliance:
         self.seen = SeenInitiators(kernel, store.directory / SEEN_FILE_NAME, lambda: self.config)
         # Which disks are mirror copies or served through a mirror (set by the daemon).
         self.replication: ReplicaView = NoReplication()
-        # The replica view the kernel was last brought in line with: a commit after the view
-        # changed plans from the kernel, not from the previous rendering.
-        self._view_applied: tuple[Any, ...] = self._replica_view()
+        # The rendering the kernel was last brought in line with, whole; None while unknown
+        # (before the first reconcile, after a failed change). A commit plans from it, so a
+        # change of replication's view (a copy promoted at a takeover) reads nothing back.
+        self._applied: KernelConfig | None = None
 
     @property
     def disks_dir(self) -> Path:
@@ -197,16 +198,13 @@ class Appliance:
         self._set_config(stored)
         return count
 
-    def _replica_view(self) -> tuple[Any, ...]:
-        return (frozenset(self.replication.unserved()), tuple(sorted(self.replication.lowers().items())))
-
     def _reconcile(self, desired: Config, previous: Config) -> int:
         """Make the kernel match ``desired``, also removing what only ``previous`` had."""
-        view = self._replica_view()
         wanted = self._render(desired)
         actions = plan(self._observe(wanted, desired, previous), wanted)
+        self._applied = None
         self.kernel.apply(actions)
-        self._view_applied = view
+        self._applied = wanted
         changes = len(actions) + self._apply_firewall(self._filters(desired, self._resolve(desired)))
         audit("reconcile", "node", "ok", f"reconciled the kernel with {changes} change(s)")
         return changes
@@ -235,8 +233,6 @@ class Appliance:
 
     def _transition(self, new: Config, from_kernel: bool = False) -> None:
         old = self.config
-        view = self._replica_view()
-        from_kernel = from_kernel or view != self._view_applied
         try:
             # A portal LIO is about to drop keeps its old filter until it is gone, and a new
             # portal is filtered before LIO listens on it: no moment leaves either open.
@@ -247,9 +243,10 @@ class Appliance:
             # Whole-configuration changes plan from what the kernel really holds, so that
             # objects made by other tools are adopted or corrected, not assumed.
             rendered = self._render(new)
-            current = self._observe(rendered, old, new) if from_kernel else self._render(old)
+            current = self._observe(rendered, old, new) if from_kernel or self._applied is None else self._applied
+            self._applied = None
             self.kernel.apply(plan(current, rendered))
-            self._view_applied = view
+            self._applied = rendered
             self._apply_firewall(wanted)
             self.store.save(new)
         except Exception:
@@ -273,6 +270,7 @@ class Appliance:
         try:
             wanted = self._render(old)
             self.kernel.apply(plan(self._observe(wanted, old, new), wanted))
+            self._applied = wanted
             self._apply_firewall(self._filters(old, self._resolve(old)))
         except Exception:
             # Nothing more can be done safely here; the next start reconciles again.

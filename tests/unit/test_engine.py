@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from applianced.engine import Appliance
+from applianced.engine import Appliance, NoReplication
 from applianced.errors import AlreadyExists, Busy, InvalidArgument, KernelError, NotFound, NotSupported, StateError
 from applianced.iscsi import bootprofile, diskfile
 from applianced.iscsi.kernel.model import Session, StorageObject
@@ -160,6 +160,55 @@ def test_kernel_failure_rolls_back_kernel_state_and_file(tmp_path):
             await engine.create_disk("d2", 1 << 20)
         assert not (tmp_path / "state" / "disks" / "d2.img").exists()
         assert kernel.snapshot() == before
+
+    run(scenario())
+
+
+class CountingKernel(FakeKernel):
+    def __init__(self) -> None:
+        super().__init__()
+        self.observed = 0
+
+    def observe(self, *args):
+        self.observed += 1
+        return super().observe(*args)
+
+
+class Mirrors(NoReplication):
+    """Replication's view with d1 served through a mirror, once ``lower`` is set."""
+
+    lower: str | None = None
+
+    def lowers(self):
+        return {"d1": self.lower} if self.lower else {}
+
+    def mirrored(self):
+        return ["d1"] if self.lower else []
+
+
+def test_a_commit_plans_from_what_was_applied_and_reads_the_kernel_only_after_a_failure(tmp_path):
+    kernel = CountingKernel()
+
+    async def scenario():
+        engine = await started(make_engine(tmp_path, kernel))
+        await populate(engine)
+        engine.replication = mirrors = Mirrors()
+        mirrors.lower = "/dev/md0"  # a takeover promoted d1's copy: it is served through md now
+        kernel.observed = 0
+        await engine.set_targets_enabled(["t1"], False)
+        assert kernel.observed == 0, "planned from the last applied rendering"
+        assert kernel.disk_devices["d1"].lower == "/dev/md0"
+        assert not kernel.targets["iqn.2003-01.org.linux-iscsi.applianced:t1"].enabled
+        # A change that failed half-way leaves the kernel unknown: the roll-back reads it
+        # back and restores the previous rendering, which the next commit plans from.
+        kernel.fail_on = "SetTpgEnabled"
+        with pytest.raises(KernelError):
+            await engine.set_targets_enabled(["t1"], True)
+        assert kernel.observed == 1
+        kernel.fail_on = None
+        await engine.set_targets_enabled(["t1"], True)
+        assert kernel.observed == 1
+        assert kernel.targets["iqn.2003-01.org.linux-iscsi.applianced:t1"].enabled
 
     run(scenario())
 
