@@ -63,8 +63,8 @@ class Kernel(LoginSource, Protocol):
         target's sessions stays linear in the number of targets."""
         ...
 
-    def saved_reservations(self, serial: str) -> str:
-        """The persistent reservations (APTPL) saved for the disk of unit serial ``serial``."""
+    def saved_reservations(self, serials: Iterable[str]) -> dict[str, str]:
+        """The persistent reservations (APTPL) saved for the disks of unit serials ``serials``."""
         ...
 
     def keep_reservations(self, serial: str, saved: str) -> None:
@@ -722,7 +722,8 @@ class Appliance:
     async def saved_reservations(self, disks: Sequence[str]) -> dict[str, str]:
         """The persistent reservations (APTPL) that LIO saved for each of ``disks``, as its file."""
         serials = {disk: self._disk(disk).serial for disk in disks}
-        return await asyncio.to_thread(lambda: {d: self.kernel.saved_reservations(s) for d, s in serials.items()})
+        saved = await asyncio.to_thread(self.kernel.saved_reservations, serials.values())
+        return {disk: saved[serial] for disk, serial in serials.items()}
 
     async def keep_reservations(self, disk: str, saved: str) -> None:
         """Keep ``saved`` (the peer's ``saved_reservations`` of the disk that ``disk`` is the

@@ -102,7 +102,10 @@ class FakeKernel:
         sessions = tuple(s for s in self.session_list if s.target_iqn == target_iqn)
         return TargetSessions(sessions, len(sessions))
 
-    def saved_reservations(self, serial: str) -> str:
+    def saved_reservations(self, serials: Iterable[str]) -> dict[str, str]:
+        return {serial: self._saved_reservations(serial) for serial in serials}
+
+    def _saved_reservations(self, serial: str) -> str:
         path = self.reservations_file(serial)
         if path is None:
             return self.reservations.get(serial, "")

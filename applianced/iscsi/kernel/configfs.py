@@ -43,10 +43,16 @@ def read(path: str) -> str:
         os.close(fd)
 
 
-def reservations_file(serial: str) -> Path:
-    """Where LIO saves the persistent reservations (APTPL) of the backstore whose unit serial
-    is ``serial``: <dbroot>/pr/aptpl_<serial>, rewritten whenever an initiator changes them."""
-    return Path(read(f"{TARGET_ROOT}/dbroot"), "pr", f"aptpl_{serial}")
+def reservations_dir() -> Path:
+    """<dbroot>/pr, where LIO saves the persistent reservations (APTPL) of its backstores."""
+    return Path(read(f"{TARGET_ROOT}/dbroot"), "pr")
+
+
+def reservations_file(serial: str, directory: Path | None = None) -> Path:
+    """The file (in ``directory``, by default ``reservations_dir()``) where LIO saves the
+    persistent reservations of the backstore of unit serial ``serial``, rewritten whenever an
+    initiator changes them."""
+    return (directory or reservations_dir()) / f"aptpl_{serial}"
 
 
 def write(path: str, value: str) -> None:

@@ -143,15 +143,20 @@ class LioKernel:
                 )
         return LoginActivity(boot_id, counters, lines, read_to)
 
-    def saved_reservations(self, serial: str) -> str:
-        """The persistent reservations (APTPL) LIO saved for the disk of unit serial ``serial``,
-        as the file it wrote; "" if it saved none."""
+    def saved_reservations(self, serials: Iterable[str]) -> dict[str, str]:
+        """The persistent reservations (APTPL) LIO saved for the disks of unit serials
+        ``serials``, as the files it wrote; "" for a disk it saved none for."""
+        saved = {}
         try:
-            return configfs.reservations_file(serial).read_text()
-        except FileNotFoundError:
-            return ""
+            directory = configfs.reservations_dir()  # read once: this runs at every look
+            for serial in serials:
+                try:
+                    saved[serial] = configfs.reservations_file(serial, directory).read_text()
+                except FileNotFoundError:
+                    saved[serial] = ""
         except OSError as exc:
-            raise KernelError(f"cannot read the persistent reservations of {serial}: {exc}") from exc
+            raise KernelError(f"cannot read the persistent reservations: {exc}") from exc
+        return saved
 
     # -- changing ------------------------------------------------------------------------
 
