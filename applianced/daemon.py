@@ -3,7 +3,8 @@
 Start-up order matters: the kernel is reconciled and every object exported before the bus
 name is taken and READY=1 is sent, so that a client never sees a half-built tree.
 SIGTERM stops the daemon without touching LIO: initiators stay logged in while it is down.
-SIGHUP re-reads the state file.
+SIGHUP re-reads the state file. SIGUSR1 writes the Python stack of every thread to standard
+error (the journal under systemd): what a daemon that stopped answering waits for.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import faulthandler
 import logging
 import signal
 from collections.abc import Callable, Iterable
@@ -53,6 +55,9 @@ def main(
     resolver: Callable[[str], Iterable[str]] = firewall.resolve_name,
     data_path_factory: Callable[[Path], DataPath] = DataPath,
 ) -> int:
+    # First: it works while the event loop or every thread is blocked, as long as the
+    # process lives.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     args = parse_args(argv)
     systemd.setup_logging("applianced", getattr(logging, args.log_level))
     store = StateStore(args.state_dir, STATE_FILE_NAME)

@@ -40,6 +40,29 @@ def test_sigterm_lets_a_read_in_progress_answer(bus, tmp_path):
     assert "Traceback" not in daemon.log_text()
 
 
+def test_sigusr1_writes_every_threads_stack_and_the_daemon_goes_on(bus, tmp_path):
+    daemon = Daemon(bus.address, tmp_path, extra_env={SLOW_SESSIONS_ENV: "3"})
+    daemon.start()
+    try:
+        daemon.configure_first_slice()
+        # A read that blocks a worker thread in the kernel for 3 s: the dump shows where.
+        read = [
+            "dbus-send", f"--bus={bus.address}", "--print-reply", f"--dest={BUS_NAME}", target_path("t1"),
+            "org.freedesktop.DBus.Properties.Get", f"string:{BUS_NAME}.Target", "string:SessionCount",
+        ]  # fmt: skip
+        reader = subprocess.Popen(read, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(1)
+        daemon.signal(signal.SIGUSR1)
+        out, err = reader.communicate(timeout=30)
+        assert reader.returncode == 0 and "uint32 0" in out, err
+        dump = daemon.log_text()
+        assert dump.count("(most recent call first)") >= 2, dump  # the loop's thread and the worker
+        assert "in sessions" in dump and "in run_forever" in dump, dump
+        assert daemon.cli("target", "list").returncode == 0
+    finally:
+        assert daemon.stop(signal.SIGTERM) == 0
+
+
 def test_sigterm_after_the_bus_went_away_stops_cleanly(tmp_path):
     # A shutdown stops dbus-daemon too, often before applianced.
     bus = PrivateBus(POLICY)

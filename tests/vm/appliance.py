@@ -7,13 +7,17 @@ systemd would start it (its state in /var/lib/applianced, which lives in guest R
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shlex
 import signal
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 from applianced.constants import BUS_NAME
-from tests.vm.harness import REPO_ROOT, Completed, Guest
+from tests.vm.harness import REPO_ROOT, CommandTimeout, Completed, Guest, HarnessError
 
 VENV_BIN = REPO_ROOT / ".venv" / "bin"
 # The initiator's stable names and the storage node's rule that keeps udev off its stacks,
@@ -45,7 +49,8 @@ class ApplianceNode:
         # daemon sends READY=1 once its bus name is taken. Polling the bus instead cost
         # a process start in the guest every second, taken from the daemon's own start.
         self.guest.spawn(DAEMON, [str(VENV_BIN / "python"), "-m", "applianced"], cwd="/", notify=True)
-        self.guest.wait_notify(DAEMON, timeout=180)
+        with self._explained():
+            self.guest.wait_notify(DAEMON, timeout=180)
 
     def stop(self, sig: int = signal.SIGTERM) -> int | None:
         """Signal the daemon alone, as systemd's KillMode=process does: the NBD servers it
@@ -61,12 +66,41 @@ class ApplianceNode:
         return self.guest.spawn_log(DAEMON)
 
     def ctl(self, *args: str, check: bool = True) -> Completed:
-        return self.guest.run([str(VENV_BIN / "appliancectl"), *args], check=check, timeout=120)
+        with self._explained():
+            return self.guest.run([str(VENV_BIN / "appliancectl"), *args], check=check, timeout=120)
 
     def ctl_batch(self, *commands: Sequence[str]) -> Completed:
         """Several commands in one start of appliancectl (each start costs seconds under TCG)."""
         script = "".join(shlex.join(command) + "\n" for command in commands)
-        return self.guest.run([str(VENV_BIN / "appliancectl"), "batch"], input=script, timeout=300)
+        with self._explained():
+            return self.guest.run([str(VENV_BIN / "appliancectl"), "batch"], input=script, timeout=300)
+
+    @contextlib.contextmanager
+    def _explained(self) -> Iterator[None]:
+        """A daemon that does not get ready, or a command that runs out of time, comes with
+        what the node was doing then: a test that fails on a slow host says why."""
+        try:
+            yield
+        except CommandTimeout as exc:
+            raise CommandTimeout(f"{exc}\n{self.doing()}", exc.result) from exc
+        except HarnessError as exc:
+            if type(exc) is not HarnessError:
+                raise  # a command that failed says why itself
+            raise HarnessError(f"{exc}\n{self.doing()}") from exc
+
+    def doing(self) -> str:
+        """The daemon's threads' Python stacks (its SIGUSR1 handler writes them to its log),
+        the guest's busiest processes and load, and the host's load and pressure."""
+        report = [f"--- what {self.guest.name} was doing; the host: load {os.getloadavg()}, {_host_pressure()}"]
+        try:
+            self.guest.kill(DAEMON, signal.SIGUSR1, timeout=0, group=False)
+            time.sleep(2)
+            processes = "cat /proc/loadavg; ps -eo pid,stat,pcpu,etime,wchan:24,args --sort=-pcpu | head -20"
+            report.append(self.guest.run(processes, timeout=30, check=False).stdout)
+        except HarnessError as exc:
+            report.append(f"(the guest did not answer: {exc})")
+        report.append(self.log()[-8000:])
+        return "\n".join(report)
 
     def ctl_json(self, *args: str) -> list[dict]:
         return json.loads(self.ctl("--json", *args).stdout)
@@ -77,7 +111,8 @@ class ApplianceNode:
         appliancectl about five, taken from the work that is waited for; hence busctl, and
         a second between reads."""
         read = shlex.join(["busctl", "--system", "get-property", BUS_NAME, path, interface, name])
-        self.guest.wait_until(f'test "$({read})" = {shlex.quote(value)}', timeout=timeout, interval=1.0)
+        with self._explained():
+            self.guest.wait_until(f'test "$({read})" = {shlex.quote(value)}', timeout=timeout, interval=1.0)
 
     def serve(self, disk_size: str, initiator: str, portal: str = "127.0.0.1") -> None:
         """The usual first configuration: disk d1 as LUN 0 of target t1 for one initiator."""
@@ -144,3 +179,17 @@ class ApplianceNode:
         link = f"/dev/disk/by-lio-serial/{serial}"
         self.guest.wait_until(f"test -b {shlex.quote(link)}", timeout=timeout)
         return self.guest.run(["readlink", "-f", link]).stdout.strip()
+
+
+def _host_pressure() -> str:
+    """The host's stall information (PSI: the share of time tasks waited for CPU, I/O or
+    memory, over 10, 60 and 300 s) and its CPU time stolen by the hypervisor so far."""
+    lines = []
+    for resource in ("cpu", "io", "memory"):
+        with contextlib.suppress(OSError):
+            some = Path(f"/proc/pressure/{resource}").read_text().splitlines()[0]
+            lines.append(f"{resource} {some.removeprefix('some ').rsplit(' total=', 1)[0]}")
+    with contextlib.suppress(OSError, IndexError):
+        steal = int(Path("/proc/stat").read_text().split()[8]) / os.sysconf("SC_CLK_TCK")
+        lines.append(f"stolen {steal:.0f} s since boot")
+    return "; ".join(lines) or "no pressure information"
