@@ -14,6 +14,15 @@ from tests.support.fake_kernel import SLOW_SESSIONS_ENV
 from tests.support.private_bus import PrivateBus
 
 
+def read_session_count(bus) -> subprocess.Popen[str]:
+    """One Get of t1's SessionCount, running in the background."""
+    read = [
+        "dbus-send", f"--bus={bus.address}", "--print-reply", f"--dest={BUS_NAME}", target_path("t1"),
+        "org.freedesktop.DBus.Properties.Get", f"string:{BUS_NAME}.Target", "string:SessionCount",
+    ]  # fmt: skip
+    return subprocess.Popen(read, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 def test_sigterm_stops_cleanly_and_leaves_the_kernel_alone(daemon):
     daemon.configure_first_slice()
     kernel = daemon.kernel_file.read_bytes()
@@ -27,11 +36,7 @@ def test_sigterm_lets_a_read_in_progress_answer(bus, tmp_path):
     daemon.start()
     daemon.configure_first_slice()
     # One property read, which now takes 2 s in the kernel; SIGTERM comes in the middle.
-    read = [
-        "dbus-send", f"--bus={bus.address}", "--print-reply", f"--dest={BUS_NAME}", target_path("t1"),
-        "org.freedesktop.DBus.Properties.Get", f"string:{BUS_NAME}.Target", "string:SessionCount",
-    ]  # fmt: skip
-    reader = subprocess.Popen(read, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    reader = read_session_count(bus)
     time.sleep(1)
     assert daemon.stop(signal.SIGTERM) == 0
     out, err = reader.communicate(timeout=30)
@@ -46,11 +51,7 @@ def test_sigusr1_writes_every_threads_stack_and_the_daemon_goes_on(bus, tmp_path
     try:
         daemon.configure_first_slice()
         # A read that blocks a worker thread in the kernel for 3 s: the dump shows where.
-        read = [
-            "dbus-send", f"--bus={bus.address}", "--print-reply", f"--dest={BUS_NAME}", target_path("t1"),
-            "org.freedesktop.DBus.Properties.Get", f"string:{BUS_NAME}.Target", "string:SessionCount",
-        ]  # fmt: skip
-        reader = subprocess.Popen(read, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        reader = read_session_count(bus)
         time.sleep(1)
         daemon.signal(signal.SIGUSR1)
         out, err = reader.communicate(timeout=30)
