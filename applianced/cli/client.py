@@ -14,6 +14,7 @@ from __future__ import annotations
 # makefile, selectors) and would cost a fifth of the CLI's imports; calls and errors are the same.
 import _socket
 import os
+import time
 
 from applianced.cli.wire import (
     ERROR,
@@ -51,6 +52,18 @@ class DBusError(Exception):
         super().__init__(text)
         self.type = type_
         self.text = text
+
+
+class CallTimeout(Exception):
+    """No reply within the connection's timeout. The callee may still be working on the call
+    (a bus never cancels one), so what it changes may yet change; the connection is out of
+    step with its replies and only good for closing."""
+
+    def __init__(self, destination: str, call: str, seconds: float) -> None:
+        super().__init__(f"{destination} did not answer {call} within {seconds:g} s")
+        self.destination = destination
+        self.call = call
+        self.seconds = seconds
 
 
 class BusAddressError(ValueError):
@@ -107,20 +120,27 @@ def _socket_address(transport: str, options: dict[str, str]) -> str | bytes:
 
 
 class Connection:
-    """One authenticated connection to a message bus, making blocking method calls."""
+    """One authenticated connection to a message bus, making blocking method calls.
 
-    def __init__(self, sock: _socket.socket) -> None:
+    With a ``call_timeout`` (seconds), authentication and each call give up when the whole
+    reply has not come within it: dbus-daemon's system bus times no call out, so a callee that
+    never answers would otherwise hang the caller for ever.
+    """
+
+    def __init__(self, sock: _socket.socket, call_timeout: float | None = None) -> None:
         self._socket = sock
         self._received = bytearray()
         self._serial = 0
+        self.call_timeout = call_timeout
+        self._deadline: float | None = None
 
     @classmethod
-    def system_bus(cls) -> Connection:
+    def system_bus(cls, call_timeout: float | None = None) -> Connection:
         """Connected to the system bus: ``DBUS_SYSTEM_BUS_ADDRESS`` if set, else the default."""
-        return cls.open(os.environ.get("DBUS_SYSTEM_BUS_ADDRESS") or DEFAULT_SYSTEM_BUS_ADDRESS)
+        return cls.open(os.environ.get("DBUS_SYSTEM_BUS_ADDRESS") or DEFAULT_SYSTEM_BUS_ADDRESS, call_timeout)
 
     @classmethod
-    def open(cls, address: str) -> Connection:
+    def open(cls, address: str, call_timeout: float | None = None) -> Connection:
         """Connected, authenticated and named by the bus at ``address``. Its addresses are tried
         in turn, as dbus-fast does, and the last one's error is raised if none can be reached."""
         error: OSError | None = None
@@ -133,7 +153,7 @@ class Connection:
                 sock.close()
                 error = exc
                 continue
-            connection = cls(sock)
+            connection = cls(sock, call_timeout)
             try:
                 connection._authenticate()
                 connection.call(*BUS_DAEMON, "Hello")
@@ -152,7 +172,11 @@ class Connection:
         decimal digits in hex, as the specification asks."""
         uid = str(os.getuid()).encode().hex()
         self._socket.sendall(b"\0AUTH EXTERNAL " + uid.encode() + b"\r\n")
-        reply = self._read_line()
+        self._start_clock()
+        try:
+            reply = self._read_line()
+        except TimeoutError:
+            raise CallTimeout("the bus", "authentication", self.call_timeout or 0) from None
         if not reply.startswith(b"OK "):
             raise ConnectionError(f"the bus refused EXTERNAL authentication: {reply.decode(errors='replace')}")
         # The bus does not answer BEGIN: messages follow from the next byte on.
@@ -167,7 +191,15 @@ class Connection:
         self._received[:] = rest
         return line
 
+    def _start_clock(self) -> None:
+        self._deadline = None if self.call_timeout is None else time.monotonic() + self.call_timeout
+
     def _receive_more(self, wanted: int = RECEIVE_SIZE) -> None:
+        if self._deadline is not None:
+            left = self._deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            self._socket.settimeout(left)
         chunk = self._socket.recv(max(wanted, RECEIVE_SIZE))
         if not chunk:
             raise EOFError("the bus closed the connection")
@@ -197,10 +229,14 @@ class Connection:
         self._serial += 1
         serial = self._serial
         self._socket.sendall(method_call(serial, destination, path, interface, member, signature, body or []))
-        while True:
-            reply = self._receive_message()
-            if reply.type in (METHOD_RETURN, ERROR) and reply.reply_serial == serial:
-                break
+        self._start_clock()
+        try:
+            while True:
+                reply = self._receive_message()
+                if reply.type in (METHOD_RETURN, ERROR) and reply.reply_serial == serial:
+                    break
+        except TimeoutError:
+            raise CallTimeout(destination, f"{interface}.{member}", self.call_timeout or 0) from None
         if reply.type == ERROR:
             raise DBusError(reply.error_name or "unknown", reply.body[0] if reply.body else "")
         return reply.body
@@ -213,8 +249,8 @@ class Client:
         self.connection = connection
 
     @classmethod
-    async def connect(cls) -> Client:
-        return cls(Connection.system_bus())
+    async def connect(cls, call_timeout: float | None = None) -> Client:
+        return cls(Connection.system_bus(call_timeout))
 
     def close(self) -> None:
         self.connection.close()

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from applianced import __version__
-from applianced.cli.client import Client, DBusError, run_without_loop
-from applianced.cli.messages import NO_BUS, UsageError, describe
+from applianced.cli.client import CallTimeout, Client, DBusError, run_without_loop
+from applianced.cli.messages import NO_BUS, UsageError, describe, describe_timeout
 from applianced.cli.wire import Variant, unpack_variants
 from applianced.constants import (
     ACL_INTERFACE,
@@ -47,12 +47,22 @@ if TYPE_CHECKING:
 
 EXIT_NOT_FOUND = 3
 EXIT_INVALID = 5
+# Long enough for the slowest change measured in emulated test VMs (a configuration import),
+# short enough that a script notices a daemon that stopped answering.
+DEFAULT_CALL_TIMEOUT = 120.0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="appliancectl", description="Control applianced over D-Bus.")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
     parser.add_argument("--version", action="version", version=f"appliancectl {__version__}")
+    parser.add_argument(
+        "--call-timeout",
+        type=_seconds,
+        default=DEFAULT_CALL_TIMEOUT,
+        metavar="SECONDS",
+        help=f"give up on a call applianced has not answered in this time (default {DEFAULT_CALL_TIMEOUT:g}; 0: never)",
+    )
     groups = parser.add_subparsers(dest="group", required=True, metavar="COMMAND")
 
     groups.add_parser("status", help="show the node and what it serves")
@@ -1094,6 +1104,17 @@ def _read_document(path: str) -> str:
         raise UsageError(f"invalid argument: cannot read {path}: {exc.strerror}", EXIT_INVALID) from None
 
 
+def _seconds(text: str) -> float:
+    """A time in seconds, for argparse: a number, not negative."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not seconds >= 0:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"{text!r} is not 0 or more seconds") from None
+    return seconds
+
+
 def _size(text: str) -> int:
     try:
         return parse_size(text)
@@ -1133,14 +1154,14 @@ async def dispatch(client: Client, args: argparse.Namespace) -> None:
         print(json.dumps(rows, indent=2) if args.json else render_table(rows), flush=True)
 
 
-async def run(commands: Sequence[tuple[str, argparse.Namespace]]) -> None:
+async def run(commands: Sequence[tuple[str, argparse.Namespace]], call_timeout: float) -> None:
     """Run commands in order over one bus connection; the first error stops them."""
-    client = await Client.connect()
+    client = await Client.connect(call_timeout or None)
     try:
         for where, args in commands:
             try:
                 await dispatch(client, args)
-            except (DBusError, UsageError) as error:
+            except (DBusError, UsageError, CallTimeout) as error:
                 if where:
                     error.add_note(where)
                 raise
@@ -1174,7 +1195,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         commands = parse_batch(parser, args.file) if args.group == "batch" else [("", args)]
-        run_without_loop(run(commands))
+        run_without_loop(run(commands, args.call_timeout))
     except DBusError as error:
         message, code = describe(error)
         print(f"appliancectl: {_located(error, message)}", file=sys.stderr)
@@ -1182,6 +1203,10 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as error:
         print(f"appliancectl: {_located(error, str(error))}", file=sys.stderr)
         return error.exit_code
+    except CallTimeout as error:
+        message, code = describe_timeout(error)
+        print(f"appliancectl: {_located(error, message)}", file=sys.stderr)
+        return code
     except (FileNotFoundError, ConnectionRefusedError):
         message, code = NO_BUS
         print(f"appliancectl: {message}", file=sys.stderr)

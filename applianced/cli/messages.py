@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from applianced.cli.client import DBusError
+from applianced.cli.client import CallTimeout, DBusError
 from applianced.constants import BUS_NAME, error_name
 
 # Exit codes by error; 1 stays "anything else" and 2 is argparse's usage error.
@@ -45,6 +45,21 @@ def describe(error: DBusError) -> tuple[str, int]:
     if prefix is None:
         return f"D-Bus error {name}: {error.text}", 1
     return f"{prefix}: {error.text}", EXIT_CODES[name]
+
+
+EXIT_NO_ANSWER = 14
+
+
+def describe_timeout(error: CallTimeout) -> tuple[str, int]:
+    """The sentence and exit code for a call that got no answer in time."""
+    if error.destination != BUS_NAME:
+        return f"the system D-Bus did not answer {error.call} within {error.seconds:g} s", EXIT_NO_ANSWER
+    return (
+        f"applianced did not answer {error.call} within {error.seconds:g} s; it may still make the change,"
+        " so look (list, status) before repeating it, and see its log (systemctl kill -s USR1 applianced"
+        " writes what it is doing there)",
+        EXIT_NO_ANSWER,
+    )
 
 
 # The system bus itself cannot be reached (no socket, or nobody listening on it).

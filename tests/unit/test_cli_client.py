@@ -18,6 +18,7 @@ import pytest
 from applianced.cli import wire
 from applianced.cli.client import (
     BusAddressError,
+    CallTimeout,
     Client,
     Connection,
     DBusError,
@@ -280,6 +281,48 @@ def test_a_refused_authentication_or_hello_or_a_hang_up_is_an_error(socket_path)
         connection.call("org.example", "/", "org.example.I", "Crash")
     connection.close()
     bus.close()
+
+
+def test_a_call_nobody_answers_in_time_is_a_timeout_that_main_reports(socket_path, monkeypatch, capsys):
+    # Replies that come in pieces within the time are not cut short by it.
+    bus = ScriptedBus(socket_path, hello_then(lambda call: in_pieces(reply_to(call, "s", ["x" * 5000]), 100)))
+    connection = Connection.open(f"unix:path={socket_path}", call_timeout=5)
+    assert connection.call("org.example", "/", "org.example.I", "Slowish") == ["x" * 5000]
+    connection.close()
+    bus.close()
+    os.unlink(socket_path)
+
+    bus = ScriptedBus(socket_path, hello_then(lambda call: []))
+    connection = Connection.open(f"unix:path={socket_path}", call_timeout=0.2)
+    with pytest.raises(CallTimeout) as raised:
+        connection.call("org.example", "/", "org.example.I", "Never")
+    connection.close()
+    bus.close()
+    assert (raised.value.destination, raised.value.call, raised.value.seconds) == (
+        "org.example",
+        "org.example.I.Never",
+        0.2,
+    )
+    os.unlink(socket_path)
+
+    bus = ScriptedBus(socket_path, hello_then(lambda call: []))
+    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", f"unix:path={socket_path}")
+    assert main(["--call-timeout", "0.2", "status"]) == 14
+    bus.close()
+    error = capsys.readouterr().err
+    assert error.startswith(
+        "appliancectl: applianced did not answer org.freedesktop.DBus.Properties.GetAll within 0.2 s;"
+        " it may still make the change"
+    )
+
+
+def test_a_bus_that_never_finishes_authentication_is_a_timeout(socket_path):
+    silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    silent.bind(socket_path)
+    silent.listen(1)  # connections wait in the backlog, never accepted, never answered
+    with pytest.raises(CallTimeout, match=r"the bus did not answer authentication within 0\.2 s"):
+        Connection.open(f"unix:path={socket_path}", call_timeout=0.2)
+    silent.close()
 
 
 def test_a_coroutine_runs_to_its_end_without_a_loop_unless_it_suspends():

@@ -16,10 +16,14 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from applianced.cli.messages import EXIT_NO_ANSWER
 from applianced.constants import BUS_NAME
-from tests.vm.harness import REPO_ROOT, CommandTimeout, Completed, Guest, HarnessError
+from tests.vm.harness import REPO_ROOT, CommandError, CommandTimeout, Completed, Guest, HarnessError
 
 VENV_BIN = REPO_ROOT / ".venv" / "bin"
+# Calls give up before the harness kills the command (120 s), so that a daemon that does not
+# answer is named with the call it left unanswered.
+APPLIANCECTL = (str(VENV_BIN / "appliancectl"), "--call-timeout", "100")
 # The initiator's stable names and the storage node's rule that keeps udev off its stacks,
 # as tools/install-node installs them.
 UDEV_RULES = (REPO_ROOT / "udev" / "70-applianced-lio-serial.rules", REPO_ROOT / "udev" / "64-applianced-storage.rules")
@@ -67,13 +71,13 @@ class ApplianceNode:
 
     def ctl(self, *args: str, check: bool = True) -> Completed:
         with self._explained():
-            return self.guest.run([str(VENV_BIN / "appliancectl"), *args], check=check, timeout=120)
+            return self.guest.run([*APPLIANCECTL, *args], check=check, timeout=120)
 
     def ctl_batch(self, *commands: Sequence[str]) -> Completed:
         """Several commands in one start of appliancectl (each start costs seconds under TCG)."""
         script = "".join(shlex.join(command) + "\n" for command in commands)
         with self._explained():
-            return self.guest.run([str(VENV_BIN / "appliancectl"), "batch"], input=script, timeout=300)
+            return self.guest.run([*APPLIANCECTL, "batch"], input=script, timeout=300)
 
     @contextlib.contextmanager
     def _explained(self) -> Iterator[None]:
@@ -83,6 +87,10 @@ class ApplianceNode:
             yield
         except CommandTimeout as exc:
             raise CommandTimeout(f"{exc}\n{self.doing()}", exc.result) from exc
+        except CommandError as exc:
+            if exc.result.returncode != EXIT_NO_ANSWER:
+                raise  # a command that failed says why itself
+            raise CommandError(f"{exc}\n{self.doing()}", exc.result) from exc
         except HarnessError as exc:
             if type(exc) is not HarnessError:
                 raise  # a command that failed says why itself
