@@ -20,6 +20,10 @@ freshly booted nodes, one stack after the other:
   ``--heartbeat`` (interval and misses; the README's 0.5 s x 4 by default); the failback
   is ``appliancectl failover switchover``. The new active node's history gives each
   takeover step.
+* ``applianced-64luns`` (not in the default set): the same with 64 LUNs in the protected
+  target, each its own sync mirror (``d1`` and 63 file disks of 8 MiB), nodes with
+  2.5 GiB; the client writes to ``d1`` and every mirror must be in sync again before the
+  failback.
 * ``classic``, ``classic-100ms``: DRBD 8.4 on ``drbd`` (ping-int 2 s, ping-timeout 0.5 s,
   so that DRBD itself sees a dead peer as soon as VRRP does), keepalived with one VRRPv3
   instance (both nodes BACKUP with nopreempt, advert 1 s or 0.1 s). Its notify script on
@@ -36,7 +40,8 @@ that guest's clock offset (measured just before, to within half a round trip), t
 moment the node started its takeover. Under emulation absolute numbers mean little; the
 ratios of one run are the result. Run as root from the checkout, after ``tools/setup``:
 
-    cd /work/main && PYTHONPATH=. .venv/bin/python bench/failover.py [--rounds 2]
+    cd /work/main && PYTHONPATH=. .venv/bin/python bench/failover.py [--rounds 2] \
+        [--stacks applianced,applianced-64luns]
 """
 
 from __future__ import annotations
@@ -61,7 +66,7 @@ from applianced.constants import (
     PEER_INTERFACE,
     PEER_PATH,
 )
-from tests.vm.appliance import FAILOVER_INITIATOR, ApplianceNode
+from tests.vm.appliance import APPLIANCECTL, FAILOVER_INITIATOR, ApplianceNode
 from tests.vm.harness import Disk, Guest, Lab, Nic, check_platform, start_all
 from tests.vm.sequenced_writes import BLOCK, write_through
 
@@ -82,6 +87,10 @@ CLASSIC_PORT = 3260
 CLASSIC_SERIAL = "5eedfa11-0000-4000-8000-c1a551c00001"
 DRBD_DISK = "/dev/disk/by-id/virtio-drbd"
 STATE_DIR = "/var/lib/applianced"
+# applianced-64luns: the LUNs beyond the first are file disks in the state directory (kept
+# across reboots), mirrored a few per start of appliancectl.
+EXTRA_DISK_SIZE = "8M"
+MIRRORS_PER_BATCH = 8
 # The classic stack's files, written at each boot (/run is the guest's own tmpfs); the
 # directory is root's alone, as keepalived's script security wants.
 RUN = "/run/bench"
@@ -188,8 +197,10 @@ class Nodes:
     """The two storage nodes of one stack: each boots again after a crash with its disks,
     its state and its MACs; ``setup`` makes a freshly booted node ready for the stack."""
 
-    def __init__(self, lab: Lab, logs: Path, stack: str, setup: Callable[[str, Guest], ApplianceNode]) -> None:
-        self.lab, self.logs, self.stack, self.setup = lab, logs, stack, setup
+    def __init__(
+        self, lab: Lab, logs: Path, stack: str, setup: Callable[[str, Guest], ApplianceNode], memory: str = "1280M"
+    ) -> None:
+        self.lab, self.logs, self.stack, self.setup, self.memory = lab, logs, stack, setup, memory
         self.boots = 0
         self.guests: list[Guest] = []
         self.nodes: dict[str, ApplianceNode] = {}
@@ -202,7 +213,7 @@ class Nodes:
             f"{self.stack}-{name}-{self.boots}",
             self.logs / f"{self.stack}-{name}-{self.boots}",
             lab=self.lab,
-            memory="1280M",
+            memory=self.memory,
             disks=[Disk(disk, DISK_SIZE, path=self.logs / f"{name}-{disk}.img") for disk in ("vol", "drbd")],
             nics=[Nic("lan", f"{LAN[name]}/24", mac=MACS[name][0]), Nic("hb", f"{HB[name]}/24", mac=MACS[name][1])],
             rwdirs={STATE_DIR: state},
@@ -258,9 +269,12 @@ class Ours:
 
     port = OURS_PORT
 
-    def __init__(self, lab: Lab, logs: Path, label: str, heartbeat: tuple[str, str]) -> None:
-        self.nodes = Nodes(lab, logs, label, self._start)
+    def __init__(self, lab: Lab, logs: Path, label: str, heartbeat: tuple[str, str], luns: int = 1) -> None:
+        # Each mirror of the copy node runs its own NBD server: room for 64 of them.
+        self.nodes = Nodes(lab, logs, label, self._start, memory="1280M" if luns == 1 else "2560M")
         self.heartbeat = heartbeat
+        # d1 (the virtio disk, the LUN the client writes) and small file disks for the rest.
+        self.disks = ["d1", *(f"v{lun}" for lun in range(1, luns))]
 
     @staticmethod
     def _start(name: str, guest: Guest) -> ApplianceNode:
@@ -289,7 +303,16 @@ class Ours:
         )
         # Both disks are blank files: nothing to copy at first.
         a.ctl("mirror", "create", "d1", "sync", "--peer-disk", "c1", "--skip-initial-sync")
-        a.ctl("mirror", "wait", "d1", "--timeout", "300")
+        extra = self.disks[1:]
+        for start in range(0, len(extra), MIRRORS_PER_BATCH):
+            chunk = extra[start : start + MIRRORS_PER_BATCH]
+            a.ctl_batch(
+                *(("disk", "create", disk, EXTRA_DISK_SIZE) for disk in chunk),
+                *(("lun", "add", "t1", disk) for disk in chunk),
+                # The peer makes each copy: a new sparse file, as blank as its source.
+                *(("mirror", "create", disk, "sync", "--skip-initial-sync") for disk in chunk),
+            )
+        self._wait_in_sync(a, timeout=300 + 10 * len(extra))
         a.ctl_batch(
             ("failover", "add-address", lan, f"{VIP}/24"),
             ("failover", "add-ping-node", PING_NODE, lan),
@@ -320,7 +343,13 @@ class Ours:
         """Node ``name``, booted again, is the copy again and in sync."""
         node = self.nodes.nodes[name]
         node.wait_property(mirror_path("d1"), MIRROR_INTERFACE, "Role", 's "target"', timeout=300)
-        self.nodes.nodes["b"].ctl("mirror", "wait", "c1", "--timeout", "600")
+        self._wait_in_sync(self.nodes.nodes["b"], timeout=600 + 10 * len(self.disks))
+
+    def _wait_in_sync(self, node: ApplianceNode, timeout: float) -> None:
+        """Every mirror of the pair mirroring, as ``node`` sees it (one CLI start per look)."""
+        count = "import json, sys; print(sum(m['state'] == '1 mirroring' for m in json.load(sys.stdin)))"
+        look = f"{shlex.join(APPLIANCECTL)} --json mirror list | python3 -c {shlex.quote(count)}"
+        node.guest.wait_until(f'test "$({look})" -ge {len(self.disks)}', timeout=timeout, interval=5.0)
 
     def switch_back(self) -> None:
         self.nodes.nodes["b"].ctl("failover", "switchover")
@@ -473,6 +502,9 @@ def summary(samples: dict[str, list[dict[str, Any]]]) -> str:
 
 STACKS = {
     "applianced": lambda lab, logs, args: Ours(lab, logs, "applianced", tuple(args.heartbeat.split(","))),
+    "applianced-64luns": lambda lab, logs, args: Ours(
+        lab, logs, "applianced-64luns", tuple(args.heartbeat.split(",")), luns=64
+    ),
     "classic": lambda lab, logs, args: Classic(lab, logs, "classic", "1"),
     "classic-100ms": lambda lab, logs, args: Classic(lab, logs, "classic-100ms", "0.1"),
 }
@@ -481,7 +513,11 @@ STACKS = {
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2, help="crash and failback rounds per stack (medians)")
-    parser.add_argument("--stacks", default=",".join(STACKS), help="comma-separated subset, run in this order")
+    parser.add_argument(
+        "--stacks",
+        default="applianced,classic,classic-100ms",
+        help=f"comma-separated, run in this order: {', '.join(STACKS)}",
+    )
     parser.add_argument("--heartbeat", default="0.5,4", help="applianced's heartbeat interval and misses")
     parser.add_argument("--output", type=Path, help="raw samples as JSON")
     args = parser.parse_args(argv)
