@@ -20,6 +20,8 @@ EXIT_CODES = {
     "org.freedesktop.DBus.Error.NameHasNoOwner": 12,
     error_name("Unreachable"): 13,
 }
+# A call that got no answer within the CLI's timeout (not a D-Bus error: nobody replied).
+EXIT_NO_ANSWER = 14
 
 _PREFIXES = {
     error_name("NotFound"): "not found",
@@ -45,9 +47,6 @@ def describe(error: DBusError) -> tuple[str, int]:
     if prefix is None:
         return f"D-Bus error {name}: {error.text}", 1
     return f"{prefix}: {error.text}", EXIT_CODES[name]
-
-
-EXIT_NO_ANSWER = 14
 
 
 def describe_timeout(error: CallTimeout) -> tuple[str, int]:
