@@ -44,6 +44,11 @@ class Unreachable(ApplianceError):
     """The peer node did not answer: the change needs it and was not made on either node."""
 
 
+class Incomplete(ApplianceError):
+    """A change over both nodes stopped part-way and could not be put back: the message
+    says what was done and what was not."""
+
+
 ALL_ERRORS: tuple[type[ApplianceError], ...] = (
     NotFound,
     AlreadyExists,
@@ -53,4 +58,5 @@ ALL_ERRORS: tuple[type[ApplianceError], ...] = (
     KernelError,
     StateError,
     Unreachable,
+    Incomplete,
 )

@@ -169,7 +169,7 @@ class MirrorInterface(AnnouncingInterface):
     @translate_errors
     async def PrepareTarget(self, options: "a{sv}") -> None:
         Options("PrepareTarget", options, {})
-        await self.replication.prepare_target(self.disk)
+        await self.replication.prepare_targets([self.disk])
 
     @dbus_method()
     @translate_errors

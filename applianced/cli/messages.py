@@ -19,6 +19,7 @@ EXIT_CODES = {
     "org.freedesktop.DBus.Error.ServiceUnknown": 12,
     "org.freedesktop.DBus.Error.NameHasNoOwner": 12,
     error_name("Unreachable"): 13,
+    error_name("Incomplete"): 15,
 }
 # A call that got no answer within the CLI's timeout (not a D-Bus error: nobody replied).
 EXIT_NO_ANSWER = 14
@@ -33,6 +34,7 @@ _PREFIXES = {
     error_name("StateError"): "the state file could not be used",
     error_name("Failed"): "applianced failed",
     error_name("Unreachable"): "the peer node did not answer, nothing was changed",
+    error_name("Incomplete"): "done in part, look before repeating it",
 }
 
 

@@ -32,6 +32,7 @@ from applianced.errors import (
     AlreadyExists,
     ApplianceError,
     Busy,
+    Incomplete,
     InvalidArgument,
     KernelError,
     NotFound,
@@ -622,10 +623,10 @@ class Failover:
         self.counters["connections_reset"] += reset
 
     async def _promote_copies(self) -> None:
-        """The copies become sources; their LUNs come with the targets' enable commit."""
-        for half in self._local_copies():
-            if half.role == TARGET:
-                await self.replication.promote(half.disk)
+        """The copies become sources, in one pass; their LUNs come with the targets' enable commit."""
+        copies = [half.disk for half in self._local_copies() if half.role == TARGET]
+        if copies:
+            await self.replication.promote(copies)
 
     async def _stop_serving(self, reason: str) -> None:
         steps = _Steps()
@@ -653,8 +654,7 @@ class Failover:
         bitmaps kept (the peer's resync copies only what differs)."""
         sources = self._protected_sources()
         steps = _Steps()
-        for disk in sources:
-            await steps.run(f"demote {disk}", self.replication.prepare_target(disk))
+        await steps.run(f"demote {', '.join(sources)}", self.replication.prepare_targets(sources))
         halves = {half.disk: half for half in self.replication.halves()}
         await self._ask(m.COPIES_READY, m.Disks(tuple(halves[disk].peer_disk for disk in sources)), m.Done)
         reason = "the peer took over: this node's disks are its copies again"
@@ -671,11 +671,31 @@ class Failover:
         if answer.problems:
             raise Busy("the peer cannot take over: " + "; ".join(answer.problems))
         await self._stop_serving(reason)
-        # The copies change hands through replication (the bitmap goes with them, no split
-        # brain); the LUNs of the disks go away here.
-        for disk in self._protected_sources():
-            await self.replication.switchover(disk, force=True)
-        await self._ask(m.TAKE_OVER, m.Reason(reason), m.Done, SLOW_REQUEST)
+        # The copies change hands through replication, all of them or none (the bitmaps go
+        # with them, no split brain); the LUNs of the disks go away here.
+        try:
+            await self.replication.hand_over(self._protected_sources())
+        except Exception as exc:
+            await self._serve_again(exc)
+            raise
+        try:
+            await self._ask(m.TAKE_OVER, m.Reason(reason), m.Done, SLOW_REQUEST)
+        except ApplianceError as exc:
+            raise Incomplete(
+                "this node stopped serving and the peer holds the sources of the protected disks now, "
+                f"but it did not confirm that it serves them ({exc}): see `appliancectl failover status` there"
+            ) from None
+
+    async def _serve_again(self, failure: Exception) -> None:
+        """After a switchover whose mirrors stayed here: serve as before it."""
+        try:
+            await self._take_over(Decision(Action.TAKE_OVER, f"the switchover failed ({failure}): serving again"))
+        except Exception as exc:
+            log.exception("failover: this node could not serve again after a failed switchover")
+            raise Incomplete(
+                f"the switchover failed ({failure}) and this node stopped serving, "
+                f"but could not serve again ({exc}): see its log"
+            ) from None
 
     async def _become(
         self, role: Role, reason: str, steps: list[tuple[str, float]] | None = None, active_since: float | None = None

@@ -28,7 +28,8 @@ RELEASE = "replication.release"
 UNLOCK = "replication.unlock"
 LOCK = "replication.lock"
 BITMAP = "replication.bitmap"
-TAKE_OVER = "replication.take-over"
+# Renamed with its body (one disk then, many now): a node of the earlier kind refuses it by name.
+TAKE_OVER = "replication.take-over-all"
 GROW = "replication.grow"
 
 # Runs of dirty regions per answer: 16 bytes each at most, well inside a datagram.
@@ -138,6 +139,13 @@ class TakeOver:
     source_address: str  # the new target (the old source) serves here
     port: int
     dirty: tuple[tuple[int, int], ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class TakeOvers:
+    """Take over every disk named, or none (one request for a whole switchover)."""
+
+    disks: tuple[TakeOver, ...]
 
 
 @dataclass(frozen=True)

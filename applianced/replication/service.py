@@ -27,7 +27,7 @@ import dataclasses
 import ipaddress
 import logging
 import time
-from collections.abc import Awaitable, Callable, Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -89,6 +89,9 @@ PEER_CHECK_SECONDS = 10.0
 NBD_TIMEOUT = 5
 # Requests that make or change the peer's half may wait for its disk and data path.
 SLOW_REQUEST = 30.0
+# And a takeover this much longer for each of its disks: an emulated node promoted a copy
+# in 1.2 s. An answer that never came would leave both nodes with the sources.
+TAKE_OVER_PER_DISK = 2.0
 
 T = TypeVar("T")
 
@@ -622,88 +625,138 @@ class Replication:
                         f"this node holds the copy of {disk!r}: switch over on the source "
                         f"({rt.record.source_address}), or take over alone with force"
                     )
-                await self._take_over_alone(rt)
+                await self._take_over_alone([rt])
                 return
-            if rt.state is not MirrorState.MIRRORING:
-                raise Busy(f"the mirror of {disk!r} is {rt.state.name.lower()}: only a mirroring copy can take over")
+            _refuse_unless_mirroring(rt)
             users = await self.engine.sessions_on_disk(disk)
             if users and not force:
                 raise Busy(f"disk {disk!r} is in use by {', '.join(users)}; its LUNs would go away here (use force)")
             await self._ask(messages.STATUS, messages.Disk(self._peer_disk(rt)), messages.Status)
-            await self._hand_over(rt)
-            audit("mirror-switchover", disk, "ok", f"{disk} switched over to {rt.record.source_address}")
+            await self._hand_over([rt])
 
-    async def _hand_over(self, rt: Runtime) -> None:
-        disk, original = rt.record.disk, rt.record
-        mirror, export = self._mirror(rt), self._export(rt)
-        self._handing_over.add(disk)
+    async def hand_over(self, disks: Sequence[str]) -> None:
+        """Switch ``disks`` over to the peer together, whoever uses them (a failover's
+        planned switchover): one reconcile here, one request to the peer, however many
+        disks. All or nothing: if one copy cannot take over, every disk is served here
+        again as before, and the error says why."""
+        async with self._lock:
+            rts = [self._source(disk, "switch over") for disk in disks]
+            for rt in rts:
+                _refuse_unless_mirroring(rt)
+            await self._hand_over(rts)
+
+    async def _hand_over(self, rts: list[Runtime]) -> None:
+        names = [rt.record.disk for rt in rts]
+        originals = [(rt, rt.record) for rt in rts]
+        stopped: list[Runtime] = []  # whose array stopped: their leg is this node's export now
+        self._handing_over.update(names)
         try:
             await self.engine.refresh_replication()  # no backstore: nothing writes here any more
-            bitmap = await asyncio.to_thread(mirror.intent_bitmap)
-            await asyncio.to_thread(mirror.stop_array)  # the leg stays, for the export
-            self._lowers.pop(disk, None)
-            swapped = dataclasses.replace(original, role=TARGET, **_swap(original))
-            await asyncio.to_thread(export.assemble, swapped.target_address, swapped.port)
-            await self._save_record(rt, swapped)
-            take_over = messages.TakeOver(
-                self._peer_disk(rt), swapped.target_address, swapped.port, tuple(bitmap.ranges())
-            )
-            await self._ask(messages.TAKE_OVER, take_over, messages.Done, SLOW_REQUEST)
+            take_overs, swapped = [], []
+            for rt in rts:
+                mirror, export = self._mirror(rt), self._export(rt)
+                bitmap = await asyncio.to_thread(mirror.intent_bitmap)
+                await asyncio.to_thread(mirror.stop_array)  # the leg stays, for the export
+                stopped.append(rt)
+                self._lowers.pop(rt.record.disk, None)
+                record = dataclasses.replace(rt.record, role=TARGET, **_swap(rt.record))
+                await asyncio.to_thread(export.assemble, record.target_address, record.port)
+                swapped.append((rt, record))
+                take_overs.append(
+                    messages.TakeOver(self._peer_disk(rt), record.target_address, record.port, tuple(bitmap.ranges()))
+                )
+            await self._save_records(swapped)
+            timeout = SLOW_REQUEST + TAKE_OVER_PER_DISK * len(rts)
+            await self._ask(messages.TAKE_OVER, messages.TakeOvers(tuple(take_overs)), messages.Done, timeout)
         except BaseException:
-            # The copy did not take over: this node serves the disk again.
+            # The copies did not take over: this node serves the disks again.
             try:
-                await asyncio.to_thread(export.disassemble)
-                await self._save_record(rt, original)
-                await self._assemble_source(rt)
+                for rt in stopped:
+                    await asyncio.to_thread(self._export(rt).disassemble)
+                await self._save_records(originals)
+                for rt in stopped:
+                    await self._assemble_source(rt)
             finally:
-                self._handing_over.discard(disk)
+                self._handing_over.difference_update(names)
                 await self.engine.refresh_replication()
-                rt.pending = True
+                for rt in rts:
+                    rt.pending = True
             raise
-        self._handing_over.discard(disk)
-        rt.pending, rt.resync, rt.reason = False, None, ""
+        self._handing_over.difference_update(names)
+        for rt in rts:
+            rt.pending, rt.resync, rt.reason = False, None, ""
         await self.engine.refresh_replication()
-        await self._refresh_state(rt)
+        for rt in rts:
+            await self._refresh_state(rt)
+            disk = rt.record.disk
+            audit("mirror-switchover", disk, "ok", f"{disk} switched over to {rt.record.source_address}")
 
-    async def promote(self, disk: str) -> None:
-        """Make this node's copy of ``disk`` the source without the peer, as ``switchover``
-        with ``force`` does on the copy's node, but leave the kernel's target side to the
-        caller's next commit: a failover's takeover serves the disk in the same reconcile
-        that enables its targets, one reconcile fewer in the client's stall."""
+    async def promote(self, disks: Sequence[str]) -> None:
+        """Make this node's copies of ``disks`` the sources without the peer, as
+        ``switchover`` with ``force`` does on the copy's node, all in one pass (one record
+        save), but leave the kernel's target side to the caller's next commit: a failover's
+        takeover serves the disks in the same reconcile that enables its targets, one
+        reconcile fewer in the client's stall."""
         async with self._lock:
-            await self._take_over_alone(self._target(disk), serve=False)
+            await self._take_over_alone([self._target(disk) for disk in disks], serve=False)
 
-    async def _take_over_alone(self, rt: Runtime, serve: bool = True) -> None:
-        export = self._export(rt)
-        await asyncio.to_thread(export.stop_serving)  # the leg stays, for the array
-        source = dataclasses.replace(rt.record, role=SOURCE, prepared=False, unlocked=False, **_swap(rt.record))
-        await self._save_record(rt, source)
-        await self._assemble_source(rt)
-        await self._diverge(rt, "took over without the peer")
+    async def _take_over_alone(self, rts: list[Runtime], serve: bool = True) -> None:
+        for rt in rts:
+            await asyncio.to_thread(self._export(rt).stop_serving)  # the leg stays, for the array
+        # A new generation in the same save: from the array's start on, this node writes alone.
+        sources = [
+            (
+                rt,
+                dataclasses.replace(
+                    rt.record,
+                    role=SOURCE,
+                    prepared=False,
+                    unlocked=False,
+                    generation=rt.record.generation.diverged(),
+                    **_swap(rt.record),
+                ),
+            )
+            for rt in rts
+        ]
+        await self._save_records(sources)
+        for rt in rts:
+            await self._assemble_source(rt)
+            rt.reason = "took over without the peer"
         if serve:
             await self.engine.refresh_replication()
-        await self._refresh_state(rt)
-        audit("mirror-take-over", rt.record.disk, "warning", f"{rt.record.disk} taken over without the peer")
-
-    async def prepare_target(self, disk: str) -> None:
-        """Make this node's half the copy again after a split brain (the reference's
-        PREPARETOBECOMETARGET, on the node whose changes are to be overwritten). Its bitmap
-        is kept: the winner's resync copies the regions this node changed, partially."""
-        async with self._lock:
-            rt = self._source(disk, "make a target of")
-            mirror = self._mirror(rt)
-            self._handing_over.add(disk)
-            await self.engine.refresh_replication()
-            await asyncio.to_thread(mirror.stop_array)  # the leg stays, for the export
-            self._lowers.pop(disk, None)
-            target = dataclasses.replace(rt.record, role=TARGET, prepared=True, **_swap(rt.record))
-            await self._save_record(rt, target)
-            self._handing_over.discard(disk)
-            await self.engine.refresh_replication()
-            await asyncio.to_thread(self._export(rt).assemble, target.target_address, target.port)
-            rt.pending, rt.resync, rt.split_brain, rt.reason = False, None, False, ""
+        for rt in rts:
             await self._refresh_state(rt)
-            audit("mirror-prepare-target", disk, "ok", f"{disk} is the copy again; the peer's resync overwrites it")
+            audit("mirror-take-over", rt.record.disk, "warning", f"{rt.record.disk} taken over without the peer")
+
+    async def prepare_targets(self, disks: Sequence[str]) -> None:
+        """Make this node's halves of ``disks`` the copies again after a split brain (the
+        reference's PREPARETOBECOMETARGET, on the node whose changes are to be overwritten),
+        all in one pass. Their bitmaps are kept: the winner's resync copies the regions this
+        node changed, partially."""
+        async with self._lock:
+            rts = [self._source(disk, "make a target of") for disk in disks]
+            self._handing_over.update(disks)
+            try:
+                await self.engine.refresh_replication()
+                for rt in rts:
+                    await asyncio.to_thread(self._mirror(rt).stop_array)  # the leg stays, for the export
+                    self._lowers.pop(rt.record.disk, None)
+                await self._save_records(
+                    [(rt, dataclasses.replace(rt.record, role=TARGET, prepared=True, **_swap(rt.record))) for rt in rts]
+                )
+            finally:
+                self._handing_over.difference_update(disks)
+            await self.engine.refresh_replication()
+            for rt in rts:
+                await asyncio.to_thread(self._export(rt).assemble, rt.record.target_address, rt.record.port)
+                rt.pending, rt.resync, rt.split_brain, rt.reason = False, None, False, ""
+                await self._refresh_state(rt)
+                audit(
+                    "mirror-prepare-target",
+                    rt.record.disk,
+                    "ok",
+                    f"{rt.record.disk} is the copy again; the peer's resync overwrites it",
+                )
 
     # -- the monitor -------------------------------------------------------------------
 
@@ -933,7 +986,7 @@ class Replication:
             messages.UNLOCK: handler(messages.Disk, self._on_unlock),
             messages.LOCK: handler(messages.Disk, self._on_lock),
             messages.BITMAP: handler(messages.BitmapPart, self._on_bitmap),
-            messages.TAKE_OVER: handler(messages.TakeOver, self._on_take_over),
+            messages.TAKE_OVER: handler(messages.TakeOvers, self._on_take_over),
             messages.GROW: handler(messages.Grow, self._on_grow),
         }
 
@@ -1106,36 +1159,58 @@ class Replication:
         await asyncio.to_thread(self._export(rt).assemble, rt.record.target_address, rt.record.port)
         return messages.Done()
 
-    async def _on_take_over(self, ask: messages.TakeOver) -> messages.Done:
-        rt = self.runtime(ask.disk)
-        if rt.record.role == SOURCE:
-            return messages.Done()  # took over already (a retry)
-        original = rt.record
-        source = dataclasses.replace(
-            original,
-            role=SOURCE,
-            source_address=original.target_address,
-            target_address=ask.source_address,
-            port=ask.port,
-        )
-        mirror = self._mirror(rt)
+    async def _on_take_over(self, ask: messages.TakeOvers) -> messages.Done:
+        """Become the source of every disk asked, or of none (the old source then serves
+        them all again)."""
+        wanted = [(self.runtime(item.disk), item) for item in ask.disks]
+        # Those taken over already are left as they are (a retry).
+        wanted = [(rt, item) for rt, item in wanted if rt.record.role != SOURCE]
+        originals = [(rt, rt.record) for rt, _ in wanted]
+        stopped: list[Runtime] = []  # whose export stopped: their leg is this node's array now
         try:
-            await asyncio.to_thread(self._export(rt).stop_serving)  # the leg stays, for the array
-            await self._save_record(rt, source)
-            await asyncio.to_thread(mirror.assemble)
-            own = await asyncio.to_thread(mirror.intent_bitmap)
-            await asyncio.to_thread(mirror.mark_dirty, [*ask.dirty, *own.ranges()])
+            for rt, _ in wanted:
+                await asyncio.to_thread(self._export(rt).stop_serving)  # the leg stays, for the array
+                stopped.append(rt)
+            await self._save_records(
+                [
+                    (
+                        rt,
+                        dataclasses.replace(
+                            rt.record,
+                            role=SOURCE,
+                            source_address=rt.record.target_address,
+                            target_address=item.source_address,
+                            port=item.port,
+                        ),
+                    )
+                    for rt, item in wanted
+                ]
+            )
+            for rt, item in wanted:
+                mirror = self._mirror(rt)
+                await asyncio.to_thread(mirror.assemble)
+                own = await asyncio.to_thread(mirror.intent_bitmap)
+                await asyncio.to_thread(mirror.mark_dirty, [*item.dirty, *own.ranges()])
+                self._lowers[rt.record.disk] = mirror.node
         except BaseException:
-            # Still the copy: serve it again for the source, which takes it back.
-            await asyncio.to_thread(mirror.stop)
-            await self._save_record(rt, original)
-            await asyncio.to_thread(self._export(rt).assemble, original.target_address, original.port)
+            # Still the copies: served again for the source, which takes them back.
+            for rt in stopped:
+                self._lowers.pop(rt.record.disk, None)
+                await asyncio.to_thread(self._mirror(rt).stop)
+            await self._save_records(originals)
+            for rt in stopped:
+                await asyncio.to_thread(self._export(rt).assemble, rt.record.target_address, rt.record.port)
             raise
-        self._lowers[ask.disk] = mirror.node
         await self.engine.refresh_replication()
-        rt.pending = True
-        audit("mirror-take-over", ask.disk, "ok", f"{ask.disk} is served here now; {ask.source_address} holds the copy")
-        # The monitor adds the old source's leg within seconds: the answer does not wait for it.
+        for rt, item in wanted:
+            rt.pending = True
+            audit(
+                "mirror-take-over",
+                rt.record.disk,
+                "ok",
+                f"{rt.record.disk} is served here now; {item.source_address} holds the copy",
+            )
+        # The monitor adds the old source's legs within seconds: the answer does not wait for it.
         return messages.Done()
 
     # -- helpers ----------------------------------------------------------------------
@@ -1196,11 +1271,18 @@ class Replication:
         await self._save_record(rt, dataclasses.replace(rt.record, intent=intent.value))
 
     async def _save_record(self, rt: Runtime, record: MirrorRecord) -> None:
-        previous, rt.record = rt.record, record
+        await self._save_records([(rt, record)])
+
+    async def _save_records(self, changes: list[tuple[Runtime, MirrorRecord]]) -> None:
+        """Give each runtime its new record, in one write; none of them if it fails."""
+        previous = [(rt, rt.record) for rt, _ in changes]
+        for rt, record in changes:
+            rt.record = record
         try:
             await self._save()
         except BaseException:
-            rt.record = previous
+            for rt, record in previous:
+                rt.record = record
             raise
 
     async def _save(self) -> None:
@@ -1286,6 +1368,11 @@ def _unicast(address: str, what: str) -> str:
     if parsed.is_unspecified or parsed.is_multicast:
         raise InvalidArgument(f"{what} {address} is not a unicast address")
     return canonical
+
+
+def _refuse_unless_mirroring(rt: Runtime) -> None:
+    if rt.state is not MirrorState.MIRRORING:
+        raise Busy(f"the mirror of {rt.record.disk!r} is {rt.state.name.lower()}: only a mirroring copy can take over")
 
 
 def _refuse_split_brain(rt: Runtime, why: str) -> None:

@@ -435,14 +435,49 @@ def test_a_flood_of_bus_reads_costs_no_beat(cluster):
     assert ctl(b, "--json", "failover", "history").json() == history
 
 
-def test_a_planned_switchover_and_stop(cluster, sampler):
-    # a active, b passive.
+def mirror_roles(node: Daemon) -> dict[str, str]:
+    return {mirror["disk"]: mirror["role"] for mirror in ctl(node, "--json", "mirror", "list").json()}
+
+
+def test_a_switchover_that_one_copy_cannot_take_puts_everything_back(cluster, sampler):
+    # a active, b passive, d1 mirrored to b. A second protected LUN, so that the
+    # switchover moves two mirrors at once.
     a, b = cluster.nodes["a"], cluster.nodes["b"]
-    wait(lambda: ctl(a, "mirror", "state", "d1").stdout.strip() == "1")
+    ctl(a, "disk", "create", "d2", "16M")
+    ctl(a, "mirror", "create", "d2", "sync")
+    wait(lambda: ctl(a, "mirror", "state", "d2").stdout.strip() == "1")
+    ctl(a, "lun", "add", "t1", "d2", "--lun", "4")
+    wait(lambda: len(ctl(b, "--json", "lun", "list", "t1").json()) == 2)
+    # b's copy of d2 lost its md metadata (its superblock): b can take d1 over, not d2.
+    store = b.kernel_file.with_name("datapath.json")
+    held = json.loads(store.read_text())
+    assert held["d2"]["metadata"]
+    held["d2"]["metadata"] = False
+    store.write_text(json.dumps(held))
+    refused = a.cli("failover", "switchover")
+    assert refused.returncode == 8, refused.stderr
+    assert "the peer refused: no mirror metadata for d2" in refused.stderr
+    # All or nothing: a serves both disks again, b holds both copies, and waits.
+    assert (role(a), role(b)) == ("active", "passive")
+    assert cluster.holds_vip("a") and not cluster.holds_vip("b")
+    assert (served(a)["t1"], served(b)["t1"]) == (True, False)
+    assert (mirror_roles(a), mirror_roles(b)) == ({"d1": "source", "d2": "source"}, {"d1": "target", "d2": "target"})
+    for disk in ("d1", "d2"):
+        wait(lambda disk=disk: ctl(a, "mirror", "state", disk).stdout.strip() == "1")
+    (event,) = ctl(a, "--json", "failover", "history").json()[-1:]
+    assert event["role"] == "active" and "the switchover failed" in event["reason"]
+    seen = sampler.stop()
+    assert seen["doubles"] == 0 and seen["holders"] == [cluster.mac("a")]
+
+
+def test_a_planned_switchover_and_stop(cluster, sampler):
+    # a active, b passive; d1 and d2 mirrored to b (b's d2 took its metadata back when it
+    # served the copy again).
+    a, b = cluster.nodes["a"], cluster.nodes["b"]
     ctl(a, "failover", "switchover")
     assert (role(a), role(b)) == ("passive", "active")
     assert cluster.holds_vip("b") and not cluster.holds_vip("a")
-    assert ctl(b, "--json", "mirror", "show", "d1").json()["role"] == "source"
+    assert (mirror_roles(a), mirror_roles(b)) == ({"d1": "target", "d2": "target"}, {"d1": "source", "d2": "source"})
     assert (served(a)["t1"], served(b)["t1"]) == (False, True)
     ctl(b, "failover", "stop")
     assert (role(a), role(b)) == ("stopped", "stopped")
