@@ -654,7 +654,7 @@ class Failover:
         bitmaps kept (the peer's resync copies only what differs)."""
         sources = self._protected_sources()
         steps = _Steps()
-        await steps.run(f"demote {', '.join(sources)}", self.replication.prepare_targets(sources))
+        await steps.run(f"demote {len(sources)} disk(s)", self.replication.prepare_targets(sources))
         halves = {half.disk: half for half in self.replication.halves()}
         await self._ask(m.COPIES_READY, m.Disks(tuple(halves[disk].peer_disk for disk in sources)), m.Done)
         reason = "the peer took over: this node's disks are its copies again"

@@ -5,7 +5,8 @@ import argparse
 from applianced.cli.client import DBusError, run_without_loop
 from applianced.cli.main import Commands, render_table
 from applianced.cli.messages import describe
-from applianced.constants import PEER_INTERFACE, PEER_PATH
+from applianced.constants import PEER_INTERFACE, PEER_PATH, error_name
+from applianced.errors import ALL_ERRORS
 
 
 def test_table_aligns_columns_and_formats_sizes_and_booleans():
@@ -75,3 +76,14 @@ def test_pair_status_warns_when_the_clocks_differ(capsys):
     assert "dropped:       forged 3" in out
     run_without_loop(Commands(PeerProperties(0.2)).pair_status(args))
     assert capsys.readouterr().err == ""
+
+
+def test_every_engine_error_has_a_sentence_and_an_exit_code_of_its_own():
+    codes = set()
+    for error in ALL_ERRORS:
+        message, code = describe(DBusError(error_name(error.__name__), "said so"))
+        assert code not in (1, *codes), error.__name__
+        assert not message.startswith("D-Bus error"), error.__name__
+        codes.add(code)
+    incomplete = describe(DBusError(error_name("Incomplete"), "said so"))
+    assert incomplete == ("done in part, look before repeating it: said so", 15)
