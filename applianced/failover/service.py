@@ -49,6 +49,7 @@ from applianced.replication.records import SOURCE, SYNC, TARGET
 from applianced.replication.service import Half, Replication
 from applianced.replication.states import MirrorState
 from applianced.state import Config
+from applianced.steps import Steps, describe
 from applianced.validation import canonical_address
 
 log = logging.getLogger(__name__)
@@ -592,7 +593,7 @@ class Failover:
     # -- role changes -------------------------------------------------------------------
 
     async def _take_over(self, decision: Decision) -> None:
-        steps = _Steps()
+        steps = Steps()
         await steps.run("promote copies", self._promote_copies())
         await steps.run("enable targets", self.engine.set_targets_enabled(self._local_targets(), True))
         vips = list(self.record.addresses)
@@ -629,7 +630,7 @@ class Failover:
             await self.replication.promote(copies)
 
     async def _stop_serving(self, reason: str) -> None:
-        steps = _Steps()
+        steps = Steps()
         for vip in self.record.addresses:
             await steps.run(f"remove {vip.address}", asyncio.to_thread(addresses.remove, vip))
         await steps.run("disable targets", self.engine.set_targets_enabled(self._local_targets(), False))
@@ -653,7 +654,7 @@ class Failover:
         copies are the current ones, so this node's sources become copies again, their
         bitmaps kept (the peer's resync copies only what differs)."""
         sources = self._protected_sources()
-        steps = _Steps()
+        steps = Steps()
         await steps.run(f"demote {len(sources)} disk(s)", self.replication.prepare_targets(sources))
         halves = {half.disk: half for half in self.replication.halves()}
         await self._ask(m.COPIES_READY, m.Disks(tuple(halves[disk].peer_disk for disk in sources)), m.Done)
@@ -709,7 +710,7 @@ class Failover:
         action = {Role.ACTIVE: Action.TAKE_OVER, Role.PASSIVE: Action.STOP_SERVING}.get(role, Action.STAY)
         self.decision = Decision(action, reason)
         self._quiet()
-        timing = ", ".join(f"{name} {seconds * 1000:.0f} ms" for name, seconds in steps or ())
+        timing = describe(steps or [])
         audit(
             "failover-role",
             role.value,
@@ -818,19 +819,6 @@ class Failover:
     async def _ask(self, kind: str, message: object, answer: type[T], timeout: float = 2.0) -> T:
         body = await self.peer.ask(kind, _pack(message), timeout)
         return decoding.unpack(body, answer, f"a {answer.__name__} message")
-
-
-class _Steps:
-    """The steps of a role change with their durations, as the history keeps them."""
-
-    def __init__(self) -> None:
-        self.done: list[tuple[str, float]] = []
-
-    async def run(self, name: str, work: Awaitable[Any]) -> Any:
-        started = time.monotonic()
-        result = await work
-        self.done.append((name, time.monotonic() - started))
-        return result
 
 
 def _log_failure(what: str) -> Callable[[asyncio.Future[Any]], None]:

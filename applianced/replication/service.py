@@ -71,6 +71,7 @@ from applianced.replication.records import (
 )
 from applianced.replication.states import Intent, MirrorState, mirror_state
 from applianced.state import Config, Disk
+from applianced.steps import Steps, describe
 from applianced.validation import canonical_address
 
 log = logging.getLogger(__name__)
@@ -649,25 +650,15 @@ class Replication:
         names = [rt.record.disk for rt in rts]
         originals = [(rt, rt.record) for rt in rts]
         stopped: list[Runtime] = []  # whose array stopped: their leg is this node's export now
+        steps = Steps()
         self._handing_over.update(names)
         try:
-            await self.engine.refresh_replication()  # no backstore: nothing writes here any more
-            take_overs, swapped = [], []
-            for rt in rts:
-                mirror, export = self._mirror(rt), self._export(rt)
-                bitmap = await asyncio.to_thread(mirror.intent_bitmap)
-                await asyncio.to_thread(mirror.stop_array)  # the leg stays, for the export
-                stopped.append(rt)
-                self._lowers.pop(rt.record.disk, None)
-                record = dataclasses.replace(rt.record, role=TARGET, **_swap(rt.record))
-                await asyncio.to_thread(export.assemble, record.target_address, record.port)
-                swapped.append((rt, record))
-                take_overs.append(
-                    messages.TakeOver(self._peer_disk(rt), record.target_address, record.port, tuple(bitmap.ranges()))
-                )
-            await self._save_records(swapped)
+            # No backstore: nothing writes here any more.
+            await steps.run("backstores removed", self.engine.refresh_replication())
+            take_overs = await steps.run("arrays stopped, legs exported", self._export_legs(rts, stopped))
             timeout = SLOW_REQUEST + TAKE_OVER_PER_DISK * len(rts)
-            await self._ask(messages.TAKE_OVER, messages.TakeOvers(tuple(take_overs)), messages.Done, timeout)
+            ask = self._ask(messages.TAKE_OVER, messages.TakeOvers(tuple(take_overs)), messages.Done, timeout)
+            await steps.run("the peer took over", ask)
         except BaseException:
             # The copies did not take over: this node serves the disks again.
             try:
@@ -685,11 +676,31 @@ class Replication:
         self._handing_over.difference_update(names)
         for rt in rts:
             rt.pending, rt.resync, rt.reason = False, None, ""
-        await self.engine.refresh_replication()
+        await steps.run("reconciled", self.engine.refresh_replication())
         for rt in rts:
             await self._refresh_state(rt)
             disk = rt.record.disk
             audit("mirror-switchover", disk, "ok", f"{disk} switched over to {rt.record.source_address}")
+        log.info("%d mirror(s) handed over to the peer: %s", len(rts), describe(steps.done))
+
+    async def _export_legs(self, rts: list[Runtime], stopped: list[Runtime]) -> list[messages.TakeOver]:
+        """Stop each array and serve its local leg to the peer, roles swapped in the records;
+        what the peer is to take over. ``stopped`` gets each runtime whose array stopped."""
+        take_overs, swapped = [], []
+        for rt in rts:
+            mirror, export = self._mirror(rt), self._export(rt)
+            bitmap = await asyncio.to_thread(mirror.intent_bitmap)
+            await asyncio.to_thread(mirror.stop_array)  # the leg stays, for the export
+            stopped.append(rt)
+            self._lowers.pop(rt.record.disk, None)
+            record = dataclasses.replace(rt.record, role=TARGET, **_swap(rt.record))
+            await asyncio.to_thread(export.assemble, record.target_address, record.port)
+            swapped.append((rt, record))
+            take_overs.append(
+                messages.TakeOver(self._peer_disk(rt), record.target_address, record.port, tuple(bitmap.ranges()))
+            )
+        await self._save_records(swapped)
+        return take_overs
 
     async def promote(self, disks: Sequence[str]) -> None:
         """Make this node's copies of ``disks`` the sources without the peer, as
@@ -701,8 +712,8 @@ class Replication:
             await self._take_over_alone([self._target(disk) for disk in disks], serve=False)
 
     async def _take_over_alone(self, rts: list[Runtime], serve: bool = True) -> None:
-        for rt in rts:
-            await asyncio.to_thread(self._export(rt).stop_serving)  # the leg stays, for the array
+        steps = Steps()
+        await steps.run("exports stopped", self._stop_exports(rts, []))
         # A new generation in the same save: from the array's start on, this node writes alone.
         sources = [
             (
@@ -718,15 +729,26 @@ class Replication:
             )
             for rt in rts
         ]
-        await self._save_records(sources)
+        await steps.run("records saved", self._save_records(sources))
+        await steps.run("arrays assembled", self._assemble_sources(rts))
         for rt in rts:
-            await self._assemble_source(rt)
             rt.reason = "took over without the peer"
         if serve:
-            await self.engine.refresh_replication()
+            await steps.run("reconciled", self.engine.refresh_replication())
         for rt in rts:
             await self._refresh_state(rt)
             audit("mirror-take-over", rt.record.disk, "warning", f"{rt.record.disk} taken over without the peer")
+        log.info("%d mirror(s) taken over without the peer: %s", len(rts), describe(steps.done))
+
+    async def _stop_exports(self, rts: list[Runtime], stopped: list[Runtime]) -> None:
+        """Stop serving each copy; its leg stays, for the array. ``stopped`` gets each one done."""
+        for rt in rts:
+            await asyncio.to_thread(self._export(rt).stop_serving)
+            stopped.append(rt)
+
+    async def _assemble_sources(self, rts: list[Runtime]) -> None:
+        for rt in rts:
+            await self._assemble_source(rt)
 
     async def prepare_targets(self, disks: Sequence[str]) -> None:
         """Make this node's halves of ``disks`` the copies again after a split brain (the
@@ -1167,11 +1189,10 @@ class Replication:
         wanted = [(rt, item) for rt, item in wanted if rt.record.role != SOURCE]
         originals = [(rt, rt.record) for rt, _ in wanted]
         stopped: list[Runtime] = []  # whose export stopped: their leg is this node's array now
+        steps = Steps()
         try:
-            for rt, _ in wanted:
-                await asyncio.to_thread(self._export(rt).stop_serving)  # the leg stays, for the array
-                stopped.append(rt)
-            await self._save_records(
+            await steps.run("exports stopped", self._stop_exports([rt for rt, _ in wanted], stopped))
+            saved = self._save_records(
                 [
                     (
                         rt,
@@ -1186,12 +1207,8 @@ class Replication:
                     for rt, item in wanted
                 ]
             )
-            for rt, item in wanted:
-                mirror = self._mirror(rt)
-                await asyncio.to_thread(mirror.assemble)
-                own = await asyncio.to_thread(mirror.intent_bitmap)
-                await asyncio.to_thread(mirror.mark_dirty, [*item.dirty, *own.ranges()])
-                self._lowers[rt.record.disk] = mirror.node
+            await steps.run("records saved", saved)
+            await steps.run("arrays assembled", self._assemble_taken_over(wanted))
         except BaseException:
             # Still the copies: served again for the source, which takes them back.
             for rt in stopped:
@@ -1201,7 +1218,7 @@ class Replication:
             for rt in stopped:
                 await asyncio.to_thread(self._export(rt).assemble, rt.record.target_address, rt.record.port)
             raise
-        await self.engine.refresh_replication()
+        await steps.run("reconciled", self.engine.refresh_replication())
         for rt, item in wanted:
             rt.pending = True
             audit(
@@ -1210,8 +1227,18 @@ class Replication:
                 "ok",
                 f"{rt.record.disk} is served here now; {item.source_address} holds the copy",
             )
+        log.info("%d mirror(s) taken over from the peer: %s", len(wanted), describe(steps.done))
         # The monitor adds the old source's legs within seconds: the answer does not wait for it.
         return messages.Done()
+
+    async def _assemble_taken_over(self, wanted: list[tuple[Runtime, messages.TakeOver]]) -> None:
+        """Each array from its leg, with the old source's dirty regions and its own marked."""
+        for rt, item in wanted:
+            mirror = self._mirror(rt)
+            await asyncio.to_thread(mirror.assemble)
+            own = await asyncio.to_thread(mirror.intent_bitmap)
+            await asyncio.to_thread(mirror.mark_dirty, [*item.dirty, *own.ranges()])
+            self._lowers[rt.record.disk] = mirror.node
 
     # -- helpers ----------------------------------------------------------------------
 
