@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from applianced.cli.messages import EXIT_NO_ANSWER
-from applianced.constants import BUS_NAME
+from applianced.constants import BUS_NAME, MIRROR_INTERFACE, ROOT_PATH
 from tests.vm.harness import REPO_ROOT, CommandError, CommandTimeout, Completed, Guest, HarnessError
 
 VENV_BIN = REPO_ROOT / ".venv" / "bin"
@@ -112,6 +112,21 @@ class ApplianceNode:
 
     def ctl_json(self, *args: str) -> list[dict]:
         return json.loads(self.ctl("--json", *args).stdout)
+
+    def objects(self) -> dict[str, dict[str, dict]]:
+        """Every object of the daemon, by path: its interfaces' properties as busctl gives
+        them (``{"type": "u", "data": 1}``), in one bus read, far cheaper than appliancectl."""
+        read = ["busctl", "--system", "--json=short", "call", BUS_NAME, ROOT_PATH]
+        read += ["org.freedesktop.DBus.ObjectManager", "GetManagedObjects"]
+        with self._explained():
+            return json.loads(self.guest.run(read).stdout)["data"][0]
+
+    def mirrors_in_state(self, state: int) -> int:
+        """How many mirrors of this node are in ``state`` (1: mirroring)."""
+        return sum(
+            interfaces.get(MIRROR_INTERFACE, {}).get("State", {}).get("data") == state
+            for interfaces in self.objects().values()
+        )
 
     def wait_property(self, path: str, interface: str, name: str, value: str, timeout: float = 60) -> None:
         """Wait until a D-Bus property reads ``value`` as busctl prints it (``s "active"``,

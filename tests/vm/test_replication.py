@@ -8,8 +8,9 @@ while the mirror is made, cut, resumed, broken, split and switched over. Every t
 with both copies equal to the byte; no write fails at the client and no task hangs.
 
 The tests share one cluster and run in order: each starts from the state the one before
-left (a mirror in sync unless it says otherwise). The last one makes the pair a failover
-cluster and kills the active node while the client writes through the virtual IP.
+left (a mirror in sync unless it says otherwise). The last ones make the pair a failover
+cluster and kill the active node while the client writes through the virtual IP, then
+give the protected target five LUNs, switch over, and kill the other node.
 """
 
 from __future__ import annotations
@@ -22,7 +23,14 @@ from pathlib import Path
 import pytest
 
 from applianced.bus.paths import mirror_path
-from applianced.constants import FAILOVER_INTERFACE, FAILOVER_PATH, MIRROR_INTERFACE, PEER_INTERFACE, PEER_PATH
+from applianced.constants import (
+    FAILOVER_INTERFACE,
+    FAILOVER_PATH,
+    MIRROR_INTERFACE,
+    PEER_INTERFACE,
+    PEER_PATH,
+    TARGETS_PATH,
+)
 from tests.vm.appliance import FAILOVER_INITIATOR, UDEV_RULES, VENV_BIN, ApplianceNode
 from tests.vm.harness import Disk, Guest, Nic
 from tests.vm.sequenced_writes import BLOCK, write_through
@@ -515,3 +523,65 @@ def test_failover_kill_the_active_node_mid_write_then_fail_back(cluster, module_
     )
     node.ctl("mirror", "wait", "d1", "--timeout", "300")
     assert_equal_copies(cluster, node, cluster.b)
+
+
+# With d1, five protected LUNs, each its own mirror: a role change moves them in one pass.
+MORE_DISKS = [f"x{number}" for number in range(1, 5)]
+LUNS = 1 + len(MORE_DISKS)
+
+
+def luns_served(node: Node) -> int:
+    """The LUNs of t1 in the node's LIO (configfs), whatever applianced thinks."""
+    found = node.guest.run(f"ls /sys/kernel/config/target/iscsi/{TARGET}/tpgt_1/lun", check=False)
+    return len(found.stdout.split()) if found.rc == 0 else 0
+
+
+def luns_configured(node: Node) -> int:
+    """The LUNs of t1 in the node's configuration (a passive node serves none of them)."""
+    prefix = f"{TARGETS_PATH}/t1/luns/"
+    return sum(path.startswith(prefix) for path in node.objects())
+
+
+def wait_for(condition, what: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not in {timeout:.0f} s: {what}"
+        time.sleep(3)
+
+
+def serves_everything(node: Node, written, what: str) -> None:
+    """``node`` is active with the source of every mirror and serves every LUN; the client
+    lost nothing. What the role change took is printed."""
+    assert written.errors == 0 and written.acknowledged > 0
+    assert failover_status(node)["role"] == "active"
+    assert {mirror["role"] for mirror in node.ctl_json("mirror", "list")} == {"source"}
+    assert luns_served(node) == LUNS
+    (event,) = node.ctl_json("failover", "history")[-1:]
+    print(
+        f"failover: {what}; the client's longest write took {written.longest:.1f} s, "
+        f"{written.acknowledged} writes, 0 failed; {node.guest.name}: {event['reason']} ({event['steps']})"
+    )
+
+
+def test_failover_with_five_luns_switches_over_and_takes_over_in_one_pass(cluster):
+    # a active (d1, since the failback), b passive, in sync; the client writes through the VIP.
+    a, b = cluster.a, cluster.b
+    a.ctl_batch(*(("disk", "create", name, "8M") for name in MORE_DISKS))
+    a.ctl_batch(*(("mirror", "create", name, "sync") for name in MORE_DISKS))
+    wait_for(lambda: a.mirrors_in_state(1) == LUNS, "every mirror in sync")
+    a.ctl_batch(*(("lun", "add", "t1", name) for name in MORE_DISKS))
+    wait_for(lambda: luns_configured(b) == LUNS, "b keeps t1 ready with every LUN")
+    assert (luns_served(a), luns_served(b), failover_status(b)["role"]) == (LUNS, 0, "passive")
+    device = cluster.client_device(serial_of(a, "d1"))
+
+    written = write_through(cluster.client.guest, device, FAILOVER_BLOCKS, 3, lambda: a.ctl("failover", "switchover"))
+    assert failover_status(a)["role"] == "passive"
+    serves_everything(b, written, f"switchover of {LUNS} LUNs")
+    wait_for(lambda: b.mirrors_in_state(1) == LUNS, "every mirror in sync again")
+
+    def kill_b() -> None:
+        b.guest.power_off()
+        a.wait_property(FAILOVER_PATH, FAILOVER_INTERFACE, "Role", 's "active"', timeout=180)
+
+    written = write_through(cluster.client.guest, device, FAILOVER_BLOCKS, 4, kill_b)
+    serves_everything(a, written, f"b killed with {LUNS} LUNs")
