@@ -66,7 +66,7 @@ from applianced.constants import (
     PEER_INTERFACE,
     PEER_PATH,
 )
-from tests.vm.appliance import FAILOVER_INITIATOR, ApplianceNode
+from tests.vm.appliance import FAILOVER_INITIATOR, VENV_BIN, ApplianceNode
 from tests.vm.harness import Disk, Guest, HarnessError, Lab, Nic, check_platform, start_all
 from tests.vm.sequenced_writes import BLOCK, write_through
 
@@ -91,6 +91,8 @@ STATE_DIR = "/var/lib/applianced"
 # across reboots), mirrored a few per start of appliancectl.
 EXTRA_DISK_SIZE = "8M"
 MIRRORS_PER_BATCH = 8
+# How long a takeover or a switchover may take here (64 LUNs under TCG: minutes).
+SLOWEST_ROLE_CHANGE = 900
 # The classic stack's files, written at each boot (/run is the guest's own tmpfs); the
 # directory is root's alone, as keepalived's script security wants.
 RUN = "/run/bench"
@@ -256,7 +258,7 @@ class Client:
     def stall(self, device: str, event: Callable[[], None]) -> float:
         """The longest write while ``event`` happens; no write may fail, none may be lost."""
         self.tag += 1
-        written = write_through(self.guest, device, BLOCKS, self.tag, event)
+        written = write_through(self.guest, device, BLOCKS, self.tag, event, limit=SLOWEST_ROLE_CHANGE + 60)
         assert written.errors == 0 and written.acknowledged > 0, written
         return written.longest
 
@@ -330,7 +332,7 @@ class Ours:
 
     def wait_active(self, name: str) -> None:
         node = self.nodes.nodes[name]
-        node.wait_property(FAILOVER_PATH, FAILOVER_INTERFACE, "Role", 's "active"', timeout=120)
+        node.wait_property(FAILOVER_PATH, FAILOVER_INTERFACE, "Role", 's "active"', timeout=SLOWEST_ROLE_CHANGE)
 
     def takeover_steps(self, name: str) -> tuple[float, dict[str, float]]:
         """When the last takeover of node ``name`` started (its clock), and its steps."""
@@ -354,7 +356,9 @@ class Ours:
             time.sleep(5)
 
     def switch_back(self) -> None:
-        self.nodes.nodes["b"].ctl("failover", "switchover")
+        # Under emulation a switchover of 64 LUNs outlasts the harness's call timeout.
+        switchover = [str(VENV_BIN / "appliancectl"), "--call-timeout", "0", "failover", "switchover"]
+        self.nodes.nodes["b"].guest.run(switchover, timeout=SLOWEST_ROLE_CHANGE)
 
 
 # -- DRBD + keepalived + LIO from a notify script -----------------------------------------
