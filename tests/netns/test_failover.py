@@ -445,7 +445,8 @@ def test_a_switchover_that_one_copy_cannot_take_puts_everything_back(cluster, sa
     a, b = cluster.nodes["a"], cluster.nodes["b"]
     ctl(a, "disk", "create", "d2", "16M")
     ctl(a, "mirror", "create", "d2", "sync")
-    wait(lambda: ctl(a, "mirror", "state", "d2").stdout.strip() == "1")
+    # Both mirrors in sync on both nodes: b takes over only copies it knows to be current.
+    wait(lambda: all(ctl(n, "mirror", "state", d).stdout.strip() == "1" for n in (a, b) for d in ("d1", "d2")))
     ctl(a, "lun", "add", "t1", "d2", "--lun", "4")
     wait(lambda: len(ctl(b, "--json", "lun", "list", "t1").json()) == 2)
     # b's copy of d2 lost its md metadata (its superblock): b can take d1 over, not d2.
