@@ -655,7 +655,7 @@ class Replication:
         try:
             # No backstore: nothing writes here any more.
             await steps.run("backstores removed", self.engine.refresh_replication())
-            take_overs = await steps.run("arrays stopped, legs exported", self._export_legs(rts, stopped))
+            take_overs = await steps.run("arrays stopped", self._stop_arrays(rts, stopped))
             timeout = SLOW_REQUEST + TAKE_OVER_PER_DISK * len(rts)
             ask = self._ask(messages.TAKE_OVER, messages.TakeOvers(tuple(take_overs)), messages.Done, timeout)
             await steps.run("the peer took over", ask)
@@ -683,18 +683,22 @@ class Replication:
             audit("mirror-switchover", disk, "ok", f"{disk} switched over to {rt.record.source_address}")
         log.info("%d mirror(s) handed over to the peer: %s", len(rts), describe(steps.done))
 
-    async def _export_legs(self, rts: list[Runtime], stopped: list[Runtime]) -> list[messages.TakeOver]:
-        """Stop each array and serve its local leg to the peer, roles swapped in the records;
-        what the peer is to take over. ``stopped`` gets each runtime whose array stopped."""
+    async def _stop_arrays(self, rts: list[Runtime], stopped: list[Runtime]) -> list[messages.TakeOver]:
+        """Stop each array, roles swapped in the records; what the peer is to take over.
+        ``stopped`` gets each runtime whose array stopped.
+
+        The local legs are not exported here: the peer assembles each array from its own
+        leg and adds this node's when it can reach it, and the monitor starts the exports
+        of the records' new role. Starting a qemu-nbd per disk took seconds each under
+        emulation, all of it in the clients' stall when it came before the peer's answer."""
         take_overs, swapped = [], []
         for rt in rts:
-            mirror, export = self._mirror(rt), self._export(rt)
+            mirror = self._mirror(rt)
             bitmap = await asyncio.to_thread(mirror.intent_bitmap)
             await asyncio.to_thread(mirror.stop_array)  # the leg stays, for the export
             stopped.append(rt)
             self._lowers.pop(rt.record.disk, None)
             record = dataclasses.replace(rt.record, role=TARGET, **_swap(rt.record))
-            await asyncio.to_thread(export.assemble, record.target_address, record.port)
             swapped.append((rt, record))
             take_overs.append(
                 messages.TakeOver(self._peer_disk(rt), record.target_address, record.port, tuple(bitmap.ranges()))
