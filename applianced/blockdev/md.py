@@ -1,15 +1,23 @@
-"""md raid1 arrays: made and changed with mdadm, watched through sysfs.
+"""md raid1 arrays: made and changed with mdadm, run, stopped and watched through sysfs.
 
-mdadm runs for what happens rarely (creating, assembling, adding and removing a leg);
-what the replication monitor reads every second (the legs' states, the sync progress,
-the write-behind queue) and what it sets live (write-behind, the resync speed limit,
-dirty regions of the bitmap) are sysfs files of the array: a read or a write each.
+mdadm runs for what happens rarely (creating an array, adding a leg, growing). What sits
+in a takeover's stall, starting an array from its legs and stopping it, goes through
+md's sysfs files as mdadm itself does it, without mdadm's process start: measured in a
+TCG guest, eight one-leg arrays started in 0.33 s each against 0.62 s with ``mdadm
+--assemble --run``, 0.15 s each when started on eight threads at once (mdadm gains
+nothing from threads: its cost is its own CPU time), and stopped in 0.02 s each against
+0.2 s with ``mdadm --stop``. What the replication monitor reads every second (the legs'
+states, the sync progress, the write-behind queue) and what it sets live (write-behind,
+the resync speed limit, dirty regions of the bitmap) are sysfs files too.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import struct
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,6 +27,12 @@ from applianced.blockdev import tools
 from applianced.errors import KernelError
 
 SYS_BLOCK = Path("/sys/block")
+NEW_ARRAY = Path("/sys/module/md_mod/parameters/new_array")
+# Names tried for a new array before giving up: one that md is still deleting is refused.
+NEW_ARRAY_ATTEMPTS = 20
+# How long a stop waits out those who have the array open for a moment (udev's blkid
+# after a change event), as mdadm --stop does.
+STOP_BUSY_SECONDS = 5.0
 # md changes its sysfs files as a recovery starts or ends, and a status read at that
 # moment has returned a value that is no number ("0 / 131072\n72" from sync_completed,
 # in a VM test): such a status is read again, a few times.
@@ -169,6 +183,21 @@ class Array:
             legs=tuple(sorted(legs, key=lambda leg: (leg.slot is None, leg.slot or 0, leg.name))),
         )
 
+    def stop(self) -> None:
+        """Stop the array: its legs are free again and md deletes its device (what ``mdadm
+        --stop`` does). KernelError if it stays in use; nothing if it is gone already."""
+        deadline = time.monotonic() + STOP_BUSY_SECONDS
+        while True:
+            try:
+                (self.sys / "array_state").write_text("clear")
+                return
+            except FileNotFoundError:
+                return
+            except OSError as exc:
+                if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                    raise KernelError(f"{self.name}: cannot stop the array: {exc.strerror}") from None
+                time.sleep(0.05)
+
     def mark_dirty(self, ranges: Sequence[tuple[int, int]]) -> None:
         """Set the bitmap bits of regions ``[start, end)``: they are copied at the next recovery."""
         for start, end in ranges:
@@ -177,6 +206,44 @@ class Array:
 
     def reset_max_behind(self) -> None:
         self.write("bitmap/max_backlog_used", "0")
+
+
+def assemble(legs: Sequence[str]) -> Array:
+    """Start an array from ``legs`` (nodes of members with version-1.2 superblocks) through
+    sysfs, as mdadm does: md reads the superblocks and the bitmap and runs the array,
+    degraded if a member is missing; it comes up read-only until its first write
+    (``read-auto``), as with mdadm. KernelError, and nothing left, if md refuses."""
+    array = _new_array()
+    try:
+        array.write("metadata_version", "1.2")
+        for leg in legs:
+            rdev = os.stat(leg).st_rdev
+            array.write("new_dev", f"{os.major(rdev)}:{os.minor(rdev)}")
+        array.write("array_state", "active")
+    except (KernelError, OSError) as exc:
+        with contextlib.suppress(KernelError):
+            array.stop()
+        raise KernelError(f"md started no array from {', '.join(legs)}: {exc}") from None
+    return array
+
+
+# Threads starting arrays at once must not pick the same free name.
+_naming = threading.Lock()
+
+
+def _new_array() -> Array:
+    """A new, empty array under a free name; md makes its block device."""
+    start = 100
+    with _naming:
+        for _ in range(NEW_ARRAY_ATTEMPTS):
+            name = os.path.basename(free_array_name(start))
+            try:
+                NEW_ARRAY.write_text(name)
+                return Array(name)
+            except OSError as exc:
+                refused = exc
+                start = int(name[2:]) + 1
+    raise KernelError(f"md made no new array: {refused.strerror}")
 
 
 def block_name(device: str) -> str:

@@ -219,11 +219,7 @@ class Mirror:
         leg = _stack_leg(self.dm, self.leg_name, _meta_file(self.state_dir, self.volume.name, False), self.volume)
         array = md.holder_array(leg)
         if array is None:
-            device = md.free_array_name()
-            md.mdadm("--assemble", device, "--run", leg)
-            array = md.holder_array(leg)
-            if array is None:
-                raise KernelError(f"mdadm assembled no array from {leg}")
+            array = md.assemble([leg])
         if array.read("array_state") in ("readonly", "read-auto"):
             # What ``mdadm --readwrite`` does, without its process start (most of a second
             # under emulation, in a takeover's stall).
@@ -366,7 +362,7 @@ class Mirror:
         array = self.array()
         if array is not None:
             peer_legs = [leg.name for leg in array.status().legs if leg.name.startswith("nbd")]
-            md.mdadm("--stop", array.node)
+            array.stop()
             for leg in peer_legs:
                 with contextlib.suppress(KernelError):
                     nbd.disconnect(f"/dev/{leg}")
