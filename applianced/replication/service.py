@@ -47,6 +47,7 @@ from applianced.errors import (
 from applianced.iscsi.firewall import PortalFilter
 from applianced.peer.service import Peer
 from applianced.replication import messages, throttle
+from applianced.replication.bitmap import Bitmap
 from applianced.replication.bridge import (
     DEFAULT_PORT,
     DEFAULT_REGION,
@@ -95,6 +96,7 @@ SLOW_REQUEST = 30.0
 TAKE_OVER_PER_DISK = 2.0
 
 T = TypeVar("T")
+W = TypeVar("W")
 
 
 @dataclass
@@ -223,7 +225,7 @@ class Replication:
             self.mirrors[name] = rt
             try:
                 if record.role == SOURCE:
-                    await self._assemble_source(rt)
+                    await self._assemble_sources([rt])
                 elif not record.unlocked:
                     await asyncio.to_thread(self._export(rt).assemble, record.target_address, record.port)
             except KernelError as exc:
@@ -233,17 +235,26 @@ class Replication:
         if self.mirrors:
             await self._throttle()
 
-    async def _assemble_source(self, rt: Runtime) -> None:
+    async def _assemble_sources(self, rts: Sequence[Runtime]) -> None:
+        """Start each source's array from its local leg, all at once, and serve it. The
+        error of the first that failed is raised after the others are served."""
+        started, error = await _on_threads(self._start_array, rts)
+        for rt, status in started:
+            rt.status = status
+        # From now on this node writes alone, before the disks are served again.
+        alone = [rt for rt, status in started if not any(_connected(leg) for leg in status.legs)]
+        await self._diverge(alone, "the peer's leg is not connected")
+        for rt, _ in started:
+            self._lowers[rt.record.disk] = self._mirror(rt).node
+        if error is not None:
+            raise error
+
+    def _start_array(self, rt: Runtime) -> ArrayStatus:
+        """(On a thread.) The source's array running, in the record's mode; its status."""
         mirror = self._mirror(rt)
-        array = await asyncio.to_thread(mirror.assemble)
-        status = await asyncio.to_thread(array.status)
-        rt.status = status
-        peer_leg = next((leg for leg in status.legs if leg.name.startswith("nbd") and not leg.faulty), None)
-        if peer_leg is None:
-            # From now on this node writes alone, before the disk is served again.
-            await self._diverge(rt, "the peer's leg is not connected")
-        await asyncio.to_thread(mirror.set_write_behind, self._write_behind(rt.record))
-        self._lowers[rt.record.disk] = mirror.node
+        status = mirror.assemble().status()
+        mirror.set_write_behind(self._write_behind(rt.record))
+        return status
 
     async def run(self) -> None:
         """The monitor: every mirror looked at each second, until cancelled."""
@@ -469,7 +480,7 @@ class Replication:
                 await self._ask(messages.STATUS, messages.Disk(self._peer_disk(rt)), messages.Status)
             await self._set_intent(rt, Intent.PAUSE)
             await asyncio.to_thread(self._mirror(rt).detach)
-            await self._diverge(rt, "paused by the administrator")
+            await self._diverge([rt], "paused by the administrator")
             node = ""
             if unlock:
                 node = (
@@ -503,7 +514,7 @@ class Replication:
             rt = self._source(disk, "break")
             await self._set_intent(rt, Intent.BREAK)
             await asyncio.to_thread(self._mirror(rt).detach)
-            await self._diverge(rt, "broken by the administrator")
+            await self._diverge([rt], "broken by the administrator")
             await self._save_record(rt, dataclasses.replace(rt.record, full_resync=True))
             await self._update_peer(rt)
             await self._refresh_state(rt)
@@ -515,7 +526,7 @@ class Replication:
             rt = self._source(disk, "resync")
             await self._ask(messages.STATUS, messages.Disk(self._peer_disk(rt)), messages.Status)
             await asyncio.to_thread(self._mirror(rt).detach)
-            await self._diverge(rt, "a full resync was asked for")
+            await self._diverge([rt], "a full resync was asked for")
             await self._save_record(rt, dataclasses.replace(rt.record, full_resync=True))
             await self._set_intent(rt, Intent.MIRROR)
             rt.pending, rt.passes, rt.split_brain = True, 0, False
@@ -571,7 +582,7 @@ class Replication:
                 raise InvalidArgument(f"{source_address} is not an address of this node")
             await self._ask(messages.STATUS, messages.Disk(self._peer_disk(rt)), messages.Status)
             await asyncio.to_thread(self._mirror(rt).detach)
-            await self._diverge(rt, "moving to new addresses")
+            await self._diverge([rt], "moving to new addresses")
             await self._save_record(
                 rt, dataclasses.replace(rt.record, source_address=source_address, target_address=target_address)
             )
@@ -594,7 +605,7 @@ class Replication:
             await self._ask(messages.STATUS, messages.Disk(self._peer_disk(rt)), messages.Status)
             mirror = self._mirror(rt)
             await asyncio.to_thread(mirror.detach)
-            await self._diverge(rt, "growing")
+            await self._diverge([rt], "growing")
             await self._ask(messages.GROW, messages.Grow(self._peer_disk(rt), size), messages.Done, SLOW_REQUEST)
 
             async def grow_layers(grown: Disk) -> None:
@@ -665,8 +676,7 @@ class Replication:
                 for rt in stopped:
                     await asyncio.to_thread(self._export(rt).disassemble)
                 await self._save_records(originals)
-                for rt in stopped:
-                    await self._assemble_source(rt)
+                await self._assemble_sources(stopped)
             finally:
                 self._handing_over.difference_update(names)
                 await self.engine.refresh_replication()
@@ -691,13 +701,14 @@ class Replication:
         leg and adds this node's when it can reach it, and the monitor starts the exports
         of the records' new role. Starting a qemu-nbd per disk took seconds each under
         emulation, all of it in the clients' stall when it came before the peer's answer."""
-        take_overs, swapped = [], []
-        for rt in rts:
-            mirror = self._mirror(rt)
-            bitmap = await asyncio.to_thread(mirror.intent_bitmap)
-            await asyncio.to_thread(mirror.stop_array)  # the leg stays, for the export
+        done, error = await _on_threads(self._stop_array, rts)
+        for rt, _ in done:
             stopped.append(rt)
             self._lowers.pop(rt.record.disk, None)
+        if error is not None:
+            raise error
+        take_overs, swapped = [], []
+        for rt, bitmap in done:
             record = dataclasses.replace(rt.record, role=TARGET, **_swap(rt.record))
             swapped.append((rt, record))
             take_overs.append(
@@ -705,6 +716,14 @@ class Replication:
             )
         await self._save_records(swapped)
         return take_overs
+
+    def _stop_array(self, rt: Runtime) -> Bitmap:
+        """(On a thread.) Stop the source's array, its leg left for the export; the intent
+        bitmap it stopped with."""
+        mirror = self._mirror(rt)
+        bitmap = mirror.intent_bitmap()
+        mirror.stop_array()
+        return bitmap
 
     async def promote(self, disks: Sequence[str]) -> None:
         """Make this node's copies of ``disks`` the sources without the peer, as
@@ -745,14 +764,12 @@ class Replication:
         log.info("%d mirror(s) taken over without the peer: %s", len(rts), describe(steps.done))
 
     async def _stop_exports(self, rts: list[Runtime], stopped: list[Runtime]) -> None:
-        """Stop serving each copy; its leg stays, for the array. ``stopped`` gets each one done."""
-        for rt in rts:
-            await asyncio.to_thread(self._export(rt).stop_serving)
-            stopped.append(rt)
-
-    async def _assemble_sources(self, rts: list[Runtime]) -> None:
-        for rt in rts:
-            await self._assemble_source(rt)
+        """Stop serving each copy, all at once; its leg stays, for the array. ``stopped``
+        gets each one done."""
+        done, error = await _on_threads(lambda rt: self._export(rt).stop_serving(), rts)
+        stopped.extend(rt for rt, _ in done)
+        if error is not None:
+            raise error
 
     async def prepare_targets(self, disks: Sequence[str]) -> None:
         """Make this node's halves of ``disks`` the copies again after a split brain (the
@@ -809,11 +826,11 @@ class Replication:
                 why = await self._peer_still_copy(rt)
             if why:
                 await asyncio.to_thread(mirror.detach)
-                await self._diverge(rt, why)
+                await self._diverge([rt], why)
                 self._end_resync(rt, False, why)
             elif peer_leg is not None and rt.record.mode == ASYNC and self._queue_over(rt, status):
                 await asyncio.to_thread(mirror.detach)
-                await self._diverge(rt, "the async queue crossed its high-water mark")
+                await self._diverge([rt], "the async queue crossed its high-water mark")
                 self._end_resync(rt, False, rt.reason)
             elif peer_leg is None and time.monotonic() - rt.last_attempt >= RESUME_SECONDS:
                 await self._reconnect(rt)
@@ -968,12 +985,19 @@ class Replication:
         self._notify(rt.record.disk, "resync-completed" if success else "resync-failed")
         log.info("mirror %s: resync %s: %s", rt.record.disk, "completed" if success else "stopped", message)
 
-    async def _diverge(self, rt: Runtime, why: str) -> None:
-        """This node writes without the peer from now on: a new generation, and why."""
-        rt.reason = why
-        diverged = rt.record.generation.diverged()
-        if diverged != rt.record.generation:
-            await self._save_record(rt, dataclasses.replace(rt.record, generation=diverged))
+    async def _diverge(self, rts: Sequence[Runtime], why: str) -> None:
+        """This node writes these mirrors without the peer from now on: a new generation
+        each (one record save), and why."""
+        changes = []
+        for rt in rts:
+            rt.reason = why
+            diverged = rt.record.generation.diverged()
+            if diverged != rt.record.generation:
+                changes.append((rt, dataclasses.replace(rt.record, generation=diverged)))
+        if not changes:
+            return
+        await self._save_records(changes)
+        for rt, _ in changes:
             audit(
                 "mirror-paused", rt.record.disk, "paused", f"mirror of {rt.record.disk} paused: {why}", logging.WARNING
             )
@@ -1236,13 +1260,21 @@ class Replication:
         return messages.Done()
 
     async def _assemble_taken_over(self, wanted: list[tuple[Runtime, messages.TakeOver]]) -> None:
-        """Each array from its leg, with the old source's dirty regions and its own marked."""
-        for rt, item in wanted:
-            mirror = self._mirror(rt)
-            await asyncio.to_thread(mirror.assemble)
-            own = await asyncio.to_thread(mirror.intent_bitmap)
-            await asyncio.to_thread(mirror.mark_dirty, [*item.dirty, *own.ranges()])
-            self._lowers[rt.record.disk] = mirror.node
+        """Each array from its leg, all at once, with the old source's dirty regions and
+        its own marked."""
+        done, error = await _on_threads(self._start_taken_over, wanted)
+        for (rt, _), _ in done:
+            self._lowers[rt.record.disk] = self._mirror(rt).node
+        if error is not None:
+            raise error
+
+    def _start_taken_over(self, wanted: tuple[Runtime, messages.TakeOver]) -> None:
+        """(On a thread.) The array of a copy taken over, with both sides' dirty regions marked."""
+        rt, item = wanted
+        mirror = self._mirror(rt)
+        mirror.assemble()
+        own = mirror.intent_bitmap()
+        mirror.mark_dirty([*item.dirty, *own.ranges()])
 
     # -- helpers ----------------------------------------------------------------------
 
@@ -1368,6 +1400,23 @@ class Replication:
 
 def _swap(record: MirrorRecord) -> dict[str, str]:
     return {"source_address": record.target_address, "target_address": record.source_address}
+
+
+async def _on_threads(work: Callable[[W], T], items: Sequence[W]) -> tuple[list[tuple[W, T]], BaseException | None]:
+    """Run the blocking ``work`` for each item (one per disk) on threads at once, and wait
+    for all of them: the items done, each with its result, and the first error. md starts
+    arrays side by side (in a TCG guest 0.15 s each on eight threads, against 0.33 s one
+    after the other), so a takeover's stall pays for the slowest disks, not for the sum."""
+    results = await asyncio.gather(*(asyncio.to_thread(work, item) for item in items), return_exceptions=True)
+    paired = list(zip(items, results, strict=True))
+    done = [(item, result) for item, result in paired if not isinstance(result, BaseException)]
+    error = next((result for result in results if isinstance(result, BaseException)), None)
+    return done, error
+
+
+def _connected(leg: Leg) -> bool:
+    """Whether ``leg`` is the peer's, working."""
+    return leg.name.startswith("nbd") and not leg.faulty
 
 
 def _peer_leg(status: ArrayStatus | None) -> Leg | None:

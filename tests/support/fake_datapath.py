@@ -10,9 +10,12 @@ is gone. It proves the service's logic only: the data path is proven in the VM t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +32,21 @@ class FakeDataPath:
     def __init__(self, state_dir: Path, store: Path) -> None:
         self.state_dir = state_dir
         self.store = store
+        self._lock = threading.Lock()
 
     def _load(self) -> dict[str, Any]:
         return json.loads(self.store.read_text()) if self.store.exists() else {}
 
-    def _save(self, data: dict[str, Any]) -> None:
-        tmp = self.store.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, sort_keys=True))
-        os.replace(tmp, self.store)
+    @contextlib.contextmanager
+    def _editing(self) -> Iterator[dict[str, Any]]:
+        """The file's values, written back after the block, one thread at a time: the
+        service changes several mirrors at once on threads, as the kernel allows."""
+        with self._lock:
+            data = self._load()
+            yield data
+            tmp = self.store.with_suffix(".tmp")
+            tmp.write_text(json.dumps(data, sort_keys=True))
+            os.replace(tmp, self.store)
 
     def mirror(self, volume: Volume) -> FakeMirror:
         return FakeMirror(self, volume)
@@ -62,14 +72,12 @@ class FakeDataPath:
 
     def throttle(self, limits: list[Any]) -> None:
         """Kept for the tests to read (``throttles``): the real rules are tc's (tests/netns)."""
-        data = self._load()
-        data["throttles"] = [[limit.address, limit.port, limit.kbit] for limit in limits if limit.kbit]
-        self._save(data)
+        with self._editing() as data:
+            data["throttles"] = [[limit.address, limit.port, limit.kbit] for limit in limits if limit.kbit]
 
     def release(self, volume: Volume) -> None:
-        data = self._load()
-        data.pop(volume.name, None)
-        self._save(data)
+        with self._editing() as data:
+            data.pop(volume.name, None)
 
 
 class _Part:
@@ -83,9 +91,8 @@ class _Part:
         return self.path._load().get(self.volume.name, {})
 
     def put(self, **changes: Any) -> None:
-        data = self.path._load()
-        data[self.volume.name] = {**data.get(self.volume.name, {}), **changes}
-        self.path._save(data)
+        with self.path._editing() as data:
+            data[self.volume.name] = {**data.get(self.volume.name, {}), **changes}
 
     def intent_bitmap(self) -> bitmap.Bitmap:
         regions = self.volume.regions
