@@ -1,6 +1,6 @@
 """The bridge's logic without a kernel: region sizes, what an initial sync copies, md's sysfs
 read into a status, and the states with the reference's numbers. That md, device-mapper
-and NBD do what the bridge asks is proven in tests/vm/test_replication_bridge.py."""
+and NBD do what the bridge asks is proven in tests/vm/test_replication.py."""
 
 import os
 
