@@ -222,6 +222,23 @@ def test_a_daemon_restart_adopts_the_mirror_on_both_nodes(pair):
     assert shown(pair.b)["role"] == "target"
 
 
+def test_a_restart_adopts_the_mirrors_it_can_and_says_why_not_the_others(pair):
+    mirrored(pair)
+    assert pair.a.cli("disk", "create", "d2", "16M").returncode == 0
+    assert pair.a.cli("mirror", "create", "d2", "sync").returncode == 0
+    pair.wait(lambda: state(pair.a, "d2") == 1)
+    pair.a.stop()
+    # While the daemon was down, a's half of d2 lost its md superblock.
+    store = pair.a.state_dir.parent / "datapath.json"
+    kept = json.loads(store.read_text())
+    kept["d2"]["metadata"] = False
+    store.write_text(json.dumps(kept))
+    pair.a.start()
+    assert shown(pair.a, "d2")["reason"].startswith("the data path could not be assembled: no mirror metadata")
+    pair.wait(lambda: state(pair.a) == 1)
+    assert shown(pair.a)["reason"] == ""
+
+
 def test_delete_keeps_both_halves_and_gives_the_copy_a_serial_of_its_own(pair):
     mirrored(pair)
     serial = disk(pair.a)["serial"]
