@@ -214,6 +214,16 @@ class Mirror:
     def assemble(self) -> md.Array:
         """Run the array from the local leg (the peer's is added by ``connect``); adopts a
         running one. KernelError if this node holds no metadata of the mirror."""
+        return self._assemble()[0]
+
+    def start(self, write_behind: int) -> md.ArrayStatus:
+        """``assemble``, in the mode asked (``set_write_behind``); the array's status. md's
+        state is read once: a takeover starts every array at once, on CPUs that udev's
+        handling of each new array shares."""
+        array, status = self._assemble()
+        return self._set_write_behind(array, status, write_behind)
+
+    def _assemble(self) -> tuple[md.Array, md.ArrayStatus]:
         if not self.has_metadata():
             raise KernelError(f"no mirror metadata for {self.volume.name} on this node")
         leg = _stack_leg(self.dm, self.leg_name, _meta_file(self.state_dir, self.volume.name, False), self.volume)
@@ -225,8 +235,7 @@ class Mirror:
             # under emulation, in a takeover's stall).
             array.write("array_state", "active")
         dm.make_node(MIRROR_PREFIX + self.volume.name, array.device_number)
-        self._local_reads(array)
-        return array
+        return array, self._local_reads(array)
 
     def create(self, peer: PeerEndpoint) -> md.Array:
         """A new array over the local disk and the peer's copy, both declared in sync.
@@ -318,12 +327,17 @@ class Mirror:
         md takes it only while a write-mostly leg is in the array: while the peer's leg is
         out this does nothing, and ``connect`` sets it again."""
         array = self.array()
-        if array is None:
-            return
-        status = array.status()
+        if array is not None:
+            self._set_write_behind(array, array.status(), writes)
+
+    @staticmethod
+    def _set_write_behind(array: md.Array, status: md.ArrayStatus, writes: int) -> md.ArrayStatus:
+        """``set_write_behind`` on ``array`` as ``status`` shows it; its status after."""
         wanted = min(writes, md.MAX_WRITE_BEHIND)
-        if status.write_behind != wanted and any("write_mostly" in leg.states for leg in status.legs):
-            array.write("bitmap/backlog", str(wanted))
+        if status.write_behind == wanted or not any("write_mostly" in leg.states for leg in status.legs):
+            return status
+        array.write("bitmap/backlog", str(wanted))
+        return dataclasses.replace(status, write_behind=wanted)
 
     def set_resync_limit(self, kib_per_second: int) -> None:
         """The fastest a resync may copy (0: md's own maximum)."""
@@ -374,15 +388,17 @@ class Mirror:
         _remove_leg(self.dm, self.leg_name, self.meta)
         self.volume.release()
 
-    def _local_reads(self, array: md.Array) -> None:
+    def _local_reads(self, array: md.Array) -> md.ArrayStatus:
         """Reads from the local leg: only the peer's leg is write-mostly. After a role swap
-        the legs' flags in their superblocks are the other way round."""
-        for leg in array.status().legs:
-            if leg.faulty:
-                continue
+        the legs' flags in their superblocks are the other way round. The array's status after."""
+        status = array.status()
+        flipped = False
+        for leg in status.legs:
             peer_side = leg.name.startswith("nbd")
-            if peer_side != ("write_mostly" in leg.states):
+            if not leg.faulty and peer_side != ("write_mostly" in leg.states):
                 array.write(f"dev-{leg.name}/state", "writemostly" if peer_side else "-writemostly")
+                flipped = True
+        return array.status() if flipped else status
 
 
 def _remove_leg_from(array: md.Array, leg: str) -> None:

@@ -264,10 +264,7 @@ class Replication:
 
     def _start_array(self, rt: Runtime) -> ArrayStatus:
         """(On a thread.) The source's array running, in the record's mode; its status."""
-        mirror = self._mirror(rt)
-        status = mirror.assemble().status()
-        mirror.set_write_behind(self._write_behind(rt.record))
-        return status
+        return self._mirror(rt).start(self._write_behind(rt.record))
 
     async def run(self) -> None:
         """The monitor: every mirror looked at each second, until cancelled."""

@@ -158,6 +158,11 @@ class FakeMirror(_Part):
             self.put(assembled=True, peer_leg=None)
         return FakeArray(self)
 
+    def start(self, write_behind: int) -> ArrayStatus:
+        self.assemble()
+        self.set_write_behind(write_behind)
+        return FakeArray(self).status()
+
     def create(self, peer: PeerEndpoint) -> FakeArray:
         self._reach(peer)
         self.put(metadata=True, assembled=True, peer_leg="in_sync", peer=[peer.address, peer.port], dirty=[])

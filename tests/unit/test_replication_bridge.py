@@ -8,7 +8,7 @@ import pytest
 
 from applianced.blockdev import md
 from applianced.errors import InvalidArgument, KernelError
-from applianced.replication.bridge import Volume, allocated_ranges, export_filter, region_size
+from applianced.replication.bridge import Mirror, Volume, allocated_ranges, export_filter, region_size
 from applianced.replication.states import Intent, MirrorState, mirror_state
 
 GIB = 1 << 30
@@ -100,6 +100,29 @@ def test_md_sysfs_reads_as_a_status(sysfs):
     assert (status.synced, status.sync_total, status.sync_speed) == (2048, 1048576, 2048)
     assert (status.write_behind, status.max_behind_used, status.degraded) == (200, 17, 1)
     assert status.copying
+
+
+def test_async_mode_is_set_on_the_peer_leg_and_shown_without_reading_again(sysfs):
+    array = fake_array(sysfs, [("dm-3", 0, "in_sync"), ("nbd0", 1, "in_sync,write_mostly")], behind=0)
+    status = Mirror._set_write_behind(array, array.status(), 300)
+    assert (sysfs / "md127" / "md" / "bitmap" / "backlog").read_text() == "300"
+    assert status.write_behind == 300
+
+
+def test_write_behind_waits_for_a_write_mostly_leg(sysfs):
+    # md refuses a backlog without one; connect sets it again with the peer's leg.
+    array = fake_array(sysfs, [("dm-3", 0, "in_sync")], behind=0)
+    before = array.status()
+    assert Mirror._set_write_behind(array, before, 300) is before
+    assert (sysfs / "md127" / "md" / "bitmap" / "backlog").read_text() == "0\n"
+
+
+def test_after_a_role_swap_reads_go_to_the_local_leg_again(sysfs, tmp_path):
+    array = fake_array(sysfs, [("dm-3", 0, "in_sync,write_mostly"), ("nbd0", 1, "in_sync")])
+    mirror = Mirror(Volume("d1", str(tmp_path / "d1.img"), True, 4096), tmp_path, mapper=object())
+    mirror._local_reads(array)
+    assert (sysfs / "md127" / "md" / "dev-dm-3" / "state").read_text() == "-writemostly"
+    assert (sysfs / "md127" / "md" / "dev-nbd0" / "state").read_text() == "writemostly"
 
 
 def test_a_value_caught_mid_change_is_read_again(sysfs, monkeypatch):
