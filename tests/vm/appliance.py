@@ -128,14 +128,16 @@ class ApplianceNode:
             for interfaces in self.objects().values()
         )
 
-    def wait_property(self, path: str, interface: str, name: str, value: str, timeout: float = 60) -> None:
+    def wait_property(
+        self, path: str, interface: str, name: str, value: str, timeout: float = 60, interval: float = 1.0
+    ) -> None:
         """Wait until a D-Bus property reads ``value`` as busctl prints it (``s "active"``,
-        ``u 1``, ``b true``). A read costs about a second of the guest's one CPU under TCG,
-        appliancectl about five, taken from the work that is waited for; hence busctl, and
-        a second between reads."""
+        ``u 1``, ``b true``). A read costs a fifth of a second or more of the guest's one CPU
+        under TCG, appliancectl about five, taken from the work that is waited for; hence
+        busctl, and ``interval`` seconds between reads."""
         read = shlex.join(["busctl", "--system", "get-property", BUS_NAME, path, interface, name])
         with self._explained():
-            self.guest.wait_until(f'test "$({read})" = {shlex.quote(value)}', timeout=timeout, interval=1.0)
+            self.guest.wait_until(f'test "$({read})" = {shlex.quote(value)}', timeout=timeout, interval=interval)
 
     def serve(self, disk_size: str, initiator: str, portal: str = "127.0.0.1") -> None:
         """The usual first configuration: disk d1 as LUN 0 of target t1 for one initiator."""
