@@ -14,37 +14,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tests.vm.harness import Guest
+from tests.vm.harness import REPO_ROOT, Guest
 
+# The client's script: guests share the host's root, so they run it from the checkout.
+SCRIPT = REPO_ROOT / "tests" / "vm" / "sequenced_blocks.py"
 BLOCK = 4096
-WRITER = """
-import json, mmap, os, sys, time
-device, (first, last, tag), seconds, stop = sys.argv[1], map(int, sys.argv[2:5]), float(sys.argv[5]), sys.argv[6]
-fd = os.open(device, os.O_WRONLY | os.O_DIRECT)
-block = mmap.mmap(-1, 4096)
-done, errors, longest, start = 0, 0, 0.0, time.monotonic()
-while time.monotonic() - start < seconds and first + done < last and not os.path.exists(stop):
-    block.seek(0)
-    block.write(((tag << 32) | done).to_bytes(8, "big") * 512)
-    began = time.monotonic()
-    try:
-        os.pwrite(fd, block, (first + done) * 4096)
-        done += 1
-    except OSError:
-        errors += 1
-    longest = max(longest, time.monotonic() - began)
-print(json.dumps({"acknowledged": done, "errors": errors, "longest": longest}), flush=True)
-"""
-CHECK = """
-import mmap, os, sys
-device, first, count, tag = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-fd = os.open(device, os.O_RDONLY | os.O_DIRECT)
-block = mmap.mmap(-1, 4096)
-for n in range(count):
-    os.preadv(fd, [block], (first + n) * 4096)
-    assert block[:8] == ((tag << 32) | n).to_bytes(8, "big"), n
-print("ok")
-"""
 
 
 @dataclass(frozen=True)
@@ -70,10 +44,8 @@ def write_through(
     is over: a stall it did not see would not count."""
     name = f"sequenced-writer-{tag}"
     stop = f"/tmp/{name}.stop"
-    client.write_file("/tmp/sequenced_writer.py", WRITER)
-    client.write_file("/tmp/sequenced_check.py", CHECK)
     client.run(["rm", "-f", stop])
-    client.spawn(name, f"python3 /tmp/sequenced_writer.py {device} {blocks.start} {blocks.stop} {tag} {limit} {stop}")
+    client.spawn(name, f"python3 {SCRIPT} write {device} {blocks.start} {blocks.stop} {tag} {limit} {stop}")
     time.sleep(lead)
     event()
     assert client.status(name) is None, "the writer ended before the event did: give it more blocks or time"
@@ -82,6 +54,6 @@ def write_through(
     client.wait_exit(name, timeout=120)
     written = Written(**json.loads(client.spawn_log(name).strip().splitlines()[-1]))
     if written.acknowledged:
-        check = f"python3 /tmp/sequenced_check.py {device} {blocks.start} {written.acknowledged} {tag}"
+        check = f"python3 {SCRIPT} check {device} {blocks.start} {written.acknowledged} {tag}"
         assert client.run(check, timeout=300).stdout.strip() == "ok", "an acknowledged write was lost"
     return written
