@@ -332,8 +332,8 @@ class Ours:
 
     def wait_active(self, name: str) -> None:
         # The client measures the stall, not this wait: a read every five seconds takes
-        # less of the CPU that the takeover being measured runs on (busctl in the guest:
-        # 0.2 s a read, measured).
+        # less of the CPU that the takeover being measured runs on (busctl in the guest: at
+        # least 0.2 s a read, measured on a property of dbus-daemon itself).
         node = self.nodes.nodes[name]
         node.wait_property(
             FAILOVER_PATH, FAILOVER_INTERFACE, "Role", 's "active"', timeout=SLOWEST_ROLE_CHANGE, interval=5.0
