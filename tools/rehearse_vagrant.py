@@ -104,7 +104,7 @@ class Machines:
     # -- what the stand-in forwards ----------------------------------------------------
 
     def vagrant(self, argv: list[str], stdin: bytes) -> tuple[int, str, str]:
-        verb, machine = argv[0], argv[1]
+        verb, machine = argv[0], next(arg for arg in argv[1:] if not arg.startswith("-"))
         if verb == "ssh":
             command = argv[argv.index("-c") + 1]
             done = self.guests[machine].run(
