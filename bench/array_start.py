@@ -68,8 +68,9 @@ def in_guest(arrays: int, workers: int, rounds: int) -> dict[str, list[float]]:
 
     def mdadm_start(copy: bridge.Volume) -> None:
         leg = f"/dev/mapper/{copies.mirror(copy).leg_name}"
-        # A name of its own per array: threads picking the lowest free one would collide.
-        md.mdadm("--assemble", f"/dev/md{200 + copy_volumes.index(copy)}", "--run", leg)
+        # A name of its own per array (c<i> gets md<200+i>): threads picking the lowest free
+        # one would collide.
+        md.mdadm("--assemble", f"/dev/md{200 + int(copy.name[1:])}", "--run", leg)
         md.mdadm("--readwrite", md.holder_array(leg).node)
 
     starts = {

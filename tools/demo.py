@@ -75,11 +75,23 @@ class StorageNode(ApplianceNode):
         return self.guest.run(f"dd if={device} bs=1M iflag=direct status=none | md5sum", timeout=300).stdout.split()[0]
 
 
-class Pair:
-    """The two storage nodes, each bootable again with its disk, its state and its MACs."""
+# Each node's data LAN address and MAC, then its link's.
+NODE_NICS = {name: ((LAN[name], MACS[name][0]), (LINK[name], MACS[name][1])) for name in LAN}
 
-    def __init__(self, lab: Lab, logs: Path) -> None:
-        self.lab, self.logs = lab, logs
+
+class Pair:
+    """The two storage nodes, each bootable again with its disk, its state and its MACs:
+    ``nics`` has each node's data LAN and link addresses with their MACs, ``disk`` the name
+    and size of its disk."""
+
+    def __init__(
+        self,
+        lab: Lab,
+        logs: Path,
+        nics: dict[str, tuple[tuple[str, str], ...]] = NODE_NICS,
+        disk: tuple[str, int] = ("vol", VOLUME),
+    ) -> None:
+        self.lab, self.logs, self.nics, self.disk = lab, logs, nics, disk
         self._boots: dict[str, int] = {}
         self.guests: list[Guest] = []
 
@@ -88,13 +100,15 @@ class Pair:
         state = self.logs / f"{name}-state"
         state.mkdir(exist_ok=True)
         hostname = name if boot == 1 else f"{name}-boot{boot}"
+        (lan, lan_mac), (link, link_mac) = self.nics[name]
+        disk, size = self.disk
         guest = Guest(
             hostname,
             self.logs / hostname,
             lab=self.lab,
             memory="1280M",
-            disks=[Disk("vol", VOLUME, path=self.logs / f"{name}-vol.img")],
-            nics=[Nic("lan", f"{LAN[name]}/24", mac=MACS[name][0]), Nic("hb", f"{LINK[name]}/24", mac=MACS[name][1])],
+            disks=[Disk(disk, size, path=self.logs / f"{name}-{disk}.img")],
+            nics=[Nic("lan", f"{lan}/24", mac=lan_mac), Nic("hb", f"{link}/24", mac=link_mac)],
             rwdirs={"/var/lib/applianced": state},
         )
         self.guests.append(guest)

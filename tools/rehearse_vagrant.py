@@ -35,7 +35,8 @@ import time
 from pathlib import Path
 
 from tests.vm.appliance import VENV_BIN, ApplianceNode
-from tests.vm.harness import REPO_ROOT, Disk, Guest, Lab, Nic, check_platform, start_all
+from tests.vm.harness import REPO_ROOT, Guest, Lab, Nic, check_platform, start_all
+from tools.demo import Pair
 
 MIB = 1 << 20
 SPARE_DISK_SIZE = 128 * MIB  # the Vagrant nodes' is 4 GiB; the scenario writes half of it
@@ -54,52 +55,13 @@ SCENARIO_TIMEOUT = 3 * 3600
 
 
 class Machines:
-    """The guests standing in for the Vagrant machines, by name."""
+    """The guests standing in for the Vagrant machines, by name: the storage nodes of
+    ``pair`` (tools/demo's, with the Vagrantfile's addresses) and the client."""
 
-    def __init__(self, lab: Lab, logs: Path) -> None:
-        self.lab, self.logs = lab, logs
-        self.guests: dict[str, Guest] = {}
-        self.every_guest: list[Guest] = []
-        self._boots: dict[str, int] = {}
+    def __init__(self, pair: Pair, guests: dict[str, Guest]) -> None:
+        self.pair = pair
+        self.guests = guests
         self._lock = threading.Lock()
-
-    def node_guest(self, name: str) -> Guest:
-        boot = self._boots[name] = self._boots.get(name, 0) + 1
-        (data, data_mac), (link, link_mac) = NODES[name]
-        state = self.logs / f"{name}-state"
-        state.mkdir(exist_ok=True)
-        hostname = name if boot == 1 else f"{name}-boot{boot}"
-        return self._keep(
-            name,
-            Guest(
-                hostname,
-                self.logs / hostname,
-                lab=self.lab,
-                memory="1280M",
-                disks=[Disk("spare", SPARE_DISK_SIZE, path=self.logs / f"{name}-spare.img")],
-                nics=[Nic("lan", f"{data}/24", mac=data_mac), Nic("hb", f"{link}/24", mac=link_mac)],
-                rwdirs={"/var/lib/applianced": state},
-            ),
-        )
-
-    def client_guest(self) -> Guest:
-        return self._keep(
-            "client", Guest("client", self.logs / "client", lab=self.lab, nics=[Nic("lan", f"{CLIENT_ADDRESS}/24")])
-        )
-
-    def _keep(self, name: str, guest: Guest) -> Guest:
-        with self._lock:
-            self.guests[name] = guest
-            self.every_guest.append(guest)
-        return guest
-
-    def provision_node(self, name: str, first: bool) -> None:
-        """applianced running, as the Vagrantfile's provisioning (``first``) or systemd leaves it."""
-        node = ApplianceNode(self.guests[name])
-        node.prepare()
-        node.start()
-        if first:
-            node.ctl("portal", "create", NODES[name][0][0])
 
     # -- what the stand-in forwards ----------------------------------------------------
 
@@ -115,9 +77,10 @@ class Machines:
             self.guests[machine].power_off()
             return 0, f"==> {machine}: powered off\n", ""
         if verb == "up":
-            guest = self.node_guest(machine)
-            start_all([guest])
-            self.provision_node(machine, first=False)
+            # Started by systemd on a Vagrant node; here as the demo starts a node again.
+            node = self.pair.boot_again(machine)
+            with self._lock:
+                self.guests[machine] = node.guest
             return 0, f"==> {machine}: booted\n", ""
         return 2, "", f"rehearse-vagrant: no stand-in for: vagrant {shlex.join(argv)}\n"
 
@@ -159,16 +122,16 @@ def main() -> int:
     started = time.monotonic()
     with Lab(bridges=("lan", "hb")) as lab:
         lab.add_address("lan", f"{PING_NODE}/24")
-        machines = Machines(lab, logs)
-        for name in NODES:
-            machines.node_guest(name)
-        machines.client_guest()
+        pair = Pair(lab, logs, nics=NODES, disk=("spare", SPARE_DISK_SIZE))
+        client = Guest("client", logs / "client", lab=lab, nics=[Nic("lan", f"{CLIENT_ADDRESS}/24")])
+        machines = Machines(pair, {**{name: pair.guest(name) for name in NODES}, "client": client})
         print(f"rehearse-vagrant: booting node1, node2 and client (QEMU/TCG); logs in {logs}", flush=True)
         start_all(list(machines.guests.values()))
         try:
             for name in NODES:
-                machines.provision_node(name, first=True)
-            ApplianceNode(machines.guests["client"]).prepare(initiator_name=CLIENT_IQN)
+                # What the Vagrantfile's provisioning leaves: applianced running, its portal.
+                pair.node(name, machines.guests[name]).ctl("portal", "create", NODES[name][0][0])
+            ApplianceNode(client).prepare(initiator_name=CLIENT_IQN)
             socket_path = str(logs / "vagrant.sock")
             server = serve(machines, socket_path)
             bin_dir = logs / "bin"
@@ -189,7 +152,7 @@ def main() -> int:
             server.shutdown()
             return done.returncode
         finally:
-            for guest in reversed(machines.every_guest):
+            for guest in [client, *reversed(pair.guests)]:
                 guest.stop()
             print(f"rehearse-vagrant: done in {time.monotonic() - started:.0f} s; guests stopped", flush=True)
 

@@ -23,9 +23,7 @@ class FakeGuest:
 
 
 def machines():
-    every = rehearse_vagrant.Machines(lab=None, logs=None)
-    every.guests = {"node1": FakeGuest(), "node2": FakeGuest()}
-    return every
+    return rehearse_vagrant.Machines(pair=None, guests={"node1": FakeGuest(), "node2": FakeGuest()})
 
 
 def test_ssh_runs_the_command_as_root_in_that_guest_with_its_input():
