@@ -7,7 +7,10 @@ a LUN that node ``a`` serves with applianced. The LUN's disk is, in turn:
 
 * ``local``: node a's disk alone, unreplicated (applianced's block disk on it);
 * ``sync``, ``async``: the same disk mirrored to node b's by applianced (md raid1 over the
-  kernel's NBD client, qemu-nbd on b), sync and async mode;
+  kernel's NBD client, qemu-nbd on b), sync and async mode, 64 KiB per bitmap bit;
+* ``sync-4M``: sync mode with 4 MiB per bitmap bit, the size of DRBD's activity-log
+  extents: what md's bitmap updates (a flushed write to both legs on a region's first
+  write) cost the writes;
 * ``drbd-C``, ``drbd-A``: DRBD 8.4 (the guest kernel's module, drbd-utils 9) over the same
   two disks, protocol C (synchronous) and A (asynchronous), ``max-buffers`` and
   ``max-epoch-size`` 8000, with applianced serving ``/dev/drbd0`` as a block disk.
@@ -41,6 +44,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -99,9 +103,13 @@ class Bench:
 
     # -- what the client writes to ------------------------------------------------------
 
-    def serve(self, device: str) -> str:
-        """Node a serves ``device`` as LUN 0 of t1; the client's device for it."""
-        self.a.ctl_batch(("disk", "create-block", "d1", device), ("lun", "add", "t1", "d1"))
+    def serve(self, device: str, prepare: Callable[[], None] | None = None) -> str:
+        """Node a serves ``device`` as LUN 0 of t1 (``prepare`` runs once the disk is made,
+        before the LUN); the client's device for it."""
+        self.a.ctl("disk", "create-block", "d1", device)
+        if prepare:
+            prepare()
+        self.a.ctl("lun", "add", "t1", "d1")
         serial = next(d["serial"] for d in self.a.ctl_json("disk", "list") if d["name"] == "d1")
         self.initiator.login(TARGET, LAN["a"])
         return self.initiator.device_for_serial(serial, timeout=120)
@@ -110,12 +118,16 @@ class Bench:
         self.initiator.logout(TARGET, LAN["a"])
         self.a.ctl_batch(("lun", "remove", "t1", "0", "--force"), ("disk", "delete", "d1"))
 
-    def ours(self, mode: str | None):
-        device = self.serve(DEVICE)
-        if mode:
+    def ours(self, mode: str | None, region: str = "64K"):
+        def mirror() -> None:
+            # Before the LUN: a disk that initiators use is not blank, and its sync is
+            # not skipped.
             self.b.ctl("disk", "create-block", "c1", DEVICE)
-            self.a.ctl("mirror", "create", "d1", mode, "--peer-disk", "c1", "--skip-initial-sync")
+            create = ["mirror", "create", "d1", mode, "--peer-disk", "c1", "--skip-initial-sync", "--region", region]
+            self.a.ctl(*create)
             self.a.ctl("mirror", "wait", "d1", "--timeout", "300")
+
+        device = self.serve(DEVICE, mirror if mode else None)
 
         def down() -> None:
             if mode:
@@ -283,6 +295,7 @@ VARIANTS = {
     "local": lambda bench: bench.ours(None),
     "sync": lambda bench: bench.ours("sync"),
     "async": lambda bench: bench.ours("async"),
+    "sync-4M": lambda bench: bench.ours("sync", region="4M"),
     "drbd-C": lambda bench: bench.drbd("C"),
     "drbd-A": lambda bench: bench.drbd("A"),
 }
