@@ -46,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import ipaddress
+import logging
 import os
 import signal
 import time
@@ -58,6 +59,8 @@ from applianced.iscsi.firewall import PortalFilter
 from applianced.iscsi.kernel import disk_devices
 from applianced.replication import bitmap, throttle
 
+log = logging.getLogger(__name__)
+
 SECTOR = 512
 # The metadata area at the front of each leg: md's superblock and a bitmap of up to
 # 2**21 regions (256 KiB), with room to spare.
@@ -68,6 +71,11 @@ DEFAULT_PORT = 10809
 LEG_PREFIX = "applianced-leg-"
 COPY_PREFIX = "applianced-copy-"
 MIRROR_PREFIX = "applianced-mirror-"
+# Each qemu-nbd serving a copy (``--aio=native``) holds Linux AIO contexts, and the kernel's
+# ceiling for all of them together (fs.aio-max-nr, 65536 by default) left no room for a
+# node's 65th copy ("failed to create linux AIO context", bench/replication.py --volumes 64).
+AIO_MAX_NR = Path("/proc/sys/fs/aio-max-nr")
+AIO_EVENTS = 1 << 20
 
 
 def region_size(size: int, wanted: int = DEFAULT_REGION) -> int:
@@ -589,9 +597,22 @@ class DataPath:
         return Export(volume, self.state_dir, self.dm)
 
     def prepare(self) -> None:
-        """What the data path needs loaded: md's raid1 and the NBD client."""
+        """What the data path needs: md's raid1 and the NBD client loaded, and room for
+        every copy's AIO contexts."""
         tools.run(["modprobe", "-a", "md_mod", "raid1", "dm_mod", "loop"])
         nbd.load_module()
+        make_room_for_aio()
+
+
+def make_room_for_aio() -> None:
+    """Raise fs.aio-max-nr to ``AIO_EVENTS`` (a higher value, an administrator's, stays). A
+    node that may not leaves it and says so: copies beyond the limit fail to be served,
+    with qemu-nbd's error."""
+    try:
+        if int(AIO_MAX_NR.read_text()) < AIO_EVENTS:
+            AIO_MAX_NR.write_text(str(AIO_EVENTS))
+    except (OSError, ValueError) as exc:
+        log.warning("fs.aio-max-nr stays as it is (%s): a node serving many copies may run out of AIO contexts", exc)
 
     def peer_answers(self, endpoint: PeerEndpoint, timeout: float = 2.0) -> bool:
         return nbd.answers(endpoint.address, endpoint.port, timeout)

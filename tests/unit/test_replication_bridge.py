@@ -8,6 +8,7 @@ import pytest
 
 from applianced.blockdev import md
 from applianced.errors import InvalidArgument, KernelError
+from applianced.replication import bridge
 from applianced.replication.bridge import Mirror, Volume, allocated_ranges, export_filter, region_size
 from applianced.replication.states import Intent, MirrorState, mirror_state
 
@@ -189,3 +190,20 @@ def test_free_array_names_skip_the_ones_in_use(sysfs):
         (sysfs / name).mkdir()
     assert md.free_array_name() == "/dev/md102"
     assert os.path.basename(md.free_array_name(200)) == "md200"
+
+
+@pytest.mark.parametrize(
+    ("before", "after"), [(65536, bridge.AIO_EVENTS), (4 * bridge.AIO_EVENTS, 4 * bridge.AIO_EVENTS)]
+)
+def test_the_node_makes_room_for_its_copies_aio_contexts_and_never_lowers_it(tmp_path, monkeypatch, before, after):
+    limit = tmp_path / "aio-max-nr"
+    limit.write_text(f"{before}\n")
+    monkeypatch.setattr(bridge, "AIO_MAX_NR", limit)
+    bridge.make_room_for_aio()
+    assert int(limit.read_text()) == after
+
+
+def test_a_node_that_may_not_raise_the_aio_limit_says_so_and_goes_on(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(bridge, "AIO_MAX_NR", tmp_path / "no-such-sysctl")
+    bridge.make_room_for_aio()
+    assert "fs.aio-max-nr stays as it is" in caplog.text
