@@ -579,6 +579,17 @@ def _wait_gone(pid: int, timeout: float = 10.0) -> None:
         time.sleep(0.05)
 
 
+def make_room_for_aio() -> None:
+    """Raise fs.aio-max-nr to ``AIO_EVENTS`` (a higher value, an administrator's, stays). A
+    node that may not leaves it and says so: copies beyond the limit fail to be served,
+    with qemu-nbd's error."""
+    try:
+        if int(AIO_MAX_NR.read_text()) < AIO_EVENTS:
+            AIO_MAX_NR.write_text(str(AIO_EVENTS))
+    except (OSError, ValueError) as exc:
+        log.warning("fs.aio-max-nr stays as it is (%s): a node serving many copies may run out of AIO contexts", exc)
+
+
 class DataPath:
     """The data path of every mirror on this node, as the replication service drives it.
 
@@ -602,17 +613,6 @@ class DataPath:
         tools.run(["modprobe", "-a", "md_mod", "raid1", "dm_mod", "loop"])
         nbd.load_module()
         make_room_for_aio()
-
-
-def make_room_for_aio() -> None:
-    """Raise fs.aio-max-nr to ``AIO_EVENTS`` (a higher value, an administrator's, stays). A
-    node that may not leaves it and says so: copies beyond the limit fail to be served,
-    with qemu-nbd's error."""
-    try:
-        if int(AIO_MAX_NR.read_text()) < AIO_EVENTS:
-            AIO_MAX_NR.write_text(str(AIO_EVENTS))
-    except (OSError, ValueError) as exc:
-        log.warning("fs.aio-max-nr stays as it is (%s): a node serving many copies may run out of AIO contexts", exc)
 
     def peer_answers(self, endpoint: PeerEndpoint, timeout: float = 2.0) -> bool:
         return nbd.answers(endpoint.address, endpoint.port, timeout)
