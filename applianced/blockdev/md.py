@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import mmap
 import os
 import struct
 import threading
@@ -43,10 +44,14 @@ MAX_WRITE_BEHIND = 16383
 
 
 # md's version-1 superblock (struct mdp_superblock_1 in the kernel's md_p.h): its magic, the
-# member's used size and data size (sectors), the checksum, and the number of role slots after it.
+# member's used size and data size (sectors), its number, uuid and flags, the event count, the
+# checksum, and the number of role slots after it (one 16-bit role per member number).
 SUPERBLOCK_MAGIC = 0xA92B4EFC
+SUPERBLOCK_BYTES = 4096
 _SB_USED_SIZE, _SB_DATA_SIZE, _SB_CSUM, _SB_MAX_DEV = 80, 136, 216, 220
+_SB_DEV_NUMBER, _SB_DEVICE_UUID, _SB_DEVFLAGS, _SB_EVENTS = 160, 168, 184, 200
 _SB_HEADER = 256
+_WRITE_MOSTLY = 1
 
 
 def mdadm(*args: str, timeout: float = 120) -> str:
@@ -81,6 +86,55 @@ def set_member_size(metadata: Path, offset: int, sectors: int) -> None:
         f.seek(offset)
         f.write(superblock)
         os.fsync(f.fileno())
+
+
+def member_superblock(own: bytes, events: int) -> bytes:
+    """The superblock that makes the other leg of a two-leg array a member md takes back by
+    re-add, from ``own``, the superblock md keeps on this leg: the same array, with the
+    other member's number and slot, write-mostly, and ``events`` old.
+
+    md re-adds a member whose event count is at least its bitmap's ``events_cleared`` and
+    below the array's, and then copies every region the bitmap marks: given the bitmap's
+    ``events_cleared``, it copies what it would copy for any member that left since. So the
+    peer's leg goes back in partially whatever the peer's metadata holds, a copy's own
+    array being a fork of the array whose member it was.
+    """
+    if len(own) < _SB_HEADER or struct.unpack_from("<I", own)[0] != SUPERBLOCK_MAGIC:
+        raise KernelError("the local leg holds no md superblock")
+    superblock = bytearray(own[:SUPERBLOCK_BYTES])
+    number = struct.unpack_from("<I", superblock, _SB_DEV_NUMBER)[0]
+    max_dev = struct.unpack_from("<I", superblock, _SB_MAX_DEV)[0]
+    slot = struct.unpack_from("<H", superblock, _SB_HEADER + 2 * number)[0] if number < max_dev else None
+    if number > 1 or slot not in (0, 1) or max_dev < 2:
+        raise KernelError(f"the local leg is not a member of a two-leg array (number {number}, slot {slot})")
+    other = 1 - number
+    struct.pack_into("<I", superblock, _SB_DEV_NUMBER, other)
+    superblock[_SB_DEVICE_UUID : _SB_DEVICE_UUID + 16] = os.urandom(16)
+    superblock[_SB_DEVFLAGS] |= _WRITE_MOSTLY
+    struct.pack_into("<Q", superblock, _SB_EVENTS, events)
+    struct.pack_into("<H", superblock, _SB_HEADER + 2 * other, 1 - slot)
+    struct.pack_into("<I", superblock, _SB_CSUM, superblock_checksum(superblock))
+    return bytes(superblock)
+
+
+def write_superblock(device: str, offset: int, superblock: bytes) -> None:
+    """Write ``superblock`` at byte ``offset`` of ``device``, past any cache (O_DIRECT, from
+    a page-aligned buffer) and to stable storage."""
+    buffer = mmap.mmap(-1, len(superblock))
+    buffer.write(superblock)
+    try:
+        fd = os.open(device, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+    except OSError as exc:
+        raise KernelError(f"cannot open {device}: {exc.strerror}") from None
+    try:
+        if os.pwritev(fd, [buffer], offset) != len(superblock):
+            raise KernelError(f"{device}: short write of the md superblock")
+        os.fsync(fd)
+    except OSError as exc:
+        raise KernelError(f"{device}: cannot write the md superblock: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+        buffer.close()
 
 
 @dataclass(frozen=True)

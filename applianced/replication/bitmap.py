@@ -41,6 +41,9 @@ class Bitmap:
     regions: int
     events: int
     bits: bytes
+    # The event count when md last cleared bits: a member at least this recent is taken back
+    # by re-add, with the marked regions copied to it.
+    events_cleared: int = 0
 
     def dirty_regions(self) -> list[int]:
         # Byte by byte, skipping clean ones: a bitmap has up to 2**21 bits, few of them set.
@@ -65,7 +68,13 @@ class Bitmap:
                 f"bitmaps of {self.regions} x {self.region} and {other.regions} x {other.region} bytes do not match"
             )
         bits = bytes(a | b for a, b in zip(self.bits, other.bits, strict=True))
-        return Bitmap(self.region, self.regions, max(self.events, other.events), bits)
+        return Bitmap(
+            self.region,
+            self.regions,
+            max(self.events, other.events),
+            bits,
+            min(self.events_cleared, other.events_cleared),
+        )
 
 
 def runs(regions: list[int]) -> Iterator[tuple[int, int]]:
@@ -92,7 +101,7 @@ def parse(metadata: bytes) -> Bitmap:
         raise InvalidArgument("the metadata holds no md superblock with a write-intent bitmap")
     offset = SUPERBLOCK_OFFSET + bitmap_offset * 512
     try:
-        magic, _, _, events, _, sync_sectors, _, region = _SUPERBLOCK.unpack_from(metadata, offset)
+        magic, _, _, events, events_cleared, sync_sectors, _, region = _SUPERBLOCK.unpack_from(metadata, offset)
     except struct.error:
         raise InvalidArgument("the metadata is too short to hold a bitmap") from None
     if magic != MAGIC or region == 0:
@@ -102,7 +111,17 @@ def parse(metadata: bytes) -> Bitmap:
     bits = metadata[start : start + -(-regions // 8)]
     if len(bits) * 8 < regions:
         raise InvalidArgument(f"the metadata is too short for a bitmap of {regions} regions")
-    return Bitmap(region, regions, events, bits)
+    return Bitmap(region, regions, events, bits, events_cleared)
+
+
+def cleared(metadata: bytes) -> bytes:
+    """The bytes of a metadata area with every bit of its bitmap clear (InvalidArgument if
+    it holds none): a copy's prepared array starts so, the copy being in sync."""
+    parsed = parse(metadata)
+    bitmap_offset = _MD_SUPERBLOCK.unpack_from(metadata, SUPERBLOCK_OFFSET)[1]
+    start = SUPERBLOCK_OFFSET + bitmap_offset * 512 + SUPERBLOCK_SIZE
+    end = start + -(-parsed.regions // 8)
+    return metadata[:start] + bytes(end - start) + metadata[end:]
 
 
 def has_superblock(metadata: bytes) -> bool:
@@ -111,8 +130,21 @@ def has_superblock(metadata: bytes) -> bool:
 
 
 def read_metadata(path: Path) -> bytes:
-    """A metadata file as md last wrote it: md writes through a loop device with direct
-    I/O, so pages this process cached earlier are dropped first."""
+    """A metadata file as md last wrote it, up to the end of its bitmap (a takeover reads
+    one per disk: not the whole MiB): md writes through a loop device with direct I/O, so
+    pages this process cached earlier are dropped first."""
     with open(path, "rb") as f:
         os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-        return f.read()
+        data = f.read(SUPERBLOCK_OFFSET + _MD_SUPERBLOCK.size)
+        if len(data) < SUPERBLOCK_OFFSET + _MD_SUPERBLOCK.size:
+            return data
+        md_magic, bitmap_offset = _MD_SUPERBLOCK.unpack_from(data, SUPERBLOCK_OFFSET)
+        if md_magic != MD_MAGIC or bitmap_offset <= 0:
+            return data
+        offset = SUPERBLOCK_OFFSET + bitmap_offset * 512
+        data += f.read(offset + SUPERBLOCK_SIZE - len(data))
+        if len(data) < offset + _SUPERBLOCK.size:
+            return data
+        sync_sectors, region = struct.unpack_from("<Q4xI", data, offset + 40)
+        regions = -(-sync_sectors * 512 // region) if region else 0
+        return data + f.read(-(-regions // 8))

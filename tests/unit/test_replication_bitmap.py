@@ -99,3 +99,72 @@ def test_a_file_without_a_superblock_is_not_written(tmp_path):
     with pytest.raises(KernelError, match="no md superblock"):
         md.set_member_size(meta, bitmap.SUPERBLOCK_OFFSET, 98304)
     assert meta.read_bytes() == bytes(8192)
+
+
+def array_superblock(number=1, roles=(0, 1, 0xFFFE), events=50):
+    superblock = bytearray(4096)
+    struct.pack_into("<I", superblock, 0, bitmap.MD_MAGIC)
+    superblock[16:32] = bytes(range(16))  # the array's uuid
+    struct.pack_into("<I", superblock, 160, number)
+    superblock[168:184] = b"\x11" * 16  # this member's uuid
+    struct.pack_into("<Q", superblock, 200, events)
+    struct.pack_into("<I", superblock, 220, len(roles))
+    struct.pack_into(f"<{len(roles)}H", superblock, 256, *roles)
+    struct.pack_into("<I", superblock, 216, md.superblock_checksum(bytes(superblock)))
+    return bytes(superblock)
+
+
+def test_the_other_legs_superblock_is_the_arrays_own_with_number_slot_and_age_of_the_other():
+    own = array_superblock(number=1, roles=(0xFFFE, 0, 0xFFFF))  # this leg: number 1, in slot 0
+
+    made = md.member_superblock(own, events=41)
+
+    assert struct.unpack_from("<I", made, 160)[0] == 0, "the other member's number"
+    assert struct.unpack_from("<3H", made, 256) == (1, 0, 0xFFFF), "in the other slot, this leg's kept"
+    assert struct.unpack_from("<Q", made, 200)[0] == 41
+    assert made[184] & 1, "write-mostly: the peer's side"
+    assert made[16:32] == own[16:32], "the same array"
+    assert made[168:184] != own[168:184], "a device of its own"
+    assert struct.unpack_from("<I", made, 216)[0] == md.superblock_checksum(made)
+    assert len(made) == 4096
+
+
+@pytest.mark.parametrize(
+    ("own", "sentence"),
+    [
+        (bytes(4096), "no md superblock"),
+        (array_superblock(number=2, roles=(0, 1, 0)), "not a member of a two-leg array"),
+        (array_superblock(number=1, roles=(0, 0xFFFE)), "not a member of a two-leg array"),
+    ],
+)
+def test_no_superblock_is_made_from_what_is_no_two_leg_member(own, sentence):
+    with pytest.raises(KernelError, match=sentence):
+        md.member_superblock(own, events=1)
+
+
+def test_the_bitmap_tells_when_md_last_cleared_bits():
+    data = bytearray(metadata(64, [3]))
+    struct.pack_into("<Q", data, BITMAP_OFFSET + 32, 39)  # events_cleared
+    assert bitmap.parse(bytes(data)).events_cleared == 39
+
+
+def test_a_metadata_file_is_read_up_to_its_bitmaps_end(tmp_path):
+    data = metadata(1000, [5, 999])  # 125 bytes of bits
+    meta = tmp_path / "d1.meta"
+    meta.write_bytes(data.ljust(1 << 20, b"\xff"))  # beyond the bitmap: whatever
+    read = bitmap.read_metadata(meta)
+    assert len(read) == BITMAP_OFFSET + bitmap.SUPERBLOCK_SIZE + 125
+    assert bitmap.parse(read).dirty_regions() == [5, 999]
+    blank = tmp_path / "blank.meta"
+    blank.write_bytes(bytes(1 << 20))
+    assert not bitmap.has_superblock(bitmap.read_metadata(blank))
+
+
+def test_a_forked_bitmap_starts_clear_and_keeps_the_rest():
+    data = metadata(1000, [0, 5, 999])
+    clear = bitmap.cleared(data)
+    assert len(clear) == len(data)
+    assert bitmap.parse(clear).dirty == 0
+    assert clear[: BITMAP_OFFSET + bitmap.SUPERBLOCK_SIZE] == data[: BITMAP_OFFSET + bitmap.SUPERBLOCK_SIZE]
+    with pytest.raises(InvalidArgument):
+        bitmap.cleared(bytes(8192))
