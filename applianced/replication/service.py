@@ -135,6 +135,8 @@ class Runtime:
     queue_length: int = 0
     since: float = field(default_factory=time.time)
     split_brain: bool = False
+    # The copy was reported in sync: its prepared array is to be forked anew.
+    fork_due: bool = False
 
 
 @dataclass(frozen=True)
@@ -231,7 +233,7 @@ class Replication:
         # All at once, as a takeover does: one after the other, 64 mirrors took longer
         # under emulation than a service may take to start.
         failed = await self._start_sources(sources)
-        _, unserved = await _on_threads(self._serve_copy, copies)
+        _, unserved = await _on_threads(self._serve_and_prepare, copies)
         for rt, exc in [*failed, *unserved]:
             if not isinstance(exc, KernelError):
                 raise exc
@@ -242,17 +244,19 @@ class Replication:
         if self.mirrors:
             await self._throttle()
 
-    async def _assemble_sources(self, rts: Sequence[Runtime]) -> None:
+    async def _assemble_sources(self, rts: Sequence[Runtime], taking_over: bool = False) -> None:
         """``_start_sources``; the error of the first that failed, raised after the others
         are served."""
-        failed = await self._start_sources(rts)
+        failed = await self._start_sources(rts, taking_over)
         if failed:
             raise failed[0][1]
 
-    async def _start_sources(self, rts: Sequence[Runtime]) -> list[tuple[Runtime, BaseException]]:
+    async def _start_sources(
+        self, rts: Sequence[Runtime], taking_over: bool = False
+    ) -> list[tuple[Runtime, BaseException]]:
         """Start each source's array from its local leg, all at once, and serve it; those
-        that failed, each with its error."""
-        started, failed = await _on_threads(self._start_array, rts)
+        that failed, each with its error. ``taking_over``: the copies' prepared arrays."""
+        started, failed = await _on_threads(self._take_over_array if taking_over else self._start_array, rts)
         for rt, status in started:
             rt.status = status
         # From now on this node writes alone, before the disks are served again.
@@ -265,6 +269,11 @@ class Replication:
     def _start_array(self, rt: Runtime) -> ArrayStatus:
         """(On a thread.) The source's array running, in the record's mode; its status."""
         return self._mirror(rt).start(self._write_behind(rt.record))
+
+    def _take_over_array(self, rt: Runtime) -> ArrayStatus:
+        """(On a thread.) ``_start_array`` for a copy that becomes the source alone."""
+        rt.fork_due = False
+        return self._mirror(rt).take_over(self._write_behind(rt.record))
 
     async def run(self) -> None:
         """The monitor: every mirror looked at each second, until cancelled."""
@@ -466,7 +475,7 @@ class Replication:
                 await self.engine.refresh_replication()  # the disk device maps the disk again
                 await asyncio.to_thread(self._mirror(rt).disassemble)
             else:
-                await asyncio.to_thread(self._export(rt).disassemble)
+                await asyncio.to_thread(self._drop_copy, rt)
             await asyncio.to_thread(self.data.release, rt.volume)
             del self.mirrors[disk]
             await self._save()
@@ -728,12 +737,15 @@ class Replication:
         return take_overs
 
     def _stop_array(self, rt: Runtime) -> Bitmap:
-        """(On a thread.) Stop the source's array, its leg left for the export; the intent
-        bitmap it stopped with."""
+        """(On a thread.) Take the peer's leg out of the source's array, which stays as this
+        node's prepared array for the way back; the intent bitmap it has then. An async
+        mirror's array stops instead, which waits for the writes md still holds behind."""
         mirror = self._mirror(rt)
-        bitmap = mirror.intent_bitmap()
-        mirror.stop_array()
-        return bitmap
+        if rt.record.mode == SYNC:
+            mirror.detach()
+        else:
+            mirror.stop_array()
+        return mirror.intent_bitmap()
 
     async def promote(self, disks: Sequence[str]) -> None:
         """Make this node's copies of ``disks`` the sources without the peer, as
@@ -763,7 +775,7 @@ class Replication:
             for rt in rts
         ]
         await steps.run("records saved", self._save_records(sources))
-        await steps.run("arrays assembled", self._assemble_sources(rts))
+        await steps.run("arrays started", self._assemble_sources(rts, taking_over=True))
         for rt in rts:
             rt.reason = "took over without the peer"
         if serve:
@@ -792,7 +804,7 @@ class Replication:
             try:
                 await self.engine.refresh_replication()
                 for rt in rts:
-                    await asyncio.to_thread(self._mirror(rt).stop_array)  # the leg stays, for the export
+                    await asyncio.to_thread(self._mirror(rt).stop_array)  # forked anew once in sync
                     self._lowers.pop(rt.record.disk, None)
                 await self._save_records(
                     [(rt, dataclasses.replace(rt.record, role=TARGET, prepared=True, **_swap(rt.record))) for rt in rts]
@@ -817,6 +829,9 @@ class Replication:
         if rt.record.role == TARGET:
             if not rt.record.unlocked and not self._export(rt).server_pid():
                 await asyncio.to_thread(self._serve_copy, rt)
+            if rt.fork_due:
+                rt.fork_due = False
+                await asyncio.to_thread(self._prepare_copy, rt, True)
             await self._refresh_state(rt)
             return
         if rt.record.disk not in self._lowers:
@@ -1138,6 +1153,7 @@ class Replication:
         if synced.current != rt.record.generation.current or rt.record.prepared:
             await self._save_record(rt, dataclasses.replace(rt.record, generation=synced, prepared=False))
             self._notify(ask.disk)
+        rt.fork_due = True  # by the monitor: the source waits for this answer
         return messages.Done()
 
     async def _on_update(self, ask: messages.Update) -> messages.Done:
@@ -1165,7 +1181,7 @@ class Replication:
         rt = self.mirrors.get(ask.disk)
         if rt is None or rt.record.role != TARGET:
             return messages.Done()  # released already (a retry, or an undone create)
-        await asyncio.to_thread(self._export(rt).disassemble)
+        await asyncio.to_thread(self._drop_copy, rt)
         await asyncio.to_thread(self.data.release, rt.volume)
         del self.mirrors[ask.disk]
         await self._save()
@@ -1211,6 +1227,8 @@ class Replication:
         export = self._export(rt)
 
         async def grow_layers(grown: Disk) -> None:
+            # The prepared array has the old size: the next fork, after the resync, makes it anew.
+            await asyncio.to_thread(self._mirror(rt).stop_array)
             await asyncio.to_thread(export.grow, ask.size)
 
         await self.engine.extend_disk(ask.disk, ask.size, mirror=grow_layers)
@@ -1248,10 +1266,10 @@ class Replication:
             await steps.run("records saved", saved)
             await steps.run("arrays assembled", self._assemble_taken_over(wanted))
         except BaseException:
-            # Still the copies: served again for the source, which takes them back.
+            # Still the copies: served again for the source, which takes them back; the
+            # arrays that started stay, as prepared arrays.
             for rt in stopped:
                 self._lowers.pop(rt.record.disk, None)
-                await asyncio.to_thread(self._mirror(rt).stop)
             await self._save_records(originals)
             for rt in stopped:
                 await asyncio.to_thread(self._serve_copy, rt)
@@ -1270,8 +1288,8 @@ class Replication:
         return messages.Done()
 
     async def _assemble_taken_over(self, wanted: list[tuple[Runtime, messages.TakeOver]]) -> None:
-        """Each array from its leg, all at once, with the old source's dirty regions and
-        its own marked."""
+        """Each prepared array started, all at once, with the old source's dirty regions
+        marked."""
         done, failed = await _on_threads(self._start_taken_over, wanted)
         for (rt, _), _ in done:
             self._lowers[rt.record.disk] = self._mirror(rt).node
@@ -1279,12 +1297,11 @@ class Replication:
             raise failed[0][1]
 
     def _start_taken_over(self, wanted: tuple[Runtime, messages.TakeOver]) -> None:
-        """(On a thread.) The array of a copy taken over, with both sides' dirty regions marked."""
+        """(On a thread.) The array of a copy taken over, with both sides' dirty regions
+        marked (its own are in its bitmap)."""
         rt, item = wanted
-        mirror = self._mirror(rt)
-        mirror.assemble()
-        own = mirror.intent_bitmap()
-        mirror.mark_dirty([*item.dirty, *own.ranges()])
+        rt.fork_due = False
+        self._mirror(rt).take_over(self._write_behind(rt.record), item.dirty)
 
     # -- helpers ----------------------------------------------------------------------
 
@@ -1316,6 +1333,24 @@ class Replication:
     def _serve_copy(self, rt: Runtime) -> None:
         """(On a thread.) Serve the copy to the source, at the record's address and port."""
         self._export(rt).assemble(rt.record.target_address, rt.record.port)
+
+    def _serve_and_prepare(self, rt: Runtime) -> None:
+        """(On a thread.) ``_serve_copy``, and the copy's prepared array adopted or forked."""
+        self._serve_copy(rt)
+        self._prepare_copy(rt)
+
+    def _prepare_copy(self, rt: Runtime, fresh: bool = False) -> None:
+        """(On a thread.) The copy's prepared array (``Mirror.prepare``). Without one the copy
+        is still served, and a takeover starts its array then, as it would have to anyway."""
+        try:
+            self._mirror(rt).prepare(fresh)
+        except KernelError as exc:
+            log.warning("mirror %s: the copy has no prepared array (%s); a takeover starts it", rt.record.disk, exc)
+
+    def _drop_copy(self, rt: Runtime) -> None:
+        """(On a thread.) The copy neither served nor prepared: a plain disk again."""
+        self._mirror(rt).stop()
+        self._export(rt).disassemble()
 
     def _endpoint(self, record: MirrorRecord) -> PeerEndpoint:
         return PeerEndpoint(record.target_address, record.peer_disk or record.disk, record.port, timeout=NBD_TIMEOUT)

@@ -15,7 +15,7 @@ import json
 import os
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +162,19 @@ class FakeMirror(_Part):
         self.assemble()
         self.set_write_behind(write_behind)
         return FakeArray(self).status()
+
+    def prepare(self, fresh: bool = False) -> FakeArray | None:
+        """The copy's array, from the export's metadata (the fake's one flag)."""
+        if not self.has_metadata():
+            return None
+        if fresh or not self.get().get("assembled"):
+            self.put(assembled=True, peer_leg=None)
+        return FakeArray(self)
+
+    def take_over(self, write_behind: int, dirty: Sequence[tuple[int, int]] = ()) -> ArrayStatus:
+        status = self.start(write_behind)
+        self.mark_dirty(list(dirty))
+        return status
 
     def create(self, peer: PeerEndpoint) -> FakeArray:
         self._reach(peer)

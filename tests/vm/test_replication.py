@@ -384,6 +384,12 @@ def test_an_async_queue_over_its_high_water_mark_pauses_then_resyncs(cluster):
     assert "the async queue crossed its high-water mark" in cluster.a.log()
 
 
+def array_over_own_leg(node: Node, disk: str) -> str:
+    """The md array over the node's own leg of ``disk`` ("" if none runs)."""
+    leg = node.guest.run(f"dmsetup info -c -o blkdevname --noheadings applianced-leg-{disk}").stdout.strip()
+    return node.guest.run(f"ls /sys/block/{leg}/holders").stdout.strip()
+
+
 def test_switchover_both_ways_with_the_client_following(cluster):
     serial = serial_of(cluster.a, "d1")
     device = cluster.client_device(serial)
@@ -392,9 +398,15 @@ def test_switchover_both_ways_with_the_client_following(cluster):
     )
     identity = vpd(cluster, device)
     cluster.client.logout(TARGET, LAN["a"])
+    # The copy's array runs before any switchover, degraded (the peer's leg is the source's
+    # own), and it is what serves afterwards: the switchover starts no array.
+    prepared = array_over_own_leg(cluster.b, "c1")
+    assert prepared.startswith("md")
+    assert cluster.b.guest.run(f"cat /sys/block/{prepared}/md/degraded").stdout.strip() == "1"
     cluster.a.ctl("mirror", "switchover", "d1")
     cluster.b.wait_state(1, disk="c1", timeout=120)
     assert cluster.a.mirror()["role"] == "target"
+    assert array_over_own_leg(cluster.b, "c1") == prepared
     # The new source exports its disk, with the same identity, under the same target name.
     cluster.b.ctl_batch(
         ("target", "create", "t1"),
