@@ -1,17 +1,23 @@
-"""Starting a takeover's md arrays: applianced's start through sysfs against mdadm, and
-what udev's handling of each new array costs, in one guest.
+"""A takeover's md arrays: the copies' prepared arrays taken over, against arrays started
+at the takeover through sysfs and with mdadm, and what udev's handling of each new array
+costs, in one guest.
 
 In one QEMU guest booted by the VM harness (Debian's 6.1 kernel, TCG, ``--cpus`` vCPUs,
 udev running with the storage node's rule, as on a node), N mirrors of 8 MiB file disks are
 built with the bridge's own code, each copy served by qemu-nbd on loopback; then the
 sources are stopped, as a crashed node's are gone. Each round takes the N copies over as a
 takeover does (their exports stopped, their arrays started on ``--workers`` threads, the
-daemon's pool on one vCPU) and stops the arrays again, for each way in turn:
+daemon's pool on one vCPU), with a first 4 KiB write to each (md marks the array dirty in
+its superblock before that write completes), and stops the arrays again, for each way in
+turn:
 
-* ``applianced``: ``Mirror.start``, the daemon's start through md's sysfs;
-* ``mdadm``: ``mdadm --assemble --run`` of the leg and ``mdadm --readwrite``, the way the
-  daemon started them before (the baseline);
-* ``applianced-no-udev``: ``Mirror.start`` with udev's event queue stopped for the round
+* ``prepared``: ``Mirror.take_over`` of each copy's prepared array (``Mirror.prepare``,
+  before the round), what the daemon does;
+* ``applianced``: ``Mirror.start``, the daemon's start through md's sysfs, of an array
+  forked before the round but not started (what a copy without a prepared array costs);
+* ``mdadm``: ``mdadm --assemble --run`` of the same leg and ``mdadm --readwrite``, the way
+  the daemon started them before (the baseline);
+* ``applianced-no-udev``: ``applianced`` with udev's event queue stopped for the round
   (``udevadm control --stop-exec-queue``; started again and settled after it): what
   udev's handling of the new arrays takes from the start.
 
@@ -27,6 +33,8 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
+import mmap
+import os
 import statistics
 import subprocess
 import sys
@@ -36,7 +44,7 @@ from pathlib import Path
 
 SIZE = 8 << 20
 PORT = 20000
-WAYS = ("applianced", "mdadm", "applianced-no-udev")
+WAYS = ("prepared", "applianced", "mdadm", "applianced-no-udev")
 STATE_DIR = Path("/var/lib/applianced")
 
 
@@ -66,28 +74,51 @@ def in_guest(arrays: int, workers: int, rounds: int) -> dict[str, list[float]]:
     on_threads = concurrent.futures.ThreadPoolExecutor(workers)
     list(on_threads.map(lambda i: sources.mirror(volume(sources, f"s{i}")).stop(), range(arrays)))
 
-    def mdadm_start(copy: bridge.Volume) -> None:
+    def forked(copy: bridge.Volume) -> None:
+        """The copy's own metadata forked and its leg made, no array running."""
+        mirror = copies.mirror(copy)
+        mirror.prepare()
+        mirror.stop_array()
+
+    def mdadm_start(copy: bridge.Volume) -> md.Array:
         leg = f"/dev/mapper/{copies.mirror(copy).leg_name}"
         # A name of its own per array (c<i> gets md<200+i>): threads picking the lowest free
         # one would collide.
         md.mdadm("--assemble", f"/dev/md{200 + int(copy.name[1:])}", "--run", leg)
-        md.mdadm("--readwrite", md.holder_array(leg).node)
+        array = md.holder_array(leg)
+        md.mdadm("--readwrite", array.node)
+        return array
+
+    block = mmap.mmap(-1, 4096)
+    block.write(b"\xa5" * 4096)
+
+    def first_write(array: md.Array) -> None:
+        fd = os.open(array.node, os.O_WRONLY | os.O_DIRECT)
+        try:
+            os.pwritev(fd, [block], 0)
+        finally:
+            os.close(fd)
 
     starts = {
-        "applianced": lambda copy: copies.mirror(copy).start(0),
+        "prepared": lambda copy: md.Array(copies.mirror(copy).take_over(0).name),
+        "applianced": lambda copy: md.Array(copies.mirror(copy).start(0).name),
         "mdadm": mdadm_start,
-        "applianced-no-udev": lambda copy: copies.mirror(copy).start(0),
+        "applianced-no-udev": lambda copy: md.Array(copies.mirror(copy).start(0).name),
     }
     seconds: dict[str, list[float]] = {way: [] for way in WAYS}
     for _ in range(rounds):
         for way in WAYS:
+            if way == "prepared":
+                list(on_threads.map(lambda copy: copies.mirror(copy).prepare(), copy_volumes))
+            else:
+                list(on_threads.map(forked, copy_volumes))
             subprocess.run(["udevadm", "settle"], check=True)
             list(on_threads.map(lambda copy: copies.export(copy).stop_serving(), copy_volumes))
             if way == "applianced-no-udev":
                 subprocess.run(["udevadm", "control", "--stop-exec-queue"], check=True)
             began = time.monotonic()
             try:
-                list(on_threads.map(starts[way], copy_volumes))
+                list(on_threads.map(lambda copy, start=starts[way]: first_write(start(copy)), copy_volumes))
                 seconds[way].append(time.monotonic() - began)
             finally:
                 subprocess.run(["udevadm", "control", "--start-exec-queue"], check=True)
