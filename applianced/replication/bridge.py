@@ -244,8 +244,8 @@ class Mirror:
 
     def start(self, write_behind: int) -> md.ArrayStatus:
         """``assemble``, in the mode asked (``set_write_behind``); the array's status. md's
-        state is read once: a takeover starts every array at once, on CPUs that udev's
-        handling of each new array shares."""
+        state is read once: a starting daemon starts every array at once, on CPUs that
+        udev's handling of each new array shares."""
         array, status = self._assemble()
         return self._set_write_behind(array, status, write_behind)
 

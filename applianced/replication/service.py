@@ -80,6 +80,8 @@ log = logging.getLogger(__name__)
 MONITOR_SECONDS = 1.0
 # How often a paused mirror tries to come back while its peer does not answer.
 RESUME_SECONDS = 3.0
+# How long a copy whose prepared array could not be made waits before it tries again.
+PREPARE_RETRY_SECONDS = 60.0
 # The peer link silent this long (its paths are down after 3.5 s): the source pauses the
 # mirror before a write has to wait for the NBD timeout.
 LINK_DOWN_GRACE = 1.0
@@ -135,8 +137,11 @@ class Runtime:
     queue_length: int = 0
     since: float = field(default_factory=time.time)
     split_brain: bool = False
-    # The copy was reported in sync: its prepared array is to be forked anew.
+    # The copy's prepared array runs (as far as this daemon knows); it was reported in
+    # sync, so the array is to be forked anew; when preparing may be tried again.
+    array_prepared: bool = False
     fork_due: bool = False
+    prepare_after: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -233,7 +238,7 @@ class Replication:
         # All at once, as a takeover does: one after the other, 64 mirrors took longer
         # under emulation than a service may take to start.
         failed = await self._start_sources(sources)
-        _, unserved = await _on_threads(self._serve_and_prepare, copies)
+        _, unserved = await _on_threads(self._serve_copy, copies)
         for rt, exc in [*failed, *unserved]:
             if not isinstance(exc, KernelError):
                 raise exc
@@ -272,7 +277,7 @@ class Replication:
 
     def _take_over_array(self, rt: Runtime) -> ArrayStatus:
         """(On a thread.) ``_start_array`` for a copy that becomes the source alone."""
-        rt.fork_due = False
+        rt.array_prepared = rt.fork_due = False
         return self._mirror(rt).take_over(self._write_behind(rt.record))
 
     async def run(self) -> None:
@@ -804,7 +809,8 @@ class Replication:
             try:
                 await self.engine.refresh_replication()
                 for rt in rts:
-                    await asyncio.to_thread(self._mirror(rt).stop_array)  # forked anew once in sync
+                    await asyncio.to_thread(self._mirror(rt).stop_array)  # forked again by the monitor
+                    rt.array_prepared = False
                     self._lowers.pop(rt.record.disk, None)
                 await self._save_records(
                     [(rt, dataclasses.replace(rt.record, role=TARGET, prepared=True, **_swap(rt.record))) for rt in rts]
@@ -829,9 +835,8 @@ class Replication:
         if rt.record.role == TARGET:
             if not rt.record.unlocked and not self._export(rt).server_pid():
                 await asyncio.to_thread(self._serve_copy, rt)
-            if rt.fork_due:
-                rt.fork_due = False
-                await asyncio.to_thread(self._prepare_copy, rt, True)
+            if rt.fork_due or (not rt.array_prepared and time.monotonic() >= rt.prepare_after):
+                await asyncio.to_thread(self._prepare_copy, rt)
             await self._refresh_state(rt)
             return
         if rt.record.disk not in self._lowers:
@@ -1227,8 +1232,9 @@ class Replication:
         export = self._export(rt)
 
         async def grow_layers(grown: Disk) -> None:
-            # The prepared array has the old size: the next fork, after the resync, makes it anew.
+            # The prepared array has the old size: the monitor forks it anew, at the new one.
             await asyncio.to_thread(self._mirror(rt).stop_array)
+            rt.array_prepared = False
             await asyncio.to_thread(export.grow, ask.size)
 
         await self.engine.extend_disk(ask.disk, ask.size, mirror=grow_layers)
@@ -1300,7 +1306,7 @@ class Replication:
         """(On a thread.) The array of a copy taken over, with both sides' dirty regions
         marked (its own are in its bitmap)."""
         rt, item = wanted
-        rt.fork_due = False
+        rt.array_prepared = rt.fork_due = False
         self._mirror(rt).take_over(self._write_behind(rt.record), item.dirty)
 
     # -- helpers ----------------------------------------------------------------------
@@ -1334,17 +1340,16 @@ class Replication:
         """(On a thread.) Serve the copy to the source, at the record's address and port."""
         self._export(rt).assemble(rt.record.target_address, rt.record.port)
 
-    def _serve_and_prepare(self, rt: Runtime) -> None:
-        """(On a thread.) ``_serve_copy``, and the copy's prepared array adopted or forked."""
-        self._serve_copy(rt)
-        self._prepare_copy(rt)
-
-    def _prepare_copy(self, rt: Runtime, fresh: bool = False) -> None:
-        """(On a thread.) The copy's prepared array (``Mirror.prepare``). Without one the copy
-        is still served, and a takeover starts its array then, as it would have to anyway."""
+    def _prepare_copy(self, rt: Runtime) -> None:
+        """(On a thread.) The copy's prepared array adopted, or forked (anew once reported in
+        sync): ``Mirror.prepare``. Without one the copy is still served, and a takeover
+        starts its array then, as it would have to anyway."""
+        fresh, rt.fork_due = rt.fork_due, False
         try:
-            self._mirror(rt).prepare(fresh)
+            rt.array_prepared = self._mirror(rt).prepare(fresh) is not None
         except KernelError as exc:
+            rt.array_prepared = False
+            rt.prepare_after = time.monotonic() + PREPARE_RETRY_SECONDS
             log.warning("mirror %s: the copy has no prepared array (%s); a takeover starts it", rt.record.disk, exc)
 
     def _drop_copy(self, rt: Runtime) -> None:
