@@ -22,8 +22,8 @@ The prepared array is what makes a takeover a role change: md starting an array 
 third of a second per disk under emulation, most of a 64-disk takeover's stall; a copy
 whose array already runs only stops its export and marks the regions the source's bitmap
 marked in the export's metadata. The copy forks it from that metadata (the source's
-superblock and bitmap, copied to its own metadata file) each time it is reported in sync,
-so its bitmap starts clean. Two arrays of one lineage then live on two nodes, each with
+superblock, copied to its own metadata file with the bitmap's bits cleared) when it has
+none, and anew each time it is reported in sync. Two arrays of one lineage then live on two nodes, each with
 its own event count: a leg goes back into an array with a superblock made from the array's
 own (``md.member_superblock``), which md re-adds and recovers from the bitmap, as it does
 for any member that left.
@@ -255,16 +255,19 @@ class Mirror:
 
     def prepare(self, fresh: bool = False) -> md.Array | None:
         """The copy's prepared array: its own array over its own leg, degraded and idle,
-        adopted if it runs, else forked from the export's metadata; with ``fresh``, forked
-        anew (the copy caught up: the source's bitmap is the one to start from). None while
-        the source's array has written no metadata to the export yet."""
+        adopted if it runs, assembled from this node's own metadata if it has one (whose
+        bitmap marks what this node wrote that the source may lack), else forked from the
+        export's metadata; with ``fresh``, forked anew (the copy caught up: nothing differs).
+        None while the source's array has written no metadata to the export yet."""
         array = self.array()
         if array is not None and not fresh:
             return array
-        if not bitmap.has_superblock(bitmap.read_metadata(self.export_meta)):
-            return None
-        self._fork()
-        array = md.assemble([_stack_leg(self.dm, self.leg_name, self.meta, self.volume)])
+        if fresh or not self.has_metadata():
+            if not bitmap.has_superblock(bitmap.read_metadata(self.export_meta)):
+                return None
+            self._fork()
+        leg = _stack_leg(self.dm, self.leg_name, self.meta, self.volume)
+        array = md.holder_array(leg) or md.assemble([leg])
         # The leg was the source's write-mostly one: reads stay on it from now on, and md
         # writes that to the superblock here rather than in a takeover's stall.
         self._local_reads(array)
@@ -274,12 +277,19 @@ class Mirror:
         """The copy becomes the source: its prepared array (forked now if there is none)
         runs, in the mode asked, with the regions marked that the old source's bitmap marks
         in the export's metadata (writes it had begun) and ``dirty``; the array's status."""
-        if self.array() is None:
+        if self.array() is None and not self.has_metadata():
             self._fork()
         array, status = self._assemble()
         begun = bitmap.parse(bitmap.read_metadata(self.export_meta)).ranges()
         array.mark_dirty([*begun, *dirty])
         return self._set_write_behind(array, status, write_behind)
+
+    def discard(self) -> None:
+        """Stop this node's own array and forget its metadata: the copy's array is forked
+        anew, from the export's (a grow changed the disk's size)."""
+        self.stop_array()
+        _remove_leg(self.dm, self.leg_name, self.meta)
+        self.meta.unlink(missing_ok=True)
 
     def _fork(self) -> None:
         """This node's own metadata made a copy of the export's (an array running over it

@@ -809,7 +809,8 @@ class Replication:
             try:
                 await self.engine.refresh_replication()
                 for rt in rts:
-                    await asyncio.to_thread(self._mirror(rt).stop_array)  # forked again by the monitor
+                    # Its metadata stays: its bitmap marks what the peer's resync is to overwrite.
+                    await asyncio.to_thread(self._mirror(rt).stop_array)
                     rt.array_prepared = False
                     self._lowers.pop(rt.record.disk, None)
                 await self._save_records(
@@ -1233,7 +1234,7 @@ class Replication:
 
         async def grow_layers(grown: Disk) -> None:
             # The prepared array has the old size: the monitor forks it anew, at the new one.
-            await asyncio.to_thread(self._mirror(rt).stop_array)
+            await asyncio.to_thread(self._mirror(rt).discard)
             rt.array_prepared = False
             await asyncio.to_thread(export.grow, ask.size)
 

@@ -164,12 +164,12 @@ class FakeMirror(_Part):
         return FakeArray(self).status()
 
     def prepare(self, fresh: bool = False) -> FakeArray | None:
-        """The copy's array, from the export's metadata (the fake's one flag)."""
-        if not self.has_metadata():
-            return None
-        if fresh or not self.get().get("assembled"):
-            self.put(assembled=True, peer_leg=None)
-        return FakeArray(self)
+        """The copy's array, from the export's metadata. Kept nowhere: what the service
+        sees of a prepared array is the takeover that assembles it."""
+        return FakeArray(self) if self.has_metadata() else None
+
+    def discard(self) -> None:
+        pass
 
     def take_over(self, write_behind: int, dirty: Sequence[tuple[int, int]] = ()) -> ArrayStatus:
         status = self.start(write_behind)
