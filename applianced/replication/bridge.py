@@ -23,10 +23,11 @@ third of a second per disk under emulation, most of a 64-disk takeover's stall; 
 whose array already runs only stops its export and marks the regions the source's bitmap
 marked in the export's metadata. The copy forks it from that metadata (the source's
 superblock, copied to its own metadata file with the bitmap's bits cleared) when it has
-none, and anew each time it is reported in sync. Two arrays of one lineage then live on two nodes, each with
-its own event count: a leg goes back into an array with a superblock made from the array's
-own (``md.member_superblock``), which md re-adds and recovers from the bitmap, as it does
-for any member that left.
+none and each time it is reported in sync; in between, a node that was the source keeps
+its own metadata, whose bitmap marks what it wrote that the source may lack. Two arrays of
+one lineage then live on two nodes, each with its own event count: a leg goes back into an
+array with a superblock made from the array's own (``md.member_superblock``), which md
+re-adds and recovers from the bitmap, as it does for any member that left.
 
 Why md raid1 and this shape (measured choices are in the README):
 
