@@ -241,13 +241,13 @@ class Mirror:
     def assemble(self) -> md.Array:
         """Run the array from the local leg (the peer's is added by ``connect``); adopts a
         running one. KernelError if this node holds no metadata of the mirror."""
-        return self._assemble()[0]
+        return self._assemble(self.array())[0]
 
     def start(self, write_behind: int) -> md.ArrayStatus:
         """``assemble``, in the mode asked (``set_write_behind``); the array's status. md's
         state is read once: a starting daemon starts every array at once, on CPUs that
         udev's handling of each new array shares."""
-        array, status = self._assemble()
+        array, status = self._assemble(self.array())
         return self._set_write_behind(array, status, write_behind)
 
     @property
@@ -264,9 +264,10 @@ class Mirror:
         if array is not None and not fresh:
             return array
         if fresh or not self.has_metadata():
-            if not bitmap.has_superblock(bitmap.read_metadata(self.export_meta)):
+            exported = bitmap.read_metadata(self.export_meta)
+            if not bitmap.has_superblock(exported):
                 return None
-            self._fork()
+            self._fork(exported)
         leg = _stack_leg(self.dm, self.leg_name, self.meta, self.volume)
         array = md.holder_array(leg) or md.assemble([leg])
         # The leg was the source's write-mostly one: reads stay on it from now on, and md
@@ -278,35 +279,34 @@ class Mirror:
         """The copy becomes the source: its prepared array (forked now if there is none)
         runs, in the mode asked, with the regions marked that the old source's bitmap marks
         in the export's metadata (writes it had begun) and ``dirty``; the array's status."""
-        if self.array() is None and not self.has_metadata():
-            self._fork()
-        array, status = self._assemble()
-        begun = bitmap.parse(bitmap.read_metadata(self.export_meta)).ranges()
-        array.mark_dirty([*begun, *dirty])
+        exported = bitmap.read_metadata(self.export_meta)
+        running = self.array()
+        if running is None and not self.has_metadata():
+            self._fork(exported)
+        array, status = self._assemble(running)
+        array.mark_dirty([*bitmap.parse(exported).ranges(), *dirty])
         return self._set_write_behind(array, status, write_behind)
 
     def discard(self) -> None:
         """Stop this node's own array and forget its metadata: the copy's array is forked
         anew, from the export's (a grow changed the disk's size)."""
-        self.stop_array()
-        _remove_leg(self.dm, self.leg_name, self.meta)
+        self._take_down()
         self.meta.unlink(missing_ok=True)
 
-    def _fork(self) -> None:
-        """This node's own metadata made a copy of the export's (an array running over it
-        is stopped first, and its leg taken down, so that the file can be replaced)."""
-        self.stop_array()
-        _remove_leg(self.dm, self.leg_name, self.meta)
-        data = bitmap.read_metadata(self.export_meta)
-        if not bitmap.has_superblock(data):
+    def _fork(self, exported: bytes) -> None:
+        """This node's own metadata made a copy of ``exported``, the export's as read (an
+        array running over it is stopped first, and its leg taken down, so that the file
+        can be replaced)."""
+        if not bitmap.has_superblock(exported):
             raise KernelError(f"the copy of {self.volume.name} holds no metadata of the source's array")
         # Its bits start clear: those the source has set (a resync just done leaves its
         # regions marked until md clears them lazily) are merged at a takeover, from the
         # export's metadata as it is then; kept here they would be copied at every resync.
         try:
-            data = bitmap.cleared(data)
+            data = bitmap.cleared(exported)
         except InvalidArgument as exc:
             raise KernelError(f"the copy of {self.volume.name}: {exc}") from None
+        self._take_down()
         partial = self.meta.with_suffix(".meta.new")
         with open(partial, "wb") as f:
             f.write(data)
@@ -314,8 +314,10 @@ class Mirror:
             os.fsync(f.fileno())
         os.replace(partial, self.meta)
 
-    def _assemble(self) -> tuple[md.Array, md.ArrayStatus]:
-        array = self.array()  # running (prepared, or adopted after a restart): nothing read
+    def _assemble(self, running: md.Array | None) -> tuple[md.Array, md.ArrayStatus]:
+        """The array ``running`` (prepared, or adopted after a restart: nothing read), or
+        assembled from this node's metadata, made writable; its status."""
+        array = running
         if array is None:
             if not self.has_metadata():
                 raise KernelError(f"no mirror metadata for {self.volume.name} on this node")
@@ -477,9 +479,13 @@ class Mirror:
 
     def stop(self) -> None:
         """``stop_array``, and the local leg goes too."""
+        self._take_down()
+        self.volume.release()
+
+    def _take_down(self) -> None:
+        """``stop_array`` and the local leg's devices; the disk and the metadata file stay."""
         self.stop_array()
         _remove_leg(self.dm, self.leg_name, self.meta)
-        self.volume.release()
 
     def _local_reads(self, array: md.Array) -> md.ArrayStatus:
         """Reads from the local leg: only the peer's leg is write-mostly. After a role swap
