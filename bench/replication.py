@@ -77,6 +77,27 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+def drbd_up(a: Guest, b: Guest, protocol: str) -> None:
+    """DRBD resource r0 over each node's ``vol`` disk, its metadata in a loop file,
+    connected (neither node primary yet)."""
+    resource = DRBD_RESOURCE.format(
+        protocol=protocol, disk=a.disk_device("vol"), meta="/dev/loop7", a=HB["a"], b=HB["b"]
+    )
+    for guest in (a, b):
+        guest.write_file("/etc/drbd.d/r0.res", resource)
+        guest.run(
+            f"truncate -s 32M {DRBD_META} && losetup /dev/loop7 {DRBD_META}"
+            " && yes yes | drbdadm create-md --force r0 && drbdadm up r0",
+            timeout=300,
+        )
+    a.wait_until("drbdadm cstate r0 | grep -qx Connected", timeout=120)
+
+
+def drbd_down(a: Guest, b: Guest) -> None:
+    for guest in (a, b):
+        guest.run(f"drbdadm down r0 && losetup -d /dev/loop7 && rm -f {DRBD_META}", timeout=300)
+
+
 class Bench:
     def __init__(self, a: Guest, b: Guest, client: Guest) -> None:
         self.a, self.b = ApplianceNode(a).prepare(), ApplianceNode(b).prepare()
@@ -150,20 +171,10 @@ class Bench:
         return device, down
 
     def drbd_up(self, protocol: str) -> None:
-        disk = self.a.guest.disk_device("vol")
-        resource = DRBD_RESOURCE.format(protocol=protocol, disk=disk, meta="/dev/loop7", a=HB["a"], b=HB["b"])
-        for node in (self.a, self.b):
-            node.guest.write_file("/etc/drbd.d/r0.res", resource)
-            node.guest.run(
-                f"truncate -s 32M {DRBD_META} && losetup /dev/loop7 {DRBD_META}"
-                " && yes yes | drbdadm create-md --force r0 && drbdadm up r0",
-                timeout=300,
-            )
-        self.a.guest.wait_until("drbdadm cstate r0 | grep -qx Connected", timeout=120)
+        drbd_up(self.a.guest, self.b.guest, protocol)
 
     def drbd_down(self) -> None:
-        for node in (self.a, self.b):
-            node.guest.run(f"drbdadm down r0 && losetup -d /dev/loop7 && rm -f {DRBD_META}", timeout=300)
+        drbd_down(self.a.guest, self.b.guest)
 
     # -- measurements -------------------------------------------------------------------
 
