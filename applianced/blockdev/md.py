@@ -142,7 +142,6 @@ class Leg:
     """A member of an array as md reports it (``dev-<name>/state``)."""
 
     name: str  # the block device's name: dm-3, nbd0
-    slot: int | None
     states: frozenset[str]
 
     @property
@@ -156,19 +155,17 @@ class Leg:
 
 @dataclass(frozen=True)
 class ArrayStatus:
-    """One look at an array's sysfs directory."""
+    """One look at an array's sysfs directory: what the replication monitor reads of
+    every array each second, so no more than it uses."""
 
     name: str  # md127
-    state: str  # array_state: clean, active, readonly, read-auto, inactive
-    degraded: int
     sync_action: str  # idle, resync, recover, check, repair, frozen
     synced: int  # sectors of the current sync pass done (0 when none runs)
     sync_total: int
     sync_speed: int  # KiB/s of the current pass
-    mismatches: int
     write_behind: int  # bitmap/backlog: 0 is synchronous
     max_behind_used: int
-    legs: tuple[Leg, ...]
+    legs: tuple[Leg, ...]  # by name: the local leg (dm-N) before the peer's (nbdN)
 
     def leg(self, device: str) -> Leg | None:
         name = block_name(device)
@@ -216,25 +213,25 @@ class Array:
         raise KernelError(f"cannot read the state of {self.name}: {unreadable}")
 
     def _status(self) -> ArrayStatus:
-        completed = self.read("sync_completed")
-        synced, total = (int(n) for n in completed.split(" / ")) if "/" in completed else (0, 0)
-        legs = []
-        for entry in self.sys.glob("dev-*"):
-            slot = (entry / "slot").read_text().strip()
-            states = frozenset((entry / "state").read_text().strip().split(","))
-            legs.append(Leg(entry.name[4:], int(slot) if slot.isdigit() else None, states))
+        action = self.read("sync_action")
+        synced = total = speed = 0
+        if action != "idle":  # an idle array has no pass to report
+            completed = self.read("sync_completed")
+            synced, total = (int(n) for n in completed.split(" / ")) if "/" in completed else (0, 0)
+            speed = _number(self.read("sync_speed"))
+        legs = (
+            Leg(entry.name[4:], frozenset((entry / "state").read_text().strip().split(",")))
+            for entry in self.sys.glob("dev-*")
+        )
         return ArrayStatus(
             name=self.name,
-            state=self.read("array_state"),
-            degraded=int(self.read("degraded")),
-            sync_action=self.read("sync_action"),
+            sync_action=action,
             synced=synced,
             sync_total=total,
-            sync_speed=_number(self.read("sync_speed")),
-            mismatches=int(self.read("mismatch_cnt")),
+            sync_speed=speed,
             write_behind=int(self.read("bitmap/backlog")),
             max_behind_used=int(self.read("bitmap/max_backlog_used")),
-            legs=tuple(sorted(legs, key=lambda leg: (leg.slot is None, leg.slot or 0, leg.name))),
+            legs=tuple(sorted(legs, key=lambda leg: leg.name)),
         )
 
     def stop(self) -> None:

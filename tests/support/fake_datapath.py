@@ -109,7 +109,7 @@ class FakeArray:
 
     def status(self) -> ArrayStatus:
         state = self.mirror.get()
-        legs = [Leg("dm-0", 0, frozenset({"in_sync"}))]
+        legs = [Leg("dm-0", frozenset({"in_sync"}))]
         peer = state.get("peer_leg")
         if peer == "in_sync" and not self.mirror.path.peer_answers(
             PeerEndpoint(state["peer"][0], "", state["peer"][1]), 0.5
@@ -118,16 +118,13 @@ class FakeArray:
             peer = "faulty"
             self.mirror.put(peer_leg=peer)
         if peer:
-            legs.append(Leg("nbd0", 1, frozenset({peer, "write_mostly"})))
+            legs.append(Leg("nbd0", frozenset({peer, "write_mostly"})))
         return ArrayStatus(
             name="md100",
-            state="clean",
-            degraded=0 if peer == "in_sync" else 1,
             sync_action="idle",
             synced=0,
             sync_total=0,
             sync_speed=0,
-            mismatches=0,
             write_behind=state.get("write_behind", 0),
             max_behind_used=0,
             legs=tuple(legs),

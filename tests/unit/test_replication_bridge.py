@@ -57,24 +57,20 @@ def test_an_empty_sparse_file_copies_nothing(tmp_path):
     assert allocated_ranges(path, GIB, REGION) == []
 
 
-def fake_array(root, legs, *, action="idle", completed="none", degraded=0, behind=0, used=0):
+def fake_array(root, legs, *, action="idle", completed="none", behind=0, used=0):
     sys = root / "md127" / "md"
     (sys / "bitmap").mkdir(parents=True)
     values = {
-        "array_state": "clean",
-        "degraded": str(degraded),
         "sync_action": action,
         "sync_completed": completed,
         "sync_speed": "none" if action == "idle" else "2048",
-        "mismatch_cnt": "0",
         "bitmap/backlog": str(behind),
         "bitmap/max_backlog_used": str(used),
     }
     for name, value in values.items():
         (sys / name).write_text(value + "\n")
-    for name, slot, state in legs:
+    for name, state in legs:
         (sys / f"dev-{name}").mkdir()
-        (sys / f"dev-{name}" / "slot").write_text(f"{slot}\n")
         (sys / f"dev-{name}" / "state").write_text(f"{state}\n")
     return md.Array("md127")
 
@@ -88,10 +84,9 @@ def sysfs(tmp_path, monkeypatch):
 def test_md_sysfs_reads_as_a_status(sysfs):
     array = fake_array(
         sysfs,
-        [("dm-3", 0, "in_sync"), ("nbd0", 1, "write_mostly")],
+        [("dm-3", "in_sync"), ("nbd0", "write_mostly")],
         action="recover",
         completed="2048 / 1048576",
-        degraded=1,
         behind=200,
         used=17,
     )
@@ -99,12 +94,21 @@ def test_md_sysfs_reads_as_a_status(sysfs):
     assert [leg.name for leg in status.legs] == ["dm-3", "nbd0"]
     assert status.legs[0].in_sync and not status.legs[1].in_sync and not status.legs[1].faulty
     assert (status.synced, status.sync_total, status.sync_speed) == (2048, 1048576, 2048)
-    assert (status.write_behind, status.max_behind_used, status.degraded) == (200, 17, 1)
+    assert (status.write_behind, status.max_behind_used) == (200, 17)
     assert status.copying
 
 
+def test_an_idle_array_reports_no_pass_without_reading_one(sysfs):
+    # The monitor reads every array each second: an idle one's pass files are not read.
+    array = fake_array(sysfs, [("nbd0", "in_sync,write_mostly"), ("dm-3", "in_sync")], completed="8 / 64")
+    status = array.status()
+    assert (status.synced, status.sync_total, status.sync_speed) == (0, 0, 0)
+    assert not status.copying
+    assert [leg.name for leg in status.legs] == ["dm-3", "nbd0"]
+
+
 def test_async_mode_is_set_on_the_peer_leg_and_shown_without_reading_again(sysfs):
-    array = fake_array(sysfs, [("dm-3", 0, "in_sync"), ("nbd0", 1, "in_sync,write_mostly")], behind=0)
+    array = fake_array(sysfs, [("dm-3", "in_sync"), ("nbd0", "in_sync,write_mostly")], behind=0)
     status = Mirror._set_write_behind(array, array.status(), 300)
     assert (sysfs / "md127" / "md" / "bitmap" / "backlog").read_text() == "300"
     assert status.write_behind == 300
@@ -112,14 +116,14 @@ def test_async_mode_is_set_on_the_peer_leg_and_shown_without_reading_again(sysfs
 
 def test_write_behind_waits_for_a_write_mostly_leg(sysfs):
     # md refuses a backlog without one; connect sets it again with the peer's leg.
-    array = fake_array(sysfs, [("dm-3", 0, "in_sync")], behind=0)
+    array = fake_array(sysfs, [("dm-3", "in_sync")], behind=0)
     before = array.status()
     assert Mirror._set_write_behind(array, before, 300) is before
     assert (sysfs / "md127" / "md" / "bitmap" / "backlog").read_text() == "0\n"
 
 
 def test_after_a_role_swap_reads_go_to_the_local_leg_again(sysfs, tmp_path):
-    array = fake_array(sysfs, [("dm-3", 0, "in_sync,write_mostly"), ("nbd0", 1, "in_sync")])
+    array = fake_array(sysfs, [("dm-3", "in_sync,write_mostly"), ("nbd0", "in_sync")])
     mirror = Mirror(Volume("d1", str(tmp_path / "d1.img"), True, 4096), tmp_path, mapper=object())
     mirror._local_reads(array)
     assert (sysfs / "md127" / "md" / "dev-dm-3" / "state").read_text() == "-writemostly"
@@ -127,9 +131,7 @@ def test_after_a_role_swap_reads_go_to_the_local_leg_again(sysfs, tmp_path):
 
 
 def test_a_value_caught_mid_change_is_read_again(sysfs, monkeypatch):
-    array = fake_array(
-        sysfs, [("dm-3", 0, "in_sync"), ("nbd0", 1, "write_mostly")], action="recover", completed="8 / 64"
-    )
+    array = fake_array(sysfs, [("dm-3", "in_sync"), ("nbd0", "write_mostly")], action="recover", completed="8 / 64")
     torn = ["0 / 131072\n72"]  # as a VM test read it once, as a recovery started
     plain = md.Array.read
     monkeypatch.setattr(
@@ -140,8 +142,8 @@ def test_a_value_caught_mid_change_is_read_again(sysfs, monkeypatch):
 
 
 def test_a_value_that_stays_unreadable_is_a_kernel_error(sysfs):
-    array = fake_array(sysfs, [("dm-3", 0, "in_sync")], degraded=1)
-    (sysfs / "md127" / "md" / "degraded").write_text("one\n")
+    array = fake_array(sysfs, [("dm-3", "in_sync")])
+    (sysfs / "md127" / "md" / "bitmap" / "backlog").write_text("one\n")
     with pytest.raises(KernelError, match="cannot read the state of md127"):
         array.status()
 
@@ -154,14 +156,14 @@ def test_an_unreadable_array_is_a_kernel_error(sysfs):
 @pytest.mark.parametrize(
     ("legs", "action", "completed", "intent", "pending", "state"),
     [
-        ([("dm-3", 0, "in_sync"), ("nbd0", 1, "in_sync,write_mostly")], "idle", "none", Intent.MIRROR, False, 1),
-        ([("dm-3", 0, "in_sync"), ("nbd0", 1, "write_mostly")], "recover", "8 / 64", Intent.MIRROR, False, 2),
-        ([("dm-3", 0, "in_sync"), ("nbd0", 1, "write_mostly")], "idle", "none", Intent.MIRROR, False, 5),
-        ([("dm-3", 0, "in_sync"), ("nbd0", 1, "faulty,write_mostly")], "idle", "none", Intent.MIRROR, False, 4),
-        ([("dm-3", 0, "in_sync")], "idle", "none", Intent.MIRROR, False, 4),
-        ([("dm-3", 0, "in_sync")], "idle", "none", Intent.MIRROR, True, 5),
-        ([("dm-3", 0, "in_sync"), ("nbd0", 1, "in_sync,write_mostly")], "idle", "none", Intent.PAUSE, False, 4),
-        ([("dm-3", 0, "in_sync")], "idle", "none", Intent.BREAK, False, 3),
+        ([("dm-3", "in_sync"), ("nbd0", "in_sync,write_mostly")], "idle", "none", Intent.MIRROR, False, 1),
+        ([("dm-3", "in_sync"), ("nbd0", "write_mostly")], "recover", "8 / 64", Intent.MIRROR, False, 2),
+        ([("dm-3", "in_sync"), ("nbd0", "write_mostly")], "idle", "none", Intent.MIRROR, False, 5),
+        ([("dm-3", "in_sync"), ("nbd0", "faulty,write_mostly")], "idle", "none", Intent.MIRROR, False, 4),
+        ([("dm-3", "in_sync")], "idle", "none", Intent.MIRROR, False, 4),
+        ([("dm-3", "in_sync")], "idle", "none", Intent.MIRROR, True, 5),
+        ([("dm-3", "in_sync"), ("nbd0", "in_sync,write_mostly")], "idle", "none", Intent.PAUSE, False, 4),
+        ([("dm-3", "in_sync")], "idle", "none", Intent.BREAK, False, 3),
     ],
 )
 def test_states_carry_the_reference_numbers(sysfs, legs, action, completed, intent, pending, state):
