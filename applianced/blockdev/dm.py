@@ -69,6 +69,11 @@ def linear(length: int, device: str, offset: int = 0, start: int = 0) -> Segment
     return Segment(start, length, "linear", f"{device} {offset}")
 
 
+def error(length: int) -> Segment:
+    """A segment that fails every I/O (a fence: nothing written reaches a device any more)."""
+    return Segment(0, length, "error", "")
+
+
 @dataclass(frozen=True)
 class Info:
     """What the kernel says of a mapped device."""

@@ -49,7 +49,7 @@ from applianced.replication.records import SOURCE, SYNC, TARGET
 from applianced.replication.service import Half, Replication
 from applianced.replication.states import MirrorState
 from applianced.state import Config
-from applianced.steps import Steps, describe
+from applianced.steps import Steps, describe, log_failure
 from applianced.validation import canonical_address
 
 log = logging.getLogger(__name__)
@@ -594,7 +594,17 @@ class Failover:
 
     async def _take_over(self, decision: Decision) -> None:
         steps = Steps()
-        await steps.run("promote copies", self._promote_copies())
+        copies = [half.disk for half in self._local_copies() if half.role == TARGET]
+        await steps.run("promote copies", self._promote_copies(copies))
+        try:
+            await self._serve(decision, steps)
+        finally:
+            if copies:
+                # After the clients are served (or the takeover failed): out of their stall.
+                await self.replication.promoted(copies)
+
+    async def _serve(self, decision: Decision, steps: Steps) -> None:
+        """The takeover's steps after the promotion: the targets, the VIPs, the clients."""
         await steps.run("enable targets", self.engine.set_targets_enabled(self._local_targets(), True))
         vips = list(self.record.addresses)
         for vip in vips:
@@ -623,9 +633,8 @@ class Failover:
             return
         self.counters["connections_reset"] += reset
 
-    async def _promote_copies(self) -> None:
+    async def _promote_copies(self, copies: list[str]) -> None:
         """The copies become sources, in one pass; their LUNs come with the targets' enable commit."""
-        copies = [half.disk for half in self._local_copies() if half.role == TARGET]
         if copies:
             await self.replication.promote(copies)
 
@@ -822,11 +831,7 @@ class Failover:
 
 
 def _log_failure(what: str) -> Callable[[asyncio.Future[Any]], None]:
-    def done(task: asyncio.Future[Any]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            log.error("failover: %s: %s", what, task.exception())
-
-    return done
+    return log_failure(log, f"failover: {what}")
 
 
 def _pack(message: object) -> bytes:

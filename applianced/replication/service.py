@@ -72,7 +72,7 @@ from applianced.replication.records import (
 )
 from applianced.replication.states import Intent, MirrorState, mirror_state
 from applianced.state import Config, Disk
-from applianced.steps import Steps, describe
+from applianced.steps import Steps, describe, log_failure
 from applianced.validation import canonical_address
 
 log = logging.getLogger(__name__)
@@ -170,6 +170,8 @@ class Replication:
         # Disks taken out of service for a moment (a switchover hands them to the peer).
         self._handing_over: set[str] = set()
         self._listeners: list[Callable[[str, str], None]] = []
+        # Stopping the servers of exports that a takeover fenced, after its answer.
+        self._stopping: set[asyncio.Future[None]] = set()
         # The throttles last applied (None: not yet since the start).
         self._throttled: list[throttle.Limit] | None = None
         # When the peer link was last seen connected; a daemon that just started counts
@@ -238,6 +240,8 @@ class Replication:
         # All at once, as a takeover does: one after the other, 64 mirrors took longer
         # under emulation than a service may take to start.
         failed = await self._start_sources(sources)
+        # A daemon that stopped in a takeover's last step left the fenced exports' servers.
+        await self._stop_fenced(sources)
         _, unserved = await _on_threads(self._serve_copy, copies)
         for rt, exc in [*failed, *unserved]:
             if not isinstance(exc, KernelError):
@@ -757,13 +761,20 @@ class Replication:
         ``switchover`` with ``force`` does on the copy's node, all in one pass (one record
         save), but leave the kernel's target side to the caller's next commit: a failover's
         takeover serves the disks in the same reconcile that enables its targets, one
-        reconcile fewer in the client's stall."""
+        reconcile fewer in the client's stall. What is left is for ``promoted``."""
         async with self._lock:
             await self._take_over_alone([self._target(disk) for disk in disks], serve=False)
 
+    async def promoted(self, disks: Sequence[str]) -> None:
+        """After ``promote``, once the caller serves the disks: the fenced exports' servers
+        stopped and each mirror's new state reported. With 64 disks that took seconds
+        under emulation: it is kept out of the clients' stall."""
+        async with self._lock:
+            await self._report_taken_over([self.runtime(disk) for disk in disks])
+
     async def _take_over_alone(self, rts: list[Runtime], serve: bool = True) -> None:
         steps = Steps()
-        await steps.run("exports stopped", self._stop_exports(rts, []))
+        await steps.run("exports fenced", self._fence_exports(rts, []))
         # A new generation in the same save: from the array's start on, this node writes alone.
         sources = [
             (
@@ -785,18 +796,30 @@ class Replication:
             rt.reason = "took over without the peer"
         if serve:
             await steps.run("reconciled", self.engine.refresh_replication())
+        log.info("%d mirror(s) taken over without the peer: %s", len(rts), describe(steps.done))
+        if serve:
+            await self._report_taken_over(rts)
+
+    async def _report_taken_over(self, rts: list[Runtime]) -> None:
+        await self._stop_fenced(rts)
         for rt in rts:
             await self._refresh_state(rt)
             audit("mirror-take-over", rt.record.disk, "warning", f"{rt.record.disk} taken over without the peer")
-        log.info("%d mirror(s) taken over without the peer: %s", len(rts), describe(steps.done))
 
-    async def _stop_exports(self, rts: list[Runtime], stopped: list[Runtime]) -> None:
-        """Stop serving each copy, all at once; its leg stays, for the array. ``stopped``
-        gets each one done."""
-        done, failed = await _on_threads(lambda rt: self._export(rt).stop_serving(), rts)
-        stopped.extend(rt for rt, _ in done)
+    async def _fence_exports(self, rts: list[Runtime], fenced: list[Runtime]) -> None:
+        """Fence each copy's export, all at once: nothing the old source sends reaches the
+        disk from now on; its leg stays, for the array. ``fenced`` gets each one done."""
+        done, failed = await _on_threads(lambda rt: self._export(rt).fence(), rts)
+        fenced.extend(rt for rt, _ in done)
         if failed:
             raise failed[0][1]
+
+    async def _stop_fenced(self, rts: Sequence[Runtime]) -> None:
+        """Stop the servers of these sources' fenced exports (idempotent); a failure is
+        logged, and tried again at the next start."""
+        _, failed = await _on_threads(lambda rt: self._export(rt).stop_serving(), rts)
+        for rt, exc in failed:
+            log.warning("mirror %s: the server of its fenced export did not stop: %s", rt.record.disk, exc)
 
     async def prepare_targets(self, disks: Sequence[str]) -> None:
         """Make this node's halves of ``disks`` the copies again after a split brain (the
@@ -1251,10 +1274,10 @@ class Replication:
         # Those taken over already are left as they are (a retry).
         wanted = [(rt, item) for rt, item in wanted if rt.record.role != SOURCE]
         originals = [(rt, rt.record) for rt, _ in wanted]
-        stopped: list[Runtime] = []  # whose export stopped: their leg is this node's array now
+        fenced: list[Runtime] = []  # whose export is fenced: their leg is this node's array now
         steps = Steps()
         try:
-            await steps.run("exports stopped", self._stop_exports([rt for rt, _ in wanted], stopped))
+            await steps.run("exports fenced", self._fence_exports([rt for rt, _ in wanted], fenced))
             saved = self._save_records(
                 [
                     (
@@ -1275,10 +1298,10 @@ class Replication:
         except BaseException:
             # Still the copies: served again for the source, which takes them back; the
             # arrays that started stay, as prepared arrays.
-            for rt in stopped:
+            for rt in fenced:
                 self._lowers.pop(rt.record.disk, None)
             await self._save_records(originals)
-            for rt in stopped:
+            for rt in fenced:
                 await asyncio.to_thread(self._serve_copy, rt)
             raise
         await steps.run("reconciled", self.engine.refresh_replication())
@@ -1291,8 +1314,17 @@ class Replication:
                 f"{rt.record.disk} is served here now; {item.source_address} holds the copy",
             )
         log.info("%d mirror(s) taken over from the peer: %s", len(wanted), describe(steps.done))
-        # The monitor adds the old source's legs within seconds: the answer does not wait for it.
+        # The monitor adds the old source's legs within seconds, and the fenced exports'
+        # servers stop meanwhile: the answer, in the switchover's stall, waits for neither.
+        stopping = asyncio.ensure_future(self._stop_fenced_later(fenced))
+        self._stopping.add(stopping)
+        stopping.add_done_callback(self._stopping.discard)
+        stopping.add_done_callback(log_failure(log, "the fenced exports' servers were not stopped"))
         return messages.Done()
+
+    async def _stop_fenced_later(self, rts: list[Runtime]) -> None:
+        async with self._lock:  # not under a switchover back that serves the copies again
+            await self._stop_fenced([rt for rt in rts if rt.record.role == SOURCE])
 
     async def _assemble_taken_over(self, wanted: list[tuple[Runtime, messages.TakeOver]]) -> None:
         """Each prepared array started, all at once, with the old source's dirty regions

@@ -255,6 +255,11 @@ class FakeExport(_Part):
         self._stop_server()
         self.put(size=size)
 
+    def fence(self) -> None:
+        # The real one fails every I/O through the export at once: to the source, whose
+        # leg then fails, that is a server gone.
+        self._stop_server()
+
     def stop_serving(self) -> None:
         self._stop_server()
         self.put(unlocked=False)
