@@ -274,14 +274,15 @@ class Ours:
     def __init__(self, lab: Lab, logs: Path, label: str, heartbeat: tuple[str, str], luns: int = 1) -> None:
         # Each mirror of the copy node runs its own NBD server: room for 64 of them.
         self.nodes = Nodes(lab, logs, label, self._start, memory="1280M" if luns == 1 else "2560M")
+        # A node booted again assembles its 64 sources before it is ready: minutes under TCG.
+        self.ready_timeout = 180 if luns == 1 else SLOWEST_ROLE_CHANGE
         self.heartbeat = heartbeat
         # d1 (the virtio disk, the LUN the client writes) and small file disks for the rest.
         self.disks = ["d1", *(f"v{lun}" for lun in range(1, luns))]
 
-    @staticmethod
-    def _start(name: str, guest: Guest) -> ApplianceNode:
+    def _start(self, name: str, guest: Guest) -> ApplianceNode:
         node = ApplianceNode(guest).prepare()
-        node.start()
+        node.start(self.ready_timeout)
         return node
 
     def build(self) -> str:

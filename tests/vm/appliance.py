@@ -48,13 +48,13 @@ class ApplianceNode:
             self.guest.start_iscsid(initiator_name)
         return self
 
-    def start(self) -> None:
+    def start(self, ready_timeout: float = 180) -> None:
         # Ready when it says so over sd_notify, as systemd's Type=notify learns it: the
         # daemon sends READY=1 once its bus name is taken. Polling the bus instead cost
         # a process start in the guest every second, taken from the daemon's own start.
         self.guest.spawn(DAEMON, [str(VENV_BIN / "python"), "-m", "applianced"], cwd="/", notify=True)
         with self._explained():
-            self.guest.wait_notify(DAEMON, timeout=180)
+            self.guest.wait_notify(DAEMON, timeout=ready_timeout)
 
     def stop(self, sig: int = signal.SIGTERM) -> int | None:
         """Signal the daemon alone, as systemd's KillMode=process does: the NBD servers it
