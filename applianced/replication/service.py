@@ -774,7 +774,7 @@ class Replication:
 
     async def _take_over_alone(self, rts: list[Runtime], serve: bool = True) -> None:
         steps = Steps()
-        await steps.run("exports fenced", self._fence_exports(rts, []))
+        fenced: list[Runtime] = []
         # A new generation in the same save: from the array's start on, this node writes alone.
         sources = [
             (
@@ -790,7 +790,13 @@ class Replication:
             )
             for rt in rts
         ]
-        await steps.run("records saved", self._save_records(sources))
+        try:
+            await steps.run("exports fenced", self._fence_exports(rts, fenced))
+            await steps.run("records saved", self._save_records(sources))
+        except BaseException:
+            # Still the copies: served again, their legs' tables back.
+            await _on_threads(self._serve_copy, fenced)
+            raise
         await steps.run("arrays started", self._assemble_sources(rts, taking_over=True))
         for rt in rts:
             rt.reason = "took over without the peer"
