@@ -27,18 +27,27 @@ to ``drbd-C``. Run as root from the checkout, after ``tools/setup``:
 
 from __future__ import annotations
 
-import argparse
 import json
 import shlex
-import statistics
 import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from applianced.replication.bridge import server_command
-from bench.replication import DISK_SIZE, HB, MIB, drbd_down, drbd_up, log
+from bench.replication import (
+    DISK_SIZE,
+    HB,
+    drbd_down,
+    drbd_up,
+    interleaved,
+    latency,
+    log,
+    measuring_arguments,
+    sequential,
+    table,
+    variants_of,
+)
 from tests.vm.harness import Disk, Guest, Lab, Nic, start_all
 
 PORT = 10809
@@ -85,19 +94,12 @@ class Transport:
 
     # -- measurements -------------------------------------------------------------------
 
-    def fio(self, device: str, job: list[str]) -> dict[str, Any]:
-        argv = ["fio", "--name=bench", f"--filename={device}", "--direct=1", "--ioengine=libaio"]
-        out = self.a.run([*argv, *job, "--output-format=json"], timeout=1800).stdout
-        return json.loads(out)["jobs"][0]["write"]
-
     def measure(self, device: str, seq_size: int, lat_seconds: int) -> dict[str, float]:
         before = self._cpu_times(self.b)
-        seq = self.fio(device, ["--rw=write", "--bs=1M", "--iodepth=8", f"--size={seq_size}"])
+        seq = sequential(self.a, device, seq_size)
         after = self._cpu_times(self.b)
         busy = 1 - (after[1] - before[1]) / max(after[0] - before[0], 1)
-        job = ["--rw=randwrite", "--bs=4k", "--iodepth=1", f"--runtime={lat_seconds}", "--time_based", "--size=256M"]
-        lat = self.fio(device, job)["clat_ns"]["mean"] / 1e6
-        return {"seq_mb_s": seq["bw_bytes"] / 1e6, "lat_ms": lat, "b_busy": busy}
+        return {"seq_mb_s": seq, "lat_ms": latency(self.a, device, lat_seconds), "b_busy": busy}
 
     @staticmethod
     def _cpu_times(guest: Guest) -> tuple[int, int]:
@@ -117,34 +119,12 @@ VARIANTS: dict[str, Callable[[Transport], tuple[str, Callable[[], None]]]] = {
 }
 
 
-def table(results: dict[str, dict[str, float]]) -> str:
-    base = results["drbd-C"]
-    lines = [
-        "| variant | seq write MB/s | vs drbd-C | 4K QD1 latency ms | vs drbd-C | node b busy |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for name, r in results.items():
-        lines.append(
-            f"| {name} | {r['seq_mb_s']:.1f} | {r['seq_mb_s'] / base['seq_mb_s']:.2f} | {r['lat_ms']:.2f} "
-            f"| {r['lat_ms'] / base['lat_ms']:.2f} | {r['b_busy']:.2f} |"
-        )
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", type=int, default=2, help="rounds; each figure is their median")
-    parser.add_argument("--seq-size", type=int, default=256 * MIB, help="bytes written by the sequential job")
-    parser.add_argument("--lat-seconds", type=int, default=15, help="duration of the latency job")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset")
-    parser.add_argument("--output", type=Path, help="raw samples as JSON")
+    parser = measuring_arguments(__doc__.splitlines()[0], list(VARIANTS), repeat=2)
     args = parser.parse_args(argv)
-    names = args.variants.split(",")
-    if "drbd-C" not in names:
-        parser.error("drbd-C is the baseline of every ratio")
+    names = variants_of(parser, args)
 
     logs = Path(tempfile.mkdtemp(prefix="bench-nbd-"))
-    samples: dict[str, list[dict[str, float]]] = {name: [] for name in names}
     with Lab(bridges=("hb",)) as lab:
         guests = [
             Guest(
@@ -161,22 +141,19 @@ def main(argv: list[str] | None = None) -> int:
         try:
             start_all(guests)
             transport = Transport(*guests)
-            for round_ in range(args.repeat):
-                for name in names if round_ % 2 == 0 else reversed(names):
-                    device, down = VARIANTS[name](transport)
-                    try:
-                        sample = transport.measure(device, args.seq_size, args.lat_seconds)
-                    finally:
-                        down()
-                    log(f"round {round_ + 1} {name}: {sample}")
-                    samples[name].append(sample)
+
+            def run(name: str) -> dict[str, float]:
+                device, down = VARIANTS[name](transport)
+                try:
+                    return transport.measure(device, args.seq_size, args.lat_seconds)
+                finally:
+                    down()
+
+            results, samples = interleaved(names, args.repeat, run)
         finally:
             for guest in guests:
                 guest.stop()
-    results = {
-        name: {key: statistics.median(s[key] for s in runs) for key in runs[0]} for name, runs in samples.items()
-    }
-    print(table(results))
+    print(table(results, {"b_busy": "node b busy"}))
     if args.output:
         args.output.write_text(json.dumps({"samples": samples, "medians": results}, indent=2))
     log(f"guest logs: {logs}")

@@ -77,6 +77,62 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+def fio(guest: Guest, device: str, job: list[str]) -> dict[str, Any]:
+    """One fio job of direct writes to ``device`` in ``guest``: fio's figures of its writes."""
+    argv = ["fio", "--name=bench", f"--filename={device}", "--direct=1", "--ioengine=libaio"]
+    out = guest.run([*argv, *job, "--output-format=json"], timeout=1800).stdout
+    return json.loads(out)["jobs"][0]["write"]
+
+
+def sequential(guest: Guest, device: str, size: int) -> float:
+    """MB/s of ``size`` bytes of 1 MiB sequential writes at queue depth 8."""
+    return fio(guest, device, ["--rw=write", "--bs=1M", "--iodepth=8", f"--size={size}"])["bw_bytes"] / 1e6
+
+
+def latency(guest: Guest, device: str, seconds: int) -> float:
+    """Mean completion latency (ms) of 4 KiB random writes at queue depth 1 for ``seconds``."""
+    job = ["--rw=randwrite", "--bs=4k", "--iodepth=1", f"--runtime={seconds}", "--time_based", "--size=256M"]
+    return fio(guest, device, job)["clat_ns"]["mean"] / 1e6
+
+
+Samples = dict[str, list[dict[str, float]]]
+
+
+def interleaved(
+    names: list[str], repeat: int, run: Callable[[str], dict[str, float]]
+) -> tuple[dict[str, dict[str, float]], Samples]:
+    """``run`` each variant in each round, forward then backward in turn, so that a slow
+    phase of the host hits all alike: each figure's median over the rounds, and every
+    round's figures."""
+    samples: Samples = {name: [] for name in names}
+    for round_ in range(repeat):
+        for name in names if round_ % 2 == 0 else reversed(names):
+            samples[name].append(run(name))
+            log(f"round {round_ + 1} {name}: {samples[name][-1]}")
+    medians = {
+        name: {key: statistics.median(s[key] for s in runs) for key in runs[0]} for name, runs in samples.items()
+    }
+    return medians, samples
+
+
+def measuring_arguments(description: str, variants: list[str], repeat: int) -> argparse.ArgumentParser:
+    """The options of a benchmark of write throughput and latency against ``drbd-C``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--repeat", type=int, default=repeat, help="rounds; each figure is their median")
+    parser.add_argument("--seq-size", type=int, default=256 * MIB, help="bytes written by the sequential job")
+    parser.add_argument("--lat-seconds", type=int, default=15, help="duration of the latency job")
+    parser.add_argument("--variants", default=",".join(variants), help="comma-separated subset")
+    parser.add_argument("--output", type=Path, help="raw samples as JSON")
+    return parser
+
+
+def variants_of(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+    names = args.variants.split(",")
+    if "drbd-C" not in names:
+        parser.error("drbd-C is the baseline of every ratio")
+    return names
+
+
 def drbd_up(a: Guest, b: Guest, protocol: str) -> None:
     """DRBD resource r0 over each node's ``vol`` disk, its metadata in a loop file,
     connected (neither node primary yet)."""
@@ -178,19 +234,11 @@ class Bench:
 
     # -- measurements -------------------------------------------------------------------
 
-    def fio(self, device: str, job: list[str]) -> dict[str, Any]:
-        argv = ["fio", "--name=bench", f"--filename={device}", "--direct=1", "--ioengine=libaio"]
-        out = self.client.run([*argv, *job, "--output-format=json"], timeout=1800).stdout
-        return json.loads(out)["jobs"][0]["write"]
-
     def measure(self, device: str, seq_size: int, lat_seconds: int) -> dict[str, float]:
-        seq = self.fio(device, ["--rw=write", "--bs=1M", "--iodepth=8", f"--size={seq_size}"])
-        lat = self.latency(device, lat_seconds)
-        return {"seq_mb_s": seq["bw_bytes"] / 1e6, "lat_ms": lat}
+        return {"seq_mb_s": sequential(self.client, device, seq_size), "lat_ms": self.latency(device, lat_seconds)}
 
     def latency(self, device: str, seconds: int) -> float:
-        job = ["--rw=randwrite", "--bs=4k", "--iodepth=1", f"--runtime={seconds}", "--time_based", "--size=256M"]
-        return self.fio(device, job)["clat_ns"]["mean"] / 1e6
+        return latency(self.client, device, seconds)
 
     def written(self, node: ApplianceNode) -> int:
         name = node.guest.run(["readlink", "-f", DEVICE]).stdout.strip().removeprefix("/dev/")
@@ -312,16 +360,20 @@ VARIANTS = {
 }
 
 
-def table(results: dict[str, dict[str, float]]) -> str:
+def table(results: dict[str, dict[str, float]], extra: dict[str, str] | None = None) -> str:
+    """Throughput and latency of each variant and their ratios to ``drbd-C``; ``extra``:
+    more figures, by key, under their headings (two decimals)."""
+    extra = extra or {}
     base = results["drbd-C"]
     lines = [
-        "| variant | seq write MB/s | vs drbd-C | 4K QD1 latency ms | vs drbd-C |",
-        "|---|---:|---:|---:|---:|",
+        "| variant | seq write MB/s | vs drbd-C | 4K QD1 latency ms | vs drbd-C |"
+        + "".join(f" {h} |" for h in extra.values()),
+        "|---|---:|---:|---:|---:|" + "---:|" * len(extra),
     ]
     for name, r in results.items():
         lines.append(
             f"| {name} | {r['seq_mb_s']:.1f} | {r['seq_mb_s'] / base['seq_mb_s']:.2f} "
-            f"| {r['lat_ms']:.2f} | {r['lat_ms'] / base['lat_ms']:.2f} |"
+            f"| {r['lat_ms']:.2f} | {r['lat_ms'] / base['lat_ms']:.2f} |" + "".join(f" {r[k]:.2f} |" for k in extra)
         )
     return "\n".join(lines)
 
@@ -340,22 +392,14 @@ def resync_table(results: dict[str, dict[str, float]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", type=int, default=3, help="rounds; each figure is their median")
-    parser.add_argument("--seq-size", type=int, default=256 * MIB, help="bytes written by the sequential job")
-    parser.add_argument("--lat-seconds", type=int, default=15, help="duration of the latency job")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset")
+    parser = measuring_arguments(__doc__.splitlines()[0], list(VARIANTS), repeat=3)
     parser.add_argument("--dirty", type=int, default=200, help="64 KiB regions written during the outage")
     parser.add_argument("--no-resync", action="store_true", help="skip the resync measurements")
     parser.add_argument("--volumes", type=int, default=0, help="also carry this many more mirrors")
-    parser.add_argument("--output", type=Path, help="raw samples as JSON")
     args = parser.parse_args(argv)
-    names = args.variants.split(",")
-    if "drbd-C" not in names:
-        parser.error("drbd-C is the baseline of every ratio")
+    names = variants_of(parser, args)
 
     logs = Path(tempfile.mkdtemp(prefix="bench-replication-"))
-    samples: dict[str, list[dict[str, float]]] = {name: [] for name in names}
     report: dict[str, Any] = {}
     with Lab(bridges=("lan", "hb")) as lab:
         guests = [
@@ -376,15 +420,15 @@ def main(argv: list[str] | None = None) -> int:
         try:
             start_all([*guests, client])
             bench = Bench(*guests, client)
-            for round_ in range(args.repeat):
-                for name in names if round_ % 2 == 0 else reversed(names):
-                    device, down = VARIANTS[name](bench)
-                    try:
-                        sample = bench.measure(device, args.seq_size, args.lat_seconds)
-                    finally:
-                        down()
-                    log(f"round {round_ + 1} {name}: {sample}")
-                    samples[name].append(sample)
+
+            def run(name: str) -> dict[str, float]:
+                device, down = VARIANTS[name](bench)
+                try:
+                    return bench.measure(device, args.seq_size, args.lat_seconds)
+                finally:
+                    down()
+
+            results, samples = interleaved(names, args.repeat, run)
             if not args.no_resync:
                 report["resync"] = bench.resyncs(args.dirty)
                 log(f"resyncs: {report['resync']}")
@@ -394,9 +438,6 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             for guest in (*guests, client):
                 guest.stop()
-    results = {
-        name: {key: statistics.median(s[key] for s in runs) for key in runs[0]} for name, runs in samples.items()
-    }
     print(table(results))
     if "resync" in report:
         print()
