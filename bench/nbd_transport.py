@@ -61,7 +61,7 @@ class Transport:
     def __init__(self, a: Guest, b: Guest) -> None:
         self.a, self.b = a, b
         for name, guest in (("a", a), ("b", b)):
-            guest.run(f"hostname {name} && modprobe -a nbd drbd")
+            guest.run(f"hostname {name} && modprobe -a nbd drbd loop")
 
     # -- the variants: each gives node a's device to write to, and how to take it down ----
 
