@@ -43,6 +43,7 @@ from bench.replication import (
     interleaved,
     latency,
     log,
+    measured,
     measuring_arguments,
     sequential,
     table,
@@ -141,15 +142,14 @@ def main(argv: list[str] | None = None) -> int:
         try:
             start_all(guests)
             transport = Transport(*guests)
-
-            def run(name: str) -> dict[str, float]:
-                device, down = VARIANTS[name](transport)
-                try:
-                    return transport.measure(device, args.seq_size, args.lat_seconds)
-                finally:
-                    down()
-
-            results, samples = interleaved(names, args.repeat, run)
+            results, samples = interleaved(
+                names,
+                args.repeat,
+                lambda name: measured(
+                    VARIANTS[name](transport),
+                    lambda device: transport.measure(device, args.seq_size, args.lat_seconds),
+                ),
+            )
         finally:
             for guest in guests:
                 guest.stop()

@@ -115,6 +115,15 @@ def interleaved(
     return medians, samples
 
 
+def measured(variant: tuple[str, Callable[[], None]], measure: Callable[[str], dict[str, float]]) -> dict[str, float]:
+    """``measure`` the device a variant set up (``(device, down)``), then take it down."""
+    device, down = variant
+    try:
+        return measure(device)
+    finally:
+        down()
+
+
 def measuring_arguments(description: str, variants: list[str], repeat: int) -> argparse.ArgumentParser:
     """The options of a benchmark of write throughput and latency against ``drbd-C``."""
     parser = argparse.ArgumentParser(description=description)
@@ -420,15 +429,13 @@ def main(argv: list[str] | None = None) -> int:
         try:
             start_all([*guests, client])
             bench = Bench(*guests, client)
-
-            def run(name: str) -> dict[str, float]:
-                device, down = VARIANTS[name](bench)
-                try:
-                    return bench.measure(device, args.seq_size, args.lat_seconds)
-                finally:
-                    down()
-
-            results, samples = interleaved(names, args.repeat, run)
+            results, samples = interleaved(
+                names,
+                args.repeat,
+                lambda name: measured(
+                    VARIANTS[name](bench), lambda device: bench.measure(device, args.seq_size, args.lat_seconds)
+                ),
+            )
             if not args.no_resync:
                 report["resync"] = bench.resyncs(args.dirty)
                 log(f"resyncs: {report['resync']}")
