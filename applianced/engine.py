@@ -28,7 +28,7 @@ from applianced.errors import AlreadyExists, Busy, InvalidArgument, KernelError,
 from applianced.iscsi import bootprofile, devices, diskfile, firewall, presence, targetcli
 from applianced.iscsi.initiators import FILE_NAME as SEEN_FILE_NAME
 from applianced.iscsi.initiators import LoginSource, SeenInitiators
-from applianced.iscsi.kernel.model import DiskDevice, KernelConfig, TargetSessions, render
+from applianced.iscsi.kernel.model import DiskDevice, KernelConfig, TargetSessions, holds_registrations, render
 from applianced.iscsi.kernel.plan import Action, plan
 from applianced.state import Acl, BootClient, Chap, Config, Disk, Lun, Portal, StateStore, Target
 
@@ -83,6 +83,11 @@ class ReplicaView(Protocol):
         """Disks served through a mirror: the device node their disk device maps."""
         ...
 
+    def standby(self) -> Mapping[str, str]:
+        """Copies a takeover would serve from a device that runs already (the copy's
+        prepared array): its node, over which their LUNs are made in advance."""
+        ...
+
     def mirrored(self) -> Collection[str]:
         """Disks that belong to a mirror, in either role."""
         ...
@@ -99,6 +104,9 @@ class NoReplication:
         return {}
 
     def lowers(self) -> Mapping[str, str]:
+        return {}
+
+    def standby(self) -> Mapping[str, str]:
         return {}
 
     def mirrored(self) -> Collection[str]:
@@ -136,6 +144,10 @@ class Appliance:
         self._guards: list[Callable[[Config, Config], None]] = []
         # Disks whose backing is absent now, with the reason: the kernel does not have them.
         self.missing: dict[str, str] = {}
+        # Copies that hold persistent reservations the peer sent (``keep_reservations``):
+        # LIO takes reservations only into a backstore it makes, so theirs are not made in
+        # advance (replication's ``standby``) but at the takeover, with the reservations.
+        self._reserved: set[str] = set()
         # Recently seen initiators, sampled by a task the daemon starts (``seen.run()``).
         self.seen = SeenInitiators(kernel, store.directory / SEEN_FILE_NAME, lambda: self.config)
         # Which disks are mirror copies or served through a mirror (set by the daemon).
@@ -173,6 +185,9 @@ class Appliance:
             if stored is None:
                 stored = self.config
                 await asyncio.to_thread(self.store.save, stored)
+            serials = {disk.serial: disk.name for disk in stored.disks.values()}
+            saved = await asyncio.to_thread(self.kernel.saved_reservations, list(serials))
+            self._reserved = {serials[serial] for serial, text in saved.items() if holds_registrations(text)}
             if prepare is not None:
                 await prepare(stored)
             return await self._reconcile_stored(stored)
@@ -217,7 +232,12 @@ class Appliance:
 
     def _render(self, config: Config) -> KernelConfig:
         unserved = self.missing.keys() | self.replication.unserved().keys()
-        return render(config, unserved, self.replication.lowers())
+        standby = {
+            disk: node
+            for disk, node in self.replication.standby().items()
+            if disk not in self.missing and disk not in self._reserved
+        }
+        return render(config, unserved, self.replication.lowers(), standby)
 
     def _filters(self, config: Config, resolved: Mapping[str, frozenset[str]]) -> dict[str, firewall.PortalFilter]:
         """The allow-lists of ``config``'s portals and the rules of replication's exports."""
@@ -226,6 +246,7 @@ class Appliance:
     def _set_config(self, config: Config) -> None:
         self.config = config
         self.missing = {name: reason for name, reason in self.missing.items() if name in config.disks}
+        self._reserved &= config.disks.keys()
         for listener in self._listeners:
             listener(config)
 
@@ -727,8 +748,16 @@ class Appliance:
 
     async def keep_reservations(self, disk: str, saved: str) -> None:
         """Keep ``saved`` (the peer's ``saved_reservations`` of the disk that ``disk`` is the
-        copy of, same serial) for the backstore that a takeover makes of ``disk``."""
+        copy of, same serial) for the backstore that a takeover makes of ``disk``: one made
+        in advance, which LIO gave no reservations, goes (and comes back once they go)."""
         await asyncio.to_thread(self.kernel.keep_reservations, self._disk(disk).serial, saved)
+        reserved = holds_registrations(saved)
+        if (disk in self._reserved) != reserved:
+            if reserved:
+                self._reserved.add(disk)
+            else:
+                self._reserved.discard(disk)
+            await self.refresh_replication()
 
     async def _refuse_if_sessions(self, target: Target, change: str, initiator: str | None = None) -> None:
         sessions = [s for s in (await self.sessions(target.iqn)).sessions if initiator in (None, s.initiator)]

@@ -634,7 +634,8 @@ class Failover:
         self.counters["connections_reset"] += reset
 
     async def _promote_copies(self, copies: list[str]) -> None:
-        """The copies become sources, in one pass; their LUNs come with the targets' enable commit."""
+        """The copies become sources, in one pass; the targets' enable commit serves their
+        LUNs (made in advance over the prepared arrays, or made then)."""
         if copies:
             await self.replication.promote(copies)
 

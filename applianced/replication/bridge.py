@@ -258,10 +258,11 @@ class Mirror:
         adopted if it runs, assembled from this node's own metadata if it has one (whose
         bitmap marks what this node wrote that the source may lack), else forked from the
         export's metadata; with ``fresh``, forked anew (the copy caught up: nothing differs).
-        None while the source's array has written no metadata to the export yet."""
+        None while the source's array has written no metadata to the export yet. Its node
+        (``node``) is made: the target service makes the copy's LUNs over it in advance."""
         array = self.array()
         if array is not None and not fresh:
-            return array
+            return self._named(array)
         if fresh or not self.has_metadata():
             exported = bitmap.read_metadata(self.export_meta)
             if not bitmap.has_superblock(exported):
@@ -272,6 +273,15 @@ class Mirror:
         # The leg was the source's write-mostly one: reads stay on it from now on, and md
         # writes that to the superblock here rather than in a takeover's stall.
         self._local_reads(array)
+        return self._named(array)
+
+    def adopt(self) -> md.Array | None:
+        """The copy's prepared array if it runs (a daemon's start), with its node made."""
+        array = self.array()
+        return None if array is None else self._named(array)
+
+    def _named(self, array: md.Array) -> md.Array:
+        dm.make_node(MIRROR_PREFIX + self.volume.name, array.device_number)
         return array
 
     def take_over(self, write_behind: int, dirty: Sequence[tuple[int, int]] = ()) -> md.ArrayStatus:
@@ -326,7 +336,7 @@ class Mirror:
             # What ``mdadm --readwrite`` does, without its process start (most of a second
             # under emulation, in a takeover's stall).
             array.write("array_state", "active")
-        dm.make_node(MIRROR_PREFIX + self.volume.name, array.device_number)
+        self._named(array)
         return array, self._local_reads(array)
 
     def create(self, peer: PeerEndpoint) -> md.Array:

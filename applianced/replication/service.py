@@ -172,6 +172,9 @@ class Replication:
         self._listeners: list[Callable[[str, str], None]] = []
         # Stopping the servers of exports that a takeover fenced, after its answer.
         self._stopping: set[asyncio.Future[None]] = set()
+        # A copy's prepared array came up in this monitor pass: the target service makes
+        # its LUNs in advance at the pass's end (one reconcile for all of them).
+        self._standby_grew = False
         # The throttles last applied (None: not yet since the start).
         self._throttled: list[throttle.Limit] | None = None
         # When the peer link was last seen connected; a daemon that just started counts
@@ -204,6 +207,16 @@ class Replication:
 
     def lowers(self) -> Mapping[str, str]:
         return dict(self._lowers)
+
+    def standby(self) -> Mapping[str, str]:
+        # A sync mirror handed over keeps its array (the peer's leg taken out) as the copy's
+        # prepared array: the LUNs that disabled targets hold stay on it all the way.
+        return {
+            name: self._mirror(rt).node
+            for name, rt in self.mirrors.items()
+            if (rt.record.role == TARGET and rt.array_prepared)
+            or (name in self._handing_over and rt.record.mode == SYNC)
+        }
 
     def mirrored(self) -> Collection[str]:
         return tuple(self.mirrors)
@@ -242,7 +255,7 @@ class Replication:
         failed = await self._start_sources(sources)
         # A daemon that stopped in a takeover's last step left the fenced exports' servers.
         await self._stop_fenced(sources)
-        _, unserved = await _on_threads(self._serve_copy, copies)
+        _, unserved = await _on_threads(self._start_copy, copies)
         for rt, exc in [*failed, *unserved]:
             if not isinstance(exc, KernelError):
                 raise exc
@@ -296,6 +309,12 @@ class Replication:
                 except Exception:
                     # One mirror's failure must not stop the others from being watched.
                     log.exception("replication monitor: mirror %s", name)
+            if self._standby_grew:
+                self._standby_grew = False
+                try:
+                    await self.engine.refresh_replication()
+                except Exception:
+                    log.exception("replication monitor: the copies' LUNs were not made in advance")
 
     # -- reading ----------------------------------------------------------------------
 
@@ -484,6 +503,7 @@ class Replication:
                 await self.engine.refresh_replication()  # the disk device maps the disk again
                 await asyncio.to_thread(self._mirror(rt).disassemble)
             else:
+                await self._withdraw_standby(rt)
                 await asyncio.to_thread(self._drop_copy, rt)
             await asyncio.to_thread(self.data.release, rt.volume)
             del self.mirrors[disk]
@@ -692,8 +712,9 @@ class Replication:
         steps = Steps()
         self._handing_over.update(names)
         try:
-            # No backstore: nothing writes here any more.
-            await steps.run("backstores removed", self.engine.refresh_replication())
+            # No LUN in an enabled target: nothing writes here any more. (A failover disabled
+            # its targets already: their LUNs stay, for the way back.)
+            await steps.run("LUNs withdrawn", self.engine.refresh_replication())
             take_overs = await steps.run("arrays stopped", self._stop_arrays(rts, stopped))
             timeout = SLOW_REQUEST + TAKE_OVER_PER_DISK * len(rts)
             ask = self._ask(messages.TAKE_OVER, messages.TakeOvers(tuple(take_overs)), messages.Done, timeout)
@@ -733,6 +754,7 @@ class Replication:
         for rt, _ in done:
             stopped.append(rt)
             self._lowers.pop(rt.record.disk, None)
+            rt.array_prepared = rt.record.mode == SYNC
         if failed:
             raise failed[0][1]
         take_overs, swapped = [], []
@@ -865,8 +887,11 @@ class Replication:
         if rt.record.role == TARGET:
             if not rt.record.unlocked and not self._export(rt).server_pid():
                 await asyncio.to_thread(self._serve_copy, rt)
+            if rt.fork_due:
+                await self._withdraw_standby(rt)
             if rt.fork_due or (not rt.array_prepared and time.monotonic() >= rt.prepare_after):
                 await asyncio.to_thread(self._prepare_copy, rt)
+                self._standby_grew |= rt.array_prepared
             await self._refresh_state(rt)
             return
         if rt.record.disk not in self._lowers:
@@ -1216,6 +1241,7 @@ class Replication:
         rt = self.mirrors.get(ask.disk)
         if rt is None or rt.record.role != TARGET:
             return messages.Done()  # released already (a retry, or an undone create)
+        await self._withdraw_standby(rt)
         await asyncio.to_thread(self._drop_copy, rt)
         await asyncio.to_thread(self.data.release, rt.volume)
         del self.mirrors[ask.disk]
@@ -1260,6 +1286,7 @@ class Replication:
         if rt.record.size >= ask.size:
             return messages.Done()  # grown already (a retry)
         export = self._export(rt)
+        await self._withdraw_standby(rt)
 
         async def grow_layers(grown: Disk) -> None:
             # The prepared array has the old size: the monitor forks it anew, at the new one.
@@ -1379,6 +1406,12 @@ class Replication:
         """(On a thread.) Serve the copy to the source, at the record's address and port."""
         self._export(rt).assemble(rt.record.target_address, rt.record.port)
 
+    def _start_copy(self, rt: Runtime) -> None:
+        """(On a thread.) At start: the copy served, and its prepared array adopted if it
+        runs, so that the first reconcile keeps the LUNs made over it in advance."""
+        self._serve_copy(rt)
+        rt.array_prepared = self._mirror(rt).adopt() is not None
+
     def _prepare_copy(self, rt: Runtime) -> None:
         """(On a thread.) The copy's prepared array adopted, or forked (anew once reported in
         sync): ``Mirror.prepare``. Without one the copy is still served, and a takeover
@@ -1390,6 +1423,13 @@ class Replication:
             rt.array_prepared = False
             rt.prepare_after = time.monotonic() + PREPARE_RETRY_SECONDS
             log.warning("mirror %s: the copy has no prepared array (%s); a takeover starts it", rt.record.disk, exc)
+
+    async def _withdraw_standby(self, rt: Runtime) -> None:
+        """Before a copy's prepared array stops: the LUNs made over it in advance (which
+        hold it open) go."""
+        if rt.array_prepared:
+            rt.array_prepared = False
+            await self.engine.refresh_replication()
 
     def _drop_copy(self, rt: Runtime) -> None:
         """(On a thread.) The copy neither served nor prepared: a plain disk again."""

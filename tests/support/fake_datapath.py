@@ -165,6 +165,10 @@ class FakeMirror(_Part):
         sees of a prepared array is the takeover that assembles it."""
         return FakeArray(self) if self.has_metadata() else None
 
+    def adopt(self) -> FakeArray | None:
+        """``prepare``'s array: a prepared array, kept nowhere, runs as long as the metadata is there."""
+        return self.prepare()
+
     def discard(self) -> None:
         pass
 

@@ -13,6 +13,7 @@ from applianced.engine import Appliance, NoReplication
 from applianced.errors import AlreadyExists, Busy, InvalidArgument, KernelError, NotFound, NotSupported, StateError
 from applianced.iscsi import bootprofile, diskfile
 from applianced.iscsi.kernel.model import Session, StorageObject
+from applianced.iscsi.kernel.plan import SetTpgEnabled
 from applianced.state import Chap, Portal, StateStore
 from tests.support.fake_firewall import FakeFirewall
 from tests.support.fake_kernel import FakeKernel
@@ -211,6 +212,68 @@ def test_a_commit_plans_from_what_was_applied_and_reads_the_kernel_only_after_a_
         assert kernel.targets["iqn.2003-01.org.linux-iscsi.applianced:t1"].enabled
 
     run(scenario())
+
+
+class Copies(NoReplication):
+    """Replication's view on a passive node: d1 is the peer's copy, whose prepared array runs
+    once ``prepared``; ``promoted`` (a takeover) serves d1 from that array."""
+
+    prepared = False
+    promoted = False
+
+    def unserved(self):
+        return {} if self.promoted else {"d1": "the peer's copy"}
+
+    def lowers(self):
+        return {"d1": "/dev/md0"} if self.promoted else {}
+
+    def standby(self):
+        return {"d1": "/dev/md0"} if self.prepared and not self.promoted else {}
+
+    def mirrored(self):
+        return ["d1"]
+
+
+def test_a_prepared_copy_waits_with_its_luns_made_unless_it_holds_reservations(tmp_path):
+    kernel = FakeKernel()
+
+    async def scenario():
+        engine = await started(make_engine(tmp_path, kernel))
+        await populate(engine)
+        await engine.set_targets_enabled(["t1"], False)  # the passive node's copy of t1
+        iqn = engine.config.targets["t1"].iqn
+        engine.replication = copies = Copies()
+        await engine.refresh_replication()
+        assert "d1" not in kernel.storage_objects and kernel.targets[iqn].luns == {}
+        copies.prepared = True
+        await engine.refresh_replication()
+        assert kernel.disk_devices["d1"].lower == "/dev/md0"
+        assert kernel.targets[iqn].luns == {0: "d1"} and not kernel.targets[iqn].enabled
+        # LIO reads reservations only into a backstore it makes: the copy's waits for them.
+        await engine.keep_reservations("d1", "PR_REG_START: 0\nPR_REG_END: 0\n")
+        assert "d1" not in kernel.storage_objects and kernel.targets[iqn].luns == {}
+        await engine.keep_reservations("d1", "No Registrations or Reservations\n")  # LIO's text once they go
+        assert kernel.targets[iqn].luns == {0: "d1"}
+        # The takeover: the copy served from the array its LUN already sits on.
+        copies.promoted = True
+        kernel.applied.clear()
+        await engine.set_targets_enabled(["t1"], True)
+        assert kernel.applied == [SetTpgEnabled(iqn, True)]
+        return engine
+
+    engine = run(scenario())
+    # A restart finds the reservations kept: nothing is made in advance for them.
+    kernel.keep_reservations(engine.config.disks["d1"].serial, "PR_REG_START: 0\nPR_REG_END: 0\n")
+
+    async def restarted_as_the_passive_node():
+        again = make_engine(tmp_path, kernel)
+        again.replication = copies = Copies()
+        copies.prepared = True
+        await again.start()
+        await again.set_targets_enabled(["t1"], False)
+
+    run(restarted_as_the_passive_node())
+    assert "d1" not in kernel.storage_objects
 
 
 def test_state_write_failure_rolls_back_the_kernel(tmp_path, monkeypatch):

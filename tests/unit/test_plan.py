@@ -1,5 +1,6 @@
 """Planning LIO changes: correctness against the fake kernel's semantics, and ordering."""
 
+import dataclasses
 import random
 
 from applianced.iscsi.kernel import plan as p
@@ -103,3 +104,28 @@ def test_unrelated_changes_do_not_touch_other_targets():
     changed = base.with_target(Target("b", "iqn.2003-01.org.example:b"))
     actions = p.plan(render(base), render(changed))
     assert all(getattr(a, "iqn", None) == "iqn.2003-01.org.example:b" for a in actions)
+
+
+def test_a_copy_standing_by_has_its_luns_made_only_in_disabled_targets():
+    copy = Disk("c1", "/srv/c1.img", 1 << 20, "s1", backstore="dm")
+    plain = Disk("c2", "/srv/c2.img", 1 << 20, "s2")  # not a device-mapper disk: never in advance
+    config = Config(node_id="n").with_disk(copy).with_disk(plain)
+    acl = Acl("iqn.1994-05.com.example:c")
+    waiting = Target("t", "iqn.2003-01.org.example:t", enabled=False, luns=(Lun(0, "c1"), Lun(1, "c2")), acls=(acl,))
+    config = config.with_target(waiting)
+    unserved = {"c1", "c2"}
+    standby = {"c1": "/run/applianced/block/applianced-mirror-c1", "c2": "/dev/md9"}
+
+    rendered = render(config, unserved, {}, standby)
+    assert set(rendered.storage_objects) == {"c1"}
+    assert rendered.disk_devices["c1"].lower == standby["c1"]
+    assert rendered.targets[waiting.iqn].luns == {0: "c1"}
+    assert {m.mapped_lun for m in rendered.targets[waiting.iqn].acls[acl.initiator].mapped_luns} == {0}
+    # Without the prepared array, the copy is not served at all.
+    assert render(config, unserved).storage_objects == {}
+    # An enabled target never reaches a copy, prepared or not.
+    enabled = render(config.with_target(dataclasses.replace(waiting, enabled=True)), unserved, {}, standby)
+    assert enabled.targets[waiting.iqn].luns == {} and enabled.storage_objects == {}
+    # Promoted (served through the same array): the same objects, so only the TPG changes.
+    promoted = render(config.with_target(dataclasses.replace(waiting, enabled=True)), {"c2"}, {"c1": standby["c1"]})
+    assert p.plan(rendered, promoted) == [p.SetTpgEnabled(waiting.iqn, True)]

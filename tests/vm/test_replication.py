@@ -548,6 +548,30 @@ def luns_served(node: Node) -> int:
     return len(found.stdout.split()) if found.rc == 0 else 0
 
 
+def luns_waiting(node: Node) -> dict[str, int]:
+    """``backstores_of_luns`` of a passive node, whose TPG of t1 must be disabled: the LUNs
+    made in advance over the copies' prepared arrays. Read until three looks a few seconds
+    apart agree, so that a copy's array forked anew (its LUN made again) has settled."""
+    looks: list[dict[str, int]] = []
+    while len(looks) < 3 or not looks[-1] == looks[-2] == looks[-3]:
+        enabled = node.guest.run(f"cat /sys/kernel/config/target/iscsi/{TARGET}/tpgt_1/enable").stdout.strip()
+        assert enabled == "0", f"{node.guest.name}'s TPG of t1 is enabled"
+        looks.append(backstores_of_luns(node))
+        time.sleep(3)
+    return looks[-1]
+
+
+def backstores_of_luns(node: Node) -> dict[str, int]:
+    """Each LUN of t1 in the node's LIO with its backstore's configfs inode (a backstore
+    made again, even under the same name, has a new one)."""
+    script = (
+        f"for lun in /sys/kernel/config/target/iscsi/{TARGET}/tpgt_1/lun/lun_*; do "
+        'echo "$(basename $lun) $(stat -L -c %i $(find $lun -maxdepth 1 -type l))"; done'
+    )
+    found = node.guest.run(script)
+    return {line.split()[0]: int(line.split()[1]) for line in found.stdout.split("\n") if " " in line}
+
+
 def luns_configured(node: Node) -> int:
     """The LUNs of t1 in the node's configuration (a passive node serves none of them)."""
     prefix = f"{TARGETS_PATH}/t1/luns/"
@@ -583,13 +607,19 @@ def test_failover_with_five_luns_switches_over_and_takes_over_in_one_pass(cluste
     wait_for(lambda: a.mirrors_in_state(1) == LUNS, "every mirror in sync")
     a.ctl_batch(*(("lun", "add", "t1", name) for name in MORE_DISKS))
     wait_for(lambda: luns_configured(b) == LUNS, "b keeps t1 ready with every LUN")
-    assert (luns_served(a), luns_served(b), failover_status(b)["role"]) == (LUNS, 0, "passive")
+    # ... and its LUNs made in advance, over the copies' prepared arrays, its TPG disabled.
+    wait_for(lambda: luns_served(b) == LUNS, "b makes t1's LUNs in advance")
+    waiting = luns_waiting(b)
+    assert (luns_served(a), len(waiting), failover_status(b)["role"]) == (LUNS, LUNS, "passive")
     device = cluster.client_device(serial_of(a, "d1"))
 
     written = write_through(cluster.client.guest, device, FAILOVER_BLOCKS, 3, lambda: a.ctl("failover", "switchover"))
     assert failover_status(a)["role"] == "passive"
     serves_everything(b, written, f"switchover of {LUNS} LUNs")
+    assert backstores_of_luns(b) == waiting, "the switchover made b's backstores again instead of enabling them"
     wait_for(lambda: b.mirrors_in_state(1) == LUNS, "every mirror in sync again")
+    wait_for(lambda: luns_served(a) == LUNS, "a, passive now, makes t1's LUNs in advance")
+    waiting = luns_waiting(a)
 
     def kill_b() -> None:
         b.guest.power_off()
@@ -597,3 +627,4 @@ def test_failover_with_five_luns_switches_over_and_takes_over_in_one_pass(cluste
 
     written = write_through(cluster.client.guest, device, FAILOVER_BLOCKS, 4, kill_b)
     serves_everything(a, written, f"b killed with {LUNS} LUNs")
+    assert backstores_of_luns(a) == waiting, "the takeover made a's backstores again instead of enabling them"

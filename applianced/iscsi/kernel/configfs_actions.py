@@ -25,7 +25,7 @@ from pathlib import Path
 
 from applianced.errors import KernelError
 from applianced.iscsi.kernel import configfs, plan
-from applianced.iscsi.kernel.model import StorageObject
+from applianced.iscsi.kernel.model import REGISTRATION_START, StorageObject
 from applianced.state import Chap
 
 log = logging.getLogger(__name__)
@@ -227,7 +227,7 @@ def _restore_persistent_reservations(path: str, serial: str) -> None:
         return
     registration: list[str] | None = None
     for word in words:
-        if word.startswith("PR_REG_START:"):
+        if word.startswith(REGISTRATION_START):
             registration = []
         elif word.startswith("PR_REG_END:"):
             if registration:

@@ -86,6 +86,16 @@ class DiskDevice:
         return device_node(self.name)
 
 
+# How each registration begins in the file where LIO saves a backstore's persistent
+# reservations (APTPL); once the last one goes, LIO writes "No Registrations or Reservations".
+REGISTRATION_START = "PR_REG_START:"
+
+
+def holds_registrations(saved: str) -> bool:
+    """Whether LIO's saved reservations of a backstore (the file's text) register anyone."""
+    return REGISTRATION_START in saved
+
+
 DISK_DEVICE_PREFIX = "applianced-disk-"
 # The nodes of applianced's device-mapper devices (applianced/blockdev/dm.py).
 DEVICE_NODE_DIR = "/run/applianced/block"
@@ -225,7 +235,10 @@ class LoginActivity:
 
 
 def render(
-    config: Config, unserved: AbstractSet[str] = frozenset(), lowers: Mapping[str, str] | None = None
+    config: Config,
+    unserved: AbstractSet[str] = frozenset(),
+    lowers: Mapping[str, str] | None = None,
+    standby: Mapping[str, str] | None = None,
 ) -> KernelConfig:
     """Return the LIO configuration that realises ``config``.
 
@@ -235,14 +248,32 @@ def render(
     never read zeros (or a copy being written) in place of their data; every other LUN is
     served. ``lowers`` names, for some "dm" disks, the device their device-mapper device
     maps instead of the disk itself: a mirror of it, which replication assembled.
+
+    ``standby`` names, for some unserved copies, the device a takeover will serve them
+    from (the copy's prepared array): such a disk's device, backstore and LUNs are made in
+    advance in the *disabled* targets that hold it, so that a takeover only enables the
+    targets (LIO reads the real device's block size and limits as it makes the backstore). In
+    an enabled target its LUN stays out: nothing reaches a copy around its mirror.
     """
     lowers = lowers or {}
-    served = [disk for disk in config.disks.values() if disk.name not in unserved]
+    standby = standby or {}
+    waiting = {
+        lun.disk
+        for target in config.targets.values()
+        if not target.enabled
+        for lun in target.luns
+        if lun.disk in standby and lun.disk in unserved and config.disks[lun.disk].backstore == "dm"
+    }
+    served = [disk for disk in config.disks.values() if disk.name not in unserved or disk.name in waiting]
     storage_objects = {disk.name: _storage_object(disk) for disk in served}
-    disk_devices = {disk.name: _disk_device(disk, lowers.get(disk.name)) for disk in served if disk.backstore == "dm"}
+    disk_devices = {
+        disk.name: _disk_device(disk, lowers.get(disk.name, standby.get(disk.name)))
+        for disk in served
+        if disk.backstore == "dm"
+    }
     targets = {}
     for target in config.targets.values():
-        luns = [lun for lun in target.luns if lun.disk not in unserved]
+        luns = [lun for lun in target.luns if lun.disk not in unserved or (not target.enabled and lun.disk in waiting)]
         # Every allowed initiator sees every LUN of the target under the same number.
         mapped = frozenset(MappedLun(lun.number, lun.number, lun.read_only) for lun in luns)
         targets[target.iqn] = KernelTarget(
