@@ -327,9 +327,20 @@ class Ours:
         return next(d["serial"] for d in a.ctl_json("disk", "list") if d["name"] == "d1")
 
     def ready(self, passive: str) -> None:
-        """Wait until the passive node knows the client's connection (to reset it)."""
+        """Wait until the passive node knows the client's connection (to reset it) and holds
+        every LUN made in advance (its copies' arrays prepared, none forked anew for 10 s):
+        the pair as it runs, not as it settles after a resync."""
         node = self.nodes.nodes[passive]
         node.wait_property(FAILOVER_PATH, FAILOVER_INTERFACE, "ClientConnections", "u 1", timeout=120)
+        luns = f"/sys/kernel/config/target/iscsi/{TARGET}/tpgt_1/lun"
+        count = f"ls {luns} 2>/dev/null | wc -l"
+        looks: list[str] = []
+        deadline = time.monotonic() + SLOWEST_ROLE_CHANGE
+        while len(looks) < 3 or looks[-3:] != [str(len(self.disks))] * 3:
+            if time.monotonic() > deadline:
+                raise HarnessError(f"{passive} holds {looks[-1]} of {len(self.disks)} LUNs made in advance")
+            looks.append(node.guest.run(count).stdout.strip())
+            time.sleep(5)
 
     def wait_active(self, name: str) -> None:
         # The client measures the stall, not this wait: a read every five seconds takes
