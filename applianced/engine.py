@@ -156,6 +156,8 @@ class Appliance:
         # (before the first reconcile, after a failed change). A commit plans from it, so a
         # change of replication's view (a copy promoted at a takeover) reads nothing back.
         self._applied: KernelConfig | None = None
+        # The filters the firewall's table was last brought to, whole; None while unknown.
+        self._filtered: dict[str, firewall.PortalFilter] | None = None
 
     @property
     def disks_dir(self) -> Path:
@@ -259,8 +261,12 @@ class Appliance:
             # portal is filtered before LIO listens on it: no moment leaves either open.
             resolved = self._resolve(old, new)
             wanted = self._filters(new, resolved)
-            bridge = {**self._filters(old, resolved), **wanted}
-            self._apply_firewall(bridge)
+            # A commit that keeps the rules last applied leaves the table alone (nft read it
+            # back, twice: 1.5 s of a 64-LUN takeover's enable under emulation); reconciles
+            # and whole-configuration changes still read it.
+            rules_change = from_kernel or wanted != self._filtered
+            if rules_change:
+                self._apply_firewall({**self._filters(old, resolved), **wanted})
             # Whole-configuration changes plan from what the kernel really holds, so that
             # objects made by other tools are adopted or corrected, not assumed.
             rendered = self._render(new)
@@ -268,7 +274,8 @@ class Appliance:
             self._applied = None
             self.kernel.apply(plan(current, rendered))
             self._applied = rendered
-            self._apply_firewall(wanted)
+            if rules_change:
+                self._apply_firewall(wanted)
             self.store.save(new)
         except Exception:
             # An unforeseen error (a bug) must not leave the kernel half-changed either.
@@ -282,7 +289,10 @@ class Appliance:
 
     def _apply_firewall(self, filters: Mapping[str, firewall.PortalFilter]) -> int:
         """Bring the firewall table in line; 1 if it had to be replaced, else 0."""
-        if not self.firewall.apply(firewall.ruleset(filters.values())):
+        self._filtered = None
+        replaced = self.firewall.apply(firewall.ruleset(filters.values()))
+        self._filtered = dict(filters)
+        if not replaced:
             return 0
         audit("firewall", "node", "ok", f"firewall rules replaced: {len(filters)} portal(s) with an allow-list")
         return 1

@@ -172,6 +172,10 @@ class Replication:
         self._listeners: list[Callable[[str, str], None]] = []
         # Stopping the servers of exports that a takeover fenced, after its answer.
         self._stopping: set[asyncio.Future[None]] = set()
+        # Sources whose export a takeover fenced, its server not stopped yet, with the
+        # export's firewall rule: it stays until then, so that the takeover's commit (whose
+        # records swapped the addresses) changes no rule.
+        self._fenced: dict[str, PortalFilter] = {}
         # A copy's prepared array came up in this monitor pass: the target service makes
         # its LUNs in advance at the pass's end (one reconcile for all of them).
         self._standby_grew = False
@@ -222,12 +226,8 @@ class Replication:
         return tuple(self.mirrors)
 
     def filters(self) -> Mapping[str, PortalFilter]:
-        found = {}
-        for rt in self.mirrors.values():
-            if rt.record.role == TARGET:
-                rule = export_filter(rt.record.target_address, rt.record.port, rt.record.source_address)
-                found[rule.key] = rule
-        return found
+        rules = [_export_rule(rt.record) for rt in self.mirrors.values() if rt.record.role == TARGET]
+        return {rule.key: rule for rule in [*rules, *self._fenced.values()]}
 
     # -- start-up ---------------------------------------------------------------------
 
@@ -816,8 +816,7 @@ class Replication:
             await steps.run("exports fenced", self._fence_exports(rts, fenced))
             await steps.run("records saved", self._save_records(sources))
         except BaseException:
-            # Still the copies: served again, their legs' tables back.
-            await _on_threads(self._serve_copy, fenced)
+            await self._serve_again(fenced)
             raise
         await steps.run("arrays started", self._assemble_sources(rts, taking_over=True))
         for rt in rts:
@@ -839,15 +838,30 @@ class Replication:
         disk from now on; its leg stays, for the array. ``fenced`` gets each one done."""
         done, failed = await _on_threads(lambda rt: self._export(rt).fence(), rts)
         fenced.extend(rt for rt, _ in done)
+        self._fenced.update((rt.record.disk, _export_rule(rt.record)) for rt, _ in done)
         if failed:
             raise failed[0][1]
 
+    async def _serve_again(self, fenced: list[Runtime]) -> None:
+        """After a takeover that failed: the copies whose exports it fenced are served
+        again, their legs' tables back; a failure is logged."""
+        for rt in fenced:
+            self._fenced.pop(rt.record.disk, None)
+        _, failed = await _on_threads(self._serve_copy, fenced)
+        for rt, exc in failed:
+            log.error("mirror %s: the copy could not be served again: %s", rt.record.disk, exc)
+
     async def _stop_fenced(self, rts: Sequence[Runtime]) -> None:
-        """Stop the servers of these sources' fenced exports (idempotent); a failure is
-        logged, and tried again at the next start."""
-        _, failed = await _on_threads(lambda rt: self._export(rt).stop_serving(), rts)
+        """Stop the servers of these sources' fenced exports (idempotent), then their
+        firewall rules go; a failure is logged, and tried again at the next start."""
+        stopped, failed = await _on_threads(lambda rt: self._export(rt).stop_serving(), rts)
         for rt, exc in failed:
             log.warning("mirror %s: the server of its fenced export did not stop: %s", rt.record.disk, exc)
+        ruled = [rt.record.disk for rt, _ in stopped if rt.record.disk in self._fenced]
+        for disk in ruled:
+            del self._fenced[disk]
+        if ruled:
+            await self.engine.refresh_replication()
 
     async def prepare_targets(self, disks: Sequence[str]) -> None:
         """Make this node's halves of ``disks`` the copies again after a split brain (the
@@ -1334,8 +1348,7 @@ class Replication:
             for rt in fenced:
                 self._lowers.pop(rt.record.disk, None)
             await self._save_records(originals)
-            for rt in fenced:
-                await asyncio.to_thread(self._serve_copy, rt)
+            await self._serve_again(fenced)
             raise
         await steps.run("reconciled", self.engine.refresh_replication())
         for rt, item in wanted:
@@ -1548,6 +1561,11 @@ async def _on_threads(
     done = [(item, result) for item, result in paired if not isinstance(result, BaseException)]
     failed = [(item, result) for item, result in paired if isinstance(result, BaseException)]
     return done, failed
+
+
+def _export_rule(record: MirrorRecord) -> PortalFilter:
+    """The firewall rule of the export of a copy's ``record``: only its source may connect."""
+    return export_filter(record.target_address, record.port, record.source_address)
 
 
 def _connected(leg: Leg) -> bool:

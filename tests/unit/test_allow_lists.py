@@ -242,6 +242,36 @@ def test_lists_reach_the_firewall_and_the_state_file(tmp_path):
     run(scenario())
 
 
+class WatchedFirewall(FakeFirewall):
+    """Counts the engine's looks at the table (each one an nft process reading it back)."""
+
+    looks = 0
+
+    def apply(self, ruleset):
+        self.looks += 1
+        return super().apply(ruleset)
+
+
+def test_a_commit_that_keeps_every_rule_leaves_the_table_alone(tmp_path):
+    fw = WatchedFirewall()
+
+    async def scenario():
+        engine = await started(make_engine(tmp_path, firewall=fw))
+        await restricted(engine, "10.1.0.0/24")
+        looks = fw.looks
+        await engine.add_acl("t1", "iqn.1994-05.com.redhat:client2")
+        await engine.set_targets_enabled(["t1"], False)  # a failover's role change
+        assert fw.looks == looks
+        await engine.set_allowed_sources("t1", ["10.1.0.0/24", "10.2.0.0/24"])
+        assert fw.looks == looks + 2, "the old and new rules together, then the new ones"
+        # A reconcile reads the table back and puts back what another tool removed.
+        fw.ruleset = ()
+        await engine.refresh_replication()
+        assert [r["rule"]["expr"][-1] for r in fw.ruleset[2:]][-1] == {"reject": {"type": "tcp reset"}}
+
+    run(scenario())
+
+
 def test_names_are_resolved_again_when_rules_are_applied(tmp_path, monkeypatch, caplog):
     fw = FakeFirewall()
     kernel = FakeKernel()
