@@ -628,3 +628,11 @@ def test_failover_with_five_luns_switches_over_and_takes_over_in_one_pass(cluste
     written = write_through(cluster.client.guest, device, FAILOVER_BLOCKS, 4, kill_b)
     serves_everything(a, written, f"b killed with {LUNS} LUNs")
     assert backstores_of_luns(a) == waiting, "the takeover made a's backstores again instead of enabling them"
+
+    # b boots again: its disks become the copies again (the LUNs of its disabled TPG let go
+    # of the arrays that stop), a resyncs them, and b waits with every LUN made in advance.
+    b = cluster.crash_and_boot("b")
+    wait_for(lambda: {m["role"] for m in b.ctl_json("mirror", "list")} == {"target"}, "b's disks are the copies again")
+    wait_for(lambda: a.mirrors_in_state(1) == LUNS, "every mirror in sync after b's return")
+    wait_for(lambda: luns_served(b) == LUNS, "b makes t1's LUNs in advance again")
+    assert len(luns_waiting(b)) == LUNS and failover_status(b)["role"] == "passive"
