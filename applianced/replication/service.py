@@ -819,10 +819,11 @@ class Replication:
             )
             for rt in rts
         ]
+        originals = [(rt, rt.record) for rt in rts]
         try:
-            await steps.run("exports fenced", self._fence_exports(rts, fenced))
-            await steps.run("records saved", self._save_records(sources))
+            await self._fence_and_save(steps, sources, fenced)
         except BaseException:
+            await self._save_records(originals)
             await self._serve_again(fenced)
             raise
         await steps.run("arrays started", self._assemble_sources(rts, taking_over=True))
@@ -840,12 +841,33 @@ class Replication:
             await self._refresh_state(rt)
             audit("mirror-take-over", rt.record.disk, "warning", f"{rt.record.disk} taken over without the peer")
 
-    async def _fence_exports(self, rts: list[Runtime], fenced: list[Runtime]) -> None:
+    async def _fence_and_save(
+        self, steps: Steps, sources: list[tuple[Runtime, MirrorRecord]], fenced: list[Runtime]
+    ) -> None:
+        """Fence the copies' exports and save their records as ``sources``, side by side:
+        a takeover's stall pays for the longer of the two only. The save needs no fence
+        first: a daemon that stops between them finds sources at start and stops their
+        exports' servers. If either fails the caller saves the old records again and serves
+        the ``fenced`` copies again."""
+        rts = [rt for rt, _ in sources]
+        # The copies' rules, from their records before the save swaps their addresses.
+        rules = {rt.record.disk: _export_rule(rt.record) for rt in rts}
+        results = await asyncio.gather(
+            steps.run("exports fenced", self._fence_exports(rts, rules, fenced)),
+            steps.run("records saved", self._save_records(sources)),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    async def _fence_exports(self, rts: list[Runtime], rules: dict[str, PortalFilter], fenced: list[Runtime]) -> None:
         """Fence each copy's export, all at once: nothing the old source sends reaches the
-        disk from now on; its leg stays, for the array. ``fenced`` gets each one done."""
+        disk from now on; its leg stays, for the array. Each one done goes to ``fenced``,
+        and its firewall rule (from ``rules``) stays until its server stops."""
         done, failed = await _on_threads(lambda rt: self._export(rt).fence(), rts)
         fenced.extend(rt for rt, _ in done)
-        self._fenced.update((rt.record.disk, _export_rule(rt.record)) for rt, _ in done)
+        self._fenced.update((rt.record.disk, rules[rt.record.disk]) for rt, _ in done)
         if failed:
             raise failed[0][1]
 
@@ -1331,8 +1353,8 @@ class Replication:
         fenced: list[Runtime] = []  # whose export is fenced: their leg is this node's array now
         steps = Steps()
         try:
-            await steps.run("exports fenced", self._fence_exports([rt for rt, _ in wanted], fenced))
-            saved = self._save_records(
+            await self._fence_and_save(
+                steps,
                 [
                     (
                         rt,
@@ -1345,9 +1367,9 @@ class Replication:
                         ),
                     )
                     for rt, item in wanted
-                ]
+                ],
+                fenced,
             )
-            await steps.run("records saved", saved)
             await steps.run("arrays assembled", self._assemble_taken_over(wanted))
         except BaseException:
             # Still the copies: served again for the source, which takes them back; the
@@ -1507,10 +1529,12 @@ class Replication:
         await self._throttle()
 
     async def _throttle(self) -> None:
+        # Unthrottled mirrors make no rule: a takeover's record save swaps roles, and tc's
+        # processes would cost it a fraction of a second under emulation for nothing.
         limits = [
             throttle.Limit(rt.record.target_address, rt.record.port, rt.record.tunables.throttle)
             for rt in self.mirrors.values()
-            if rt.record.role == SOURCE
+            if rt.record.role == SOURCE and rt.record.tunables.throttle > 0
         ]
         if limits != self._throttled:
             await asyncio.to_thread(self.data.throttle, limits)
