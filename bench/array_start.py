@@ -41,6 +41,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tests.vm.harness import Guest
 
 SIZE = 8 << 20
 PORT = 20000
@@ -147,8 +151,8 @@ def table(seconds: dict[str, list[float]], arrays: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tests.vm.appliance import UDEV_RULES, VENV_BIN
-    from tests.vm.harness import REPO_ROOT, Guest, check_platform
+    from bench import one_guest
+    from tests.vm.appliance import UDEV_RULES
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arrays", type=int, default=64)
@@ -161,32 +165,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.in_guest:
         print(json.dumps(in_guest(args.arrays, args.workers, args.rounds)))
         return 0
-    check_platform()
-    logs = Path(tempfile.mkdtemp(prefix="bench-array-start-"))
-    guest = Guest("bench-array-start", logs, memory="1536M", cpus=args.cpus)
-    guest.start()
-    try:
+
+    def prepare(guest: Guest) -> None:
         guest.setup_storage()
         for rule in UDEV_RULES:
             guest.write_file(f"/etc/udev/rules.d/{rule.name}", rule.read_bytes(), mode=0o644)
         guest.run("udevadm control --reload")
-        command = [
-            str(VENV_BIN / "python"),
-            str(Path(__file__).resolve()),
-            "--in-guest",
-            f"--arrays={args.arrays}",
-            f"--workers={args.workers}",
-            f"--rounds={args.rounds}",
-        ]
-        done = guest.run(command, timeout=3600, env={"PYTHONPATH": str(REPO_ROOT)})
-    finally:
-        guest.stop()
-    seconds = json.loads(done.stdout.strip().splitlines()[-1])
-    print(done.stderr.strip())
+
+    logs = Path(tempfile.mkdtemp(prefix="bench-array-start-"))
+    arguments = ["--in-guest", f"--arrays={args.arrays}", f"--workers={args.workers}", f"--rounds={args.rounds}"]
+    seconds = one_guest.run("bench-array-start", logs, __file__, arguments, prepare, cpus=args.cpus)
     print(table(seconds, args.arrays))
-    if args.output:
-        args.output.write_text(json.dumps({"arguments": vars(args) | {"output": str(args.output)}, "seconds": seconds}))
-    print(f"guest logs: {logs}")
+    one_guest.keep(args, seconds, logs)
     return 0
 
 

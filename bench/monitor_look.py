@@ -78,8 +78,8 @@ def in_guest(baseline_file: Path, arrays: int, rounds: int) -> dict[str, list[fl
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tests.vm.appliance import VENV_BIN
-    from tests.vm.harness import REPO_ROOT, Guest, check_platform
+    from bench import one_guest
+    from tests.vm.harness import REPO_ROOT
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", help="the commit whose md.py is compared (required on the host)")
@@ -93,7 +93,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.baseline:
         parser.error("--baseline REV is required")
-    check_platform()
     logs = Path(tempfile.mkdtemp(prefix="bench-monitor-look-"))
     baseline_file = logs / "md_baseline.py"
     baseline_file.write_text(
@@ -104,16 +103,14 @@ def main(argv: list[str] | None = None) -> int:
             text=True,
         ).stdout
     )
-    guest = Guest("bench-monitor-look", logs / "guest", memory="1536M", cpus=1)
-    guest.start()
-    try:
-        guest.run(["modprobe", "-a", "md_mod", "raid1", "loop"])
-        command = [str(VENV_BIN / "python"), str(Path(__file__).resolve()), f"--in-guest={baseline_file}"]
-        command += [f"--arrays={args.arrays}", f"--rounds={args.rounds}"]
-        done = guest.run(command, timeout=3600, env={"PYTHONPATH": str(REPO_ROOT)})
-    finally:
-        guest.stop()
-    samples = json.loads(done.stdout.strip().splitlines()[-1])
+    arguments = [f"--in-guest={baseline_file}", f"--arrays={args.arrays}", f"--rounds={args.rounds}"]
+    samples = one_guest.run(
+        "bench-monitor-look",
+        logs / "guest",
+        __file__,
+        arguments,
+        lambda guest: guest.run(["modprobe", "-a", "md_mod", "raid1", "loop"]),
+    )
     per_array = {label: statistics.median(samples[label]) / args.arrays * 1000 for label in ("current", "baseline")}
     cpu = {label: statistics.median(samples[f"{label}_cpu"]) for label in ("current", "baseline")}
     print(f"{args.arrays} idle arrays, {args.rounds} rounds, medians; baseline {args.baseline}")
@@ -122,9 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     for label in ("baseline", "current"):
         ratio = per_array[label] / per_array["baseline"]
         print(f"| {label} | {per_array[label]:.2f} | {ratio:.2f} | {cpu[label]:.3f} |")
-    if args.output:
-        args.output.write_text(json.dumps({"arguments": vars(args) | {"output": str(args.output)}, "samples": samples}))
-    print(f"guest logs: {logs}")
+    one_guest.keep(args, samples, logs)
     return 0
 
 
