@@ -1,0 +1,59 @@
+"""Which of the source's requests the copy's node answers at once, and which wait for a
+change in progress there (its replication lock): a status read must not time out behind a
+reconcile of many LUNs, or the source takes "busy" for "gone"."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from applianced.replication import messages
+from applianced.replication.bridge import Volume
+from applianced.replication.generations import Generation
+from applianced.replication.records import SYNC, TARGET, MirrorRecord
+from applianced.replication.service import Replication, Runtime
+from tests.support.fake_datapath import FakeDataPath
+
+
+class Peer:
+    """Only what the service registers with: its handlers of the peer's requests."""
+
+    def __init__(self) -> None:
+        self.handlers = {}
+
+    def handle(self, kind, handler) -> None:
+        self.handlers[kind] = handler
+
+
+def copy_node(tmp_path) -> tuple[Replication, Peer]:
+    peer = Peer()
+    service = Replication(tmp_path, engine=None, peer=peer, data=FakeDataPath(tmp_path, tmp_path / "data.json"))
+    record = MirrorRecord(
+        disk="d1",
+        role=TARGET,
+        mode=SYNC,
+        source_address="10.0.0.1",
+        target_address="10.0.0.2",
+        port=10809,
+        size=1 << 20,
+        region=1 << 16,
+        generation=Generation("g1"),
+    )
+    service.mirrors["d1"] = Runtime(record, Volume("d1", str(tmp_path / "d1.img"), True, 1 << 20, 1 << 16))
+    return service, peer
+
+
+def test_a_status_request_is_answered_while_a_change_holds_the_lock_and_a_change_waits(tmp_path):
+    service, peer = copy_node(tmp_path)
+    disk = messages.pack(messages.Disk("d1"))
+
+    async def while_busy():
+        async with service._lock:
+            answer = await asyncio.wait_for(peer.handlers[messages.STATUS](disk), 1.0)
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(peer.handlers[messages.LOCK](disk), 0.2)
+        return messages.unpack(answer, messages.Status)
+
+    status = asyncio.run(while_busy())
+    assert (status.role, status.generation.current, status.serving) == (TARGET, "g1", False)
