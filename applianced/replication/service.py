@@ -1267,6 +1267,10 @@ class Replication:
     async def _on_update(self, ask: messages.Update) -> messages.Done:
         rt = self._target(ask.disk)
         moved = ask.target_address != rt.record.target_address
+        # The export's firewall rule names both addresses; nothing else the update carries
+        # (mode, intent, tunables) is in this node's kernel, and a reconcile of 64 LUNs
+        # holds the lock 1-2.5 s on an emulated node, for every continue after a failback.
+        readdressed = moved or ask.source_address != rt.record.source_address
         updated = dataclasses.replace(
             rt.record,
             mode=ask.mode,
@@ -1281,7 +1285,8 @@ class Replication:
         if moved:
             rt.volume = self._volume(self.engine.config.disks[ask.disk], rt.record.size, rt.record.region)
             await asyncio.to_thread(self._export(rt).assemble, updated.target_address, updated.port)
-        await self.engine.refresh_replication()
+        if readdressed:
+            await self.engine.refresh_replication()
         await self._refresh_state(rt)
         return messages.Done()
 

@@ -1,6 +1,7 @@
-"""Which of the source's requests the copy's node answers at once, and which wait for a
-change in progress there (its replication lock): a status read must not time out behind a
-reconcile of many LUNs, or the source takes "busy" for "gone"."""
+"""How the copy's node answers the source's requests: which answer at once and which wait
+for a change in progress there (its replication lock), and which change its kernel. A
+status read must not time out behind a reconcile of many LUNs, or the source takes "busy"
+for "gone"; a continue must not cost the copy's node a reconcile."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 from applianced.replication import messages
 from applianced.replication.bridge import Volume
 from applianced.replication.generations import Generation
-from applianced.replication.records import SYNC, TARGET, MirrorRecord
+from applianced.replication.records import SYNC, TARGET, MirrorRecord, Tunables
 from applianced.replication.service import Replication, Runtime
 from tests.support.fake_datapath import FakeDataPath
 
@@ -26,9 +27,20 @@ class Peer:
         self.handlers[kind] = handler
 
 
+class Engine:
+    """Counts the reconciles that replication asks of the target service."""
+
+    def __init__(self) -> None:
+        self.reconciles = 0
+
+    async def refresh_replication(self) -> int:
+        self.reconciles += 1
+        return 0
+
+
 def copy_node(tmp_path) -> tuple[Replication, Peer]:
     peer = Peer()
-    service = Replication(tmp_path, engine=None, peer=peer, data=FakeDataPath(tmp_path, tmp_path / "data.json"))
+    service = Replication(tmp_path, engine=Engine(), peer=peer, data=FakeDataPath(tmp_path, tmp_path / "data.json"))
     record = MirrorRecord(
         disk="d1",
         role=TARGET,
@@ -57,3 +69,19 @@ def test_a_status_request_is_answered_while_a_change_holds_the_lock_and_a_change
 
     status = asyncio.run(while_busy())
     assert (status.role, status.generation.current, status.serving) == (TARGET, "g1", False)
+
+
+@pytest.mark.parametrize(
+    ("source_address", "reconciles"),
+    [("10.0.0.1", 0), ("10.0.0.3", 1)],
+    ids=["a continue: nothing in the kernel changes", "a new source address: the export's rule changes"],
+)
+def test_an_update_reconciles_the_copys_node_only_when_an_address_changes(tmp_path, source_address, reconciles):
+    service, peer = copy_node(tmp_path)
+    update = messages.Update("d1", SYNC, "pause", Tunables(), source_address, "10.0.0.2")
+
+    asyncio.run(peer.handlers[messages.UPDATE](messages.pack(update)))
+
+    record = service.mirrors["d1"].record
+    assert (record.intent, record.source_address) == ("pause", source_address)
+    assert service.engine.reconciles == reconciles
