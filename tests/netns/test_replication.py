@@ -205,6 +205,19 @@ def test_a_cut_link_pauses_and_its_return_resumes_by_itself(pair):
     assert shown(pair.b)["generation"]["current"] == shown(pair.a)["generation"]["current"]
 
 
+def test_endpoints_move_the_mirror_and_the_copys_export_rule_to_the_other_path(pair):
+    mirrored(pair)
+    assert pair.a.cli("mirror", "endpoints", "d1", AUX["a"], AUX["b"]).returncode == 0
+    pair.wait(lambda: state(pair.a) == 1)
+    source, copy = shown(pair.a), shown(pair.b)
+    assert (source["source_address"], source["target_address"]) == (AUX["a"], AUX["b"])
+    assert (copy["source_address"], copy["target_address"]) == (AUX["a"], AUX["b"])
+    # The copy's node reconciled for the new addresses: its export admits a's other one.
+    firewall_b = (pair.b.state_dir.parent / "firewall.json").read_text()
+    assert AUX["a"] in firewall_b and MAIN["a"] not in firewall_b
+    assert copy["generation"]["current"] == source["generation"]["current"]
+
+
 def test_grow_makes_both_halves_larger(pair):
     mirrored(pair)
     refused(pair, pair.a, ("mirror", "grow", "d1", "32M"), 5, "grows by whole 4 KiB blocks")
