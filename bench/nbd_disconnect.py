@@ -46,6 +46,7 @@ def in_guest(devices: int, rounds: int) -> dict[str, list[float]]:
 
     copies = bridge.DataPath(STATE_DIR)
     (copies.state_dir / "replication").mkdir(parents=True, exist_ok=True)
+    copies.prepare()  # the modules: device-mapper, md, nbd
     for i in range(devices):
         disk = copies.state_dir / f"c{i}.img"
         with open(disk, "wb") as f:
