@@ -1,7 +1,8 @@
 """How the copy's node answers the source's requests: which answer at once and which wait
 for a change in progress there (its replication lock), and which change its kernel. A
 status read must not time out behind a reconcile of many LUNs, or the source takes "busy"
-for "gone"; a continue must not cost the copy's node a reconcile."""
+for "gone"; a continue must not cost the copy's node a reconcile, nor each copy forked
+anew one of its own."""
 
 from __future__ import annotations
 
@@ -38,21 +39,22 @@ class Engine:
         return 0
 
 
-def copy_node(tmp_path) -> tuple[Replication, Peer]:
+def copy_node(tmp_path, disks=("d1",)) -> tuple[Replication, Peer]:
     peer = Peer()
     service = Replication(tmp_path, engine=Engine(), peer=peer, data=FakeDataPath(tmp_path, tmp_path / "data.json"))
-    record = MirrorRecord(
-        disk="d1",
-        role=TARGET,
-        mode=SYNC,
-        source_address="10.0.0.1",
-        target_address="10.0.0.2",
-        port=10809,
-        size=1 << 20,
-        region=1 << 16,
-        generation=Generation("g1"),
-    )
-    service.mirrors["d1"] = Runtime(record, Volume("d1", str(tmp_path / "d1.img"), True, 1 << 20, 1 << 16))
+    for index, disk in enumerate(disks):
+        record = MirrorRecord(
+            disk=disk,
+            role=TARGET,
+            mode=SYNC,
+            source_address="127.0.0.1",
+            target_address="127.0.0.1",
+            port=47101 + index,
+            size=1 << 20,
+            region=1 << 16,
+            generation=Generation("g1"),
+        )
+        service.mirrors[disk] = Runtime(record, Volume(disk, str(tmp_path / f"{disk}.img"), True, 1 << 20, 1 << 16))
     return service, peer
 
 
@@ -73,15 +75,26 @@ def test_a_status_request_is_answered_while_a_change_holds_the_lock_and_a_change
 
 @pytest.mark.parametrize(
     ("source_address", "reconciles"),
-    [("10.0.0.1", 0), ("10.0.0.3", 1)],
+    [("127.0.0.1", 0), ("127.0.0.3", 1)],
     ids=["a continue: nothing in the kernel changes", "a new source address: the export's rule changes"],
 )
 def test_an_update_reconciles_the_copys_node_only_when_an_address_changes(tmp_path, source_address, reconciles):
     service, peer = copy_node(tmp_path)
-    update = messages.Update("d1", SYNC, "pause", Tunables(), source_address, "10.0.0.2")
+    update = messages.Update("d1", SYNC, "pause", Tunables(), source_address, "127.0.0.1")
 
     asyncio.run(peer.handlers[messages.UPDATE](messages.pack(update)))
 
     record = service.mirrors["d1"].record
     assert (record.intent, record.source_address) == ("pause", source_address)
     assert service.engine.reconciles == reconciles
+
+
+def test_copies_forked_anew_in_one_pass_cost_one_reconcile_before_and_one_after(tmp_path):
+    service, _ = copy_node(tmp_path, disks=("d1", "d2", "d3"))
+    for rt in service.mirrors.values():
+        rt.array_prepared = rt.fork_due = True  # each reported in sync by its source
+
+    asyncio.run(service._monitor_pass())
+
+    assert service.engine.reconciles == 2
+    assert all(rt.array_prepared and not rt.fork_due for rt in service.mirrors.values())
