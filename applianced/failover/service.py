@@ -57,10 +57,15 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 # The peer's answers to a start, a stop or a hand-over may take a role change.
 SLOW_REQUEST = 30.0
-# Echoes in flight at once: a beat's worth of misses per ping node, for a few ping nodes.
-MAX_PING_THREADS = 16
+# The failover's own threads: a beat's worth of echoes per ping node, for a few ping
+# nodes, and its reads and changes of addresses and connections.
+MAX_OWN_THREADS = 16
 # The longest an echo is waited for: the daemon's exit waits for the echoes in flight.
 MAX_ECHO_WAIT = 5.0
+# A look that takes longer than this many intervals before it decides does not decide: in
+# a 64-LUN takeover's clean-up one waited 5 s for the daemon's threads, then found its ping
+# reply 5 s old, and the active node stopped serving.
+LOOK_HELD_UP = 2
 # The nodes' clocks may differ this much at start (the reference requires agreeing clocks).
 MAX_CLOCK_OFFSET = 1.0
 
@@ -85,8 +90,8 @@ class Failover:
         # No decision before this moment (monotonic): after a start or a role change the
         # node first rebuilds what it sees (a takeover may hold the look up for seconds).
         self._quiet_until = 0.0
-        self._pinger = concurrent.futures.ThreadPoolExecutor(
-            max_workers=MAX_PING_THREADS, thread_name_prefix="failover-ping"
+        self._threads = concurrent.futures.ThreadPoolExecutor(
+            max_workers=MAX_OWN_THREADS, thread_name_prefix="failover"
         )
         # The passive node's copies were current when the peer was last heard.
         self._copies_current = False
@@ -140,9 +145,9 @@ class Failover:
     async def start_up(self) -> None:
         """Load the record. A node that served before a reboot (its addresses gone) comes
         back passive: it serves again only once the decision says so."""
-        record = await asyncio.to_thread(self.store.load)
+        record = await self._on_own_thread(self.store.load)
         if record.role == Role.ACTIVE.value and record.addresses:
-            present = await asyncio.to_thread(addresses.present, list(record.addresses))
+            present = await self._on_own_thread(addresses.present, list(record.addresses))
             if not present:
                 record = dataclasses.replace(record, role=Role.PASSIVE.value)
                 log.info("failover: this node served before it restarted; passive until the peer is heard")
@@ -282,11 +287,11 @@ class Failover:
         """Interfaces, ping nodes and (on the node that will serve) addresses in use."""
 
         async def vip_problem(vip: VirtualAddress) -> str:
-            if not await asyncio.to_thread(_interface_exists, vip.interface):
+            if not await self._on_own_thread(_interface_exists, vip.interface):
                 return f"interface {vip.interface} of virtual IP {vip.address} does not exist on this node"
-            if active and not await asyncio.to_thread(addresses.present, [vip]):
+            if active and not await self._on_own_thread(addresses.present, [vip]):
                 try:
-                    holder = await asyncio.to_thread(announce.in_use, vip)
+                    holder = await self._on_own_thread(announce.in_use, vip)
                 except KernelError as exc:
                     return str(exc)
                 if holder:
@@ -362,13 +367,14 @@ class Failover:
 
     async def tick(self, stalled: bool = False) -> None:
         """One look: ping, beat, decide, act. ``stalled``: the loop woke it late."""
+        started = time.monotonic()
         before = (self.peer_heard, self.ping_node_reached, len(self.client_connections))
         self._ping()
         await self._beat()
         if self.role is Role.ACTIVE:
             # Read off the loop (a busy server's socket table is long); the next beat carries it.
             vips = [vip.address for vip in self.record.addresses]
-            self.client_connections = await asyncio.to_thread(tickle.established, vips)
+            self.client_connections = await self._on_own_thread(tickle.established, vips)
         if stalled:
             # This node's own loop was held up: the peer's beats of that time may still be
             # unread. No decision on that silence.
@@ -379,6 +385,13 @@ class Failover:
             return
         async with self._lock:
             if self.role is Role.STOPPED:
+                return
+            held_up = time.monotonic() - started
+            if held_up > LOOK_HELD_UP * self.record.interval:
+                # Its echo and beat went out when it began: silence counted since then is
+                # this node's own delay (a dead peer's beat takes one interval).
+                self.counters["stalls"] += 1
+                log.warning("failover: this node's look was held up %.1f s; deciding at the next one", held_up)
                 return
             decision = await self._decide()
             await self._act(decision)
@@ -391,8 +404,7 @@ class Failover:
 
     def _ping(self) -> None:
         """Ask each ping node in the background, each echo given the whole deadline: an
-        answer late because this node is busy (an emulated CPU, a reconcile) still counts.
-        The pings have threads of their own: they never wait behind the daemon's."""
+        answer late because this node is busy (an emulated CPU, a reconcile) still counts."""
         nodes = self.record.ping_nodes
         if self._pinging >= self.record.misses * len(nodes):
             return
@@ -402,10 +414,14 @@ class Failover:
             echo.add_done_callback(self._pinged)
 
     def _echo(self, node: PingNode, timeout: float) -> asyncio.Future[float | None]:
-        """One echo to ``node`` on the pings' own threads: its round trip, None if unanswered."""
-        return asyncio.get_running_loop().run_in_executor(
-            self._pinger, pingnode.reaches, node.address, node.interface, timeout
-        )
+        """One echo to ``node``: its round trip, None if unanswered."""
+        return self._on_own_thread(pingnode.reaches, node.address, node.interface, timeout)
+
+    def _on_own_thread(self, function: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """``function(*args)`` on the failover's own threads, never queued behind the
+        daemon's: a 64-LUN takeover's clean-up filled that pool for 6 s, and a look that
+        waited there for the client connections decided on a ping reply counted before."""
+        return asyncio.get_running_loop().run_in_executor(self._threads, function, *args)
 
     def _pinged(self, echo: asyncio.Future[float | None]) -> None:
         self._pinging -= 1
@@ -532,7 +548,7 @@ class Failover:
         NIC gone or down): a node that cannot tell does not take over."""
         vips = list(self.record.addresses)
         try:
-            holders = await asyncio.gather(*(asyncio.to_thread(announce.in_use, vip) for vip in vips))
+            holders = await asyncio.gather(*(self._on_own_thread(announce.in_use, vip) for vip in vips))
         except KernelError as exc:
             log.warning("failover: %s; no takeover", exc)
             return True
@@ -575,17 +591,17 @@ class Failover:
     async def _keep_role(self) -> None:
         """What the role holds, kept: an active node's VIPs, a passive node's silence."""
         vips = list(self.record.addresses)
-        present = await asyncio.to_thread(addresses.present, vips)
+        present = await self._on_own_thread(addresses.present, vips)
         if self.role is Role.ACTIVE:
             missing = [vip for vip in vips if vip not in present]
             for vip in missing:
                 log.warning("failover: virtual IP %s was gone; adding it again", vip)
-                await asyncio.to_thread(addresses.add, vip)
-            await asyncio.gather(*(asyncio.to_thread(announce.announce, vip) for vip in missing))
+                await self._on_own_thread(addresses.add, vip)
+            await asyncio.gather(*(self._on_own_thread(announce.announce, vip) for vip in missing))
         elif self.role is Role.PASSIVE:
             for vip in present:
                 log.warning("failover: virtual IP %s is here on the passive node; removing it", vip)
-                await asyncio.to_thread(addresses.remove, vip)
+                await self._on_own_thread(addresses.remove, vip)
             # A node that served before a reboot restored its targets enabled.
             enabled = [name for name in self._local_targets() if self.engine.config.targets[name].enabled]
             if enabled:
@@ -612,10 +628,10 @@ class Failover:
         await steps.run("enable targets", self.engine.set_targets_enabled(self._local_targets(), True))
         vips = list(self.record.addresses)
         for vip in vips:
-            await steps.run(f"add {vip.address}", asyncio.to_thread(addresses.add, vip))
+            await steps.run(f"add {vip.address}", self._on_own_thread(addresses.add, vip))
         # Once now, so that the resets below reach the clients through this node; the
         # repetitions (for a lost frame, a slow switch) go on in the background.
-        await steps.run("announce", asyncio.gather(*(asyncio.to_thread(announce.announce, vip, 1) for vip in vips)))
+        await steps.run("announce", asyncio.gather(*(self._on_own_thread(announce.announce, vip, 1) for vip in vips)))
         if self.client_connections:
             await steps.run("reset connections", self._reset_connections())
         self._announcing = asyncio.ensure_future(self._announce_again(vips))
@@ -626,12 +642,12 @@ class Failover:
     async def _announce_again(self, vips: list[VirtualAddress]) -> None:
         await asyncio.sleep(announce.ANNOUNCE_INTERVAL)
         repeats = announce.ANNOUNCEMENTS - 1
-        await asyncio.gather(*(asyncio.to_thread(announce.announce, vip, repeats) for vip in vips))
+        await asyncio.gather(*(self._on_own_thread(announce.announce, vip, repeats) for vip in vips))
 
     async def _reset_connections(self) -> None:
         """The initiators learn now, not at their own timeout, that their connections died."""
         try:
-            reset = await asyncio.to_thread(tickle.reset, self.client_connections)
+            reset = await self._on_own_thread(tickle.reset, self.client_connections)
         except KernelError as exc:
             log.warning("failover: %s; the initiators reconnect at their own timeout", exc)
             return
@@ -646,7 +662,7 @@ class Failover:
     async def _stop_serving(self, reason: str) -> None:
         steps = Steps()
         for vip in self.record.addresses:
-            await steps.run(f"remove {vip.address}", asyncio.to_thread(addresses.remove, vip))
+            await steps.run(f"remove {vip.address}", self._on_own_thread(addresses.remove, vip))
         await steps.run("disable targets", self.engine.set_targets_enabled(self._local_targets(), False))
         self._pushed = {}
         await self._become(Role.PASSIVE, reason, steps.done)
@@ -734,7 +750,7 @@ class Failover:
         self._notify()
 
     async def _save(self, record: FailoverRecord) -> None:
-        await asyncio.to_thread(self.store.save, record)
+        await self._on_own_thread(self.store.save, record)
         self.record = record
 
     # -- the peer's requests ------------------------------------------------------------
