@@ -351,11 +351,15 @@ class Ours:
             FAILOVER_PATH, FAILOVER_INTERFACE, "Role", 's "active"', timeout=SLOWEST_ROLE_CHANGE, interval=5.0
         )
 
-    def takeover_steps(self, name: str) -> tuple[float, dict[str, float]]:
-        """When the last takeover of node ``name`` started (its clock), and its steps."""
+    def takeover_steps(self, name: str, after: float) -> tuple[float, dict[str, float]]:
+        """When the first takeover of node ``name`` since ``after`` started (its clock), and
+        its steps: a node that took over twice (it stopped serving in between) is measured
+        by the takeover the crash caused."""
         read = ["busctl", "--system", "--json=short", "get-property", BUS_NAME, FAILOVER_PATH]
         out = self.nodes.nodes[name].guest.run([*read, FAILOVER_INTERFACE, "History"]).stdout
-        when, _, _, steps = json.loads(out)["data"][-1]
+        when, _, _, steps = next(
+            event for event in json.loads(out)["data"] if event[0] >= after and event[1] == "active"
+        )
         return when - sum(seconds for _, seconds in steps), {step: seconds for step, seconds in steps}
 
     def rejoin(self, name: str) -> None:
@@ -443,8 +447,8 @@ class Classic:
     def wait_active(self, name: str) -> None:
         self.nodes.nodes[name].guest.wait_until(f"grep -q '^served' {RUN}/events", timeout=120, interval=0.2)
 
-    def takeover_steps(self, name: str) -> tuple[float, dict[str, float]]:
-        events = self._events(name)
+    def takeover_steps(self, name: str, after: float) -> tuple[float, dict[str, float]]:
+        events = self._events(name)  # cleared before each round: this round's only
         return events["master"], {
             "promote DRBD": events["primary"] - events["master"],
             "build LIO": events["served"] - events["primary"],
@@ -488,7 +492,7 @@ def rounds(stack: Ours | Classic, client: Client, count: int) -> list[dict[str, 
                 stack.wait_active("b")
 
             crash = client.stall(device, kill_a)
-            started, steps = stack.takeover_steps("b")
+            started, steps = stack.takeover_steps("b", after=killed + offset)
             detection = started - (killed + offset)
             booted = time.monotonic()
             stack.nodes.boot("a")
