@@ -383,6 +383,11 @@ class Failover:
             return
         if time.monotonic() < self._quiet_until:
             return
+        if self._lock.locked():
+            # A role change is under way (a switchover's hand-over, a request of the peer's):
+            # the look does not wait for it, so that the beats go on. A 64-LUN hand-over held
+            # the lock 10 s, its node's beats stopped, and the peer took over on that silence.
+            return
         async with self._lock:
             if self.role is Role.STOPPED:
                 return

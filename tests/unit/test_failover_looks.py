@@ -93,3 +93,17 @@ def test_a_look_does_not_wait_behind_the_daemons_threads(tmp_path, monkeypatch):
     asyncio.run(while_the_daemons_threads_are_busy())
 
     assert [decision.action for decision in decisions] == [Action.STAY]
+
+
+def test_the_beats_go_on_while_a_role_change_holds_the_lock(tmp_path, monkeypatch):
+    node, decisions = active_node(tmp_path, monkeypatch, connections_read=0.0)
+
+    async def during_a_switchover():
+        async with node._lock:  # as a switchover's hand-over holds it
+            for _ in range(3):
+                await asyncio.wait_for(node.tick(), 1.0)
+
+    asyncio.run(during_a_switchover())
+
+    assert node.counters["beats_sent"] == 3
+    assert decisions == []
