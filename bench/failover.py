@@ -12,8 +12,9 @@ of the namespace itself on ``lan``.
 A round, for each stack: the client writes numbered 4 KiB blocks with O_DIRECT through the
 virtual IP, one after the other, and node a's QEMU is killed (a power cut); the client's
 longest write is the **crash stall**. Every acknowledged block must read back. Node a boots
-again, comes back as the copy and is resynced; then the service goes back to it by hand while
-the client writes: the longest write is the **planned stall**. Each stack runs its rounds on
+again, comes back as the copy and is resynced (**back in sync**: from its boot until every
+mirror is in sync again); then the service goes back to it by hand while the client writes:
+the longest write is the **planned stall**. Each stack runs its rounds on
 freshly booted nodes, one stack after the other:
 
 * ``applianced``: the pair, ``vol`` mirrored in sync mode, the target protected, heartbeat
@@ -37,7 +38,7 @@ freshly booted nodes, one stack after the other:
 
 Detection is worked out in the new active node's clock: the host's kill time, moved by
 that guest's clock offset (measured just before, to within half a round trip), to the
-moment the node started its takeover. Under emulation absolute numbers mean little; the
+moment the node started its first takeover after it. Under emulation absolute numbers mean little; the
 ratios of one run are the result. Run as root from the checkout, after ``tools/setup``:
 
     cd /work/main && PYTHONPATH=. .venv/bin/python bench/failover.py [--rounds 2] \
