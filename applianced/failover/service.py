@@ -375,11 +375,15 @@ class Failover:
             # Read off the loop (a busy server's socket table is long); the next beat carries it.
             vips = [vip.address for vip in self.record.addresses]
             self.client_connections = await self._on_own_thread(tickle.established, vips)
-        if stalled:
-            # This node's own loop was held up: the peer's beats of that time may still be
-            # unread. No decision on that silence.
+        held_up = time.monotonic() - started
+        if stalled or held_up > LOOK_HELD_UP * self.record.interval:
+            # This node was held up (its loop woke the look late, or the look's own steps
+            # took long; a dead peer's beat takes one interval): the peer's beats of that
+            # time may still be unread, and the echo it counts went out when it began. No
+            # decision on that silence.
             self.counters["stalls"] += 1
-            log.warning("failover: this node's look came late; deciding at the next one")
+            how = "came late" if stalled else f"was held up {held_up:.1f} s"
+            log.warning("failover: this node's look %s; deciding at the next one", how)
             return
         if time.monotonic() < self._quiet_until:
             return
@@ -390,13 +394,6 @@ class Failover:
             return
         async with self._lock:
             if self.role is Role.STOPPED:
-                return
-            held_up = time.monotonic() - started
-            if held_up > LOOK_HELD_UP * self.record.interval:
-                # Its echo and beat went out when it began: silence counted since then is
-                # this node's own delay (a dead peer's beat takes one interval).
-                self.counters["stalls"] += 1
-                log.warning("failover: this node's look was held up %.1f s; deciding at the next one", held_up)
                 return
             decision = await self._decide()
             await self._act(decision)

@@ -339,17 +339,10 @@ class Replication:
         before the looks fork them: a reconcile per copy held this node's lock 5-15 s each
         with 64 LUNs under emulation, and resyncs that end together fork together."""
         async with self._lock:
-            due = [rt for rt in self.mirrors.values() if rt.record.role == TARGET and rt.fork_due and rt.array_prepared]
-            if not due:
-                return
-            for rt in due:
-                rt.array_prepared = False
-            try:
-                await self.engine.refresh_replication()
-            except BaseException:
-                for rt in due:  # each look withdraws its own, then
-                    rt.array_prepared = True
-                raise
+            # If it fails, each look withdraws its own.
+            await self._withdraw_standby(
+                *(rt for rt in self.mirrors.values() if rt.record.role == TARGET and rt.fork_due)
+            )
 
     # -- reading ----------------------------------------------------------------------
 
@@ -1502,12 +1495,20 @@ class Replication:
             rt.prepare_after = time.monotonic() + PREPARE_RETRY_SECONDS
             log.warning("mirror %s: the copy has no prepared array (%s); a takeover starts it", rt.record.disk, exc)
 
-    async def _withdraw_standby(self, rt: Runtime) -> None:
-        """Before a copy's prepared array stops: the LUNs made over it in advance (which
-        hold it open) go."""
-        if rt.array_prepared:
+    async def _withdraw_standby(self, *rts: Runtime) -> None:
+        """Before copies' prepared arrays stop: the LUNs made over them in advance (which
+        hold them open) go, all in one reconcile. If it fails they count as made still."""
+        prepared = [rt for rt in rts if rt.array_prepared]
+        if not prepared:
+            return
+        for rt in prepared:
             rt.array_prepared = False
+        try:
             await self.engine.refresh_replication()
+        except BaseException:
+            for rt in prepared:
+                rt.array_prepared = True
+            raise
 
     def _drop_copy(self, rt: Runtime) -> None:
         """(On a thread.) The copy neither served nor prepared: a plain disk again."""
