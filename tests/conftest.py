@@ -18,10 +18,10 @@ def bus():
 
 # tools/test runs one worker per core (pytest-xdist), each taking one test file at a time,
 # the next file going to whichever worker frees up first. Longest first, so that no long file
-# starts last while the other workers idle: the replication module (three guests, about 20
-# minutes), then the rest of the VM tier (a minute or more per file), then the host tiers,
-# whose short files fill the end.
-LONGEST_FIRST = ("tests/vm/test_replication.py",)
+# starts last while the other workers idle: the replication and failover modules (three
+# guests each, about half an hour each, one on each worker), then the rest of the VM tier (a
+# minute or more per file), then the host tiers, whose short files fill the end.
+LONGEST_FIRST = ("tests/vm/test_replication.py", "tests/vm/test_failover.py")
 
 
 def _run_order(item: pytest.Item) -> tuple[int, int]:

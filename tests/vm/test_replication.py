@@ -1,184 +1,52 @@
 """Replicated volumes between two real kernels, driven through appliancectl, with a client.
 
-Two storage nodes and a client on the lab's bridges: ``lan`` carries iSCSI (and the peer
-link's auxiliary path), ``hb`` the replication traffic and the link's main path. Each
-node keeps its disk and its state directory on the host, so that it can crash (its QEMU
-killed) and boot again with what it had. The client (open-iscsi) writes through iSCSI
-while the mirror is made, cut, resumed, broken, split and switched over. Every test ends
-with both copies equal to the byte; no write fails at the client and no task hangs.
+Two storage nodes and a client (``tests/vm/pair.py``): the client (open-iscsi) writes
+through iSCSI while the mirror is made, cut, resumed, broken, split and switched over.
+Every test ends with both copies equal to the byte; no write fails at the client and no
+task hangs.
 
 The tests share one cluster and run in order: each starts from the state the one before
-left (a mirror in sync unless it says otherwise). The last ones make the pair a failover
-cluster and kill the active node while the client writes through the virtual IP, then
-give the protected target five LUNs, switch over, and kill the other node.
+left (a mirror in sync unless it says otherwise). The failover cluster is
+tests/vm/test_failover.py's.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
-import time
-from pathlib import Path
 
 import pytest
 
 from applianced.bus.paths import mirror_path
-from applianced.constants import (
-    FAILOVER_INTERFACE,
-    FAILOVER_PATH,
-    MIRROR_INTERFACE,
-    PEER_INTERFACE,
-    PEER_PATH,
-    TARGETS_PATH,
+from applianced.constants import MIRROR_INTERFACE
+from tests.vm.pair import (
+    INITIATOR,
+    LAN,
+    MIB,
+    REGION,
+    TARGET,
+    VOLUME,
+    Cluster,
+    Node,
+    assert_equal_copies,
+    paired_cluster,
+    serial_of,
+    vpd,
 )
-from tests.vm.appliance import FAILOVER_INITIATOR, UDEV_RULES, VENV_BIN, ApplianceNode
-from tests.vm.harness import Disk, Guest, Nic
-from tests.vm.sequenced_writes import BLOCK, write_through
 
 pytestmark = pytest.mark.vm
 
-MIB = 1 << 20
-REGION = 64 * 1024
-VOLUME = 64 * MIB
-LAN = {"a": "10.60.0.1", "b": "10.60.0.2", "client": "10.60.0.10"}
-HB = {"a": "10.61.0.1", "b": "10.61.0.2"}
-MACS = {"a": ("52:54:00:60:00:01", "52:54:00:61:00:01"), "b": ("52:54:00:60:00:02", "52:54:00:61:00:02")}
-INITIATOR = "iqn.2026-11.org.applianced.test:replication-client"
-TARGET = "iqn.2003-01.org.linux-iscsi.applianced:t1"
-STATE_DIR = "/var/lib/applianced"
 # The documented bound: the NBD timeout (5 s) plus the monitor's look, with room for
 # emulated guests under load; each look from the host costs a CLI start (seconds).
 PAUSED_WITHIN = 40.0
-KEY = "3f" * 32
-
-
-class Node(ApplianceNode):
-    """A storage node: its disk ``vol`` (kept on the host), paired with the other."""
-
-    @property
-    def vol(self) -> str:
-        return self.guest.disk_device("vol")
-
-    def state(self, disk: str = "d1") -> int:
-        return int(self.ctl("mirror", "state", disk).stdout)
-
-    def mirror(self, disk: str = "d1") -> dict:
-        return json.loads(self.ctl("--json", "mirror", "show", disk).stdout)
-
-    def wait_state(self, wanted: int, disk: str = "d1", timeout: float = 180) -> float:
-        start = time.monotonic()
-        while (state := self.state(disk)) != wanted:
-            assert time.monotonic() - start < timeout, f"{self.guest.name}: {disk} is {state}, not {wanted}"
-            time.sleep(1)
-        return time.monotonic() - start
-
-    def checksum(self, path: str, size: int = VOLUME) -> str:
-        """The MD5 of the first ``size`` bytes of a block device (read past the page cache)
-        or of a file (through it: tmpfs has no O_DIRECT, and its loop device shares the cache)."""
-        direct = "iflag=direct" if path.startswith("/dev/") else ""
-        command = f"set -o pipefail; dd if={path} bs=1M count={size // MIB} {direct} status=none | md5sum"
-        return self.guest.run(["bash", "-c", command], timeout=180).stdout.split()[0]
-
-    def stuck_tasks(self) -> list[str]:
-        """Tasks in uninterruptible sleep in two looks a second apart: I/O that hangs."""
-        looks = self.guest.run("for i in 1 2; do ps -eo pid=,stat=,comm= | awk '$2 ~ /^D/'; echo; sleep 1; done")
-        first, second = (set(look.splitlines()) for look in looks.stdout.split("\n\n")[:2])
-        return sorted(first & second)
-
-
-class Cluster:
-    """Two nodes and a client; the nodes' disks and state directories live on the host."""
-
-    def __init__(self, factory, lab, keep: Path) -> None:
-        self.factory, self.lab, self.keep = factory, lab, keep
-        self.boots = 0
-        client = factory(
-            "repl-client", start=False, lab=lab, nics=[Nic("lan", f"{LAN['client']}/24", mac="52:54:00:60:00:10")]
-        )
-        guests = [self._guest("a"), self._guest("b")]
-        factory.start_all(*guests, client)
-        self.a, self.b = (self._node(guest) for guest in guests)
-        self.client = Node(client)
-        rule = UDEV_RULES[0]  # the initiator's stable names of LUNs
-        client.write_file(f"/etc/udev/rules.d/{rule.name}", rule.read_bytes(), mode=0o644)
-        client.run("udevadm control --reload || true")
-        client.start_iscsid(INITIATOR)
-
-    def _guest(self, name: str) -> Guest:
-        self.boots += 1
-        state = self.keep / f"{name}-state"
-        state.mkdir(exist_ok=True)
-        return self.factory(
-            f"repl-{name}-{self.boots}",
-            start=False,
-            lab=self.lab,
-            memory="1280M",
-            disks=[Disk("vol", VOLUME, path=self.keep / f"{name}.img")],
-            # The same MACs after a reboot, so that the peer's ARP entries stay right.
-            nics=[Nic("lan", f"{LAN[name]}/24", mac=MACS[name][0]), Nic("hb", f"{HB[name]}/24", mac=MACS[name][1])],
-            rwdirs={STATE_DIR: state},
-        )
-
-    def _node(self, guest: Guest) -> Node:
-        node = Node(guest).prepare()
-        node.start()
-        return node
-
-    def crash_and_boot(self, name: str) -> Node:
-        """Kill the node's QEMU (a power cut: no sync) and boot it again with its disk and state."""
-        getattr(self, name).guest.power_off()
-        guest = self._guest(name)
-        self.factory.start_all(guest)
-        node = self._node(guest)
-        setattr(self, name, node)
-        return node
-
-    def client_device(self, serial: str) -> str:
-        return self.client.device_for_serial(serial)
-
-    def client_write(self, device: str, regions: list[int]) -> list[str]:
-        """Write one random region at each index through iSCSI; the errors (none expected)."""
-        script = "; ".join(
-            f"dd if=/dev/urandom of={device} bs={REGION} seek={region} count=1 oflag=direct status=none "
-            f"|| echo failed {region}"
-            for region in regions
-        )
-        return [line for line in self.client.guest.run(script, timeout=600).stdout.splitlines() if line]
 
 
 @pytest.fixture(scope="module")
 def cluster(module_guest_factory, module_lab, tmp_path_factory):
-    cluster = Cluster(module_guest_factory, module_lab, tmp_path_factory.mktemp("replication"))
-    for node, peer in ((cluster.a, "b"), (cluster.b, "a")):
-        node.guest.write_file("/tmp/pair.key", KEY)
-        node.ctl("pair", "create", HB[peer], "--aux-address", LAN[peer], "--key-file", "/tmp/pair.key")
-    cluster.a.wait_property(PEER_PATH, PEER_INTERFACE, "Connected", "b true")
-    # Node a serves disk d1 (its virtio disk) to the client; node b's disk is the copy-to-be.
-    cluster.a.ctl_batch(
-        ("disk", "create-block", "d1", "/dev/disk/by-id/virtio-vol"),
-        ("target", "create", "t1"),
-        ("portal", "create", LAN["a"]),
-        ("lun", "add", "t1", "d1"),
-        ("acl", "add", "t1", INITIATOR),
-    )
-    cluster.b.ctl_batch(("disk", "create-block", "c1", "/dev/disk/by-id/virtio-vol"))
+    cluster = paired_cluster(module_guest_factory, module_lab, tmp_path_factory.mktemp("replication"))
     cluster.client.discover(LAN["a"])
     cluster.client.login(TARGET, LAN["a"])
     return cluster
-
-
-def serial_of(node: Node, disk: str) -> str:
-    return next(d["serial"] for d in node.ctl_json("disk", "list") if d["name"] == disk)
-
-
-def vpd(cluster: Cluster, device: str) -> tuple[str, str]:
-    """The unit serial (VPD 0x80) and device identification (0x83) pages as the client reads them."""
-    run = cluster.client.guest.run
-    return run(["sg_inq", "-p", "0x80", "-H", device]).stdout, run(["sg_inq", "-p", "0x83", "-H", device]).stdout
-
-
-def assert_equal_copies(cluster: Cluster, source: Node, target: Node) -> None:
-    assert source.checksum(source.vol) == target.checksum(target.vol)
 
 
 def test_a_disk_in_use_is_mirrored_with_its_data_and_identity(cluster):
@@ -448,191 +316,3 @@ def test_a_daemon_restart_adopts_the_running_mirror(cluster):
     assert starts[-1].endswith("with 0 change(s)")
     assert cluster.a.state() == 1
     assert "qemu-nbd" in before[1]
-
-
-VIP = "10.60.0.100"
-PING_NODE = "10.60.0.254"
-RESERVATION_KEY = "0x5eed1234"
-FAILOVER_PORT = "3261"  # the wildcard portal's (a's 10.60.0.1:3260 stays as it is)
-# The client writes the volume's second half during a failover.
-FAILOVER_BLOCKS = range(VOLUME // 2 // BLOCK, VOLUME // BLOCK)
-
-
-def failover_status(node: Node) -> dict:
-    return json.loads(node.ctl("--json", "failover", "status").stdout)
-
-
-def test_failover_kill_the_active_node_mid_write_then_fail_back(cluster, module_lab):
-    # a serves d1 (t1) and mirrors it to b's c1, in sync.
-    module_lab.add_address("lan", f"{PING_NODE}/24")
-    lan = cluster.a.guest.run(f"ip -o addr show to {LAN['a']}/24 | awk '{{print $2}}'").stdout.strip()
-    for node in (cluster.a, cluster.b):
-        node.ctl("portal", "create", "0.0.0.0", "--port", FAILOVER_PORT)
-    cluster.a.ctl_batch(
-        ("failover", "add-address", lan, f"{VIP}/24"),
-        ("failover", "add-ping-node", PING_NODE, lan),
-        ("failover", "protect", "t1"),
-        ("failover", "heartbeat", "0.5", "4"),
-    )
-    assert json.loads(cluster.a.ctl("--json", "failover", "check").stdout) == []
-    cluster.a.ctl("failover", "start")
-    cluster.b.guest.wait_until(f"{VENV_BIN / 'appliancectl'} target list | grep -q t1", timeout=60)
-    serial = serial_of(cluster.a, "d1")
-    cluster.client.logout(TARGET, LAN["a"])
-    cluster.client.discover(f"{VIP}:{FAILOVER_PORT}")
-    cluster.client.set_node(TARGET, f"{VIP}:{FAILOVER_PORT}", FAILOVER_INITIATOR)
-    cluster.client.login(TARGET, f"{VIP}:{FAILOVER_PORT}")
-    device = cluster.client_device(serial)
-    identity = vpd(cluster, device)
-    cluster.b.wait_property(FAILOVER_PATH, FAILOVER_INTERFACE, "ClientConnections", "u 1")
-    # A reservation that the client asks to persist (APTPL), as a cluster file system takes
-    # one: a's LIO saves it, a sends it to b, and b's takeover hands it to its LUN.
-    cluster.client.reserve_persistently(device, RESERVATION_KEY)
-    kept = f"/etc/target/pr/aptpl_{serial}"
-    cluster.b.guest.wait_until(f"grep -q sa_res_key={int(RESERVATION_KEY, 16)} {kept}", timeout=60)
-    assert cluster.b.guest.run(["stat", "-c", "%a", kept]).stdout.strip() == "600"
-
-    def kill_a() -> None:
-        cluster.a.guest.power_off()  # the active node dies mid-write: no RST ever comes
-        cluster.b.wait_property(FAILOVER_PATH, FAILOVER_INTERFACE, "Role", 's "active"', timeout=120)
-
-    written = write_through(cluster.client.guest, device, FAILOVER_BLOCKS, 1, kill_a)
-    assert written.errors == 0 and written.acknowledged > 0
-    assert vpd(cluster, device) == identity, "the same disk after the takeover"
-    cluster.client.assert_reserved(device, RESERVATION_KEY)
-    (event,) = json.loads(cluster.b.ctl("--json", "failover", "history").stdout)[-1:]
-    print(
-        f"failover: node a killed mid-write; the client's longest write took {written.longest:.1f} s, "
-        f"{written.acknowledged} writes, 0 failed; b: {event['reason']} ({event['steps']})"
-    )
-    assert failover_status(cluster.b)["role"] == "active"
-    assert failover_status(cluster.b)["counters"]["connections_reset"] == 1
-    # a boots again: passive (no failback), its disk the copy again, resynced from b: the
-    # regions written since, and those a wrote last, not the whole disk.
-    node = cluster.crash_and_boot("a")
-    node.wait_property(mirror_path("d1"), MIRROR_INTERFACE, "Role", 's "target"', timeout=240)
-    assert failover_status(node)["role"] == "passive"
-    cluster.b.ctl("mirror", "wait", "c1", "--timeout", "300")
-    copied = node.sectors_written(node.vol) * 512
-    print(f"failover: a's resync from b wrote {copied} bytes of a {VOLUME}-byte disk")
-    assert copied < VOLUME // 2
-    assert_equal_copies(cluster, cluster.b, node)
-
-    # Failback by hand, with the client writing: a planned switchover loses nothing.
-    node.wait_property(FAILOVER_PATH, FAILOVER_INTERFACE, "ClientConnections", "u 1")
-    written = write_through(
-        cluster.client.guest, device, FAILOVER_BLOCKS, 2, lambda: cluster.b.ctl("failover", "switchover")
-    )
-    assert written.errors == 0 and written.acknowledged > 0
-    assert (failover_status(node)["role"], failover_status(cluster.b)["role"]) == ("active", "passive")
-    assert vpd(cluster, device) == identity
-    cluster.client.assert_reserved(device, RESERVATION_KEY)  # b's LIO saved it, b sent it back
-    cluster.client.clear_reservations(device, RESERVATION_KEY)
-    (event,) = json.loads(node.ctl("--json", "failover", "history").stdout)[-1:]
-    print(
-        f"failover: failback by hand; the client's longest write took {written.longest:.1f} s, "
-        f"{written.acknowledged} writes, 0 failed; a: {event['reason']} ({event['steps']})"
-    )
-    node.ctl("mirror", "wait", "d1", "--timeout", "300")
-    assert_equal_copies(cluster, node, cluster.b)
-
-
-# With d1, five protected LUNs, each its own mirror: a role change moves them in one pass.
-MORE_DISKS = [f"x{number}" for number in range(1, 5)]
-LUNS = 1 + len(MORE_DISKS)
-
-
-def luns_served(node: Node) -> int:
-    """The LUNs of t1 in the node's LIO (configfs), whatever applianced thinks."""
-    found = node.guest.run(f"ls /sys/kernel/config/target/iscsi/{TARGET}/tpgt_1/lun", check=False)
-    return len(found.stdout.split()) if found.rc == 0 else 0
-
-
-def luns_waiting(node: Node) -> dict[str, int]:
-    """``backstores_of_luns`` of a passive node, whose TPG of t1 must be disabled: the LUNs
-    made in advance over the copies' prepared arrays. Read until three looks a few seconds
-    apart agree, so that a copy's array forked anew (its LUN made again) has settled."""
-    looks: list[dict[str, int]] = []
-    while len(looks) < 3 or not looks[-1] == looks[-2] == looks[-3]:
-        enabled = node.guest.run(f"cat /sys/kernel/config/target/iscsi/{TARGET}/tpgt_1/enable").stdout.strip()
-        assert enabled == "0", f"{node.guest.name}'s TPG of t1 is enabled"
-        looks.append(backstores_of_luns(node))
-        time.sleep(3)
-    return looks[-1]
-
-
-def backstores_of_luns(node: Node) -> dict[str, int]:
-    """Each LUN of t1 in the node's LIO with its backstore's configfs inode (a backstore
-    made again, even under the same name, has a new one)."""
-    script = (
-        f"for lun in /sys/kernel/config/target/iscsi/{TARGET}/tpgt_1/lun/lun_*; do "
-        'echo "$(basename $lun) $(stat -L -c %i $(find $lun -maxdepth 1 -type l))"; done'
-    )
-    found = node.guest.run(script)
-    return {line.split()[0]: int(line.split()[1]) for line in found.stdout.split("\n") if " " in line}
-
-
-def luns_configured(node: Node) -> int:
-    """The LUNs of t1 in the node's configuration (a passive node serves none of them)."""
-    prefix = f"{TARGETS_PATH}/t1/luns/"
-    return sum(path.startswith(prefix) for path in node.objects())
-
-
-def wait_for(condition, what: str, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"not in {timeout:.0f} s: {what}"
-        time.sleep(3)
-
-
-def serves_everything(node: Node, written, what: str) -> None:
-    """``node`` is active with the source of every mirror and serves every LUN; the client
-    lost nothing. What the role change took is printed."""
-    assert written.errors == 0 and written.acknowledged > 0
-    assert failover_status(node)["role"] == "active"
-    assert {mirror["role"] for mirror in node.ctl_json("mirror", "list")} == {"source"}
-    assert luns_served(node) == LUNS
-    (event,) = node.ctl_json("failover", "history")[-1:]
-    print(
-        f"failover: {what}; the client's longest write took {written.longest:.1f} s, "
-        f"{written.acknowledged} writes, 0 failed; {node.guest.name}: {event['reason']} ({event['steps']})"
-    )
-
-
-def test_failover_with_five_luns_switches_over_and_takes_over_in_one_pass(cluster):
-    # a active (d1, since the failback), b passive, in sync; the client writes through the VIP.
-    a, b = cluster.a, cluster.b
-    a.ctl_batch(*(("disk", "create", name, "8M") for name in MORE_DISKS))
-    a.ctl_batch(*(("mirror", "create", name, "sync") for name in MORE_DISKS))
-    wait_for(lambda: a.mirrors_in_state(1) == LUNS, "every mirror in sync")
-    a.ctl_batch(*(("lun", "add", "t1", name) for name in MORE_DISKS))
-    wait_for(lambda: luns_configured(b) == LUNS, "b keeps t1 ready with every LUN")
-    # ... and its LUNs made in advance, over the copies' prepared arrays, its TPG disabled.
-    wait_for(lambda: luns_served(b) == LUNS, "b makes t1's LUNs in advance")
-    waiting = luns_waiting(b)
-    assert (luns_served(a), len(waiting), failover_status(b)["role"]) == (LUNS, LUNS, "passive")
-    device = cluster.client_device(serial_of(a, "d1"))
-
-    written = write_through(cluster.client.guest, device, FAILOVER_BLOCKS, 3, lambda: a.ctl("failover", "switchover"))
-    assert failover_status(a)["role"] == "passive"
-    serves_everything(b, written, f"switchover of {LUNS} LUNs")
-    assert backstores_of_luns(b) == waiting, "the switchover made b's backstores again instead of enabling them"
-    wait_for(lambda: b.mirrors_in_state(1) == LUNS, "every mirror in sync again")
-    wait_for(lambda: luns_served(a) == LUNS, "a, passive now, makes t1's LUNs in advance")
-    waiting = luns_waiting(a)
-
-    def kill_b() -> None:
-        b.guest.power_off()
-        a.wait_property(FAILOVER_PATH, FAILOVER_INTERFACE, "Role", 's "active"', timeout=180)
-
-    written = write_through(cluster.client.guest, device, FAILOVER_BLOCKS, 4, kill_b)
-    serves_everything(a, written, f"b killed with {LUNS} LUNs")
-    assert backstores_of_luns(a) == waiting, "the takeover made a's backstores again instead of enabling them"
-
-    # b boots again: its disks become the copies again (the LUNs of its disabled TPG let go
-    # of the arrays that stop), a resyncs them, and b waits with every LUN made in advance.
-    b = cluster.crash_and_boot("b")
-    wait_for(lambda: {m["role"] for m in b.ctl_json("mirror", "list")} == {"target"}, "b's disks are the copies again")
-    wait_for(lambda: a.mirrors_in_state(1) == LUNS, "every mirror in sync after b's return")
-    wait_for(lambda: luns_served(b) == LUNS, "b makes t1's LUNs in advance again")
-    assert len(luns_waiting(b)) == LUNS and failover_status(b)["role"] == "passive"
