@@ -931,8 +931,10 @@ class Replication:
             finally:
                 self._handing_over.difference_update(disks)
             await self.engine.refresh_replication()
-            for rt in rts:
-                await asyncio.to_thread(self._serve_copy, rt)
+            # All at once: an export's server takes seconds to start in a TCG guest, and a
+            # node demoted after a failover serves every protected disk's copy.
+            served, failed = await _on_threads(self._serve_copy, rts)
+            for rt, _ in served:
                 rt.pending, rt.resync, rt.split_brain, rt.reason = False, None, False, ""
                 await self._refresh_state(rt)
                 audit(
@@ -941,6 +943,9 @@ class Replication:
                     "ok",
                     f"{rt.record.disk} is the copy again; the peer's resync overwrites it",
                 )
+            if failed:
+                # The records say copy: the monitor serves them once it can.
+                raise failed[0][1]
 
     # -- the monitor -------------------------------------------------------------------
 

@@ -2,20 +2,22 @@
 for a change in progress there (its replication lock), and which change its kernel. A
 status read must not time out behind a reconcile of many LUNs, or the source takes "busy"
 for "gone"; a continue must not cost the copy's node a reconcile, nor each copy forked
-anew one of its own."""
+anew one of its own. A node that becomes the copy of many disks again (demoted after a
+failover) starts their exports' servers side by side, not one after the other."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
 from applianced.replication import messages
 from applianced.replication.bridge import Volume
 from applianced.replication.generations import Generation
-from applianced.replication.records import SYNC, TARGET, MirrorRecord, Tunables
+from applianced.replication.records import SOURCE, SYNC, TARGET, MirrorRecord, Tunables
 from applianced.replication.service import Replication, Runtime
-from tests.support.fake_datapath import FakeDataPath
+from tests.support.fake_datapath import FakeDataPath, FakeExport
 
 
 class Peer:
@@ -39,13 +41,13 @@ class Engine:
         return 0
 
 
-def copy_node(tmp_path, disks=("d1",)) -> tuple[Replication, Peer]:
+def copy_node(tmp_path, disks=("d1",), role=TARGET) -> tuple[Replication, Peer]:
     peer = Peer()
     service = Replication(tmp_path, engine=Engine(), peer=peer, data=FakeDataPath(tmp_path, tmp_path / "data.json"))
     for index, disk in enumerate(disks):
         record = MirrorRecord(
             disk=disk,
-            role=TARGET,
+            role=role,
             mode=SYNC,
             source_address="127.0.0.1",
             target_address="127.0.0.1",
@@ -98,3 +100,23 @@ def test_copies_forked_anew_in_one_pass_cost_one_reconcile_before_and_one_after(
 
     assert service.engine.reconciles == 2
     assert all(rt.array_prepared and not rt.fork_due for rt in service.mirrors.values())
+
+
+def test_a_demoted_node_serves_its_copies_side_by_side(tmp_path, monkeypatch):
+    disks = ("d1", "d2", "d3", "d4")
+    service, _ = copy_node(tmp_path, disks=disks, role=SOURCE)
+    # Each server start waits until all of them have begun: one after the other, the first
+    # would wait in vain.
+    all_started = threading.Barrier(len(disks), timeout=5)
+    start_server = FakeExport.assemble
+
+    def slow_start(export, address, port, fresh=False):
+        all_started.wait()
+        start_server(export, address, port, fresh)
+
+    monkeypatch.setattr(FakeExport, "assemble", slow_start)
+
+    asyncio.run(service.prepare_targets(list(disks)))
+
+    assert {rt.record.role for rt in service.mirrors.values()} == {TARGET}
+    assert all(service._export(rt).server_pid() for rt in service.mirrors.values())
