@@ -104,6 +104,9 @@ class Failover:
         self._pushing: asyncio.Future[None] | None = None
         self._announcing: asyncio.Future[Any] | None = None
         self._promoting: asyncio.Future[None] | None = None
+        # A passive node's question "does anyone answer for the VIPs?", asked as its peer
+        # fell silent: when (monotonic) and the answer (``_early_probe``).
+        self._early_probe: tuple[float, asyncio.Future[bool]] | None = None
         # The clients' connections to the virtual IPs: this node's own when active, the
         # active peer's as it last said otherwise.
         self.client_connections: tuple[tickle.Connection, ...] = ()
@@ -371,6 +374,8 @@ class Failover:
         before = (self.peer_heard, self.ping_node_reached, len(self.client_connections))
         self._ping()
         await self._beat()
+        if self.role is Role.PASSIVE:
+            self._probe_early()
         if self.role is Role.ACTIVE:
             # Read off the loop (a busy server's socket table is long); the next beat carries it.
             vips = [vip.address for vip in self.record.addresses]
@@ -540,10 +545,39 @@ class Failover:
         )
         decision = decide(seen)
         if decision.action is Action.TAKE_OVER:
-            # Only now, as it costs a probe per address: does anyone still answer for them?
-            answered = await self._addresses_answered()
+            answered = await self._answered_for_takeover()
             decision = decide(dataclasses.replace(seen, address_answered=answered))
         return decision
+
+    def _probe_early(self) -> None:
+        """Once per silence of the peer, as it begins (the last interval before a takeover
+        may follow): ask in the background whether anyone answers for the VIPs, so that a
+        takeover finds the answer ready. Asked at the takeover, two probes of 0.3 s each
+        without an answer came on top of every crash's stall."""
+        if self.peer_heard or not self._peer_heard_for_takeover():
+            return  # heard; or silent for longer, and a takeover asks for itself
+        if self._early_probe is not None and self._early_probe[0] > self._peer_heard:
+            return  # asked in this silence already
+        probe = asyncio.ensure_future(self._addresses_answered())
+        probe.add_done_callback(_log_failure("the question who holds the virtual IPs failed"))
+        self._early_probe = (time.monotonic(), probe)
+
+    async def _answered_for_takeover(self) -> bool:
+        """Whether someone answers for a VIP, before a takeover: the early probe's "nobody"
+        if it was asked in this silence, at most two intervals ago (nobody can have taken
+        the addresses since but a peer taking over too, which a probe now would not see
+        either); otherwise, and after a "somebody" (an isolated active node lets go of
+        them as this node's peer falls silent), asked now."""
+        early, self._early_probe = self._early_probe, None
+        if early is not None:
+            asked, probe = early
+            fresh = asked > self._peer_heard and time.monotonic() - asked <= 2 * self.record.interval
+            try:
+                if fresh and not await probe:
+                    return False
+            except Exception:  # logged by its callback; asked again below
+                pass
+        return await self._addresses_answered()
 
     async def _addresses_answered(self) -> bool:
         """Whether someone answers for a VIP; True when this node cannot even ask (its data
