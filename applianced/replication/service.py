@@ -205,10 +205,13 @@ class Replication:
             listener(disk, event)
 
     # -- what the target service is told (engine.ReplicaView) --------------------------
+    # Asked from the reconcile's thread while the loop may add or remove mirrors: each
+    # reads a copy of what it iterates (one step under the GIL), never the live dict, which
+    # raised "dictionary changed size during iteration" while a peer made 64 mirrors.
 
     def unserved(self) -> Mapping[str, str]:
         out = {}
-        for name, rt in self.mirrors.items():
+        for name, rt in list(self.mirrors.items()):
             if rt.record.role == TARGET:
                 out[name] = f"the mirror copy of {rt.record.peer_address}'s disk, locked while it is a mirror target"
             elif name in self._handing_over:
@@ -223,7 +226,7 @@ class Replication:
     def standby(self) -> Mapping[str, str]:
         return {
             name: self._mirror(rt).node
-            for name, rt in self.mirrors.items()
+            for name, rt in list(self.mirrors.items())
             if (rt.record.role == TARGET and rt.array_prepared) or name in self._keeping_arrays
         }
 
@@ -231,7 +234,7 @@ class Replication:
         return tuple(self.mirrors)
 
     def filters(self) -> Mapping[str, PortalFilter]:
-        rules = [_export_rule(rt.record) for rt in self.mirrors.values() if rt.record.role == TARGET]
+        rules = [_export_rule(rt.record) for rt in list(self.mirrors.values()) if rt.record.role == TARGET]
         return {rule.key: rule for rule in [*rules, *self._fenced.values()]}
 
     # -- start-up ---------------------------------------------------------------------

@@ -3,7 +3,9 @@ for a change in progress there (its replication lock), and which change its kern
 status read must not time out behind a reconcile of many LUNs, or the source takes "busy"
 for "gone"; a continue must not cost the copy's node a reconcile, nor each copy forked
 anew one of its own. A node that becomes the copy of many disks again (demoted after a
-failover) starts their exports' servers side by side, not one after the other."""
+failover) starts their exports' servers side by side, not one after the other. What the
+target service reads of the mirrors from its reconcile's thread holds while the requests
+add mirrors on the loop."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from applianced.replication.bridge import Volume
 from applianced.replication.generations import Generation
 from applianced.replication.records import SOURCE, SYNC, TARGET, MirrorRecord, Tunables
 from applianced.replication.service import Replication, Runtime
-from tests.support.fake_datapath import FakeDataPath, FakeExport
+from tests.support.fake_datapath import FakeDataPath, FakeExport, FakeMirror
 
 
 class Peer:
@@ -120,3 +122,25 @@ def test_a_demoted_node_serves_its_copies_side_by_side(tmp_path, monkeypatch):
 
     assert {rt.record.role for rt in service.mirrors.values()} == {TARGET}
     assert all(service._export(rt).server_pid() for rt in service.mirrors.values())
+
+
+def test_the_target_services_view_holds_while_a_mirror_is_added(tmp_path, monkeypatch):
+    # The reconcile reads the prepared arrays on its thread while the peer's requests make
+    # mirrors on the loop: here, a mirror is added in the middle of the read.
+    service, _ = copy_node(tmp_path, disks=("d1", "d2"))
+    for rt in service.mirrors.values():
+        rt.array_prepared = True
+    node_of = FakeMirror.node.fget
+
+    def node_while_a_mirror_is_added(mirror):
+        if "d3" not in service.mirrors:
+            more, _ = copy_node(tmp_path, disks=("d3",))
+            service.mirrors["d3"] = more.mirrors["d3"]
+        return node_of(mirror)
+
+    monkeypatch.setattr(FakeMirror, "node", property(node_while_a_mirror_is_added))
+
+    standby = service.standby()
+
+    assert set(standby) == {"d1", "d2"}
+    assert set(service.unserved()) == {"d1", "d2", "d3"}
