@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import logging
 import time
@@ -569,14 +570,11 @@ class Failover:
         either); otherwise, and after a "somebody" (an isolated active node lets go of
         them as this node's peer falls silent), asked now."""
         early, self._early_probe = self._early_probe, None
-        if early is not None:
-            asked, probe = early
-            fresh = asked > self._peer_heard and time.monotonic() - asked <= 2 * self.record.interval
-            try:
-                if fresh and not await probe:
+        asked, probe = early or (float("-inf"), None)
+        if probe is not None and asked > self._peer_heard and time.monotonic() - asked <= 2 * self.record.interval:
+            with contextlib.suppress(Exception):  # logged by its callback; asked again below
+                if not await probe:
                     return False
-            except Exception:  # logged by its callback; asked again below
-                pass
         return await self._addresses_answered()
 
     async def _addresses_answered(self) -> bool:

@@ -43,6 +43,17 @@ class Replication:
         return []
 
 
+def recorded_decisions(node) -> list:
+    """The decisions of ``node``'s looks, recorded instead of acted on."""
+    decisions = []
+
+    async def act(decision) -> None:
+        decisions.append(decision)
+
+    node._act = act
+    return decisions
+
+
 def active_node(tmp_path, monkeypatch, connections_read: float):
     """An active node whose peer is dead and whose ping node has just answered; reading
     the clients' connections takes ``connections_read`` seconds."""
@@ -54,14 +65,8 @@ def active_node(tmp_path, monkeypatch, connections_read: float):
         return ()
 
     monkeypatch.setattr(failover_service.tickle, "established", established)
-    decisions = []
-
-    async def act(decision) -> None:
-        decisions.append(decision)
-
-    node._act = act
     node._last_reply = time.monotonic()
-    return node, decisions
+    return node, recorded_decisions(node)
 
 
 def test_a_look_held_up_past_two_intervals_decides_nothing(tmp_path, monkeypatch):
@@ -127,16 +132,10 @@ def passive_node(tmp_path, monkeypatch, holders: list[str | None]):
         return holders.pop(0)
 
     monkeypatch.setattr(failover_service.announce, "in_use", in_use)
-    decisions = []
-
-    async def act(decision) -> None:
-        decisions.append(decision)
-
-    node._act = act
     node._last_reply = time.monotonic() + 60  # the ping node answers throughout
     node._copies_current = True  # in sync when the peer was last heard
     node._peer_heard = time.monotonic() - 0.45
-    return node, decisions, probes
+    return node, recorded_decisions(node), probes
 
 
 def looks_until_the_takeover_is_due(node) -> float:
