@@ -62,6 +62,7 @@ ANSWERED_REQUESTS = 256
 LOG_EVERY = 10.0
 REQUEST_TIMEOUT = 1.0
 REQUEST_ATTEMPTS = 3
+RECONNECT_POLL = 0.05
 
 Handler = Callable[[bytes], Awaitable[bytes]]
 # The paths' roles, in the order of ``PairRecord.peer_addresses``.
@@ -272,16 +273,22 @@ class PeerLink:
         Each attempt goes over the next up path; with ``every_path``, over all paths at
         once, up or not (heartbeats: a path that just died must not cost a beat, one that
         came back must carry the next). The peer runs the request once and answers every
-        copy; the first answer counts.
+        copy; the first answer counts. A link that is down as the request starts fails it at
+        once; one that goes down on the way is waited for, one attempt's ``timeout`` long.
         """
+        if not self._usable(every_path):
+            raise PeerUnreachable("the peer link is not connected")
         request_id = next(self._request_ids)
         future: asyncio.Future[protocol.Response] = asyncio.get_running_loop().create_future()
         self._waiting[request_id] = future
         try:
             for attempt in range(attempts):
+                # A link that drops while a request is under way (a peer starved of CPU for
+                # a few seconds, a session being renewed) gets one attempt's time to come
+                # back: the peer runs the request once whenever it gets it.
+                if not await self._usable_within(every_path, timeout):
+                    raise PeerUnreachable(f"the peer link went down during {kind} and did not come back")
                 up = self._up_paths()
-                if self._session is None or not (up or every_path):
-                    raise PeerUnreachable("the peer link is not connected")
                 request = protocol.Request(request_id, kind, body)
                 for index in range(len(self._paths)) if every_path else [up[attempt % len(up)]]:
                     self._send(index, MessageType.REQUEST, request)
@@ -295,6 +302,19 @@ class PeerLink:
             raise PeerUnreachable(f"no answer to {kind} after {attempts} attempts")
         finally:
             del self._waiting[request_id]
+
+    def _usable(self, every_path: bool) -> bool:
+        """Whether a request can go out now: a session, and a path up unless it goes over all."""
+        return self._session is not None and (every_path or bool(self._up_paths()))
+
+    async def _usable_within(self, every_path: bool, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not self._usable(every_path):
+            if time.monotonic() >= deadline:
+                return False
+            # Paths come up as the peer's messages arrive, between the loop's ticks.
+            await asyncio.sleep(RECONNECT_POLL)
+        return True
 
     # -- the loop ----------------------------------------------------------------------
 

@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from applianced.peer import protocol
+from applianced.peer import link, protocol
 from applianced.peer.link import PeerLink, PeerRefused, PeerUnreachable
 from applianced.peer.pairing import PairRecord
 from tests.support.daemon import free_udp_port
@@ -191,3 +191,46 @@ def test_a_retried_request_runs_its_handler_once():
         assert lost and runs == [b"vol1"]
 
     run_connected(scenario)
+
+
+def test_a_request_waits_for_a_link_that_drops_on_the_way():
+    """The peer falls silent longer than a path's DEAD_AFTER (a guest starved of CPU)
+    while it runs the request: the link goes down and comes back, and the request, still
+    within its attempts, gets its answer instead of failing as the link went down.
+
+    Attempts of 2 s: the third starts at 4 s, with the link down since 3.5 s and back
+    (both sides' next tick) by 5.5 s."""
+    silence = link.DEAD_AFTER + 1.0
+
+    async def scenario(a, b):
+        async def slow_setup(body):
+            await asyncio.sleep(silence)
+            return b"done"
+
+        b.link.handle("volume-setup", slow_setup)
+        transmit = b.link._transmit
+        b.link._transmit = lambda index, datagram: None
+        asyncio.get_running_loop().call_later(silence, setattr, b.link, "_transmit", transmit)
+        went_down = []
+
+        async def watch():
+            await until(lambda: not a.link.status().connected)
+            went_down.append(True)
+
+        watching = asyncio.ensure_future(watch())
+        assert await a.link.request("volume-setup", b"vol1", timeout=2.0, attempts=5) == b"done"
+        assert went_down, "the link never went down: the test did not test a lost link"
+        await watching
+
+    run_connected(scenario)
+
+
+def test_a_request_fails_at_once_while_the_link_is_down():
+    async def scenario():
+        async with Node("node-a", "127.0.0.1", "127.0.0.2", free_udp_port()) as a:
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(PeerUnreachable, match="not connected"):
+                await a.link.request("volume-setup", b"vol1", timeout=30.0, attempts=3)
+            assert asyncio.get_running_loop().time() - started < 30.0
+
+    asyncio.run(scenario())
