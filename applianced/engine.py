@@ -158,6 +158,8 @@ class Appliance:
         self._applied: KernelConfig | None = None
         # The filters the firewall's table was last brought to, whole; None while unknown.
         self._filtered: dict[str, firewall.PortalFilter] | None = None
+        # Portals held by a failover's switchover (``hold_portals``); in memory only.
+        self._held: dict[str, firewall.PortalFilter] = {}
 
     @property
     def disks_dir(self) -> Path:
@@ -242,8 +244,9 @@ class Appliance:
         return render(config, unserved, self.replication.lowers(), standby)
 
     def _filters(self, config: Config, resolved: Mapping[str, frozenset[str]]) -> dict[str, firewall.PortalFilter]:
-        """The allow-lists of ``config``'s portals and the rules of replication's exports."""
-        return {**firewall.filters(config, resolved), **self.replication.filters()}
+        """The allow-lists of ``config``'s portals, the rules of replication's exports and
+        the portals held."""
+        return {**firewall.filters(config, resolved), **self.replication.filters(), **self._held}
 
     def _set_config(self, config: Config) -> None:
         self.config = config
@@ -739,6 +742,19 @@ class Appliance:
                 await self._commit(operation, ",".join(target_names), new, guarded=False)
                 return
         await self.refresh_replication()
+
+    async def hold_portals(self, portals: Collection[tuple[str, int]]) -> None:
+        """Hold the portals at these (address, port) pairs and release any other held: a
+        failover's switchover keeps the addresses it hands over until the peer can take
+        them, with their sessions silenced and new connections refused (iscsi/firewall.py).
+        Held in memory only: a daemon that restarts holds nothing."""
+        held = {f.key: f for f in (firewall.held_portal(address, port) for address, port in portals)}
+        if held == self._held:
+            return  # without the lock: a takeover releases nothing, and waits for no commit
+        async with self._lock:
+            self._held = held
+            config = self.config
+            await asyncio.to_thread(lambda: self._apply_firewall(self._filters(config, self._resolve(config))))
 
     def _target(self, name: str) -> Target:
         try:

@@ -18,6 +18,14 @@ transaction (add, delete, define again), so a half-applied rule set never exists
 nothing else on the node is touched. The table is read back as JSON first: when it
 already holds the wanted rules nothing is written. With no allow-list at all the table
 is removed, so nodes that do not use the feature never need nftables.
+
+A portal can also be *held* while a failover's planned switchover hands its virtual
+address to the peer: the address stays here, its sessions see silence (nothing in,
+nothing out: the initiator notices no close and reconnects at once when the new active
+node resets the connection), and a new connection is refused with an ICMP port
+unreachable (the initiator retries in seconds instead of backing off on unanswered
+SYNs). An ICMP error rather than a TCP reset, because the reset would leave through the
+output chain, which drops every TCP packet the held portal sends.
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ NFT = "/usr/sbin/nft"
 FAMILY = "inet"
 TABLE = "applianced"
 CHAIN = "portals"
+OUTPUT_CHAIN = "portals-out"
 MAX_SOURCES = 1024
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -221,7 +230,8 @@ class PortalFilter:
     """The sources one portal admits (networks collapsed, names already resolved).
 
     ``what`` names the listener in the rule's comment: an iSCSI portal, or the NBD export
-    of a replicated volume, which admits only the peer node.
+    of a replicated volume, which admits only the peer node. A ``held`` portal (a
+    specific address; no sources) is silenced instead (see the module's docstring).
     """
 
     address: str
@@ -229,10 +239,18 @@ class PortalFilter:
     networks: tuple[IPNetwork, ...]
     macs: tuple[str, ...]
     what: str = "portal"
+    held: bool = False
 
     @property
     def key(self) -> str:
         return Portal(self.address, self.port).key
+
+
+def held_portal(address: str, port: int) -> PortalFilter:
+    """The filter of a portal held while a failover hands its address over."""
+    if ipaddress.ip_address(address).is_unspecified:
+        raise InvalidArgument(f"only a portal's own address can be held, not {address}")
+    return PortalFilter(address, port, (), (), what="portal held for a switchover", held=True)
 
 
 def filters(config: Config, resolved: Resolved) -> dict[str, PortalFilter]:
@@ -274,8 +292,16 @@ def ruleset(portal_filters: Iterable[PortalFilter]) -> Ruleset:
             "policy": "accept",
         }
     }
-    rules = [rule for f in ordered for rule in _portal_rules(f)]
-    return (table, chain, *rules)
+    rules = [rule for f in ordered for rule in (_held_rules(f) if f.held else _portal_rules(f))]
+    outgoing = [
+        _commented(f, [_rule(OUTPUT_CHAIN, [*_portal_match(f, "saddr", "sport"), {"drop": None}])])[0]
+        for f in ordered
+        if f.held
+    ]
+    if not outgoing:
+        return (table, chain, *rules)
+    output = {"chain": {**chain["chain"], "name": OUTPUT_CHAIN, "hook": "output"}}
+    return (table, chain, output, *rules, *outgoing)
 
 
 def _wildcard_rank(address: str) -> int:
@@ -283,16 +309,23 @@ def _wildcard_rank(address: str) -> int:
     return 0 if not ip.is_unspecified else 1 if ip.version == 4 else 2
 
 
-def _portal_rules(portal: PortalFilter) -> list[NftObject]:
+def _portal_match(portal: PortalFilter, address: str = "daddr", port: str = "dport") -> list[dict[str, Any]]:
+    """The packets to the portal (or, with ``saddr`` and ``sport``, from it)."""
     ip = ipaddress.ip_address(portal.address)
-    to_portal = [_match({"payload": {"protocol": "tcp", "field": "dport"}}, portal.port)]
+    matches = [_match({"payload": {"protocol": "tcp", "field": port}}, portal.port)]
     if not ip.is_unspecified:
         protocol = "ip6" if ip.version == 6 else "ip"
-        to_portal.insert(0, _match({"payload": {"protocol": protocol, "field": "daddr"}}, str(ip)))
+        matches.insert(0, _match({"payload": {"protocol": protocol, "field": address}}, str(ip)))
     elif ip.version == 4:
         # Not "meta nfproto ipv4": nft lists that rule without it, and it would never
         # compare equal when read back. "ip version 4" is listed as written.
-        to_portal.insert(0, _match({"payload": {"protocol": "ip", "field": "version"}}, 4))
+        matches.insert(0, _match({"payload": {"protocol": "ip", "field": "version"}}, 4))
+    return matches
+
+
+def _portal_rules(portal: PortalFilter) -> list[NftObject]:
+    ip = ipaddress.ip_address(portal.address)
+    to_portal = _portal_match(portal)
     families = (4, 6) if ip.is_unspecified and ip.version == 6 else (ip.version,)
     rules = []
     for version in families:
@@ -306,7 +339,22 @@ def _portal_rules(portal: PortalFilter) -> list[NftObject]:
         rules.append([*to_portal, source, {"accept": None}])
     refuse: dict[str, Any] = {"reject": {"type": "tcp reset"}}
     rules.append([*to_portal, refuse])
-    objects = [{"rule": {"family": FAMILY, "table": TABLE, "chain": CHAIN, "expr": expr}} for expr in rules]
+    return _commented(portal, [_rule(CHAIN, expr) for expr in rules])
+
+
+def _held_rules(portal: PortalFilter) -> list[NftObject]:
+    to_portal = _portal_match(portal)
+    # A connection's first SYN (SYN without ACK, whatever its ECN flags), as nft lists it.
+    syn = _match({"&": [{"payload": {"protocol": "tcp", "field": "flags"}}, ["syn", "ack"]]}, "syn")
+    refuse = {"reject": {"type": "icmpx", "expr": "port-unreachable"}}
+    return _commented(portal, [_rule(CHAIN, [*to_portal, syn, refuse]), _rule(CHAIN, [*to_portal, {"drop": None}])])
+
+
+def _rule(chain: str, expr: list[dict[str, Any]]) -> NftObject:
+    return {"rule": {"family": FAMILY, "table": TABLE, "chain": chain, "expr": expr}}
+
+
+def _commented(portal: PortalFilter, objects: list[NftObject]) -> list[NftObject]:
     # The comment names the portal in `nft list ruleset`, for people reading it.
     objects[-1]["rule"]["comment"] = f"applianced {portal.what} {portal.key}"
     return objects

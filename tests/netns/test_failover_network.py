@@ -3,7 +3,8 @@ in-use probe, the ping node and the reset of clients' connections, between names
 one Ethernet segment.
 
 Nodes a and b and a ping node p (which also plays the client whose neighbour cache must
-follow the address) are plugged into one bridge, in IPv4 and IPv6.
+follow the address) are plugged into one bridge, in IPv4 and IPv6. The held portal of a
+planned switchover is real nftables in a's namespace.
 """
 
 import json
@@ -138,3 +139,60 @@ def test_a_tickle_resets_the_connection_of_a_client_whose_server_died(segment, v
         ip("link", "set", ports["a"], "up", netns=switch.name)
         call(a, "remove", vip)
         call(b, "remove", vip)
+
+
+HOLD = textwrap.dedent(
+    """
+    import sys
+    from applianced.iscsi.firewall import NftFirewall, held_portal, ruleset
+    rules = ruleset([held_portal(sys.argv[1], int(sys.argv[2]))] if len(sys.argv) > 2 else [])
+    print(NftFirewall().apply(rules), NftFirewall().apply(rules))
+    """
+)
+CONNECT = textwrap.dedent(
+    """
+    import socket, sys, time
+    started = time.monotonic()
+    try:
+        socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10).close()
+        print("open")
+    except ConnectionRefusedError:
+        print(f"refused {time.monotonic() - started:.1f}")
+    except TimeoutError:
+        print("timeout")
+    """
+)
+
+
+# Not 3260: the tickle test's sockets there may linger.
+PORT = 3262
+
+
+@pytest.mark.parametrize("vip", VIPS)
+def test_a_held_portal_silences_its_sessions_and_refuses_new_ones(segment, vip):
+    """A switchover holds the VIPs' portals before the targets close their sessions: the
+    client must see no close (the new active node resets it once it serves), and a new
+    connection must be refused at once, not left to the SYN's backing-off retries."""
+    _, hosts, _ = segment
+    a, client = hosts["a"], hosts["p"]
+    address = vip.split("/")[0]
+    call(a, "add", vip)
+    held = HeldConnection(a, client, address, PORT, patience=3)
+    try:
+        done = a.run(sys.executable, "-c", HOLD, address, str(PORT))
+        # Applied, then read back equal and left alone.
+        assert done.stdout.split() == ["True", "False"], done.stderr
+        held.server_closes()
+        assert held.outcome(timeout=10) == "timeout", "the client saw the close"
+        outcome = client.run(sys.executable, "-c", CONNECT, address, str(PORT)).stdout.split()
+        # Refused by the first SYN's answer (over IPv6 on the host's kernel: its first
+        # retransmission's, 1 s in), not after the SYN's doubling retries.
+        assert outcome[0] == "refused" and float(outcome[1]) < 2.0, outcome
+        # Released: the table goes.
+        done = a.run(sys.executable, "-c", HOLD)
+        assert done.stdout.split() == ["True", "False"], done.stderr
+        assert a.run("nft", "list", "ruleset").stdout == ""
+    finally:
+        held.close()
+        a.run(sys.executable, "-c", HOLD)
+        call(a, "remove", vip)

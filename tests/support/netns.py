@@ -138,6 +138,12 @@ class HeldConnection:
             self.close()
             raise
 
+    def server_closes(self) -> None:
+        """The server closes its end (as LIO does when a target is disabled) and exits."""
+        assert self._server.stdin is not None
+        self._server.stdin.close()
+        self._server.wait(timeout=10)
+
     def ended(self) -> bool:
         assert self._client is not None
         return self._client.poll() is not None

@@ -161,6 +161,52 @@ def test_rule_set_for_each_kind_of_portal_and_source():
     ]
 
 
+def test_a_held_portal_is_silenced_both_ways_and_refuses_new_connections():
+    held = firewall.held_portal("10.0.0.10", 3260)
+    allowed = firewall.PortalFilter("0.0.0.0", 3260, (ipaddress.ip_network("10.1.0.0/24"),), ())
+    _, chain, output, *rules = firewall.ruleset([allowed, held])
+    assert output["chain"] == {**chain["chain"], "name": "portals-out", "hook": "output"}
+    v4 = to_portal([match({"payload": {"protocol": "ip", "field": "daddr"}}, "10.0.0.10")])
+    first_syn = match({"&": [{"payload": {"protocol": "tcp", "field": "flags"}}, ["syn", "ack"]]}, "syn")
+    comment = "applianced portal held for a switchover 10.0.0.10:3260"
+    from_portal = [
+        match({"payload": {"protocol": "ip", "field": "saddr"}}, "10.0.0.10"),
+        match({"payload": {"protocol": "tcp", "field": "sport"}}, 3260),
+        {"drop": None},
+    ]
+    # The held address before the wildcard portal's allow-list: it wins for its packets.
+    assert rules[:2] == [
+        rule([*v4, first_syn, {"reject": {"type": "icmpx", "expr": "port-unreachable"}}]),
+        rule([*v4, {"drop": None}], comment),
+    ]
+    assert rules[-1] == {"rule": {**rule(from_portal, comment)["rule"], "chain": "portals-out"}}
+    # No output chain without a held portal.
+    assert [obj for obj in firewall.ruleset([allowed]) if "chain" in obj] == [chain]
+    with pytest.raises(InvalidArgument, match="only a portal's own address"):
+        firewall.held_portal("::", 3260)
+
+
+def test_held_portals_reach_the_firewall_until_released(tmp_path):
+    fw = WatchedFirewall()
+
+    async def scenario():
+        engine = await started(make_engine(tmp_path, firewall=fw))
+        await populate(engine)
+        await engine.hold_portals([("10.0.0.10", 3260), ("fd00::10", 3260)])
+        comments = [r["rule"].get("comment") for r in fw.ruleset if "rule" in r]
+        assert "applianced portal held for a switchover [fd00::10]:3260" in comments
+        # A commit keeps them (a failover disables its targets after holding).
+        await engine.set_targets_enabled(["t1"], False)
+        assert len([r for r in fw.ruleset if "rule" in r]) == 6
+        looks = fw.looks
+        await engine.hold_portals([("10.0.0.10", 3260), ("fd00::10", 3260)])
+        assert fw.looks == looks, "holding the same portals again reads nothing"
+        await engine.hold_portals(())
+        assert fw.ruleset == ()
+
+    run(scenario())
+
+
 def test_a_name_that_does_not_resolve_admits_no_one():
     config = config_with(
         Target("t1", "iqn.2003-01.org.example:t1", allowed_sources=("gone.example",)),
