@@ -4,7 +4,8 @@ Each interval the node pings its ping nodes and exchanges a beat with the peer (
 once, each bounded by the interval), decides (``decision.decide``) and acts. Taking over
 promotes the local copies of the protected disks (``Replication.promote``), serves them
 in the commit that enables the protected targets, adds the virtual IPs, announces them and
-resets the clients' old connections; stopping serving removes the virtual IPs. When the
+resets the clients' old connections; stopping serving removes the virtual IPs (a planned
+switchover keeps them, their portals held, until the copies have changed hands). When the
 node idles it keeps its addresses as its role says (an IPv6 address vanishes when its
 link goes down: it is added again when the link is back). Every step is idempotent, so a
 daemon restarted in the middle of a role change finishes it or undoes it on its next look.
@@ -659,6 +660,8 @@ class Failover:
 
     async def _serve(self, decision: Decision, steps: Steps) -> None:
         """The takeover's steps after the promotion: the targets, the VIPs, the clients."""
+        # A node that serves holds no portal (serving again after a failed switchover).
+        await self.engine.hold_portals(())
         await steps.run("enable targets", self.engine.set_targets_enabled(self._local_targets(), True))
         vips = list(self.record.addresses)
         for vip in vips:
@@ -693,13 +696,30 @@ class Failover:
         if copies:
             await self.replication.promote(copies)
 
-    async def _stop_serving(self, reason: str) -> None:
+    async def _stop_serving(self, reason: str, handing_over: bool = False) -> None:
+        """Stop serving; ``handing_over`` (a switchover) keeps the VIPs, their portals held,
+        for ``_hand_over`` to remove once the peer can take them. (A daemon that stops in
+        between finds them at its first look, passive, and removes them.)"""
         steps = Steps()
-        for vip in self.record.addresses:
-            await steps.run(f"remove {vip.address}", self._on_own_thread(addresses.remove, vip))
+        if handing_over:
+            await steps.run("hold portals", self.engine.hold_portals(self._vip_portals()))
+        else:
+            await self._remove_addresses(steps)
         await steps.run("disable targets", self.engine.set_targets_enabled(self._local_targets(), False))
         self._pushed = {}
         await self._become(Role.PASSIVE, reason, steps.done)
+
+    async def _remove_addresses(self, steps: Steps) -> None:
+        for vip in self.record.addresses:
+            await steps.run(f"remove {vip.address}", self._on_own_thread(addresses.remove, vip))
+
+    def _vip_portals(self) -> list[tuple[str, int]]:
+        """Each VIP with each port on which the protected targets listen."""
+        protected = self._local_targets()
+        ports = sorted(
+            {portal.port for portal in self.engine.config.portals if any(portal.serves(t) for t in protected)}
+        )
+        return [(vip.address, port) for vip in self.record.addresses for port in ports]
 
     def _peer_took_over(self) -> bool:
         """The peer serves, since after this node last served, and this node still holds
@@ -735,14 +755,26 @@ class Failover:
         answer = await self._ask(m.CAN_TAKE_OVER, m.Reason(reason), m.Problems)
         if answer.problems:
             raise Busy("the peer cannot take over: " + "; ".join(answer.problems))
-        await self._stop_serving(reason)
-        # The copies change hands through replication, all of them or none (the bitmaps go
-        # with them, no split brain); the LUNs of the disks go away here.
+        # The VIPs stay here while the copies change hands, their portals held: the clients'
+        # sessions see silence, not a close, and are reset by the peer once it serves; a
+        # client whose own timer gave up first is refused at once and retries in seconds.
+        # Without a VIP its SYNs went unanswered, and its next one came up to 8 s after the
+        # peer served (64 LUNs, 2026-12-07). The copies change hands through replication,
+        # all of them or none (the bitmaps go with them, no split brain).
         try:
+            await self._stop_serving(reason, handing_over=True)
             await self.replication.hand_over(self._protected_sources())
         except Exception as exc:
             await self._serve_again(exc)
             raise
+        try:
+            await self._remove_addresses(Steps())
+        except Exception as exc:
+            raise Incomplete(
+                "the peer holds the sources of the protected disks now, but this node could not remove "
+                f"its virtual IPs ({exc}), so it did not ask the peer to serve them; their portals stay "
+                "held, refusing clients: see `appliancectl failover status` on both nodes"
+            ) from None
         try:
             await self._ask(m.TAKE_OVER, m.Reason(reason), m.Done, SLOW_REQUEST)
         except ApplianceError as exc:
@@ -750,6 +782,12 @@ class Failover:
                 "this node stopped serving and the peer holds the sources of the protected disks now, "
                 f"but it did not confirm that it serves them ({exc}): see `appliancectl failover status` there"
             ) from None
+        finally:
+            # Only with the VIPs gone: before, this node would answer their clients again.
+            try:
+                await self.engine.hold_portals(())
+            except KernelError as exc:
+                log.warning("failover: the held portals' rules stay until the next reconcile: %s", exc)
 
     async def _serve_again(self, failure: Exception) -> None:
         """After a switchover whose mirrors stayed here: serve as before it."""
