@@ -14,8 +14,10 @@ virtual IP, one after the other, and node a's QEMU is killed (a power cut); the 
 longest write is the **crash stall**. Every acknowledged block must read back. Node a boots
 again, comes back as the copy and is resynced (**back in sync**: from its boot until every
 mirror is in sync again); then the service goes back to it by hand while the client writes:
-the longest write is the **planned stall**. Each stack runs its rounds on
-freshly booted nodes, one stack after the other:
+the longest write is the **planned stall**. With ``--planned-only`` a round has no crash:
+the service switches over from a to b and back, each stall measured, the mirrors (or
+DRBD) back in sync before the next. Each stack runs its rounds on freshly booted nodes,
+one stack after the other:
 
 * ``applianced``: the pair, ``vol`` mirrored in sync mode, the target protected, heartbeat
   ``--heartbeat`` (interval and misses; the README's 0.5 s x 4 by default); the failback
@@ -42,7 +44,7 @@ moment the node started its first takeover after it. Under emulation absolute nu
 ratios of one run are the result. Run as root from the checkout, after ``tools/setup``:
 
     cd /work/main && PYTHONPATH=. .venv/bin/python bench/failover.py [--rounds 2] \
-        [--stacks applianced,applianced-64luns]
+        [--stacks applianced,applianced-64luns] [--planned-only]
 """
 
 from __future__ import annotations
@@ -379,10 +381,16 @@ class Ours:
                 raise HarnessError(f"{node.guest.name}: the mirrors are not all in sync after {timeout:.0f} s")
             time.sleep(5)
 
-    def switch_back(self) -> None:
+    def switch_over(self, active: str) -> None:
+        """The planned switchover, run on the ``active`` node."""
         # Under emulation a switchover of 64 LUNs outlasts the harness's call timeout.
         switchover = [str(VENV_BIN / "appliancectl"), "--call-timeout", "0", "failover", "switchover"]
-        self.nodes.nodes["b"].guest.run(switchover, timeout=SLOWEST_ROLE_CHANGE)
+        self.nodes.nodes[active].guest.run(switchover, timeout=SLOWEST_ROLE_CHANGE)
+
+    def settle(self, active: str) -> None:
+        """After a switchover: every mirror back in sync, as the new ``active`` node sees it
+        (the reverse resync is partial)."""
+        self._wait_in_sync(self.nodes.nodes[active], timeout=600 + 30 * len(self.disks))
 
 
 # -- DRBD + keepalived + LIO from a notify script -----------------------------------------
@@ -463,13 +471,21 @@ class Classic:
             "drbdadm dstate r0 | grep -qx UpToDate/UpToDate", timeout=600, interval=1.0
         )
 
-    def switch_back(self) -> None:
-        """The failback by hand: b stops serving and leaves; a's keepalived takes the VIP."""
-        b = self.nodes.nodes["b"].guest
-        b.run(f"{RUN}/backup.sh")
-        b.kill("keepalived", timeout=30)
-        self.nodes.nodes["a"].guest.wait_until(f"grep -q '^served' {RUN}/events", timeout=120, interval=0.2)
-        self._keepalived("b")
+    def switch_over(self, active: str) -> None:
+        """By hand: the ``active`` node stops serving and leaves; the other's keepalived
+        takes the VIP."""
+        other = "a" if active == "b" else "b"
+        guest = self.nodes.nodes[active].guest
+        guest.run(f"{RUN}/backup.sh")
+        guest.kill("keepalived", timeout=30)
+        self.nodes.nodes[other].guest.wait_until(f"grep -q '^served' {RUN}/events", timeout=120, interval=0.2)
+        self._keepalived(active)
+
+    def settle(self, active: str) -> None:
+        """After a switchover: DRBD connected and up to date again."""
+        self.nodes.nodes[active].guest.wait_until(
+            "drbdadm dstate r0 | grep -qx UpToDate/UpToDate", timeout=600, interval=1.0
+        )
 
 
 # -- the rounds ---------------------------------------------------------------------------
@@ -500,7 +516,7 @@ def rounds(stack: Ours | Classic, client: Client, count: int) -> list[dict[str, 
             stack.rejoin("a")
             back_in_sync = time.monotonic() - booted
             stack.ready("a")
-            planned = client.stall(device, stack.switch_back)
+            planned = client.stall(device, lambda: stack.switch_over("b"))
             sample = {
                 "crash_stall_s": crash,
                 "detection_s": detection,
@@ -513,6 +529,38 @@ def rounds(stack: Ours | Classic, client: Client, count: int) -> list[dict[str, 
     finally:
         client.log_out(stack.port)
     return samples
+
+
+def planned_rounds(stack: Ours | Classic, client: Client, count: int) -> list[dict[str, Any]]:
+    """``--planned-only``: each round switches over from a to b and back, no crash."""
+    serial = stack.build()
+    device = client.log_in(stack.port, serial)
+    samples = []
+    try:
+        for index in range(count):
+            stall = {}
+            for active, passive in (("a", "b"), ("b", "a")):
+                stack.ready(passive)
+                stall[active] = client.stall(device, lambda active=active: stack.switch_over(active))
+                stack.settle(passive)
+            sample = {"planned_stall_s": stall["a"], "planned_back_stall_s": stall["b"]}
+            log(f"{stack.nodes.stack} round {index + 1}: {json.dumps(sample)}")
+            samples.append(sample)
+    finally:
+        client.log_out(stack.port)
+    return samples
+
+
+def planned_summary(samples: dict[str, list[dict[str, Any]]]) -> str:
+    base = "classic" if "classic" in samples else next(iter(samples))
+    keys = ("planned_stall_s", "planned_back_stall_s")
+    stalls = {name: [sample[key] for sample in runs for key in keys] for name, runs in samples.items()}
+    lines = [f"| stack | planned stall s (median) | vs {base} | samples |", "|---|---:|---:|---|"]
+    for name, values in stalls.items():
+        median = statistics.median(values)
+        ratio = median / statistics.median(stalls[base])
+        lines.append(f"| {name} | {median:.1f} | {ratio:.2f} | {', '.join(f'{v:.1f}' for v in values)} |")
+    return "\n".join(lines)
 
 
 def summary(samples: dict[str, list[dict[str, Any]]]) -> str:
@@ -559,6 +607,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--heartbeat", default="0.5,4", help="applianced's heartbeat interval and misses")
     parser.add_argument("--output", type=Path, help="raw samples as JSON")
+    parser.add_argument(
+        "--planned-only", action="store_true", help="no crash: each round switches over from a to b and back"
+    )
     args = parser.parse_args(argv)
     names = args.stacks.split(",")
     unknown = set(names) - set(STACKS)
@@ -576,12 +627,12 @@ def main(argv: list[str] | None = None) -> int:
             for name in names:
                 stack = STACKS[name](lab, logs, args)
                 try:
-                    samples[name] = rounds(stack, client, args.rounds)
+                    samples[name] = (planned_rounds if args.planned_only else rounds)(stack, client, args.rounds)
                 finally:
                     stack.nodes.stop()
         finally:
             client_guest.stop()
-    print(summary(samples))
+    print((planned_summary if args.planned_only else summary)(samples))
     if args.output:
         args.output.write_text(json.dumps(samples, indent=2))
     log(f"guest logs: {logs}; command: {shlex.join(sys.argv)}")
