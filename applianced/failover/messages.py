@@ -56,6 +56,15 @@ class Reason:
 
 
 @dataclass(frozen=True)
+class HandOver:
+    """Serve now: the old active node's reason, and its clients' connections as they were
+    when it held its portals (the ones the new active node resets)."""
+
+    reason: str
+    connections: tuple[Connection, ...] = field(default=())
+
+
+@dataclass(frozen=True)
 class Problems:
     """What keeps the answering node from its part ("" problems: none)."""
 

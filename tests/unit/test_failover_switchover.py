@@ -2,7 +2,9 @@
 
 The old order (VIPs removed, then the hand-over) left the clients' SYNs unanswered once
 their own timers dropped a session: with 64 LUNs the next SYN came up to 8 s after the
-peer served. The order of the steps, against fakes, is pinned here; what the held
+peer served. The order of the steps, against fakes, is pinned here, and the clients'
+connections read once the portals are held reach the peer, which resets them (in a
+five-LUN VM run the new active node reset none: it knew none from the beats). What the held
 portal's rules do to a connection is proven in tests/netns/test_failover_network.py, the
 switchover end to end in tests/vm/test_failover.py.
 """
@@ -14,14 +16,17 @@ from types import SimpleNamespace
 
 import pytest
 
+from applianced import decoding
 from applianced.errors import KernelError
 from applianced.failover import messages as m
 from applianced.failover import service as failover_service
+from applianced.failover import tickle
 from applianced.failover.addresses import VirtualAddress
 from applianced.failover.records import FailoverRecord
 from applianced.state import Portal
 
 VIP = VirtualAddress("data0", "10.0.0.10", 24)
+CLIENT = tickle.Connection("10.0.0.10", 3260, "10.0.0.77", 40123)
 
 
 class Peer:
@@ -29,12 +34,14 @@ class Peer:
 
     def __init__(self, events: list) -> None:
         self.events = events
+        self.bodies: dict[str, bytes] = {}
 
     def handle(self, kind, handler) -> None:
         pass
 
     async def ask(self, kind: str, body: bytes, timeout: float) -> bytes:
         self.events.append(("peer", kind))
+        self.bodies[kind] = body
         answer = m.Problems(()) if kind == m.CAN_TAKE_OVER else m.Done()
         return failover_service._pack(answer)
 
@@ -83,6 +90,12 @@ def active_node(tmp_path, monkeypatch, replication_fails: bool = False):
             failover_service.addresses, action, lambda vip, action=action: events.append((action, vip.address))
         )
     monkeypatch.setattr(failover_service.announce, "announce", lambda vip, count: None)
+
+    def established(vips):
+        events.append(("connections read", tuple(vips)))
+        return (CLIENT,)
+
+    monkeypatch.setattr(failover_service.tickle, "established", established)
     return node, events
 
 
@@ -95,6 +108,8 @@ def test_the_vips_stay_held_until_the_copies_changed_hands(tmp_path, monkeypatch
         ("peer", m.CAN_TAKE_OVER),
         # Held before the targets' sessions close: no FIN or RST reaches a client.
         ("hold", (("10.0.0.10", 3260),)),
+        # Read once held (none can come or go), before the sessions close.
+        ("connections read", ("10.0.0.10",)),
         ("disabled", ("t1",)),
         ("hand over", ("d1",)),
         # Gone before the peer adds them; the rules only once they are gone.
@@ -103,6 +118,22 @@ def test_the_vips_stay_held_until_the_copies_changed_hands(tmp_path, monkeypatch
         ("hold", ()),
     ]
     assert node.record.role == "passive"
+    # The peer resets the connections read then.
+    hand_over = decoding.unpack(node.peer.bodies[m.TAKE_OVER], m.HandOver, "a HandOver message")
+    assert hand_over.connections == (CLIENT,)
+
+
+def test_the_new_active_node_resets_the_connections_it_was_handed(tmp_path, monkeypatch):
+    node, _ = active_node(tmp_path, monkeypatch)
+    node.record = FailoverRecord(addresses=(VIP,), targets=("t1",), role="passive")
+    node._local_copies = lambda: []
+    reset = []
+    monkeypatch.setattr(failover_service.tickle, "reset", lambda connections: reset.append(connections) or 1)
+
+    asyncio.run(node._on_take_over(m.HandOver("switchover by the administrator", (CLIENT,))))
+
+    assert reset == [(CLIENT,)]
+    assert node.record.role == "active"
 
 
 def test_a_hand_over_that_fails_serves_again_with_nothing_held(tmp_path, monkeypatch):
