@@ -491,39 +491,18 @@ class Classic:
 # -- the rounds ---------------------------------------------------------------------------
 
 
-def rounds(stack: Ours | Classic, client: Client, count: int) -> list[dict[str, Any]]:
+# One round of a stack, on the client's device: what it measured.
+Round = Callable[[Ours | Classic, Client, str], dict[str, Any]]
+
+
+def rounds(stack: Ours | Classic, client: Client, count: int, one_round: Round) -> list[dict[str, Any]]:
+    """Build the stack, log the client in through the VIP and run ``count`` rounds."""
     serial = stack.build()
     device = client.log_in(stack.port, serial)
     samples = []
     try:
         for index in range(count):
-            stack.ready("b")
-            b = stack.nodes.nodes["b"].guest
-            offset = clock_offset(b)
-            killed = 0.0
-
-            def kill_a() -> None:
-                nonlocal killed
-                killed = time.time()
-                stack.nodes.crash("a")
-                stack.wait_active("b")
-
-            crash = client.stall(device, kill_a)
-            started, steps = stack.takeover_steps("b", after=killed + offset)
-            detection = started - (killed + offset)
-            booted = time.monotonic()
-            stack.nodes.boot("a")
-            stack.rejoin("a")
-            back_in_sync = time.monotonic() - booted
-            stack.ready("a")
-            planned = client.stall(device, lambda: stack.switch_over("b"))
-            sample = {
-                "crash_stall_s": crash,
-                "detection_s": detection,
-                "steps_s": steps,
-                "back_in_sync_s": back_in_sync,
-                "planned_stall_s": planned,
-            }
+            sample = one_round(stack, client, device)
             log(f"{stack.nodes.stack} round {index + 1}: {json.dumps(sample)}")
             samples.append(sample)
     finally:
@@ -531,24 +510,45 @@ def rounds(stack: Ours | Classic, client: Client, count: int) -> list[dict[str, 
     return samples
 
 
-def planned_rounds(stack: Ours | Classic, client: Client, count: int) -> list[dict[str, Any]]:
-    """``--planned-only``: each round switches over from a to b and back, no crash."""
-    serial = stack.build()
-    device = client.log_in(stack.port, serial)
-    samples = []
-    try:
-        for index in range(count):
-            stall = {}
-            for active, passive in (("a", "b"), ("b", "a")):
-                stack.ready(passive)
-                stall[active] = client.stall(device, lambda active=active: stack.switch_over(active))
-                stack.settle(passive)
-            sample = {"planned_stall_s": stall["a"], "planned_back_stall_s": stall["b"]}
-            log(f"{stack.nodes.stack} round {index + 1}: {json.dumps(sample)}")
-            samples.append(sample)
-    finally:
-        client.log_out(stack.port)
-    return samples
+def crash_round(stack: Ours | Classic, client: Client, device: str) -> dict[str, Any]:
+    """Node a killed while the client writes, back in sync, then the failback by hand."""
+    stack.ready("b")
+    b = stack.nodes.nodes["b"].guest
+    offset = clock_offset(b)
+    killed = 0.0
+
+    def kill_a() -> None:
+        nonlocal killed
+        killed = time.time()
+        stack.nodes.crash("a")
+        stack.wait_active("b")
+
+    crash = client.stall(device, kill_a)
+    started, steps = stack.takeover_steps("b", after=killed + offset)
+    detection = started - (killed + offset)
+    booted = time.monotonic()
+    stack.nodes.boot("a")
+    stack.rejoin("a")
+    back_in_sync = time.monotonic() - booted
+    stack.ready("a")
+    planned = client.stall(device, lambda: stack.switch_over("b"))
+    return {
+        "crash_stall_s": crash,
+        "detection_s": detection,
+        "steps_s": steps,
+        "back_in_sync_s": back_in_sync,
+        "planned_stall_s": planned,
+    }
+
+
+def planned_round(stack: Ours | Classic, client: Client, device: str) -> dict[str, Any]:
+    """``--planned-only``: a switchover from a to b and one back, no crash."""
+    stall = {}
+    for active, passive in (("a", "b"), ("b", "a")):
+        stack.ready(passive)
+        stall[active] = client.stall(device, lambda active=active: stack.switch_over(active))
+        stack.settle(passive)
+    return {"planned_stall_s": stall["a"], "planned_back_stall_s": stall["b"]}
 
 
 def planned_summary(samples: dict[str, list[dict[str, Any]]]) -> str:
@@ -627,7 +627,8 @@ def main(argv: list[str] | None = None) -> int:
             for name in names:
                 stack = STACKS[name](lab, logs, args)
                 try:
-                    samples[name] = (planned_rounds if args.planned_only else rounds)(stack, client, args.rounds)
+                    one_round = planned_round if args.planned_only else crash_round
+                    samples[name] = rounds(stack, client, args.rounds, one_round)
                 finally:
                     stack.nodes.stop()
         finally:
