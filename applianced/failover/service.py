@@ -767,8 +767,8 @@ class Failover:
         # sessions see silence, not a close, and are reset by the peer once it serves; a
         # client whose own timer gave up first is refused at once and retries in seconds.
         # Without a VIP its SYNs went unanswered and backed off: with 64 LUNs its stall went
-        # on 8.5 s after the peer served (2026-12-07). The copies change hands through replication,
-        # all of them or none (the bitmaps go with them, no split brain).
+        # on 8.5 s after the peer served (2026-12-07). The copies change hands through
+        # replication, all of them or none (the bitmaps go with them, no split brain).
         try:
             await self._stop_serving(reason, handing_over=True)
             await self.replication.hand_over(self._protected_sources())
