@@ -140,12 +140,15 @@ def luns_served(node: Node) -> int:
     return len(found.stdout.split()) if found.rc == 0 else 0
 
 
-def luns_waiting(node: Node) -> dict[str, int]:
+def luns_waiting(node: Node) -> dict[str, int | None]:
     """``backstores_of_luns`` of a passive node, whose TPG of t1 must be disabled: the LUNs
     made in advance over the copies' prepared arrays. Read until three looks a few seconds
-    apart agree, so that a copy's array forked anew (its LUN made again) has settled."""
-    looks: list[dict[str, int]] = []
-    while len(looks) < 3 or not looks[-1] == looks[-2] == looks[-3]:
+    apart agree and every LUN has its backstore, so that a copy's array forked anew (its LUN
+    made again: a directory first, its link an instant later) has settled."""
+    looks: list[dict[str, int | None]] = []
+    deadline = time.monotonic() + 180
+    while len(looks) < 3 or not looks[-1] == looks[-2] == looks[-3] or None in looks[-1].values():
+        assert time.monotonic() < deadline, f"{node.guest.name}'s LUNs of t1 did not settle: {looks[-3:]}"
         enabled = node.guest.run(f"cat /sys/kernel/config/target/iscsi/{TARGET}/tpgt_1/enable").stdout.strip()
         assert enabled == "0", f"{node.guest.name}'s TPG of t1 is enabled"
         looks.append(backstores_of_luns(node))
@@ -153,15 +156,18 @@ def luns_waiting(node: Node) -> dict[str, int]:
     return looks[-1]
 
 
-def backstores_of_luns(node: Node) -> dict[str, int]:
+def backstores_of_luns(node: Node) -> dict[str, int | None]:
     """Each LUN of t1 in the node's LIO with its backstore's configfs inode (a backstore
-    made again, even under the same name, has a new one)."""
+    made again, even under the same name, has a new one), or None for a LUN caught between
+    its directory and its link to the backstore."""
     script = (
         f"for lun in /sys/kernel/config/target/iscsi/{TARGET}/tpgt_1/lun/lun_*; do "
-        'echo "$(basename $lun) $(stat -L -c %i $(find $lun -maxdepth 1 -type l))"; done'
+        "link=$(find $lun -maxdepth 1 -type l); "
+        'echo "$(basename $lun) $([ -n "$link" ] && stat -L -c %i $link || echo -)"; done'
     )
     found = node.guest.run(script)
-    return {line.split()[0]: int(line.split()[1]) for line in found.stdout.split("\n") if " " in line}
+    looks = (line.split() for line in found.stdout.split("\n") if " " in line)
+    return {lun: None if inode == "-" else int(inode) for lun, inode in looks}
 
 
 def luns_configured(node: Node) -> int:
