@@ -158,8 +158,9 @@ class Appliance:
         self._applied: KernelConfig | None = None
         # The filters the firewall's table was last brought to, whole; None while unknown.
         self._filtered: dict[str, firewall.PortalFilter] | None = None
-        # Portals held by a failover's switchover (``hold_portals``); in memory only.
-        self._held: dict[str, firewall.PortalFilter] = {}
+        # The hold table of a failover's switchover (``hold_portals``), as last written.
+        self._held: firewall.Ruleset = ()
+        self._holding = asyncio.Lock()
 
     @property
     def disks_dir(self) -> Path:
@@ -186,6 +187,11 @@ class Appliance:
         async with self._lock:
             stored = await asyncio.to_thread(self.store.load)
             await asyncio.to_thread(self.kernel.open)
+            try:
+                # The kernel keeps what a daemon stopped in a switchover held; this one holds nothing.
+                await asyncio.to_thread(self.firewall.hold, ())
+            except KernelError as exc:
+                log.warning("portals held before this start may stay held: %s", exc)
             if stored is None:
                 stored = self.config
                 await asyncio.to_thread(self.store.save, stored)
@@ -244,9 +250,8 @@ class Appliance:
         return render(config, unserved, self.replication.lowers(), standby)
 
     def _filters(self, config: Config, resolved: Mapping[str, frozenset[str]]) -> dict[str, firewall.PortalFilter]:
-        """The allow-lists of ``config``'s portals, the rules of replication's exports and
-        the portals held."""
-        return {**firewall.filters(config, resolved), **self.replication.filters(), **self._held}
+        """The allow-lists of ``config``'s portals and the rules of replication's exports."""
+        return {**firewall.filters(config, resolved), **self.replication.filters()}
 
     def _set_config(self, config: Config) -> None:
         self.config = config
@@ -747,14 +752,13 @@ class Appliance:
         """Hold the portals at these (address, port) pairs and release any other held: a
         failover's switchover keeps the addresses it hands over until the peer can take
         them, with their sessions silenced and new connections refused (iscsi/firewall.py).
-        Held in memory only: a daemon that restarts holds nothing."""
-        held = {f.key: f for f in (firewall.held_portal(address, port) for address, port in portals)}
-        if held == self._held:
-            return  # without the lock: a takeover releases nothing, and waits for no commit
-        async with self._lock:
-            self._held = held
-            config = self.config
-            await asyncio.to_thread(lambda: self._apply_firewall(self._filters(config, self._resolve(config))))
+        Not under the engine's lock: the hold is on the clients' stall, and touches neither
+        the configuration nor the kernel's targets. A daemon that starts holds nothing."""
+        held = firewall.held_ruleset(portals)
+        async with self._holding:
+            if held != self._held:
+                await asyncio.to_thread(self.firewall.hold, held)
+                self._held = held
 
     def _target(self, name: str) -> Target:
         try:

@@ -795,7 +795,7 @@ class Failover:
             try:
                 await self.engine.hold_portals(())
             except KernelError as exc:
-                log.warning("failover: the held portals' rules stay until the next reconcile: %s", exc)
+                log.warning("failover: the portals stay held until this node serves or its daemon restarts: %s", exc)
 
     async def _serve_again(self, failure: Exception) -> None:
         """After a switchover whose mirrors stayed here: serve as before it."""

@@ -21,6 +21,9 @@ class FakeFirewall:
         self.path = path
         self.ruleset: Ruleset = ()
         self.replacements = 0
+        # The hold table (in memory: a daemon starts by releasing it).
+        self.held: Ruleset = ()
+        self.holds = 0
         self.fail = False
         if path and path.exists():
             self.ruleset = tuple(json.loads(path.read_text()))
@@ -35,3 +38,9 @@ class FakeFirewall:
         if self.path:
             self.path.write_text(json.dumps(list(ruleset)))
         return True
+
+    def hold(self, ruleset: Ruleset) -> None:
+        if self.fail:
+            raise KernelError("injected firewall failure")
+        self.held = ruleset
+        self.holds += 1

@@ -161,11 +161,17 @@ def test_rule_set_for_each_kind_of_portal_and_source():
     ]
 
 
+def held_rule(chain, expr, comment=None):
+    return {"rule": {**rule(expr, comment)["rule"], "table": "applianced-held", "chain": chain}}
+
+
 def test_a_held_portal_is_silenced_both_ways_and_refuses_new_connections():
-    held = firewall.held_portal("10.0.0.10", 3260)
-    allowed = firewall.PortalFilter("0.0.0.0", 3260, (ipaddress.ip_network("10.1.0.0/24"),), ())
-    _, chain, output, *rules = firewall.ruleset([allowed, held])
-    assert output["chain"] == {**chain["chain"], "name": "portals-out", "hook": "output"}
+    table, incoming, outgoing, *rules = firewall.held_ruleset([("fd00::10", 3260), ("10.0.0.10", 3260)] * 2)
+    assert table == {"table": {"family": "inet", "name": "applianced-held"}}
+    # A table of its own, its chains before the allow-lists'.
+    chain = {"family": "inet", "table": "applianced-held", "type": "filter", "prio": -10, "policy": "accept"}
+    assert incoming == {"chain": {**chain, "name": "held", "hook": "input"}}
+    assert outgoing == {"chain": {**chain, "name": "held-out", "hook": "output"}}
     v4 = to_portal([match({"payload": {"protocol": "ip", "field": "daddr"}}, "10.0.0.10")])
     first_syn = match({"&": [{"payload": {"protocol": "tcp", "field": "flags"}}, ["syn", "ack"]]}, "syn")
     comment = "applianced portal held for a switchover 10.0.0.10:3260"
@@ -174,35 +180,47 @@ def test_a_held_portal_is_silenced_both_ways_and_refuses_new_connections():
         match({"payload": {"protocol": "tcp", "field": "sport"}}, 3260),
         {"drop": None},
     ]
-    # The held address before the wildcard portal's allow-list: it wins for its packets.
+    # Each portal once, whatever the repetitions; in: its first SYN refused, the rest dropped.
+    assert len(rules) == 6
     assert rules[:2] == [
-        rule([*v4, first_syn, {"reject": {"type": "icmpx", "expr": "port-unreachable"}}]),
-        rule([*v4, {"drop": None}], comment),
+        held_rule("held", [*v4, first_syn, {"reject": {"type": "icmpx", "expr": "port-unreachable"}}]),
+        held_rule("held", [*v4, {"drop": None}], comment),
     ]
-    assert rules[-1] == {"rule": {**rule(from_portal, comment)["rule"], "chain": "portals-out"}}
-    # No output chain without a held portal.
-    assert [obj for obj in firewall.ruleset([allowed]) if "chain" in obj] == [chain]
+    assert rules[3]["rule"]["comment"] == "applianced portal held for a switchover [fd00::10]:3260"
+    # Out: everything it sends, a reset of a closing session included.
+    assert rules[4] == held_rule("held-out", from_portal, comment)
+    assert firewall.held_ruleset([]) == ()
     with pytest.raises(InvalidArgument, match="only a portal's own address"):
-        firewall.held_portal("::", 3260)
+        firewall.held_ruleset([("10.0.0.10", 3260), ("::", 3260)])
 
 
-def test_held_portals_reach_the_firewall_until_released(tmp_path):
-    fw = WatchedFirewall()
+def test_held_portals_reach_the_hold_table_until_released(tmp_path):
+    fw = FakeFirewall()
 
     async def scenario():
         engine = await started(make_engine(tmp_path, firewall=fw))
-        await populate(engine)
+        await restricted(engine, "10.1.0.0/24")
+        assert (fw.held, fw.holds) == ((), 1), "a start releases what a daemon before it held"
+        main_table, replacements = fw.ruleset, fw.replacements
         await engine.hold_portals([("10.0.0.10", 3260), ("fd00::10", 3260)])
-        comments = [r["rule"].get("comment") for r in fw.ruleset if "rule" in r]
-        assert "applianced portal held for a switchover [fd00::10]:3260" in comments
-        # A commit keeps them (a failover disables its targets after holding).
+        assert fw.held == firewall.held_ruleset([("10.0.0.10", 3260), ("fd00::10", 3260)])
+        # Neither the hold nor a commit while held touches the allow-lists' table.
         await engine.set_targets_enabled(["t1"], False)
-        assert len([r for r in fw.ruleset if "rule" in r]) == 6
-        looks = fw.looks
-        await engine.hold_portals([("10.0.0.10", 3260), ("fd00::10", 3260)])
-        assert fw.looks == looks, "holding the same portals again reads nothing"
+        assert (fw.ruleset, fw.replacements) == (main_table, replacements)
+        await engine.hold_portals([("fd00::10", 3260), ("10.0.0.10", 3260)])
+        assert fw.holds == 2, "holding the same portals again writes nothing"
+        # A failed release keeps them known as held: the next release writes again.
+        fw.fail = True
+        with pytest.raises(KernelError):
+            await engine.hold_portals(())
+        fw.fail = False
         await engine.hold_portals(())
-        assert fw.ruleset == ()
+        assert (fw.held, fw.holds) == ((), 3)
+        # A bad address holds nothing and releases nothing.
+        await engine.hold_portals([("10.0.0.10", 3260)])
+        with pytest.raises(InvalidArgument):
+            await engine.hold_portals([("0.0.0.0", 3260)])
+        assert fw.held == firewall.held_ruleset([("10.0.0.10", 3260)])
 
     run(scenario())
 
