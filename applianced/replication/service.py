@@ -740,7 +740,7 @@ class Replication:
         try:
             # No LUN in an enabled target: nothing writes here any more. (A failover disabled
             # its targets already: their LUNs stay, for the way back.)
-            await steps.run("LUNs withdrawn", self.engine.refresh_replication())
+            await steps.run("LUNs withdrawn", self.engine.refresh_replication(read_back=False))
             take_overs = await steps.run("arrays stopped", self._stop_arrays(rts, stopped))
             timeout = SLOW_REQUEST + TAKE_OVER_PER_DISK * len(rts)
             ask = self._ask(messages.TAKE_OVER, messages.TakeOvers(tuple(take_overs)), messages.Done, timeout)
@@ -763,7 +763,7 @@ class Replication:
         self._keeping_arrays.difference_update(names)
         for rt in rts:
             rt.pending, rt.resync, rt.reason = False, None, ""
-        await steps.run("reconciled", self.engine.refresh_replication())
+        await steps.run("reconciled", self.engine.refresh_replication(read_back=False))
         for rt in rts:
             await self._refresh_state(rt)
             disk = rt.record.disk
@@ -1416,7 +1416,7 @@ class Replication:
             await self._save_records(originals)
             await self._serve_again(fenced)
             raise
-        await steps.run("reconciled", self.engine.refresh_replication())
+        await steps.run("reconciled", self.engine.refresh_replication(read_back=False))
         for rt, item in wanted:
             rt.pending = True
             audit(

@@ -21,6 +21,8 @@ class FakeFirewall:
         self.path = path
         self.ruleset: Ruleset = ()
         self.replacements = 0
+        # The engine's looks at the table (each one an nft process reading it back).
+        self.looks = 0
         # The hold table (in memory: a daemon starts by releasing it).
         self.held: Ruleset = ()
         self.holds = 0
@@ -29,6 +31,7 @@ class FakeFirewall:
             self.ruleset = tuple(json.loads(path.read_text()))
 
     def apply(self, ruleset: Ruleset) -> bool:
+        self.looks += 1
         if ruleset == self.ruleset:
             return False
         if self.fail:

@@ -2,6 +2,7 @@
 
 import asyncio
 import dataclasses
+import ipaddress
 import json
 import logging
 import stat
@@ -11,7 +12,7 @@ import pytest
 
 from applianced.engine import Appliance, NoReplication
 from applianced.errors import AlreadyExists, Busy, InvalidArgument, KernelError, NotFound, NotSupported, StateError
-from applianced.iscsi import bootprofile, diskfile
+from applianced.iscsi import bootprofile, diskfile, firewall
 from applianced.iscsi.kernel.model import Session, StorageObject
 from applianced.iscsi.kernel.plan import SetTpgEnabled
 from applianced.state import Chap, Portal, StateStore
@@ -210,6 +211,41 @@ def test_a_commit_plans_from_what_was_applied_and_reads_the_kernel_only_after_a_
         await engine.set_targets_enabled(["t1"], True)
         assert kernel.observed == 1
         assert kernel.targets["iqn.2003-01.org.linux-iscsi.applianced:t1"].enabled
+
+    run(scenario())
+
+
+class Exporting(Mirrors):
+    """``Mirrors`` whose d1 has an NBD export for the peer, once ``exported``."""
+
+    exported = False
+
+    def filters(self):
+        export = firewall.PortalFilter("10.9.0.1", 10809, (ipaddress.ip_network("10.9.0.2/32"),), (), "export d1")
+        return {export.key: export} if self.exported else {}
+
+
+def test_a_role_changes_refresh_plans_from_what_was_applied_and_reads_the_rules_only_when_they_change(tmp_path):
+    kernel, fw = CountingKernel(), FakeFirewall()
+
+    async def scenario():
+        engine = await started(make_engine(tmp_path, kernel, fw))
+        await populate(engine)
+        engine.replication = mirrors = Exporting()
+        kernel.observed, looks = 0, fw.looks
+        mirrors.lower = "/dev/md0"  # a switchover's new source: d1 served through md
+        await engine.refresh_replication(read_back=False)
+        assert (kernel.observed, fw.looks) == (0, looks), "neither configfs nor nft read back"
+        assert kernel.disk_devices["d1"].lower == "/dev/md0"
+        mirrors.exported = True  # the old source: its export's rule, written
+        await engine.refresh_replication(read_back=False)
+        assert (kernel.observed, fw.looks) == (0, looks + 1)
+        assert "applianced export d1 10.9.0.1:10809" in json.dumps(fw.ruleset)
+        # Any other refresh reads both back, and puts back what another tool removed.
+        fw.ruleset = ()
+        await engine.refresh_replication()
+        assert (kernel.observed, fw.looks) == (1, looks + 2)
+        assert "applianced export d1 10.9.0.1:10809" in json.dumps(fw.ruleset)
 
     run(scenario())
 

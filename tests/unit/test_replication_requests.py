@@ -38,7 +38,7 @@ class Engine:
     def __init__(self) -> None:
         self.reconciles = 0
 
-    async def refresh_replication(self) -> int:
+    async def refresh_replication(self, read_back: bool = True) -> int:
         self.reconciles += 1
         return 0
 
