@@ -501,3 +501,16 @@ def test_old_state_files_load_and_exports_carry_the_lists(tmp_path):
         assert StateStore(tmp_path / "state", "state.json").load() == engine.config
 
     run(scenario())
+
+
+def test_a_node_without_nftables_needs_it_only_for_rules():
+    # (A library that cannot load: the host's own tables are never touched by unit tests.)
+    nft = firewall.NftFirewall(library="libnftables-absent.so.1")
+    assert nft.observe() == ()
+    assert nft.apply(()) is False, "no allow-list, nothing to do"
+    nft.hold(())  # nothing was ever held
+    held = firewall.held_ruleset([("10.0.0.10", 3260)])
+    with pytest.raises(KernelError, match="libnftables is missing"):
+        nft.hold(held)
+    with pytest.raises(KernelError, match="libnftables is missing"):
+        nft.apply(firewall.ruleset([firewall.PortalFilter("10.0.0.1", 3260, (), ("52:54:00:00:00:01",))]))
