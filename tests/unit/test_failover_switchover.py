@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 
 from applianced import decoding
-from applianced.errors import KernelError
+from applianced.errors import Incomplete, KernelError, Unreachable
 from applianced.failover import messages as m
 from applianced.failover import service as failover_service
 from applianced.failover import tickle
@@ -35,6 +35,7 @@ class Peer:
     def __init__(self, events: list) -> None:
         self.events = events
         self.bodies: dict[str, bytes] = {}
+        self.silent_on: set[str] = set()
 
     def handle(self, kind, handler) -> None:
         pass
@@ -42,6 +43,8 @@ class Peer:
     async def ask(self, kind: str, body: bytes, timeout: float) -> bytes:
         self.events.append(("peer", kind))
         self.bodies[kind] = body
+        if kind in self.silent_on:
+            raise Unreachable(f"no answer to {kind} within {timeout:.0f} s")
         answer = m.Problems(()) if kind == m.CAN_TAKE_OVER else m.Done()
         return failover_service._pack(answer)
 
@@ -145,3 +148,33 @@ def test_a_hand_over_that_fails_serves_again_with_nothing_held(tmp_path, monkeyp
     assert events[-4:] == [("hand over", ("d1",)), ("hold", ()), ("enabled", ("t1",)), ("add", "10.0.0.10")]
     assert ("remove", "10.0.0.10") not in events
     assert node.record.role == "active"
+
+
+def test_vips_that_cannot_be_removed_stay_held_and_the_peer_is_not_asked_to_serve(tmp_path, monkeypatch):
+    node, events = active_node(tmp_path, monkeypatch)
+
+    def remove(vip):
+        events.append(("remove", vip.address))
+        raise KernelError("RTNETLINK answers: Operation not permitted")
+
+    monkeypatch.setattr(failover_service.addresses, "remove", remove)
+    with pytest.raises(Incomplete, match="could not remove its virtual IPs"):
+        asyncio.run(node.switchover())
+
+    # The peer holds the sources but serves nothing: two holders of the VIP never exist,
+    # and this node's held portals keep refusing its clients rather than serving them.
+    assert events[-2:] == [("hand over", ("d1",)), ("remove", "10.0.0.10")]
+    assert ("peer", m.TAKE_OVER) not in events and ("hold", ()) not in events
+    assert node.record.role == "passive"
+
+
+def test_a_peer_that_does_not_confirm_serving_leaves_the_switchover_incomplete(tmp_path, monkeypatch):
+    node, events = active_node(tmp_path, monkeypatch)
+    node.peer.silent_on.add(m.TAKE_OVER)
+
+    with pytest.raises(Incomplete, match="did not confirm that it serves them"):
+        asyncio.run(node.switchover())
+
+    # The VIPs are gone from here, so the held portals' rules go too.
+    assert events[-3:] == [("remove", "10.0.0.10"), ("peer", m.TAKE_OVER), ("hold", ())]
+    assert node.record.role == "passive"
