@@ -26,8 +26,8 @@ node resets the connection), and a new connection is refused with an ICMP port
 unreachable (the initiator retries in seconds instead of backing off on unanswered
 SYNs). An ICMP error rather than a TCP reset, because the reset would leave through the
 output chain, which drops every TCP packet the held portal sends. Held portals live in a
-table of their own, ``inet applianced-held``, written in one nft process without a read:
-the hold is on the clients' stall, where the main table's read and rewrite (with 64
+table of their own, ``inet applianced-held``, written in one batch without a read: the
+hold is on the clients' stall, where the main table's read and rewrite (with 64
 replicated volumes' export rules in it) and a wait for the engine's commits cost 0.7-4 s
 under emulation. A drop in any table is final, so the hold needs no ordering with the
 allow-lists; its chains run first anyway (priority -10) and spare the packets the rest.
