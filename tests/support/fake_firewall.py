@@ -21,7 +21,7 @@ class FakeFirewall:
         self.path = path
         self.ruleset: Ruleset = ()
         self.replacements = 0
-        # The engine's looks at the table (each one an nft process reading it back).
+        # The engine's looks at the table (each one a read of it through libnftables).
         self.looks = 0
         # The hold table (in memory: a daemon starts by releasing it).
         self.held: Ruleset = ()
