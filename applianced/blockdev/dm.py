@@ -18,7 +18,6 @@ import fcntl
 import os
 import stat
 import struct
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,9 +91,9 @@ class Info:
 
 
 class DeviceMapper:
-    """device-mapper's control interface; one ioctl at a time per process."""
-
-    _lock = threading.Lock()
+    """device-mapper's control interface. Each call opens the control device for itself, so
+    threads call side by side: a suspend waits for the device's I/O in flight, and a
+    takeover suspends the exports of all its copies at once."""
 
     def _call(
         self,
@@ -125,17 +124,16 @@ class DeviceMapper:
             )
             buffer = bytearray(header + data)
             buffer.extend(bytes(max(0, size - len(buffer))))
-            with self._lock:
-                try:
-                    fd = os.open(CONTROL, os.O_RDWR | os.O_CLOEXEC)
-                except OSError as exc:
-                    raise KernelError(f"device-mapper is not available: {exc.strerror}") from None
-                try:
-                    fcntl.ioctl(fd, _IOCTL_BASE | command, buffer, True)
-                except OSError as exc:
-                    raise _error(command, name, exc) from None
-                finally:
-                    os.close(fd)
+            try:
+                fd = os.open(CONTROL, os.O_RDWR | os.O_CLOEXEC)
+            except OSError as exc:
+                raise KernelError(f"device-mapper is not available: {exc.strerror}") from None
+            try:
+                fcntl.ioctl(fd, _IOCTL_BASE | command, buffer, True)
+            except OSError as exc:
+                raise _error(command, name, exc) from None
+            finally:
+                os.close(fd)
             fields = _HEADER.unpack_from(buffer)
             if fields[7] & BUFFER_FULL_FLAG:
                 size *= 4
