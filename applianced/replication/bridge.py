@@ -614,17 +614,31 @@ class Export:
             tools.run(server_command(self.volume.name, node, address, port, self._pid_file()))
 
     def fence(self) -> None:
-        """From now on nothing reaches the copy through the export: the served leg fails
-        every I/O (its table swapped for an error target, one reload), so that whatever the
-        old source still sends is refused. A takeover fences in its stall and stops the
-        server (``stop_serving``) after its clients are served: a qemu-nbd's exit is slow
-        under emulation, and 64 of them took 5.9 s of a takeover (bench/failover.py)."""
+        """From now on nothing reaches the copy through the export: the served leg is
+        suspended (once the I/O in flight is done), so that whatever the old source still
+        sends waits there, and fails when the server stops (``_stop_server``). A takeover
+        fences in its stall and stops the server (``stop_serving``) after its clients are
+        served: a qemu-nbd's exit is slow under emulation, and 64 of them took 5.9 s of a
+        takeover (bench/failover.py). A suspension, unlike a table reload, sends no uevent:
+        udev's handling of 64 of them ran in the stall (bench/array_start.py)."""
         info = self.dm.info(self.name)
-        if info is not None and not self.fenced():
-            self.dm.reload(self.name, [dm.error(META_SECTORS + self.volume.sectors)])
+        if info is not None and not info.suspended and not self._failing():
+            self.dm.suspend(self.name)
 
     def fenced(self) -> bool:
+        info = self.dm.info(self.name)
+        return info is not None and (info.suspended or self._failing())
+
+    def _failing(self) -> bool:
+        """Whether the served leg fails every I/O: a fence's end, for its server to stop."""
         return [segment.kind for segment in self.dm.table(self.name) or []] == ["error"]
+
+    def _fail_held(self) -> None:
+        """A fenced leg fails every I/O, those held while it was suspended too: its server
+        can exit (it waits for its requests first)."""
+        info = self.dm.info(self.name)
+        if info is not None and info.suspended:
+            self.dm.reload(self.name, [dm.error(META_SECTORS + self.volume.sectors)])
 
     def _pid_file(self) -> Path:
         return self.state_dir / "replication" / f"{self.volume.name}.nbd-server.pid"
@@ -687,6 +701,7 @@ class Export:
     def _stop_server(self) -> None:
         pid = self.server_pid()
         if pid is not None:
+            self._fail_held()
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
             _wait_gone(pid)
