@@ -12,7 +12,13 @@ its superblock before that write completes), and stops the arrays again, for eac
 turn:
 
 * ``prepared``: ``Mirror.take_over`` of each copy's prepared array (``Mirror.prepare``,
-  before the round), what the daemon does;
+  before the round), what the daemon does, its export stopped before the clock;
+* ``fenced``: the same, after each export is fenced on the clock as a takeover fences it
+  (``Export.fence``: the served leg suspended), all of them first, then the arrays;
+* ``fenced-by-reload`` and ``fenced-by-reload-serial``: ``fenced`` with the daemon's
+  fence before: the served leg's table swapped for an error target (one reload, whose
+  resume sends udev a change event), with device-mapper's ioctls side by side, and one at
+  a time across threads as the daemon made them then;
 * ``applianced``: ``Mirror.start``, the daemon's start through md's sysfs, of an array
   forked before the round but not started (what a copy without a prepared array costs);
 * ``mdadm``: ``mdadm --assemble --run`` of the same leg and ``mdadm --readwrite``, the way
@@ -22,10 +28,11 @@ turn:
   udev's handling of the new arrays takes from the start.
 
 Printed: a Markdown table of the seconds for the N arrays (median of ``--rounds``), per
-array, and the ratio to mdadm; ``--output`` keeps every sample as JSON.
+array, and the ratio to ``--baseline`` (mdadm unless it is not among ``--ways``);
+``--output`` keeps every sample as JSON.
 
     cd /work/main && PYTHONPATH=. .venv/bin/python bench/array_start.py [--arrays 64] \\
-        [--workers 5] [--rounds 2] [--cpus 1] [--output FILE]
+        [--workers 5] [--rounds 2] [--cpus 1] [--ways WAY,...] [--baseline WAY] [--output FILE]
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -48,15 +56,24 @@ if TYPE_CHECKING:
 
 SIZE = 8 << 20
 PORT = 20000
-WAYS = ("prepared", "applianced", "mdadm", "applianced-no-udev")
+WAYS = (
+    "prepared",
+    "fenced",
+    "fenced-by-reload",
+    "fenced-by-reload-serial",
+    "applianced",
+    "mdadm",
+    "applianced-no-udev",
+)
+FENCED = ("fenced", "fenced-by-reload", "fenced-by-reload-serial")
 STATE_DIR = Path("/var/lib/applianced")
 
 
 # -- in the guest ---------------------------------------------------------------------
 
 
-def in_guest(arrays: int, workers: int, rounds: int) -> dict[str, list[float]]:
-    from applianced.blockdev import md
+def in_guest(arrays: int, workers: int, rounds: int, ways: list[str]) -> dict[str, list[float]]:
+    from applianced.blockdev import dm, md
     from applianced.replication import bridge
 
     sources, copies = bridge.DataPath(STATE_DIR / "source"), bridge.DataPath(STATE_DIR / "copy")
@@ -103,29 +120,59 @@ def in_guest(arrays: int, workers: int, rounds: int) -> dict[str, list[float]]:
         finally:
             os.close(fd)
 
+    def reload_fence(copy: bridge.Volume) -> None:
+        export = copies.export(copy)
+        export.dm.reload(export.name, [dm.error(bridge.META_SECTORS + copy.sectors)])
+
+    one_at_a_time = threading.Lock()
+    unlocked_call = dm.DeviceMapper._call
+
+    def locked_call(*args, **kwargs):
+        with one_at_a_time:
+            return unlocked_call(*args, **kwargs)
+
+    def take_over(copy: bridge.Volume) -> md.Array:
+        return md.Array(copies.mirror(copy).take_over(0).name)
+
     starts = {
-        "prepared": lambda copy: md.Array(copies.mirror(copy).take_over(0).name),
+        "prepared": take_over,
         "applianced": lambda copy: md.Array(copies.mirror(copy).start(0).name),
         "mdadm": mdadm_start,
         "applianced-no-udev": lambda copy: md.Array(copies.mirror(copy).start(0).name),
     }
-    seconds: dict[str, list[float]] = {way: [] for way in WAYS}
+    fences = {
+        "fenced": lambda copy: copies.export(copy).fence(),
+        "fenced-by-reload": reload_fence,
+        "fenced-by-reload-serial": reload_fence,
+    }
+    seconds: dict[str, list[float]] = {way: [] for way in ways}
     for _ in range(rounds):
-        for way in WAYS:
-            if way == "prepared":
+        for way in ways:
+            if way == "prepared" or way in FENCED:
                 list(on_threads.map(lambda copy: copies.mirror(copy).prepare(), copy_volumes))
             else:
                 list(on_threads.map(forked, copy_volumes))
             subprocess.run(["udevadm", "settle"], check=True)
-            list(on_threads.map(lambda copy: copies.export(copy).stop_serving(), copy_volumes))
+            if way not in FENCED:
+                list(on_threads.map(lambda copy: copies.export(copy).stop_serving(), copy_volumes))
             if way == "applianced-no-udev":
                 subprocess.run(["udevadm", "control", "--stop-exec-queue"], check=True)
+            if way == "fenced-by-reload-serial":
+                dm.DeviceMapper._call = locked_call
             began = time.monotonic()
             try:
-                list(on_threads.map(lambda copy, start=starts[way]: first_write(start(copy)), copy_volumes))
+                if way in FENCED:
+                    list(on_threads.map(fences[way], copy_volumes))
+                    fenced = time.monotonic() - began
+                start = starts.get(way, take_over)
+                list(on_threads.map(lambda copy, start=start: first_write(start(copy)), copy_volumes))
                 seconds[way].append(time.monotonic() - began)
             finally:
+                dm.DeviceMapper._call = unlocked_call
                 subprocess.run(["udevadm", "control", "--start-exec-queue"], check=True)
+            if way in FENCED:
+                seconds[f"{way}: the fences"] = [*seconds.get(f"{way}: the fences", []), fenced]
+                list(on_threads.map(lambda copy: copies.export(copy).stop_serving(), copy_volumes))
             subprocess.run(["udevadm", "settle"], check=True)
             # Copies again, for the next way.
             list(on_threads.map(lambda copy: copies.mirror(copy).stop_array(), copy_volumes))
@@ -138,15 +185,15 @@ def in_guest(arrays: int, workers: int, rounds: int) -> dict[str, list[float]]:
 # -- on the host ----------------------------------------------------------------------
 
 
-def table(seconds: dict[str, list[float]], arrays: int) -> str:
-    base = statistics.median(seconds["mdadm"])
+def table(seconds: dict[str, list[float]], arrays: int, baseline: str) -> str:
+    base = statistics.median(seconds[baseline])
     lines = [
-        f"| way | {arrays} arrays s | per array s | vs mdadm |",
+        f"| way | {arrays} arrays s | per array s | vs {baseline} |",
         "|---|---:|---:|---:|",
     ]
-    for way in WAYS:
-        total = statistics.median(seconds[way])
-        lines.append(f"| {way} | {total:.1f} | {total / arrays:.3f} | {total / base:.2f} |")
+    for way, samples in seconds.items():
+        total = statistics.median(samples)
+        lines.append(f"| {way} | {total:.2f} | {total / arrays:.3f} | {total / base:.2f} |")
     return "\n".join(lines)
 
 
@@ -159,11 +206,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=5, help="threads (the daemon's pool on one vCPU: 5)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--cpus", type=int, default=1)
+    parser.add_argument("--ways", default=",".join(WAYS), help=f"some of {', '.join(WAYS)}, in this order")
+    parser.add_argument("--baseline", help="the way the ratios are to (mdadm, else the first of --ways)")
     parser.add_argument("--output", type=Path, help="every sample, as JSON")
     parser.add_argument("--in-guest", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    ways = args.ways.split(",")
+    unknown = sorted(set(ways) - set(WAYS))
+    if unknown:
+        parser.error(f"unknown way(s): {', '.join(unknown)}")
+    baseline = args.baseline or ("mdadm" if "mdadm" in ways else ways[0])
+    if baseline not in ways:
+        parser.error(f"the baseline {baseline} is not among --ways")
     if args.in_guest:
-        print(json.dumps(in_guest(args.arrays, args.workers, args.rounds)))
+        print(json.dumps(in_guest(args.arrays, args.workers, args.rounds, ways)))
         return 0
 
     def prepare(guest: Guest) -> None:
@@ -173,9 +229,15 @@ def main(argv: list[str] | None = None) -> int:
         guest.run("udevadm control --reload")
 
     logs = Path(tempfile.mkdtemp(prefix="bench-array-start-"))
-    arguments = ["--in-guest", f"--arrays={args.arrays}", f"--workers={args.workers}", f"--rounds={args.rounds}"]
+    arguments = [
+        "--in-guest",
+        f"--arrays={args.arrays}",
+        f"--workers={args.workers}",
+        f"--rounds={args.rounds}",
+        f"--ways={args.ways}",
+    ]
     seconds = one_guest.run("bench-array-start", logs, __file__, arguments, prepare, cpus=args.cpus)
-    print(table(seconds, args.arrays))
+    print(table(seconds, args.arrays, baseline))
     one_guest.keep(args, seconds, logs)
     return 0
 
