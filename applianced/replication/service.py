@@ -101,6 +101,11 @@ QUICK_REQUEST = 2.0
 # And a takeover this much longer for each of its disks: an emulated node promoted a copy
 # in 1.2 s. An answer that never came would leave both nodes with the sources.
 TAKE_OVER_PER_DISK = 2.0
+# After taking copies over at the peer's request, the fenced exports' servers stop this
+# much later: a failover's switchover enables the targets seconds after the answer, and
+# 64 servers stopping (5.9 s of an emulated vCPU) and the reconcile after them (under the
+# engine's lock) fell on that enable. Fenced, a server serves nothing meanwhile.
+FENCED_SERVERS_LINGER = 10.0
 
 T = TypeVar("T")
 W = TypeVar("W")
@@ -1427,7 +1432,7 @@ class Replication:
             )
         log.info("%d mirror(s) taken over from the peer: %s", len(wanted), describe(steps.done))
         # The monitor adds the old source's legs within seconds, and the fenced exports'
-        # servers stop meanwhile: the answer, in the switchover's stall, waits for neither.
+        # servers stop later: the answer, in the switchover's stall, waits for neither.
         stopping = asyncio.ensure_future(self._stop_fenced_later(fenced))
         self._stopping.add(stopping)
         stopping.add_done_callback(self._stopping.discard)
@@ -1435,6 +1440,7 @@ class Replication:
         return messages.Done()
 
     async def _stop_fenced_later(self, rts: list[Runtime]) -> None:
+        await asyncio.sleep(FENCED_SERVERS_LINGER)
         async with self._lock:  # not under a switchover back that serves the copies again
             await self._stop_fenced([rt for rt in rts if rt.record.role == SOURCE])
 

@@ -260,8 +260,9 @@ class FakeExport(_Part):
         self.put(size=size)
 
     def fence(self) -> None:
-        # The real one fails every I/O through the export at once: to the source, whose
-        # leg then fails, that is a server gone.
+        # The real one holds every I/O through the export from then on (failed when its
+        # server stops): to the source, a server that no longer answers; a server gone is
+        # as near as a stand-in comes.
         self._stop_server()
 
     def stop_serving(self) -> None:
