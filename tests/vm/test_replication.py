@@ -19,6 +19,8 @@ import pytest
 
 from applianced.bus.paths import mirror_path
 from applianced.constants import MIRROR_INTERFACE
+from tests.vm.appliance import VENV_BIN
+from tests.vm.harness import REPO_ROOT
 from tests.vm.pair import (
     INITIATOR,
     LAN,
@@ -316,3 +318,90 @@ def test_a_daemon_restart_adopts_the_running_mirror(cluster):
     assert starts[-1].endswith("with 0 change(s)")
     assert cluster.a.state() == 1
     assert "qemu-nbd" in before[1]
+
+
+# In the client's guest (no daemon there): a copy served by the bridge's own code on
+# loopback, written through the kernel's NBD client as its source would, then fenced as a
+# takeover fences it. Prints what it saw, as JSON.
+FENCE = r"""
+import json, mmap, os, sys, threading
+from pathlib import Path
+from applianced.blockdev import nbd
+from applianced.replication import bridge
+
+state, port, way = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+(state / "replication").mkdir(parents=True, exist_ok=True)
+path = state / "copy.img"
+path.write_bytes(bytes(8 << 20))
+volume = bridge.Volume("fence-test", str(path), True, 8 << 20)
+data_path = bridge.DataPath(state)
+data_path.prepare()
+export = data_path.export(volume)
+export.assemble("127.0.0.1", port, fresh=True)
+device = nbd.connect("127.0.0.1", port, volume.name, 5)
+data = bridge.META_SECTORS * 512  # the copy's first byte, behind the metadata
+
+def write(device, offset, byte):
+    block = mmap.mmap(-1, 4096)
+    block.write(byte * 4096)
+    fd = os.open(device, os.O_WRONLY | os.O_DIRECT)
+    try:
+        os.pwritev(fd, [block], offset)
+        return "written"
+    except OSError as exc:
+        return exc.strerror
+    finally:
+        os.close(fd)
+
+def copy(offset):
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(1).hex()
+
+seen = {"before": write(device, data, b"A")}
+export.fence()
+seen["fenced"] = export.fenced()
+late = {}
+writer = threading.Thread(target=lambda: late.update(late=write(device, data + 4096, b"B")))
+writer.start()
+writer.join(2)
+seen["held"] = writer.is_alive()
+seen["copy while held"] = copy(4096)
+if way == "stop":
+    export.stop_serving()
+else:  # served again, as after a takeover that failed
+    export.assemble("127.0.0.1", port)
+writer.join(60)
+seen["late"] = late.get("late")
+seen["server"] = export.server_pid() is not None
+nbd.disconnect(device)
+if way == "serve-again":
+    again = nbd.connect("127.0.0.1", port, volume.name, 5)
+    seen["after"] = write(again, data + 8192, b"C")
+    nbd.disconnect(again)
+seen["copy"] = [copy(0), copy(4096), copy(8192)]
+export.disassemble()
+print(json.dumps(seen))
+"""
+
+
+@pytest.mark.parametrize("way", ["stop", "serve-again"])
+def test_a_fenced_export_holds_the_old_sources_writes_and_never_applies_them(cluster, way):
+    """A takeover fences each copy's export (suspended, no uevent in the stall): a write the
+    old source sends after it waits, never reaches the copy, and fails once the server is
+    stopped (the takeover's clean-up) or the copy is served again (a takeover undone)."""
+    port = 20100 if way == "stop" else 20101
+    script = [str(VENV_BIN / "python"), "-c", FENCE, f"/run/fence-{way}", str(port), way]
+    seen = json.loads(cluster.client.guest.run(script, timeout=180, env={"PYTHONPATH": str(REPO_ROOT)}).stdout)
+    assert seen["before"] == "written"
+    assert seen["fenced"] is True
+    assert seen["held"] is True
+    assert seen["copy while held"] == "00"
+    assert seen["late"] not in (None, "written")
+    if way == "stop":
+        assert seen["server"] is False
+        assert seen["copy"] == ["41", "00", "00"]
+    else:
+        assert seen["server"] is True
+        assert seen["after"] == "written"
+        assert seen["copy"] == ["41", "00", "43"]
