@@ -634,8 +634,7 @@ class Export:
         return [segment.kind for segment in self.dm.table(self.name) or []] == ["error"]
 
     def _fail_held(self) -> None:
-        """A fenced leg fails every I/O, those held while it was suspended too: its server
-        can exit (it waits for its requests first)."""
+        """A suspended (fenced) leg fails every I/O from now on, those it held too."""
         info = self.dm.info(self.name)
         if info is not None and info.suspended:
             self.dm.reload(self.name, [dm.error(META_SECTORS + self.volume.sectors)])
@@ -699,9 +698,11 @@ class Export:
         self.volume.release()
 
     def _stop_server(self) -> None:
+        # Not left suspended either way: a server waits for its requests before it exits,
+        # and a suspended device hangs whoever reads it (blkid, LVM's scans).
+        self._fail_held()
         pid = self.server_pid()
         if pid is not None:
-            self._fail_held()
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
             _wait_gone(pid)

@@ -374,6 +374,7 @@ else:  # served again, as after a takeover that failed
 writer.join(60)
 seen["late"] = late.get("late")
 seen["server"] = export.server_pid() is not None
+seen["suspended"] = export.dm.info(export.name).suspended
 nbd.disconnect(device)
 if way == "serve-again":
     again = nbd.connect("127.0.0.1", port, volume.name, 5)
@@ -398,6 +399,7 @@ def test_a_fenced_export_holds_the_old_sources_writes_and_never_applies_them(clu
     assert seen["held"] is True
     assert seen["copy while held"] == "00"
     assert seen["late"] not in (None, "written")
+    assert seen["suspended"] is False  # a suspended device would hang whoever reads it
     if way == "stop":
         assert seen["server"] is False
         assert seen["copy"] == ["41", "00", "00"]
