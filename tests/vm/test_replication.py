@@ -309,6 +309,10 @@ def test_a_daemon_restart_adopts_the_running_mirror(cluster):
     # bitmap line of mdstat counts the bitmap's pages in memory, which md frees as the
     # regions of the last writes clear: it is not part of the stack.
     devices = "dmsetup table; grep -v '^ *bitmap:' /proc/mdstat; losetup -a; pgrep -a qemu-nbd || true"
+    # The switchover before leaves the exports it fenced suspended, their servers running,
+    # for FENCED_SERVERS_LINGER: the stacks are compared once those servers are gone.
+    for node in (cluster.a, cluster.b):
+        node.guest.wait_until(FENCED_SERVERS_GONE, timeout=120)
     before = cluster.a.guest.run(devices).stdout, cluster.b.guest.run(devices).stdout
     for node in (cluster.a, cluster.b):
         node.stop()
@@ -319,6 +323,14 @@ def test_a_daemon_restart_adopts_the_running_mirror(cluster):
     assert cluster.a.state() == 1
     assert "qemu-nbd" in before[1]
 
+
+# No export is fenced and still served: none suspended, and none with the error table
+# that a fence ends in has a qemu-nbd left.
+FENCED_SERVERS_GONE = (
+    "dmsetup info -c --noheadings -o name,suspended | grep -q '^applianced-export-.*:Suspended' && exit 1; "
+    "for d in $(dmsetup table | awk -F': ' '/^applianced-export-.* error/ {print $1}'); do "
+    'pgrep -f -- "--export-name=${d#applianced-export-}( |$)" >/dev/null && exit 1; done; exit 0'
+)
 
 # In the client's guest (no daemon there): a copy served by the bridge's own code on
 # loopback, written through the kernel's NBD client as its source would, then fenced as a
