@@ -622,16 +622,16 @@ class Export:
         takeover (bench/failover.py). A suspension, unlike a table reload, sends no uevent:
         udev's handling of 64 of them ran in the stall (bench/array_start.py)."""
         info = self.dm.info(self.name)
-        if info is not None and not info.suspended and not self._failing():
+        if info is not None and not self._fenced(info):
             self.dm.suspend(self.name)
 
     def fenced(self) -> bool:
         info = self.dm.info(self.name)
-        return info is not None and (info.suspended or self._failing())
+        return info is not None and self._fenced(info)
 
-    def _failing(self) -> bool:
-        """Whether the served leg fails every I/O: a fence's end, for its server to stop."""
-        return [segment.kind for segment in self.dm.table(self.name) or []] == ["error"]
+    def _fenced(self, info: dm.Info) -> bool:
+        """Suspended (a fence), or failing every I/O (a fence's end, its server stopped)."""
+        return info.suspended or [segment.kind for segment in self.dm.table(self.name) or []] == ["error"]
 
     def _fail_held(self) -> None:
         """A suspended (fenced) leg fails every I/O from now on, those it held too."""
